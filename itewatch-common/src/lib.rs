@@ -1,0 +1,412 @@
+//! The kernel/user event ABI of itewatch.
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, made of integers and fixed arrays only, with
+//! explicit padding and a compile-time size check. The BPF programs (`itewatch-ebpf`) write
+//! these structs into the `EVENTS` ring buffer; userspace decodes them with a length check and
+//! `read_unaligned` (see `itewatch::event`), and the trace file stores them as they came out of
+//! the kernel, so a recorded trace replays through the very same decoder as a live one.
+//!
+//! Compatibility: any change to a struct below bumps [`ABI_VERSION`], which the trace header
+//! carries. Readers refuse a trace whose ABI version they do not know.
+#![no_std]
+
+/// Version of the structs below. Bump on any layout or meaning change.
+pub const ABI_VERSION: u32 = 1;
+
+/// Descriptors of one `qi_submit_sync` batch captured per submission event. 6.12 batches up to
+/// 16 (`QI_MAX_BATCHED_DESC_COUNT`, drivers/iommu/intel/iommu.h); 6.1 submits 1 at a time.
+pub const MAX_BATCH: usize = 16;
+/// `TASK_COMM_LEN`.
+pub const COMM_LEN: usize = 16;
+/// `intel_iommu::name` is `char name[16]` on 6.1 and 6.12 ("dmar%d").
+pub const IOMMU_NAME_LEN: usize = 16;
+/// Bytes of a kernel log record captured by the printk probe.
+pub const LOG_TEXT_LEN: usize = 192;
+/// Callbacks recognised as a copy of `pci_dev_set_disconnected` (6.1 has 3, 6.12 has 4).
+pub const MAX_DISCONNECT_CALLBACKS: usize = 8;
+/// An offset that the running kernel's BTF did not provide: the field is not read.
+pub const OFFSET_NONE: u32 = u32::MAX;
+/// A stack id that could not be taken.
+pub const STACK_NONE: i32 = -1;
+/// A PCI segment the probe could not read.
+pub const SEGMENT_UNKNOWN: u16 = u16::MAX;
+
+/// What an event is. Stored as a `u32` in [`Header::kind`]; decode with `TryFrom`, which fails
+/// on kinds this build does not know.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventKind {
+    /// `qi_submit_sync` entry: [`SubmitEvent`].
+    Submit = 1,
+    /// `qi_submit_sync` return: [`SubmitReturnEvent`].
+    SubmitReturn = 2,
+    /// `qi_flush_dev_iotlb` / `qi_flush_dev_iotlb_pasid` entry: [`FlushEvent`].
+    DevTlbFlush = 3,
+    /// `pciehp_ist` entry: [`SlotEvent`].
+    HotplugIst = 4,
+    /// `pciehp_ist` return: [`IstReturnEvent`].
+    HotplugIstReturn = 5,
+    /// `pciehp_unconfigure_device(ctrl, presence)` entry: [`SlotEvent`].
+    Unconfigure = 6,
+    /// `pci_walk_bus(bus, <a pci_dev_set_disconnected copy>, ..)`: [`WalkEvent`].
+    DisconnectWalk = 7,
+    /// A device marked disconnected (`pci_doe_disconnected`, or a working
+    /// `pci_dev_set_disconnected` probe): [`DeviceEvent`].
+    DeviceDisconnected = 8,
+    /// `pci_stop_and_remove_bus_device(dev)`: the device's removal starts. [`DeviceEvent`].
+    DeviceRemove = 9,
+    /// `iommu_release_device(dev)` (BUS_NOTIFY_REMOVED_DEVICE): the device leaves the IOMMU;
+    /// the thread's "still findable by BDF" window ends here. [`DeviceEvent`].
+    IommuRelease = 10,
+    /// A kernel log record of interest (DMAR, pciehp, watchdog): [`LogEvent`].
+    KernelLog = 11,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 11] = [
+        EventKind::Submit,
+        EventKind::SubmitReturn,
+        EventKind::DevTlbFlush,
+        EventKind::HotplugIst,
+        EventKind::HotplugIstReturn,
+        EventKind::Unconfigure,
+        EventKind::DisconnectWalk,
+        EventKind::DeviceDisconnected,
+        EventKind::DeviceRemove,
+        EventKind::IommuRelease,
+        EventKind::KernelLog,
+    ];
+
+    /// Size in bytes of the struct that carries this kind.
+    pub const fn wire_size(self) -> usize {
+        match self {
+            EventKind::Submit => core::mem::size_of::<SubmitEvent>(),
+            EventKind::SubmitReturn => core::mem::size_of::<SubmitReturnEvent>(),
+            EventKind::DevTlbFlush => core::mem::size_of::<FlushEvent>(),
+            EventKind::HotplugIst | EventKind::Unconfigure => core::mem::size_of::<SlotEvent>(),
+            EventKind::HotplugIstReturn => core::mem::size_of::<IstReturnEvent>(),
+            EventKind::DisconnectWalk => core::mem::size_of::<WalkEvent>(),
+            EventKind::DeviceDisconnected | EventKind::DeviceRemove | EventKind::IommuRelease => {
+                core::mem::size_of::<DeviceEvent>()
+            }
+            EventKind::KernelLog => core::mem::size_of::<LogEvent>(),
+        }
+    }
+}
+
+/// The `u32` was not a known [`EventKind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownKind(pub u32);
+
+impl TryFrom<u32> for EventKind {
+    type Error = UnknownKind;
+    fn try_from(v: u32) -> Result<Self, UnknownKind> {
+        EventKind::ALL
+            .iter()
+            .copied()
+            .find(|k| *k as u32 == v)
+            .ok_or(UnknownKind(v))
+    }
+}
+
+/// First bytes of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// [`EventKind`] as `u32`.
+    pub kind: u32,
+    /// CPU the probe ran on.
+    pub cpu: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds (the printk/dmesg time base, less any
+    /// suspend time).
+    pub ts_ns: u64,
+    /// Thread group id (userspace "PID").
+    pub pid: u32,
+    /// Thread id; a kernel thread's own PID.
+    pub tid: u32,
+    /// `current->comm`, NUL padded.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// PCI address, packed. `segment == SEGMENT_UNKNOWN` when it could not be read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Bdf {
+    pub segment: u16,
+    pub bus: u8,
+    pub devfn: u8,
+}
+
+impl Bdf {
+    /// PCI source-id, `bus << 8 | devfn` (PCI_DEVID).
+    pub const fn sid(self) -> u16 {
+        ((self.bus as u16) << 8) | self.devfn as u16
+    }
+}
+
+/// Which IOMMU unit a submission went to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IommuId {
+    /// Kernel address of `struct intel_iommu` (stable for the unit's life; never shown alone).
+    pub ptr: u64,
+    /// `iommu->name`, e.g. "dmar0", NUL padded.
+    pub name: [u8; IOMMU_NAME_LEN],
+    /// `iommu->segment` where BTF has it, else `SEGMENT_UNKNOWN`.
+    pub segment: u16,
+    pub _pad: [u8; 6],
+}
+
+/// One invalidation descriptor: `struct qi_desc` qw0 and qw1 (qw2/qw3 carry nothing for the
+/// device-TLB types).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Desc {
+    pub qw0: u64,
+    pub qw1: u64,
+}
+
+/// `qi_submit_sync(iommu, desc, count, options)` entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SubmitEvent {
+    pub hdr: Header,
+    pub iommu: IommuId,
+    pub options: u64,
+    /// `count` as the kernel passed it.
+    pub count: u32,
+    /// How many of `descs` were read (`min(count, MAX_BATCH)`, less any failed read).
+    pub captured: u32,
+    /// Kernel stack id in the `STACKS` map, or [`STACK_NONE`].
+    pub stack_id: i32,
+    pub _pad: u32,
+    pub descs: [Desc; MAX_BATCH],
+}
+
+/// `qi_submit_sync` return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SubmitReturnEvent {
+    pub hdr: Header,
+    /// Return value: 0, or -ETIMEDOUT (6.9+ when the ITE target is gone), -EINVAL (IQE).
+    pub ret: i64,
+    /// Entry timestamp from the entry probe on this thread, 0 when it was not seen.
+    pub start_ts_ns: u64,
+}
+
+/// `qi_flush_dev_iotlb(iommu, sid, pfsid, qdep, addr, mask)` or
+/// `qi_flush_dev_iotlb_pasid(iommu, sid, pfsid, pasid, qdep, addr, size_order)` entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FlushEvent {
+    pub hdr: Header,
+    pub iommu: IommuId,
+    pub addr: u64,
+    pub sid: u16,
+    pub pfsid: u16,
+    pub qdep: u16,
+    /// 1 for the PASID variant.
+    pub has_pasid: u16,
+    pub pasid: u32,
+    /// `mask` (or `size_order` for the PASID variant).
+    pub mask: u32,
+    pub stack_id: i32,
+    pub _pad: u32,
+}
+
+/// A hot-plug controller event: `pciehp_ist(irq, ctrl)` entry or
+/// `pciehp_unconfigure_device(ctrl, presence)` entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SlotEvent {
+    pub hdr: Header,
+    /// `struct controller *` (pairs an ist entry with its unconfigure).
+    pub ctrl: u64,
+    /// The hot-plug port (`ctrl->pcie->port`).
+    pub port: Bdf,
+    /// `irq` for `pciehp_ist`, -1 otherwise.
+    pub irq: i32,
+    /// Bus range behind the port: `port->subordinate->busn_res.start..=end`.
+    pub secondary: u8,
+    pub subordinate: u8,
+    /// `presence` for `pciehp_unconfigure_device` (1 = safe removal, 0 = surprise); 0xff for ist.
+    pub presence: u8,
+    /// 1 when the port fields were read, 0 when a read failed.
+    pub valid: u8,
+    pub stack_id: i32,
+}
+
+/// `pciehp_ist` return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct IstReturnEvent {
+    pub hdr: Header,
+    pub ctrl: u64,
+    pub start_ts_ns: u64,
+    /// irqreturn_t.
+    pub ret: i32,
+    pub _pad: u32,
+}
+
+/// `pci_walk_bus(bus, cb, data)` whose `cb` is a copy of `pci_dev_set_disconnected`: every
+/// device on `bus` and below is being marked disconnected.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct WalkEvent {
+    pub hdr: Header,
+    pub callback: u64,
+    pub segment: u16,
+    /// `bus->number` and its subordinate range.
+    pub bus: u8,
+    pub bus_end: u8,
+    pub stack_id: i32,
+}
+
+/// A device-level event ([`EventKind::DeviceDisconnected`], [`EventKind::DeviceRemove`],
+/// [`EventKind::IommuRelease`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceEvent {
+    pub hdr: Header,
+    /// `struct pci_dev *` (or `struct device *` for a non-PCI device on `IommuRelease`).
+    pub dev_ptr: u64,
+    pub bdf: Bdf,
+    pub vendor: u16,
+    pub device: u16,
+    /// 1 if `bdf`/`vendor`/`device` were read from a PCI device; 0 for a non-PCI device or a
+    /// failed read.
+    pub is_pci: u8,
+    pub _pad: [u8; 3],
+    pub stack_id: i32,
+}
+
+/// A kernel log record, as `printk:console` saw it (message text only, no level prefix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LogEvent {
+    pub hdr: Header,
+    /// Full length of the record; may exceed `LOG_TEXT_LEN`.
+    pub len: u32,
+    pub _pad: u32,
+    pub text: [u8; LOG_TEXT_LEN],
+}
+
+/// Per-CPU counters of what the BPF programs could not do (`COUNTERS` map, index = variant).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// `bpf_ringbuf_reserve` failed: an event was lost.
+    RingbufFull = 0,
+    /// A kernel memory read failed (the event went out with partial fields).
+    ReadFailed = 1,
+    /// A return probe found no entry timestamp (entry missed, or tracer started mid-call).
+    ReturnWithoutEntry = 2,
+    /// The per-thread start map was full.
+    StartMapFull = 3,
+}
+
+pub const COUNTER_SLOTS: u32 = 4;
+
+/// Struct member offsets (bytes) from the running kernel's BTF, resolved at load time by
+/// userspace and written into the BPF programs' `CONFIG` global. `OFFSET_NONE` = not available.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets {
+    pub intel_iommu_name: u32,
+    pub intel_iommu_segment: u32,
+    pub pci_dev_bus: u32,
+    pub pci_dev_devfn: u32,
+    pub pci_dev_vendor: u32,
+    pub pci_dev_device: u32,
+    pub pci_dev_subordinate: u32,
+    /// Offset of the embedded `struct device dev` in `struct pci_dev`.
+    pub pci_dev_dev: u32,
+    pub pci_bus_number: u32,
+    pub pci_bus_busn_start: u32,
+    pub pci_bus_busn_end: u32,
+    /// `pci_bus::domain_nr` (CONFIG_PCI_DOMAINS_GENERIC), else `OFFSET_NONE`.
+    pub pci_bus_domain_nr: u32,
+    /// `pci_bus::sysdata`; with `pci_sysdata_domain` gives the segment on x86.
+    pub pci_bus_sysdata: u32,
+    pub pci_sysdata_domain: u32,
+    pub controller_pcie: u32,
+    pub pcie_device_port: u32,
+    pub device_bus: u32,
+    pub _pad: u32,
+}
+
+impl Offsets {
+    pub const NONE: Offsets = Offsets {
+        intel_iommu_name: OFFSET_NONE,
+        intel_iommu_segment: OFFSET_NONE,
+        pci_dev_bus: OFFSET_NONE,
+        pci_dev_devfn: OFFSET_NONE,
+        pci_dev_vendor: OFFSET_NONE,
+        pci_dev_device: OFFSET_NONE,
+        pci_dev_subordinate: OFFSET_NONE,
+        pci_dev_dev: OFFSET_NONE,
+        pci_bus_number: OFFSET_NONE,
+        pci_bus_busn_start: OFFSET_NONE,
+        pci_bus_busn_end: OFFSET_NONE,
+        pci_bus_domain_nr: OFFSET_NONE,
+        pci_bus_sysdata: OFFSET_NONE,
+        pci_sysdata_domain: OFFSET_NONE,
+        controller_pcie: OFFSET_NONE,
+        pcie_device_port: OFFSET_NONE,
+        device_bus: OFFSET_NONE,
+        _pad: 0,
+    };
+}
+
+/// Everything userspace hands the BPF programs at load time (the `CONFIG` global).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub offsets: Offsets,
+    /// Address of `pci_bus_type` (tells a PCI `struct device` from others).
+    pub pci_bus_type: u64,
+    /// Addresses of the out-of-line copies of `pci_dev_set_disconnected` (0 = unused slot).
+    pub disconnect_callbacks: [u64; MAX_DISCONNECT_CALLBACKS],
+    /// Bytes per `struct qi_desc` in the caller's array (32 on 5.0+).
+    pub qi_desc_size: u32,
+    pub _pad: u32,
+}
+
+impl Config {
+    pub const DEFAULT: Config = Config {
+        offsets: Offsets::NONE,
+        pci_bus_type: 0,
+        disconnect_callbacks: [0; MAX_DISCONNECT_CALLBACKS],
+        qi_desc_size: 32,
+        _pad: 0,
+    };
+}
+
+// Layout checks: the wire format must not change by accident.
+const _: () = {
+    use core::mem::{align_of, size_of};
+    assert!(size_of::<Header>() == 40);
+    assert!(size_of::<Bdf>() == 4);
+    assert!(size_of::<IommuId>() == 32);
+    assert!(size_of::<Desc>() == 16);
+    assert!(size_of::<SubmitEvent>() == 40 + 32 + 8 + 16 + 16 * 16);
+    assert!(size_of::<SubmitReturnEvent>() == 56);
+    assert!(size_of::<FlushEvent>() == 40 + 32 + 8 + 8 + 12 + 4);
+    assert!(size_of::<SlotEvent>() == 40 + 8 + 4 + 4 + 4 + 4);
+    assert!(size_of::<IstReturnEvent>() == 64);
+    assert!(size_of::<WalkEvent>() == 40 + 8 + 8);
+    assert!(size_of::<DeviceEvent>() == 40 + 8 + 8 + 4 + 4);
+    assert!(size_of::<LogEvent>() == 40 + 8 + LOG_TEXT_LEN);
+    assert!(size_of::<Offsets>() == 18 * 4);
+    assert!(size_of::<Config>() == 72 + 8 + 64 + 8);
+    assert!(align_of::<SubmitEvent>() == 8);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, contain only integers and arrays of
+    // integers, and have every padding byte spelled out as a named field, so any bit pattern
+    // is a valid value.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Offsets {}
+}

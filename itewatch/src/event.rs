@@ -1,0 +1,1162 @@
+//! Owned, typed events: the one vocabulary of everything downstream of the probes.
+//!
+//! The kernel writes `itewatch_common` structs into the ring buffer; [`Event::decode`] turns
+//! those bytes into an [`Event`] (length-checked, `read_unaligned`, unknown kinds refused) and
+//! [`Event::encode`] does the reverse, so the simulator produces exactly the bytes a kernel
+//! would and the trace file can store raw kernel records. Records that are not kernel events
+//! (stacks, lost-event markers, device snapshots) are [`Record`] variants.
+
+use std::fmt;
+
+use itewatch_common as abi;
+use serde::{Deserialize, Serialize};
+
+/// Kernel time: CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`), the dmesg time base.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct KTime(pub u64);
+
+impl KTime {
+    pub fn saturating_sub(self, earlier: KTime) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+impl fmt::Display for KTime {
+    /// `seconds.micros`, like dmesg.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}.{:06}",
+            self.0 / 1_000_000_000,
+            (self.0 % 1_000_000_000) / 1000
+        )
+    }
+}
+
+/// A NUL-padded fixed-size kernel string (`comm`, IOMMU name) kept without allocation.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FixedStr<const N: usize>(pub [u8; N]);
+
+impl<const N: usize> FixedStr<N> {
+    pub fn new(s: &str) -> Self {
+        let mut b = [0u8; N];
+        let n = s.len().min(N);
+        b[..n].copy_from_slice(&s.as_bytes()[..n]);
+        FixedStr(b)
+    }
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        let end = self.0.iter().position(|&c| c == 0).unwrap_or(N);
+        String::from_utf8_lossy(&self.0[..end])
+    }
+}
+
+impl<const N: usize> Default for FixedStr<N> {
+    fn default() -> Self {
+        FixedStr([0; N])
+    }
+}
+
+impl<const N: usize> fmt::Debug for FixedStr<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl<const N: usize> fmt::Display for FixedStr<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_str())
+    }
+}
+
+impl<const N: usize> Serialize for FixedStr<N> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.as_str())
+    }
+}
+
+impl<'de, const N: usize> Deserialize<'de> for FixedStr<N> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(FixedStr::new(&s))
+    }
+}
+
+pub type Comm = FixedStr<{ abi::COMM_LEN }>;
+pub type IommuName = FixedStr<{ abi::IOMMU_NAME_LEN }>;
+
+/// PCI source-id: `bus << 8 | devfn`. Carries no segment.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Sid(pub u16);
+
+impl Sid {
+    pub fn bus(self) -> u8 {
+        (self.0 >> 8) as u8
+    }
+    pub fn devfn(self) -> u8 {
+        self.0 as u8
+    }
+}
+
+impl fmt::Display for Sid {
+    /// `bb:dd.f`, the form the kernel's own messages use.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:02x}:{:02x}.{}",
+            self.bus(),
+            self.devfn() >> 3,
+            self.devfn() & 7
+        )
+    }
+}
+
+/// PCI address `segment:bus:dev.fn`. `segment` is `None` when the probe could not read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Bdf {
+    pub segment: Option<u16>,
+    pub bus: u8,
+    pub devfn: u8,
+}
+
+impl Bdf {
+    pub fn new(segment: u16, bus: u8, dev: u8, func: u8) -> Self {
+        Bdf {
+            segment: Some(segment),
+            bus,
+            devfn: (dev << 3) | (func & 7),
+        }
+    }
+    pub fn from_sid(segment: Option<u16>, sid: Sid) -> Self {
+        Bdf {
+            segment,
+            bus: sid.bus(),
+            devfn: sid.devfn(),
+        }
+    }
+    pub fn sid(self) -> Sid {
+        Sid(((self.bus as u16) << 8) | self.devfn as u16)
+    }
+    /// Segment, with the unknown one taken as 0 (the only segment on most hosts).
+    pub fn segment_or_zero(self) -> u16 {
+        self.segment.unwrap_or(0)
+    }
+    fn from_abi(b: abi::Bdf) -> Self {
+        Bdf {
+            segment: (b.segment != abi::SEGMENT_UNKNOWN).then_some(b.segment),
+            bus: b.bus,
+            devfn: b.devfn,
+        }
+    }
+    fn to_abi(self) -> abi::Bdf {
+        abi::Bdf {
+            segment: self.segment.unwrap_or(abi::SEGMENT_UNKNOWN),
+            bus: self.bus,
+            devfn: self.devfn,
+        }
+    }
+}
+
+impl fmt::Display for Bdf {
+    /// `ssss:bb:dd.f` (`????:` when the segment is unknown).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.segment {
+            Some(s) => write!(f, "{s:04x}:")?,
+            None => f.write_str("????:")?,
+        }
+        write!(
+            f,
+            "{:02x}:{:02x}.{}",
+            self.bus,
+            self.devfn >> 3,
+            self.devfn & 7
+        )
+    }
+}
+
+impl std::str::FromStr for Bdf {
+    type Err = String;
+    /// Parses `ssss:bb:dd.f` or `bb:dd.f` (segment 0).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("not a PCI address (want ssss:bb:dd.f): {s:?}");
+        let parts: Vec<&str> = s.split(':').collect();
+        let (seg, bus, df) = match parts.as_slice() {
+            [seg, bus, df] => (u16::from_str_radix(seg, 16).map_err(|_| bad())?, *bus, *df),
+            [bus, df] => (0, *bus, *df),
+            _ => return Err(bad()),
+        };
+        let bus = u8::from_str_radix(bus, 16).map_err(|_| bad())?;
+        let (dev, func) = df.split_once('.').ok_or_else(bad)?;
+        let dev = u8::from_str_radix(dev, 16).map_err(|_| bad())?;
+        let func = func.parse::<u8>().map_err(|_| bad())?;
+        if dev > 31 || func > 7 {
+            return Err(bad());
+        }
+        Ok(Bdf::new(seg, bus, dev, func))
+    }
+}
+
+impl Serialize for Bdf {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Bdf {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Some(rest) = s.strip_prefix("????:") {
+            let mut b: Bdf = rest.parse().map_err(serde::de::Error::custom)?;
+            b.segment = None;
+            return Ok(b);
+        }
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Common fields of every kernel event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub ts: KTime,
+    pub cpu: u32,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: Comm,
+}
+
+/// An IOMMU unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Iommu {
+    /// Kernel address of the `struct intel_iommu`; identifies the unit within one boot.
+    pub ptr: u64,
+    /// `dmarN`.
+    pub name: IommuName,
+    pub segment: Option<u16>,
+}
+
+/// Stack id in the trace's stack table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StackId(pub u32);
+
+fn stack_from_abi(id: i32) -> Option<StackId> {
+    (id >= 0).then_some(StackId(id as u32))
+}
+
+fn stack_to_abi(id: Option<StackId>) -> i32 {
+    id.map_or(abi::STACK_NONE, |s| s.0 as i32)
+}
+
+/// One raw invalidation descriptor (qw0, qw1 of `struct qi_desc`).
+pub type RawDesc = abi::Desc;
+
+/// A decoded invalidation descriptor. Encodings: drivers/iommu/intel/iommu.h, identical on
+/// 6.1 and 6.12 (checked against both kernels' headers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Descriptor {
+    /// Type 0x3, device-TLB (ATS) invalidation.
+    DevTlb {
+        sid: Sid,
+        pfsid: Sid,
+        qdep: u8,
+        addr: u64,
+        size_bit: bool,
+    },
+    /// Type 0x8, PASID-based device-TLB invalidation.
+    PasidDevTlb {
+        sid: Sid,
+        pfsid: Sid,
+        pasid: u32,
+        qdep: u8,
+        addr: u64,
+        size_bit: bool,
+    },
+    /// Type 0x2, IOTLB invalidation.
+    Iotlb { did: u16 },
+    /// Type 0x6, PASID-based IOTLB.
+    PasidIotlb { did: u16, pasid: u32 },
+    /// Type 0x1, context-cache.
+    ContextCache { did: u16, sid: Sid },
+    /// Type 0x5, invalidation wait.
+    Wait,
+    /// Any other type (0x4 interrupt entry cache, 0x7 PASID cache, 0x9 page response, ..).
+    Other { code: u8 },
+}
+
+impl Descriptor {
+    pub fn decode(d: RawDesc) -> Descriptor {
+        let (qw0, qw1) = (d.qw0, d.qw1);
+        let pfsid = Sid((((qw0 >> 12) & 0xf) | (((qw0 >> 52) & 0xfff) << 4)) as u16);
+        match qw0 & 0xf {
+            0x1 => Descriptor::ContextCache {
+                did: (qw0 >> 16) as u16,
+                sid: Sid((qw0 >> 32) as u16),
+            },
+            0x2 => Descriptor::Iotlb {
+                did: (qw0 >> 16) as u16,
+            },
+            0x3 => Descriptor::DevTlb {
+                sid: Sid((qw0 >> 32) as u16),
+                pfsid,
+                qdep: ((qw0 >> 16) & 0x1f) as u8,
+                addr: qw1 & !0xfff,
+                size_bit: qw1 & 1 != 0,
+            },
+            0x5 => Descriptor::Wait,
+            0x6 => Descriptor::PasidIotlb {
+                did: (qw0 >> 16) as u16,
+                pasid: ((qw0 >> 32) & 0xfffff) as u32,
+            },
+            0x8 => Descriptor::PasidDevTlb {
+                sid: Sid((qw0 >> 16) as u16),
+                pfsid,
+                pasid: ((qw0 >> 32) & 0xfffff) as u32,
+                qdep: ((qw0 >> 4) & 0x1f) as u8,
+                addr: qw1 & !0xfff,
+                size_bit: qw1 & (1 << 11) != 0,
+            },
+            code => Descriptor::Other { code: code as u8 },
+        }
+    }
+
+    /// Encodes a device-TLB descriptor as `qi_desc_dev_iotlb` / `qi_flush_dev_iotlb` does.
+    pub fn dev_tlb_raw(sid: Sid, pfsid: Sid, qdep: u8, addr: u64, mask: u32) -> RawDesc {
+        let qdep = if qdep >= 32 { 0 } else { qdep };
+        let qw1 = if mask > 0 {
+            let a = addr | ((1u64 << (12 + mask - 1)) - 1);
+            (a & !0xfff) | 1
+        } else {
+            addr & !0xfff
+        };
+        let pf = pfsid.0 as u64;
+        let qw0 = ((sid.0 as u64) << 32)
+            | (((qdep as u64) & 0x1f) << 16)
+            | 0x3
+            | ((pf & 0xf) << 12)
+            | (((pf >> 4) & 0xfff) << 52);
+        RawDesc { qw0, qw1 }
+    }
+
+    /// The SID a device-TLB descriptor targets.
+    pub fn dev_tlb_sid(&self) -> Option<Sid> {
+        match *self {
+            Descriptor::DevTlb { sid, .. } | Descriptor::PasidDevTlb { sid, .. } => Some(sid),
+            _ => None,
+        }
+    }
+}
+
+/// `qi_submit_sync` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Submit {
+    pub iommu: Iommu,
+    pub options: u64,
+    /// `count` as passed by the caller.
+    pub count: u32,
+    /// Number of valid entries in `raw`.
+    pub captured: u32,
+    pub raw: [RawDesc; abi::MAX_BATCH],
+    pub stack: Option<StackId>,
+}
+
+impl Submit {
+    /// The captured raw descriptors.
+    pub fn raw_descs(&self) -> &[RawDesc] {
+        &self.raw[..(self.captured as usize).min(abi::MAX_BATCH)]
+    }
+    /// The captured descriptors, decoded.
+    pub fn descriptors(&self) -> impl Iterator<Item = Descriptor> + '_ {
+        self.raw_descs().iter().map(|d| Descriptor::decode(*d))
+    }
+    /// SIDs of device-TLB descriptors in the captured part of the batch.
+    pub fn dev_tlb_sids(&self) -> impl Iterator<Item = Sid> + '_ {
+        self.descriptors().filter_map(|d| d.dev_tlb_sid())
+    }
+    /// True when the batch was longer than what was captured.
+    pub fn truncated(&self) -> bool {
+        self.captured < self.count
+    }
+}
+
+/// `qi_submit_sync` return.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitReturn {
+    /// 0, or a negative errno (-110 = -ETIMEDOUT).
+    pub ret: i64,
+    /// Entry time seen by the entry probe on this thread; `None` when it was not seen.
+    pub start: Option<KTime>,
+}
+
+/// `-ETIMEDOUT` as returned by `qi_submit_sync` on 6.9+.
+pub const ETIMEDOUT: i64 = -110;
+
+/// `qi_flush_dev_iotlb` / `qi_flush_dev_iotlb_pasid` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flush {
+    pub iommu: Iommu,
+    pub sid: Sid,
+    pub pfsid: Sid,
+    pub qdep: u16,
+    /// Set for `qi_flush_dev_iotlb_pasid`.
+    pub pasid: Option<u32>,
+    pub addr: u64,
+    pub mask: u32,
+    pub stack: Option<StackId>,
+}
+
+/// A hot-plug controller event (`pciehp_ist` entry, `pciehp_unconfigure_device` entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    /// `struct controller *`.
+    pub ctrl: u64,
+    /// The hot-plug port; `None` when the probe could not read it.
+    pub port: Option<Bdf>,
+    /// Bus range behind the port.
+    pub secondary: u8,
+    pub subordinate: u8,
+    /// `pciehp_ist`: the irq (-1 = poll mode / not applicable).
+    pub irq: i32,
+    /// `pciehp_unconfigure_device`: presence (true = safe removal, false = surprise).
+    pub presence: Option<bool>,
+    pub stack: Option<StackId>,
+}
+
+impl Slot {
+    /// Whether `sid` (on `segment`) is behind this port.
+    pub fn covers(&self, segment: Option<u16>, sid: Sid) -> bool {
+        let Some(port) = self.port else { return false };
+        let seg_ok = match (port.segment, segment) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        seg_ok && (self.secondary..=self.subordinate).contains(&sid.bus()) && self.secondary != 0
+    }
+}
+
+/// `pciehp_ist` return.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IstReturn {
+    pub ctrl: u64,
+    pub start: Option<KTime>,
+    pub ret: i32,
+}
+
+/// The disconnect walk: `pci_walk_bus(bus, pci_dev_set_disconnected, ..)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Walk {
+    pub callback: u64,
+    pub segment: Option<u16>,
+    /// First and last bus number covered.
+    pub bus: u8,
+    pub bus_end: u8,
+    pub stack: Option<StackId>,
+}
+
+/// A device-level event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRef {
+    pub dev_ptr: u64,
+    /// `None` for a non-PCI device (or a failed read).
+    pub bdf: Option<Bdf>,
+    pub vendor: u16,
+    pub device: u16,
+    pub stack: Option<StackId>,
+}
+
+/// A kernel log record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub text: String,
+    /// Set when the record was longer than what the probe captured.
+    pub truncated: bool,
+}
+
+/// What happened, by kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Payload {
+    Submit(Submit),
+    SubmitReturn(SubmitReturn),
+    DevTlbFlush(Flush),
+    HotplugIst(Slot),
+    HotplugIstReturn(IstReturn),
+    Unconfigure(Slot),
+    DisconnectWalk(Walk),
+    DeviceDisconnected(DeviceRef),
+    DeviceRemove(DeviceRef),
+    IommuRelease(DeviceRef),
+    KernelLog(LogLine),
+}
+
+impl Payload {
+    pub fn kind(&self) -> abi::EventKind {
+        use abi::EventKind as K;
+        match self {
+            Payload::Submit(_) => K::Submit,
+            Payload::SubmitReturn(_) => K::SubmitReturn,
+            Payload::DevTlbFlush(_) => K::DevTlbFlush,
+            Payload::HotplugIst(_) => K::HotplugIst,
+            Payload::HotplugIstReturn(_) => K::HotplugIstReturn,
+            Payload::Unconfigure(_) => K::Unconfigure,
+            Payload::DisconnectWalk(_) => K::DisconnectWalk,
+            Payload::DeviceDisconnected(_) => K::DeviceDisconnected,
+            Payload::DeviceRemove(_) => K::DeviceRemove,
+            Payload::IommuRelease(_) => K::IommuRelease,
+            Payload::KernelLog(_) => K::KernelLog,
+        }
+    }
+
+    /// The kernel stack id this event carries, if any.
+    pub fn stack(&self) -> Option<StackId> {
+        match self {
+            Payload::Submit(s) => s.stack,
+            Payload::DevTlbFlush(f) => f.stack,
+            Payload::HotplugIst(s) | Payload::Unconfigure(s) => s.stack,
+            Payload::DisconnectWalk(w) => w.stack,
+            Payload::DeviceDisconnected(d)
+            | Payload::DeviceRemove(d)
+            | Payload::IommuRelease(d) => d.stack,
+            Payload::SubmitReturn(_) | Payload::HotplugIstReturn(_) | Payload::KernelLog(_) => None,
+        }
+    }
+}
+
+/// The stable name of an event kind, as used in JSON and docs.
+pub fn kind_name(k: abi::EventKind) -> &'static str {
+    use abi::EventKind as K;
+    match k {
+        K::Submit => "submit",
+        K::SubmitReturn => "submit-return",
+        K::DevTlbFlush => "devtlb-flush",
+        K::HotplugIst => "hotplug-ist",
+        K::HotplugIstReturn => "hotplug-ist-return",
+        K::Unconfigure => "unconfigure",
+        K::DisconnectWalk => "disconnect-walk",
+        K::DeviceDisconnected => "device-disconnected",
+        K::DeviceRemove => "device-remove",
+        K::IommuRelease => "iommu-release",
+        K::KernelLog => "kernel-log",
+    }
+}
+
+/// One kernel event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub meta: Meta,
+    pub payload: Payload,
+}
+
+/// Why a kernel record could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is shorter than an event header ({need} bytes)")]
+    ShortHeader { len: usize, need: usize },
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("{kind} record of {len} bytes, expected at least {need}")]
+    Short {
+        kind: &'static str,
+        len: usize,
+        need: usize,
+    },
+}
+
+/// Reads a `T` from the start of `bytes` after checking the length.
+fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: the length was checked above; `T` is one of the `itewatch_common` ABI types,
+    // which are `#[repr(C)]` plain integers and arrays valid for any bit pattern, and
+    // `read_unaligned` has no alignment requirement.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+fn as_bytes<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: `T` is an ABI type with all padding as explicit fields, so every byte of it is
+    // initialised; the slice borrows `v` for its lifetime.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
+fn iommu_from_abi(i: abi::IommuId) -> Iommu {
+    Iommu {
+        ptr: i.ptr,
+        name: FixedStr(i.name),
+        segment: (i.segment != abi::SEGMENT_UNKNOWN).then_some(i.segment),
+    }
+}
+
+fn iommu_to_abi(i: &Iommu) -> abi::IommuId {
+    abi::IommuId {
+        ptr: i.ptr,
+        name: i.name.0,
+        segment: i.segment.unwrap_or(abi::SEGMENT_UNKNOWN),
+        _pad: [0; 6],
+    }
+}
+
+impl Event {
+    /// Decodes one kernel record (as it came out of the ring buffer or a trace file).
+    /// Trailing bytes beyond the struct are ignored (a newer kernel side may append fields).
+    pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+        use abi::EventKind as K;
+        let hdr: abi::Header = read(bytes).ok_or(DecodeError::ShortHeader {
+            len: bytes.len(),
+            need: std::mem::size_of::<abi::Header>(),
+        })?;
+        let kind = K::try_from(hdr.kind).map_err(|e| DecodeError::UnknownKind(e.0))?;
+        let short = || DecodeError::Short {
+            kind: kind_name(kind),
+            len: bytes.len(),
+            need: kind.wire_size(),
+        };
+        let meta = Meta {
+            ts: KTime(hdr.ts_ns),
+            cpu: hdr.cpu,
+            pid: hdr.pid,
+            tid: hdr.tid,
+            comm: FixedStr(hdr.comm),
+        };
+        let payload = match kind {
+            K::Submit => {
+                let e: abi::SubmitEvent = read(bytes).ok_or_else(short)?;
+                Payload::Submit(Submit {
+                    iommu: iommu_from_abi(e.iommu),
+                    options: e.options,
+                    count: e.count,
+                    captured: e.captured.min(abi::MAX_BATCH as u32),
+                    raw: e.descs,
+                    stack: stack_from_abi(e.stack_id),
+                })
+            }
+            K::SubmitReturn => {
+                let e: abi::SubmitReturnEvent = read(bytes).ok_or_else(short)?;
+                Payload::SubmitReturn(SubmitReturn {
+                    ret: e.ret,
+                    start: (e.start_ts_ns != 0).then_some(KTime(e.start_ts_ns)),
+                })
+            }
+            K::DevTlbFlush => {
+                let e: abi::FlushEvent = read(bytes).ok_or_else(short)?;
+                Payload::DevTlbFlush(Flush {
+                    iommu: iommu_from_abi(e.iommu),
+                    sid: Sid(e.sid),
+                    pfsid: Sid(e.pfsid),
+                    qdep: e.qdep,
+                    pasid: (e.has_pasid != 0).then_some(e.pasid),
+                    addr: e.addr,
+                    mask: e.mask,
+                    stack: stack_from_abi(e.stack_id),
+                })
+            }
+            K::HotplugIst | K::Unconfigure => {
+                let e: abi::SlotEvent = read(bytes).ok_or_else(short)?;
+                let slot = Slot {
+                    ctrl: e.ctrl,
+                    port: (e.valid != 0).then(|| Bdf::from_abi(e.port)),
+                    secondary: e.secondary,
+                    subordinate: e.subordinate,
+                    irq: e.irq,
+                    presence: (e.presence != 0xff).then_some(e.presence != 0),
+                    stack: stack_from_abi(e.stack_id),
+                };
+                if kind == K::HotplugIst {
+                    Payload::HotplugIst(slot)
+                } else {
+                    Payload::Unconfigure(slot)
+                }
+            }
+            K::HotplugIstReturn => {
+                let e: abi::IstReturnEvent = read(bytes).ok_or_else(short)?;
+                Payload::HotplugIstReturn(IstReturn {
+                    ctrl: e.ctrl,
+                    start: (e.start_ts_ns != 0).then_some(KTime(e.start_ts_ns)),
+                    ret: e.ret,
+                })
+            }
+            K::DisconnectWalk => {
+                let e: abi::WalkEvent = read(bytes).ok_or_else(short)?;
+                Payload::DisconnectWalk(Walk {
+                    callback: e.callback,
+                    segment: (e.segment != abi::SEGMENT_UNKNOWN).then_some(e.segment),
+                    bus: e.bus,
+                    bus_end: e.bus_end,
+                    stack: stack_from_abi(e.stack_id),
+                })
+            }
+            K::DeviceDisconnected | K::DeviceRemove | K::IommuRelease => {
+                let e: abi::DeviceEvent = read(bytes).ok_or_else(short)?;
+                let d = DeviceRef {
+                    dev_ptr: e.dev_ptr,
+                    bdf: (e.is_pci != 0).then(|| Bdf::from_abi(e.bdf)),
+                    vendor: e.vendor,
+                    device: e.device,
+                    stack: stack_from_abi(e.stack_id),
+                };
+                match kind {
+                    K::DeviceDisconnected => Payload::DeviceDisconnected(d),
+                    K::DeviceRemove => Payload::DeviceRemove(d),
+                    _ => Payload::IommuRelease(d),
+                }
+            }
+            K::KernelLog => {
+                let e: abi::LogEvent = read(bytes).ok_or_else(short)?;
+                let cap = (e.len as usize).min(abi::LOG_TEXT_LEN);
+                let end = e.text[..cap].iter().position(|&c| c == 0).unwrap_or(cap);
+                let text = String::from_utf8_lossy(&e.text[..end])
+                    .trim_end()
+                    .to_string();
+                Payload::KernelLog(LogLine {
+                    text,
+                    truncated: e.len as usize > abi::LOG_TEXT_LEN,
+                })
+            }
+        };
+        Ok(Event { meta, payload })
+    }
+
+    /// Encodes the event as the kernel would have written it.
+    pub fn encode(&self) -> Vec<u8> {
+        let hdr = abi::Header {
+            kind: self.payload.kind() as u32,
+            cpu: self.meta.cpu,
+            ts_ns: self.meta.ts.0,
+            pid: self.meta.pid,
+            tid: self.meta.tid,
+            comm: self.meta.comm.0,
+        };
+        match &self.payload {
+            Payload::Submit(s) => as_bytes(&abi::SubmitEvent {
+                hdr,
+                iommu: iommu_to_abi(&s.iommu),
+                options: s.options,
+                count: s.count,
+                captured: s.captured,
+                stack_id: stack_to_abi(s.stack),
+                _pad: 0,
+                descs: s.raw,
+            })
+            .to_vec(),
+            Payload::SubmitReturn(r) => as_bytes(&abi::SubmitReturnEvent {
+                hdr,
+                ret: r.ret,
+                start_ts_ns: r.start.map_or(0, |t| t.0),
+            })
+            .to_vec(),
+            Payload::DevTlbFlush(f) => as_bytes(&abi::FlushEvent {
+                hdr,
+                iommu: iommu_to_abi(&f.iommu),
+                addr: f.addr,
+                sid: f.sid.0,
+                pfsid: f.pfsid.0,
+                qdep: f.qdep,
+                has_pasid: f.pasid.is_some() as u16,
+                pasid: f.pasid.unwrap_or(0),
+                mask: f.mask,
+                stack_id: stack_to_abi(f.stack),
+                _pad: 0,
+            })
+            .to_vec(),
+            Payload::HotplugIst(s) | Payload::Unconfigure(s) => as_bytes(&abi::SlotEvent {
+                hdr,
+                ctrl: s.ctrl,
+                port: s.port.map(Bdf::to_abi).unwrap_or_default(),
+                irq: s.irq,
+                secondary: s.secondary,
+                subordinate: s.subordinate,
+                presence: s.presence.map_or(0xff, u8::from),
+                valid: s.port.is_some() as u8,
+                stack_id: stack_to_abi(s.stack),
+            })
+            .to_vec(),
+            Payload::HotplugIstReturn(r) => as_bytes(&abi::IstReturnEvent {
+                hdr,
+                ctrl: r.ctrl,
+                start_ts_ns: r.start.map_or(0, |t| t.0),
+                ret: r.ret,
+                _pad: 0,
+            })
+            .to_vec(),
+            Payload::DisconnectWalk(w) => as_bytes(&abi::WalkEvent {
+                hdr,
+                callback: w.callback,
+                segment: w.segment.unwrap_or(abi::SEGMENT_UNKNOWN),
+                bus: w.bus,
+                bus_end: w.bus_end,
+                stack_id: stack_to_abi(w.stack),
+            })
+            .to_vec(),
+            Payload::DeviceDisconnected(d)
+            | Payload::DeviceRemove(d)
+            | Payload::IommuRelease(d) => as_bytes(&abi::DeviceEvent {
+                hdr,
+                dev_ptr: d.dev_ptr,
+                bdf: d.bdf.map(Bdf::to_abi).unwrap_or_default(),
+                vendor: d.vendor,
+                device: d.device,
+                is_pci: d.bdf.is_some() as u8,
+                _pad: [0; 3],
+                stack_id: stack_to_abi(d.stack),
+            })
+            .to_vec(),
+            Payload::KernelLog(l) => {
+                let mut text = [0u8; abi::LOG_TEXT_LEN];
+                let n = l.text.len().min(abi::LOG_TEXT_LEN);
+                text[..n].copy_from_slice(&l.text.as_bytes()[..n]);
+                let len = if l.truncated {
+                    l.text.len().max(abi::LOG_TEXT_LEN + 1)
+                } else {
+                    n
+                };
+                as_bytes(&abi::LogEvent {
+                    hdr,
+                    len: len as u32,
+                    _pad: 0,
+                    text,
+                })
+                .to_vec()
+            }
+        }
+    }
+}
+
+/// Which way a kernel call path reached an invalidation (from its stack).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CallerPath {
+    /// A device driver's DMA unmap / IOTLB flush (the thread's CPU0 in case 1).
+    DriverUnmap,
+    /// The flush queue timer (lazy mode).
+    FlushQueue,
+    /// Device removal: iommu_bus_notifier / iommu_release_device / pciehp (cases 2 and 3).
+    Removal,
+    /// Domain attach/detach (VFIO open/close, driver bind).
+    DomainChange,
+    /// Something else (the frames say what).
+    Other,
+    /// No stack available.
+    Unknown,
+}
+
+impl CallerPath {
+    /// Classifies a symbolized kernel stack (innermost frame first; `+0x..` offsets allowed).
+    pub fn classify<S: AsRef<str>>(frames: &[S]) -> CallerPath {
+        if frames.is_empty() {
+            return CallerPath::Unknown;
+        }
+        let has = |names: &[&str]| {
+            frames.iter().any(|f| {
+                let sym = f.as_ref().split('+').next().unwrap_or("");
+                names
+                    .iter()
+                    .any(|n| sym == *n || sym.starts_with(&format!("{n}.")))
+            })
+        };
+        if has(&[
+            "iommu_bus_notifier",
+            "iommu_release_device",
+            "intel_iommu_release_device",
+            "pciehp_ist",
+            "pciehp_unconfigure_device",
+            "pci_stop_and_remove_bus_device",
+            "pci_remove_bus_device",
+            "dmar_remove_one_dev_info",
+            "iommu_deinit_device",
+        ]) {
+            CallerPath::Removal
+        } else if has(&["fq_flush_timeout", "iommu_dma_flush_fq", "fq_ring_free"]) {
+            CallerPath::FlushQueue
+        } else if has(&[
+            "iommu_dma_unmap_page",
+            "iommu_dma_unmap_sg",
+            "iommu_dma_free",
+            "__iommu_dma_unmap",
+            "dma_unmap_page_attrs",
+            "dma_unmap_sg_attrs",
+            "iommu_unmap",
+            "intel_iommu_tlb_sync",
+        ]) {
+            CallerPath::DriverUnmap
+        } else if has(&[
+            "iommu_attach_device",
+            "iommu_detach_device",
+            "__iommu_attach_device",
+            "iommu_attach_group",
+            "vfio_group_fops_release",
+        ]) {
+            CallerPath::DomainChange
+        } else {
+            CallerPath::Other
+        }
+    }
+}
+
+/// A symbolized kernel stack, recorded once per id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackRecord {
+    pub id: StackId,
+    /// Innermost first, `symbol+0xoff` (or a raw hex address when unknown).
+    pub frames: Vec<String>,
+}
+
+/// Events the probes could not deliver, reported as a marker in the stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostRecord {
+    /// Time of the last event delivered before the loss was noticed.
+    pub after: KTime,
+    /// Events dropped because the ring buffer was full (delta since the previous marker).
+    pub ringbuf_full: u64,
+    /// Probe hits the kernel skipped (kprobe/kretprobe misses, recursion; delta), where known.
+    pub missed: u64,
+    /// Records the reader could not decode (delta).
+    pub undecodable: u64,
+}
+
+/// A PCI device's identity, snapshotted from sysfs (kept after the device is gone).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub bdf: Bdf,
+    pub vendor: u16,
+    pub device: u16,
+    pub driver: Option<String>,
+    /// Hot-plug slot name (`/sys/bus/pci/slots/*/address`), if any.
+    pub slot: Option<String>,
+    /// The hot-plug port above it, if any.
+    pub port: Option<Bdf>,
+    /// ATS capability present / enabled, where readable.
+    pub ats: Option<bool>,
+    /// IOMMU unit (`dmarN`) it sits behind.
+    pub iommu: Option<String>,
+    /// Time of the snapshot (kernel clock).
+    pub seen: KTime,
+}
+
+/// One item of an event stream: a kernel event or one of the stream's side records.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    Event(Event),
+    Stack(StackRecord),
+    Lost(LostRecord),
+    Device(DeviceInfo),
+}
+
+impl Record {
+    /// Kernel time of the record where it has one.
+    pub fn ts(&self) -> Option<KTime> {
+        match self {
+            Record::Event(e) => Some(e.meta.ts),
+            Record::Lost(l) => Some(l.after),
+            Record::Device(d) => Some(d.seen),
+            Record::Stack(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> Meta {
+        Meta {
+            ts: KTime(1_000),
+            cpu: 1,
+            pid: 42,
+            tid: 43,
+            comm: FixedStr::new("irq/24-pciehp"),
+        }
+    }
+
+    #[test]
+    fn decodes_the_device_tlb_example_from_the_kernel_notes() {
+        // qw0 0xaf0300100003: type 3, qdep 16, sid af:00.3, pfsid 0.
+        let d = Descriptor::decode(RawDesc {
+            qw0: 0xaf0300100003,
+            qw1: 0x7ffffffffffff001,
+        });
+        assert_eq!(
+            d,
+            Descriptor::DevTlb {
+                sid: Sid(0xaf03),
+                pfsid: Sid(0),
+                qdep: 16,
+                addr: 0x7ffffffffffff000,
+                size_bit: true
+            }
+        );
+        // The VM's 6.1 guest: qw0=0x0000010000000003 is SID 01:00.0.
+        let d = Descriptor::decode(RawDesc {
+            qw0: 0x0000010000000003,
+            qw1: 0,
+        });
+        assert_eq!(d.dev_tlb_sid(), Some(Sid(0x0100)));
+        assert_eq!(Sid(0x0100).to_string(), "01:00.0");
+    }
+
+    #[test]
+    fn full_range_flush_encodes_like_the_kernel() {
+        // qi_flush_dev_iotlb(.., addr 0, mask 52) gives qw1 = 0x7ffffffffffff001.
+        let raw = Descriptor::dev_tlb_raw(Sid(0xaf03), Sid(0), 16, 0, 52);
+        assert_eq!(raw.qw1, 0x7ffffffffffff001);
+        assert_eq!(raw.qw0, 0xaf0300100003);
+        let pf = Descriptor::dev_tlb_raw(Sid(1), Sid(0x1234), 0, 0, 0);
+        match Descriptor::decode(pf) {
+            Descriptor::DevTlb { pfsid, .. } => assert_eq!(pfsid, Sid(0x1234)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_kind_round_trips_through_the_wire_format() {
+        let iommu = Iommu {
+            ptr: 0xffff_8880_0000_1000,
+            name: FixedStr::new("dmar0"),
+            segment: Some(0),
+        };
+        let mut raw = [RawDesc::default(); abi::MAX_BATCH];
+        raw[0] = RawDesc { qw0: 0x2, qw1: 0 };
+        raw[1] = Descriptor::dev_tlb_raw(Sid(0x0100), Sid(0x0100), 0, 0x1000, 0);
+        let dev = DeviceRef {
+            dev_ptr: 7,
+            bdf: Some(Bdf::new(0, 1, 0, 0)),
+            vendor: 0x1af4,
+            device: 0x1042,
+            stack: Some(StackId(3)),
+        };
+        let slot = Slot {
+            ctrl: 9,
+            port: Some(Bdf::new(0, 0, 4, 0)),
+            secondary: 1,
+            subordinate: 1,
+            irq: 24,
+            presence: None,
+            stack: None,
+        };
+        let payloads = vec![
+            Payload::Submit(Submit {
+                iommu,
+                options: 0,
+                count: 2,
+                captured: 2,
+                raw,
+                stack: Some(StackId(1)),
+            }),
+            Payload::SubmitReturn(SubmitReturn {
+                ret: ETIMEDOUT,
+                start: Some(KTime(5)),
+            }),
+            Payload::DevTlbFlush(Flush {
+                iommu,
+                sid: Sid(0x100),
+                pfsid: Sid(0x100),
+                qdep: 32,
+                pasid: Some(3),
+                addr: 0,
+                mask: 52,
+                stack: None,
+            }),
+            Payload::HotplugIst(slot),
+            Payload::HotplugIstReturn(IstReturn {
+                ctrl: 9,
+                start: None,
+                ret: 1,
+            }),
+            Payload::Unconfigure(Slot {
+                presence: Some(false),
+                irq: -1,
+                ..slot
+            }),
+            Payload::DisconnectWalk(Walk {
+                callback: 0xffff,
+                segment: None,
+                bus: 1,
+                bus_end: 1,
+                stack: None,
+            }),
+            Payload::DeviceDisconnected(dev),
+            Payload::DeviceRemove(dev),
+            Payload::IommuRelease(DeviceRef { bdf: None, ..dev }),
+            Payload::KernelLog(LogLine {
+                text: "DMAR: VT-d detected Invalidation Time-out Error: SID 0".into(),
+                truncated: false,
+            }),
+        ];
+        for p in payloads {
+            let e = Event {
+                meta: meta(),
+                payload: p,
+            };
+            let bytes = e.encode();
+            assert_eq!(bytes.len(), e.payload.kind().wire_size());
+            assert_eq!(Event::decode(&bytes).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn short_and_unknown_records_are_errors_not_panics() {
+        assert!(matches!(
+            Event::decode(&[0u8; 3]),
+            Err(DecodeError::ShortHeader { .. })
+        ));
+        let mut b = Event {
+            meta: meta(),
+            payload: Payload::SubmitReturn(SubmitReturn {
+                ret: 0,
+                start: None,
+            }),
+        }
+        .encode();
+        b[0] = 99;
+        assert_eq!(Event::decode(&b), Err(DecodeError::UnknownKind(99)));
+        b[0] = abi::EventKind::Submit as u8;
+        assert!(matches!(Event::decode(&b), Err(DecodeError::Short { .. })));
+    }
+
+    #[test]
+    fn bdf_parses_and_prints() {
+        let b: Bdf = "0000:01:00.0".parse().unwrap();
+        assert_eq!(b.to_string(), "0000:01:00.0");
+        assert_eq!(b.sid(), Sid(0x0100));
+        assert!("01:20.0".parse::<Bdf>().is_err());
+        assert!("zz".parse::<Bdf>().is_err());
+        let j = serde_json::to_string(&Bdf {
+            segment: None,
+            bus: 2,
+            devfn: 9,
+        })
+        .unwrap();
+        assert_eq!(j, "\"????:02:01.1\"");
+        assert_eq!(serde_json::from_str::<Bdf>(&j).unwrap().segment, None);
+    }
+
+    #[test]
+    fn caller_paths_from_the_thread_stacks() {
+        let removal = [
+            "qi_submit_sync+0x2c0",
+            "qi_flush_dev_iotlb+0xb1",
+            "__dmar_remove_one_dev_info+0x224",
+            "iommu_bus_notifier+0x5f",
+            "pciehp_ist+0x120",
+        ];
+        assert_eq!(CallerPath::classify(&removal), CallerPath::Removal);
+        let unmap = [
+            "qi_submit_sync",
+            "cache_tag_flush_range+0x1",
+            "intel_iommu_tlb_sync",
+            "__iommu_dma_unmap",
+            "iommu_dma_unmap_page",
+            "dma_unmap_page_attrs",
+            "virtqueue_unmap_sgs",
+        ];
+        assert_eq!(CallerPath::classify(&unmap), CallerPath::DriverUnmap);
+        assert_eq!(CallerPath::classify::<&str>(&[]), CallerPath::Unknown);
+        assert_eq!(
+            CallerPath::classify(&["qi_submit_sync", "fq_flush_timeout.cold+0x2"]),
+            CallerPath::FlushQueue
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! itewatch: trace and diagnose Intel VT-d device-TLB (ATS) invalidation time-outs that race
+//! with PCIe hot-plug removal.
+//!
+//! Data flows one way (docs/architecture.md):
+//! `probe` (the only code that touches the kernel) → [`event`] (typed events; [`trace`] is
+//! their file format) → `correlate` (pure: events in, incidents out) → sinks (report, TUI,
+//! agent). `replay` and `simulate` feed the same path without a kernel.
+
+pub mod event;
+pub mod trace;

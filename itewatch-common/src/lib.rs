@@ -369,7 +369,9 @@ pub struct Config {
     pub disconnect_callbacks: [u64; MAX_DISCONNECT_CALLBACKS],
     /// Bytes per `struct qi_desc` in the caller's array (32 on 5.0+).
     pub qi_desc_size: u32,
-    pub _pad: u32,
+    /// Offset of the `__data_loc char[] msg` field in the `printk:console` tracepoint record,
+    /// from tracefs `events/printk/console/format`; `OFFSET_NONE` if unknown.
+    pub console_msg_loc: u32,
 }
 
 impl Config {
@@ -378,7 +380,7 @@ impl Config {
         pci_bus_type: 0,
         disconnect_callbacks: [0; MAX_DISCONNECT_CALLBACKS],
         qi_desc_size: 32,
-        _pad: 0,
+        console_msg_loc: OFFSET_NONE,
     };
 }
 

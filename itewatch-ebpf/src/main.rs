@@ -1,5 +1,565 @@
+//! itewatch's BPF programs: the only code that runs in the kernel.
+//!
+//! Each program reads the arguments of one kernel function (or tracepoint), builds one
+//! `itewatch_common` record directly in the `EVENTS` ring buffer and submits it. Struct fields
+//! are read at offsets resolved by userspace from the running kernel's BTF (`CONFIG`), never
+//! at offsets compiled in: Rust BPF has no CO-RE. Programs fail open: a failed read leaves a
+//! field zero/unknown and is counted, a full ring buffer is counted per CPU (`COUNTERS`), and
+//! every program returns 0 so the traced function is never affected.
+//!
+//! Checked against Debian 6.1.170 and 6.12.117 (drivers/iommu/intel/dmar.c,
+//! drivers/pci/hotplug/pciehp_{hpc,pci}.c, drivers/pci/bus.c, drivers/iommu/iommu.c).
 #![no_std]
 #![no_main]
+
+use core::ptr::{addr_of, addr_of_mut};
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+    },
+    macros::{kprobe, kretprobe, map, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
+    programs::{tracing::StackIdContext, ProbeContext, RetProbeContext, TracePointContext},
+    EbpfContext,
+};
+use itewatch_common::{
+    Bdf, Config, Counter, Desc, DeviceEvent, EventKind, FlushEvent, Header, IommuId,
+    IstReturnEvent, LogEvent, SlotEvent, SubmitEvent, SubmitReturnEvent, WalkEvent, COUNTER_SLOTS,
+    IOMMU_NAME_LEN, LOG_TEXT_LEN, MAX_BATCH, MAX_DISCONNECT_CALLBACKS, OFFSET_NONE,
+    SEGMENT_UNKNOWN, STACK_NONE,
+};
+
+/// Set by the loader before load (`EbpfLoader::set_global`).
+#[no_mangle]
+static CONFIG: Config = Config::DEFAULT;
+
+/// Event stream to userspace. Size is overridden by the loader (`--ringbuf-size`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Kernel stacks of submissions, flushes and removal events. Ids are never reused
+/// (no BPF_F_REUSE_STACKID), so userspace can symbolize each id once.
+#[map]
+static STACKS: StackTrace = StackTrace::with_max_entries(2048, 0);
+
+/// What the programs could not do, per CPU (index = `Counter`).
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// qi_submit_sync entry time by thread (key: see `thread_key`).
+#[map]
+static SUBMIT_START: HashMap<u64, u64> = HashMap::with_max_entries(16384, 0);
+
+/// pciehp_ist entry (time, ctrl) by thread.
+#[map]
+static IST_START: HashMap<u64, [u64; 2]> = HashMap::with_max_entries(1024, 0);
+
+macro_rules! cfg {
+    ($($f:ident).+) => {
+        // SAFETY: CONFIG is a plain global written by the loader before load; a volatile read
+        // stops the compiler from folding in the compiled-in default.
+        unsafe { core::ptr::read_volatile(addr_of!(CONFIG.$($f).+)) }
+    };
+}
+
+#[inline(always)]
+fn bump(c: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot of this CPU; programs on one CPU do not run concurrently with
+        // each other for the same slot except through nesting, where a lost increment is
+        // acceptable for a diagnostic counter.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Copies a finished record into the ring buffer, counting a full buffer.
+#[inline(always)]
+fn emit<T>(ev: &T) {
+    if EVENTS.output::<T>(ev, 0).is_err() {
+        bump(Counter::RingbufFull);
+    }
+}
+
+/// Reads a `T` at `base + off`; `None` when the offset is unknown or the read faults.
+#[inline(always)]
+fn read_at<T>(base: u64, off: u32) -> Option<T> {
+    if off == OFFSET_NONE || base == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel validates the address; a bad one returns an error.
+    match unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) } {
+        Ok(v) => Some(v),
+        Err(_) => {
+            bump(Counter::ReadFailed);
+            None
+        }
+    }
+}
+
+/// Key for per-thread maps: the pid/tgid of a task; on the idle task (pid 0, one per CPU)
+/// the CPU number with the top bit set, so two idle CPUs never share an entry.
+#[inline(always)]
+fn thread_key() -> u64 {
+    let id = bpf_get_current_pid_tgid();
+    if id as u32 == 0 {
+        // SAFETY: no preconditions.
+        (1u64 << 63) | unsafe { bpf_get_smp_processor_id() } as u64
+    } else {
+        id
+    }
+}
+
+#[inline(always)]
+fn header(kind: EventKind) -> Header {
+    let id = bpf_get_current_pid_tgid();
+    Header {
+        kind: kind as u32,
+        // SAFETY: no preconditions.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        // SAFETY: no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        pid: (id >> 32) as u32,
+        tid: id as u32,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    }
+}
+
+/// Kernel stack of the current call, stored in `STACKS`; `STACK_NONE` if it could not be
+/// taken (map full, or a hash collision with a different stack: ids are not reused).
+#[inline(always)]
+fn stack_id<C: StackIdContext>(ctx: &C) -> i32 {
+    match ctx.get_stackid(&STACKS, 0) {
+        Ok(id) => id as i32,
+        Err(_) => STACK_NONE,
+    }
+}
+
+/// `pci_domain_nr(bus)`: `bus->domain_nr` (CONFIG_PCI_DOMAINS_GENERIC) or, on x86,
+/// `((struct pci_sysdata *)bus->sysdata)->domain`.
+#[inline(always)]
+fn bus_segment(bus: u64) -> u16 {
+    if let Some(d) = read_at::<i32>(bus, cfg!(offsets.pci_bus_domain_nr)) {
+        return d as u16;
+    }
+    if let Some(sd) = read_at::<u64>(bus, cfg!(offsets.pci_bus_sysdata)) {
+        if let Some(d) = read_at::<i32>(sd, cfg!(offsets.pci_sysdata_domain)) {
+            return d as u16;
+        }
+    }
+    SEGMENT_UNKNOWN
+}
+
+/// The address of a `struct pci_dev`, or `None`.
+#[inline(always)]
+fn pdev_bdf(pdev: u64) -> Option<Bdf> {
+    let bus: u64 = read_at(pdev, cfg!(offsets.pci_dev_bus))?;
+    let number: u8 = read_at(bus, cfg!(offsets.pci_bus_number))?;
+    let devfn: u32 = read_at(pdev, cfg!(offsets.pci_dev_devfn))?;
+    Some(Bdf {
+        segment: bus_segment(bus),
+        bus: number,
+        devfn: devfn as u8,
+    })
+}
+
+#[inline(always)]
+fn iommu_id(iommu: u64) -> IommuId {
+    let mut id = IommuId {
+        ptr: iommu,
+        name: [0; IOMMU_NAME_LEN],
+        segment: SEGMENT_UNKNOWN,
+        _pad: [0; 6],
+    };
+    if let Some(name) = read_at::<[u8; IOMMU_NAME_LEN]>(iommu, cfg!(offsets.intel_iommu_name)) {
+        id.name = name;
+    }
+    if let Some(seg) = read_at::<u16>(iommu, cfg!(offsets.intel_iommu_segment)) {
+        id.segment = seg;
+    }
+    id
+}
+
+// ---------------------------------------------------------------------------------------------
+// qi_submit_sync(struct intel_iommu *iommu, struct qi_desc *desc, unsigned int count,
+//                unsigned long options)          (6.1, 6.12: drivers/iommu/intel/dmar.c)
+
+#[kprobe]
+pub fn qi_submit_sync(ctx: ProbeContext) -> u32 {
+    let iommu: u64 = ctx.arg(0).unwrap_or(0);
+    let desc: u64 = ctx.arg(1).unwrap_or(0);
+    let count: u32 = ctx.arg::<u64>(2).unwrap_or(0) as u32;
+    let options: u64 = ctx.arg(3).unwrap_or(0);
+    let hdr = header(EventKind::Submit);
+    let key = thread_key();
+    if SUBMIT_START.insert(&key, &hdr.ts_ns, 0).is_err() {
+        bump(Counter::StartMapFull);
+    }
+    let Some(mut entry) = EVENTS.reserve::<SubmitEvent>(0) else {
+        bump(Counter::RingbufFull);
+        return 0;
+    };
+    let e = entry.as_mut_ptr();
+    let want = if count as usize > MAX_BATCH {
+        MAX_BATCH as u32
+    } else {
+        count
+    };
+    let stride = cfg!(qi_desc_size) as u64;
+    let mut captured = 0u32;
+    // SAFETY: `e` points to a reserved, exclusively owned SubmitEvent in the ring buffer;
+    // every field is written before submit.
+    unsafe {
+        addr_of_mut!((*e).hdr).write(hdr);
+        addr_of_mut!((*e).iommu).write(iommu_id(iommu));
+        addr_of_mut!((*e).options).write(options);
+        addr_of_mut!((*e).count).write(count);
+        addr_of_mut!((*e)._pad).write(0);
+        addr_of_mut!((*e).stack_id).write(stack_id(&ctx));
+        // Bounded loop: MAX_BATCH iterations at most (verifier: constant trip count).
+        for i in 0..MAX_BATCH {
+            let slot = addr_of_mut!((*e).descs[i]);
+            if (i as u32) < want {
+                match bpf_probe_read_kernel((desc + i as u64 * stride) as *const Desc) {
+                    Ok(d) => {
+                        slot.write(d);
+                        captured += 1;
+                    }
+                    Err(_) => {
+                        bump(Counter::ReadFailed);
+                        slot.write(Desc { qw0: 0, qw1: 0 });
+                    }
+                }
+            } else {
+                slot.write(Desc { qw0: 0, qw1: 0 });
+            }
+        }
+        addr_of_mut!((*e).captured).write(captured);
+    }
+    entry.submit(0);
+    0
+}
+
+#[kretprobe]
+pub fn qi_submit_sync_ret(ctx: RetProbeContext) -> u32 {
+    let ret: i64 = ctx.ret::<i64>() as i32 as i64;
+    let key = thread_key();
+    // SAFETY: the value is copied out before the entry is removed.
+    let start = match unsafe { SUBMIT_START.get(&key) } {
+        Some(t) => *t,
+        None => {
+            bump(Counter::ReturnWithoutEntry);
+            0
+        }
+    };
+    let _ = SUBMIT_START.remove(&key);
+    let ev = SubmitReturnEvent {
+        hdr: header(EventKind::SubmitReturn),
+        ret,
+        start_ts_ns: start,
+    };
+    emit(&ev);
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// void qi_flush_dev_iotlb(struct intel_iommu *iommu, u16 sid, u16 pfsid, u16 qdep, u64 addr,
+//                         unsigned mask)
+// void qi_flush_dev_iotlb_pasid(struct intel_iommu *iommu, u16 sid, u16 pfsid, u32 pasid,
+//                               u16 qdep, u64 addr, unsigned int size_order)
+
+#[inline(always)]
+fn emit_flush<C: StackIdContext>(
+    ctx: &C,
+    iommu: u64,
+    sid: u16,
+    pfsid: u16,
+    qdep: u16,
+    pasid: Option<u32>,
+    addr: u64,
+    mask: u32,
+) {
+    let ev = FlushEvent {
+        hdr: header(EventKind::DevTlbFlush),
+        iommu: iommu_id(iommu),
+        addr,
+        sid,
+        pfsid,
+        qdep,
+        has_pasid: pasid.is_some() as u16,
+        pasid: pasid.unwrap_or(0),
+        mask,
+        stack_id: stack_id(ctx),
+        _pad: 0,
+    };
+    emit(&ev);
+}
+
+#[kprobe]
+pub fn qi_flush_dev_iotlb(ctx: ProbeContext) -> u32 {
+    let iommu: u64 = ctx.arg(0).unwrap_or(0);
+    let sid = ctx.arg::<u64>(1).unwrap_or(0) as u16;
+    let pfsid = ctx.arg::<u64>(2).unwrap_or(0) as u16;
+    let qdep = ctx.arg::<u64>(3).unwrap_or(0) as u16;
+    let addr: u64 = ctx.arg(4).unwrap_or(0);
+    let mask = ctx.arg::<u64>(5).unwrap_or(0) as u32;
+    emit_flush(&ctx, iommu, sid, pfsid, qdep, None, addr, mask);
+    0
+}
+
+#[kprobe]
+pub fn qi_flush_dev_iotlb_pasid(ctx: ProbeContext) -> u32 {
+    let iommu: u64 = ctx.arg(0).unwrap_or(0);
+    let sid = ctx.arg::<u64>(1).unwrap_or(0) as u16;
+    let pfsid = ctx.arg::<u64>(2).unwrap_or(0) as u16;
+    let pasid = ctx.arg::<u64>(3).unwrap_or(0) as u32;
+    let qdep = ctx.arg::<u64>(4).unwrap_or(0) as u16;
+    let addr: u64 = ctx.arg(5).unwrap_or(0);
+    // The 7th argument (size_order) is on the stack on x86-64 and not read.
+    emit_flush(&ctx, iommu, sid, pfsid, qdep, Some(pasid), addr, 0);
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// pciehp: static irqreturn_t pciehp_ist(int irq, void *dev_id)       (dev_id: struct controller *)
+//         void pciehp_unconfigure_device(struct controller *ctrl, bool presence)
+
+#[inline(always)]
+fn slot_event<C: StackIdContext>(
+    ctx: &C,
+    kind: EventKind,
+    ctrl: u64,
+    irq: i32,
+    presence: u8,
+) -> SlotEvent {
+    let mut ev = SlotEvent {
+        hdr: header(kind),
+        ctrl,
+        port: Bdf {
+            segment: SEGMENT_UNKNOWN,
+            bus: 0,
+            devfn: 0,
+        },
+        irq,
+        secondary: 0,
+        subordinate: 0,
+        presence,
+        valid: 0,
+        stack_id: stack_id(ctx),
+    };
+    // ctrl->pcie->port: the hot-plug port; its ->subordinate bus range is the slot's.
+    let port = read_at::<u64>(ctrl, cfg!(offsets.controller_pcie))
+        .and_then(|pcie| read_at::<u64>(pcie, cfg!(offsets.pcie_device_port)));
+    if let Some(port) = port {
+        if let Some(bdf) = pdev_bdf(port) {
+            ev.port = bdf;
+            ev.valid = 1;
+        }
+        if let Some(sub) = read_at::<u64>(port, cfg!(offsets.pci_dev_subordinate)) {
+            ev.secondary = read_at::<u64>(sub, cfg!(offsets.pci_bus_busn_start)).unwrap_or(0) as u8;
+            ev.subordinate = read_at::<u64>(sub, cfg!(offsets.pci_bus_busn_end)).unwrap_or(0) as u8;
+        }
+    }
+    ev
+}
+
+#[kprobe]
+pub fn pciehp_ist(ctx: ProbeContext) -> u32 {
+    let irq = ctx.arg::<u64>(0).unwrap_or(0) as i32;
+    let ctrl: u64 = ctx.arg(1).unwrap_or(0);
+    let ev = slot_event(&ctx, EventKind::HotplugIst, ctrl, irq, 0xff);
+    let _ = IST_START.insert(&thread_key(), &[ev.hdr.ts_ns, ctrl], 0);
+    emit(&ev);
+    0
+}
+
+#[kretprobe]
+pub fn pciehp_ist_ret(ctx: RetProbeContext) -> u32 {
+    let ret = ctx.ret::<u64>() as i32;
+    let key = thread_key();
+    // SAFETY: the value is copied out before the entry is removed.
+    let [start, ctrl] = match unsafe { IST_START.get(&key) } {
+        Some(v) => *v,
+        None => {
+            bump(Counter::ReturnWithoutEntry);
+            [0, 0]
+        }
+    };
+    let _ = IST_START.remove(&key);
+    let ev = IstReturnEvent {
+        hdr: header(EventKind::HotplugIstReturn),
+        ctrl,
+        start_ts_ns: start,
+        ret,
+        _pad: 0,
+    };
+    emit(&ev);
+    0
+}
+
+#[kprobe]
+pub fn pciehp_unconfigure_device(ctx: ProbeContext) -> u32 {
+    let ctrl: u64 = ctx.arg(0).unwrap_or(0);
+    let presence = (ctx.arg::<u64>(1).unwrap_or(0) & 0xff != 0) as u8;
+    let ev = slot_event(&ctx, EventKind::Unconfigure, ctrl, -1, presence);
+    emit(&ev);
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// void pci_walk_bus(struct pci_bus *top, int (*cb)(struct pci_dev *, void *), void *userdata)
+// Only walks whose callback is a copy of pci_dev_set_disconnected are reported.
+
+#[kprobe]
+pub fn pci_walk_bus(ctx: ProbeContext) -> u32 {
+    let bus: u64 = ctx.arg(0).unwrap_or(0);
+    let cb: u64 = ctx.arg(1).unwrap_or(0);
+    let mut hit = false;
+    for i in 0..MAX_DISCONNECT_CALLBACKS {
+        // SAFETY: see `cfg!`; `i` is bounded by the loop (verifier: constant trip count).
+        let c = unsafe { core::ptr::read_volatile(addr_of!(CONFIG.disconnect_callbacks[i])) };
+        if c != 0 && c == cb {
+            hit = true;
+        }
+    }
+    if !hit {
+        return 0;
+    }
+    let ev = WalkEvent {
+        hdr: header(EventKind::DisconnectWalk),
+        callback: cb,
+        segment: bus_segment(bus),
+        bus: read_at::<u8>(bus, cfg!(offsets.pci_bus_number)).unwrap_or(0),
+        bus_end: read_at::<u64>(bus, cfg!(offsets.pci_bus_busn_end)).unwrap_or(0) as u8,
+        stack_id: stack_id(&ctx),
+    };
+    emit(&ev);
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device-level events. Argument 0 is a `struct pci_dev *` except for the IOMMU release, whose
+// argument is a `struct device *` (a PCI one when dev->bus == &pci_bus_type).
+
+#[inline(always)]
+fn emit_device<C: StackIdContext>(ctx: &C, kind: EventKind, pdev: u64, dev_ptr: u64) {
+    let mut ev = DeviceEvent {
+        hdr: header(kind),
+        dev_ptr,
+        bdf: Bdf {
+            segment: SEGMENT_UNKNOWN,
+            bus: 0,
+            devfn: 0,
+        },
+        vendor: 0,
+        device: 0,
+        is_pci: 0,
+        _pad: [0; 3],
+        stack_id: stack_id(ctx),
+    };
+    if pdev != 0 {
+        if let Some(bdf) = pdev_bdf(pdev) {
+            ev.bdf = bdf;
+            ev.is_pci = 1;
+            ev.vendor = read_at::<u16>(pdev, cfg!(offsets.pci_dev_vendor)).unwrap_or(0);
+            ev.device = read_at::<u16>(pdev, cfg!(offsets.pci_dev_device)).unwrap_or(0);
+        }
+    }
+    emit(&ev);
+}
+
+/// `pci_doe_disconnected(struct pci_dev *)` (6.12; called per device by
+/// pci_dev_set_disconnected) and `pci_dev_set_disconnected(struct pci_dev *, void *)` itself
+/// where a kernel lets it be probed.
+#[kprobe]
+pub fn device_disconnected(ctx: ProbeContext) -> u32 {
+    let pdev: u64 = ctx.arg(0).unwrap_or(0);
+    emit_device(&ctx, EventKind::DeviceDisconnected, pdev, pdev);
+    0
+}
+
+/// `void pci_stop_and_remove_bus_device(struct pci_dev *dev)`.
+#[kprobe]
+pub fn device_remove(ctx: ProbeContext) -> u32 {
+    let pdev: u64 = ctx.arg(0).unwrap_or(0);
+    emit_device(&ctx, EventKind::DeviceRemove, pdev, pdev);
+    0
+}
+
+/// `iommu_release_device(struct device *dev)` / `intel_iommu_release_device(struct device *)`.
+#[kprobe]
+pub fn iommu_release(ctx: ProbeContext) -> u32 {
+    let dev: u64 = ctx.arg(0).unwrap_or(0);
+    let pci_bus_type = cfg!(pci_bus_type);
+    let off = cfg!(offsets.pci_dev_dev);
+    let is_pci = pci_bus_type != 0
+        && off != OFFSET_NONE
+        && read_at::<u64>(dev, cfg!(offsets.device_bus)) == Some(pci_bus_type);
+    let pdev = if is_pci { dev - off as u64 } else { 0 };
+    emit_device(&ctx, EventKind::IommuRelease, pdev, dev);
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// printk:console(const char *text, size_t len): kernel log records of interest.
+
+const PREFIXES: [&[u8]; 8] = [
+    b"DMAR",
+    b"pcieport",
+    b"pciehp",
+    b"pci 0",
+    b"watchdog",
+    b"NMI watchdog",
+    b"Kernel panic",
+    b"rcu:",
+];
+
+#[tracepoint]
+pub fn printk_console(ctx: TracePointContext) -> u32 {
+    let loc_off = cfg!(console_msg_loc);
+    if loc_off == OFFSET_NONE {
+        return 0;
+    }
+    // SAFETY: the offset comes from the tracepoint's format file.
+    let Ok(loc) = (unsafe { ctx.read_at::<u32>(loc_off as usize) }) else {
+        return 0;
+    };
+    let (off, len) = ((loc & 0xffff) as u64, loc >> 16);
+    let Some(mut entry) = EVENTS.reserve::<LogEvent>(0) else {
+        bump(Counter::RingbufFull);
+        return 0;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` is reserved ring-buffer memory owned by this program until submit/discard.
+    let keep = unsafe {
+        let text = &mut *addr_of_mut!((*e).text);
+        if bpf_probe_read_kernel_buf((ctx.as_ptr() as u64 + off) as *const u8, text).is_err() {
+            text.fill(0);
+        }
+        let mut any = false;
+        for p in PREFIXES {
+            let mut m = true;
+            for (i, b) in p.iter().enumerate() {
+                if i >= LOG_TEXT_LEN || text[i] != *b {
+                    m = false;
+                    break;
+                }
+            }
+            any |= m;
+        }
+        addr_of_mut!((*e).hdr).write(header(EventKind::KernelLog));
+        addr_of_mut!((*e).len).write(len);
+        addr_of_mut!((*e)._pad).write(0);
+        any
+    };
+    if keep {
+        entry.submit(0);
+    } else {
+        entry.discard(0);
+    }
+    0
+}
 
 #[cfg(not(test))]
 #[panic_handler]

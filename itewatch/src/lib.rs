@@ -10,5 +10,4 @@ pub mod btf;
 pub mod correlate;
 pub mod event;
 pub mod kallsyms;
-pub mod simulate;
 pub mod trace;

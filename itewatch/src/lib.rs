@@ -10,4 +10,5 @@ pub mod btf;
 pub mod correlate;
 pub mod event;
 pub mod kallsyms;
+pub mod simulate;
 pub mod trace;

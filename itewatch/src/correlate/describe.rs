@@ -187,8 +187,9 @@ pub fn explain(f: &Facts<'_>) -> String {
             caller_words(f.caller)
         ),
         IncidentKind::FlushToGoneDevice => format!(
-            "W2 (case 2): {n} for {dev} was issued from the {} path after the device was marked \
+            "W2 (case 2): {n} for {dev} {} issued from the {} path after the device was marked \
              disconnected or released; {out}. The kernel should have skipped it. {}",
+            if f.submissions > 1 { "were" } else { "was" },
             caller_words(f.caller),
             if matches!(f.outcome, Some(Outcome::Completed { .. })) {
                 "It completed here (a device or QEMU still answered), but on real hardware with the \
@@ -198,9 +199,10 @@ pub fn explain(f: &Facts<'_>) -> String {
             }
         ),
         IncidentKind::SafeRemovalFlushTimeout => format!(
-            "W3 (case 3): {n} for {dev} was issued during a safe removal of its slot and {out}. \
+            "W3 (case 3): {n} for {dev} {} issued during a safe removal of its slot and {out}. \
              The link went down or the device left while the removal's teardown flush was \
-             waiting for the device's answer."
+             waiting for the device's answer.",
+            if f.submissions > 1 { "were" } else { "was" }
         ),
         IncidentKind::HungInvalidation => format!(
             "A qi_submit_sync call from the {} path ({dev}): {out}. The CPU spins with IRQs \
@@ -238,7 +240,7 @@ pub fn explain(f: &Facts<'_>) -> String {
         }
     };
     if let Some(k) = f.attributed_to {
-        let _ = write!(s, " Explained by a {k} incident.");
+        let _ = write!(s, " Explained by the {k} incident (see attribution).");
     }
     if let Some(r) = f.removal {
         let _ = write!(
@@ -276,7 +278,10 @@ pub fn detail(e: &Event) -> String {
             for (i, d) in sub.descriptors().enumerate() {
                 match d {
                     Descriptor::DevTlb {
-                        sid, addr, size_bit, ..
+                        sid,
+                        addr,
+                        size_bit,
+                        ..
                     } => {
                         let _ = write!(
                             s,
@@ -414,11 +419,7 @@ mod tests {
         }
     }
 
-    fn facts<'a>(
-        kind: IncidentKind,
-        d: &'a IncidentDevice,
-        o: Option<&'a Outcome>,
-    ) -> Facts<'a> {
+    fn facts<'a>(kind: IncidentKind, d: &'a IncidentDevice, o: Option<&'a Outcome>) -> Facts<'a> {
         Facts {
             kind,
             device: d,

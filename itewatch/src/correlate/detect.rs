@@ -112,8 +112,7 @@ pub struct Release {
 /// teardown flushes are legitimate).
 pub fn gone_at(l: &Lifecycle, tid: u32, ts: KTime) -> bool {
     l.disconnected.is_some_and(|d| d <= ts)
-        || l
-            .released
+        || l.released
             .is_some_and(|r| r.at <= ts && (r.tid != tid || r.done))
 }
 
@@ -163,10 +162,7 @@ pub fn parse_log(text: &str) -> LogFact {
         let rest = &text[i + "pciehp: Slot(".len()..];
         if let Some(close) = rest.find(')') {
             let slot = rest[..close].to_string();
-            let what = rest[close + 1..]
-                .trim_start_matches(':')
-                .trim()
-                .to_string();
+            let what = rest[close + 1..].trim_start_matches(':').trim().to_string();
             // "pcieport 0000:00:04.0: pciehp: .." — the port is the word before ": pciehp".
             let port = text[..i]
                 .trim_end()
@@ -301,7 +297,10 @@ mod tests {
                 done: false,
             }),
         };
-        assert!(!gone_at(&l, 7, KTime(150)), "safe removal's own teardown flush");
+        assert!(
+            !gone_at(&l, 7, KTime(150)),
+            "safe removal's own teardown flush"
+        );
         assert!(gone_at(&l, 8, KTime(150)), "another thread after release");
         assert!(!gone_at(&l, 8, KTime(50)), "before release");
         let done = Lifecycle {
@@ -380,7 +379,10 @@ mod tests {
             FixHint::PasidTeardown
         );
         assert_eq!(
-            fix_hint(&["qi_flush_dev_iotlb+0xb1", "__dmar_remove_one_dev_info+0x224"]),
+            fix_hint(&[
+                "qi_flush_dev_iotlb+0xb1",
+                "__dmar_remove_one_dev_info+0x224"
+            ]),
             FixHint::OldRemoval
         );
         assert_eq!(fix_hint::<&str>(&[]), FixHint::None);

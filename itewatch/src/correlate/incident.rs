@@ -412,15 +412,27 @@ mod tests {
             "\"inflight-across-disconnect\""
         );
         assert_eq!(serde_json::to_string(&Window::W2).unwrap(), "\"W2\"");
-        assert_eq!(serde_json::to_string(&Severity::Latent).unwrap(), "\"latent\"");
+        assert_eq!(
+            serde_json::to_string(&Severity::Latent).unwrap(),
+            "\"latent\""
+        );
     }
 
     #[test]
     fn ids_are_stable_and_distinct() {
         let a = IncidentId::derive(IncidentKind::FlushToGoneDevice, &[0, 0x100, 5]);
-        assert_eq!(a, IncidentId::derive(IncidentKind::FlushToGoneDevice, &[0, 0x100, 5]));
-        assert_ne!(a, IncidentId::derive(IncidentKind::IteReported, &[0, 0x100, 5]));
-        assert_ne!(a, IncidentId::derive(IncidentKind::FlushToGoneDevice, &[0, 0x100, 6]));
+        assert_eq!(
+            a,
+            IncidentId::derive(IncidentKind::FlushToGoneDevice, &[0, 0x100, 5])
+        );
+        assert_ne!(
+            a,
+            IncidentId::derive(IncidentKind::IteReported, &[0, 0x100, 5])
+        );
+        assert_ne!(
+            a,
+            IncidentId::derive(IncidentKind::FlushToGoneDevice, &[0, 0x100, 6])
+        );
         assert_eq!(a.0.len(), 16);
         // Pinned: a change here changes every id in every stored report.
         assert_eq!(

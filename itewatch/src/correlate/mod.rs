@@ -327,8 +327,11 @@ impl Correlator {
             self.end_submission(inf, End::StreamEnd);
         }
         self.flush_pending();
-        let mut ids: Vec<(KTime, IncidentId)> =
-            self.open.values().map(|o| (o.start, o.id.clone())).collect();
+        let mut ids: Vec<(KTime, IncidentId)> = self
+            .open
+            .values()
+            .map(|o| (o.start, o.id.clone()))
+            .collect();
         ids.sort();
         for (_, id) in ids {
             self.close(&id);
@@ -615,7 +618,8 @@ impl Correlator {
                 inf.safe_removal_slot = Some(ctrl);
             }
         }
-        let first = ts.0.saturating_add(self.cfg.slow_ns.min(self.cfg.hung_warn_ns));
+        let first =
+            ts.0.saturating_add(self.cfg.slow_ns.min(self.cfg.hung_warn_ns));
         self.next_deadline = self.next_deadline.min(first);
         self.inflight.insert(tid, inf);
     }
@@ -624,9 +628,9 @@ impl Correlator {
         self.slots
             .values()
             .find(|s| {
-                s.removal.is_some_and(|r| {
-                    r.active && r.kind == Some(RemovalKind::Safe) && r.at <= ts
-                }) && s.covers(segment, sid)
+                s.removal
+                    .is_some_and(|r| r.active && r.kind == Some(RemovalKind::Safe) && r.at <= ts)
+                    && s.covers(segment, sid)
             })
             .map(|s| s.ctrl)
     }
@@ -638,11 +642,16 @@ impl Correlator {
             return;
         };
         if r.start.is_some_and(|s| s != inf.start()) {
-            inf.partial.insert(
-                "the return's entry time does not match the submission seen".to_string(),
-            );
+            inf.partial
+                .insert("the return's entry time does not match the submission seen".to_string());
         }
-        self.end_submission(inf, End::Returned { event: e, ret: r.ret });
+        self.end_submission(
+            inf,
+            End::Returned {
+                event: e,
+                ret: r.ret,
+            },
+        );
     }
 
     /// A submission ended: decide hung / W3 / ITE, then update every incident it is part of.
@@ -676,18 +685,14 @@ impl Correlator {
                     None,
                 )
             }
-            End::StreamEnd => {
-                inf.partial
-                    .insert("the stream ended before it returned".to_string());
-                (
-                    Outcome::NotReturned {
-                        outstanding_ns: self.clock.saturating_sub(start),
-                    },
-                    None,
-                    None,
-                    None,
-                )
-            }
+            End::StreamEnd => (
+                Outcome::NotReturned {
+                    outstanding_ns: self.clock.saturating_sub(start),
+                },
+                None,
+                None,
+                None,
+            ),
         };
         let dur = outcome.duration_ns().unwrap_or(0);
         if dur >= self.cfg.hung_warn_ns && inf.hung_level == 0 {
@@ -765,7 +770,12 @@ impl Correlator {
         for sid in inf.sids.clone() {
             let key = (inf.segment, sid);
             let parts = [u64::from(inf.segment), u64::from(sid.0), at.0];
-            self.join(IncidentKind::SafeRemovalFlushTimeout, Some(key), &parts, inf);
+            self.join(
+                IncidentKind::SafeRemovalFlushTimeout,
+                Some(key),
+                &parts,
+                inf,
+            );
         }
     }
 
@@ -911,7 +921,13 @@ impl Correlator {
             ),
         );
         if let Some(f) = &inf.flush {
-            push_timeline(o, f.meta.ts, inf.seq, describe::entry(f, Some(inf.caller)), max_tl);
+            push_timeline(
+                o,
+                f.meta.ts,
+                inf.seq,
+                describe::entry(f, Some(inf.caller)),
+                max_tl,
+            );
         }
         push_timeline(
             o,
@@ -1039,15 +1055,12 @@ impl Correlator {
             let slot = slot.clone();
             let ts = e.meta.ts;
             for (k, d) in self.devices.iter_mut() {
-                if slot.covers(k.0, k.1)
-                    && d.released.is_some_and(|r| r.done && r.at < ts)
-                {
+                if slot.covers(k.0, k.1) && d.released.is_some_and(|r| r.done && r.at < ts) {
                     d.reset();
                 }
             }
-            self.walks.retain(|w| {
-                !(w.at < ts && (slot.secondary..=slot.subordinate).contains(&w.bus))
-            });
+            self.walks
+                .retain(|w| !(w.at < ts && (slot.secondary..=slot.subordinate).contains(&w.bus)));
             if let Some(s) = self.slots.get_mut(&ctrl) {
                 s.removal = None;
                 s.link_down = None;
@@ -1219,7 +1232,9 @@ impl Correlator {
                 let down = what.contains("Link Down") || what.contains("Card not present");
                 for s in self.slots.values_mut() {
                     let same = match (s.port, port) {
-                        (Some(a), Some(b)) => a.segment_or_zero() == b.segment_or_zero() && a.sid() == b.sid(),
+                        (Some(a), Some(b)) => {
+                            a.segment_or_zero() == b.segment_or_zero() && a.sid() == b.sid()
+                        }
                         _ => false,
                     };
                     if same {
@@ -1389,11 +1404,22 @@ impl Correlator {
                 inf.slow_checked = true;
                 crossed = true;
                 if inf.safe_removal_slot.is_some() {
-                    self.check_w3(&mut inf, &Outcome::InFlight { outstanding_ns: out });
+                    self.check_w3(
+                        &mut inf,
+                        &Outcome::InFlight {
+                            outstanding_ns: out,
+                        },
+                    );
                 }
             }
             if crossed {
-                let view = inf.view(Outcome::InFlight { outstanding_ns: out }, None, None);
+                let view = inf.view(
+                    Outcome::InFlight {
+                        outstanding_ns: out,
+                    },
+                    None,
+                    None,
+                );
                 for id in &inf.incidents {
                     if let Some(o) = self.open.get_mut(id) {
                         o.members.insert(inf.seq, view.clone());
@@ -1471,7 +1497,12 @@ impl Correlator {
 
     /// The device entry for `key`, created if needed (applying walks that already covered
     /// it). `None` only when the table is full of devices that cannot be evicted.
-    fn device_entry(&mut self, key: DevKey, bdf: Option<Bdf>, ts: KTime) -> Option<&mut DeviceEntry> {
+    fn device_entry(
+        &mut self,
+        key: DevKey,
+        bdf: Option<Bdf>,
+        ts: KTime,
+    ) -> Option<&mut DeviceEntry> {
         if !self.devices.contains_key(&key) {
             if self.devices.len() >= self.cfg.max_devices && !self.evict_device() {
                 return None;
@@ -1611,10 +1642,7 @@ impl Correlator {
         let mut submissions: Vec<SubmissionView> = o.members.values().cloned().collect();
         submissions.sort_by_key(|s| (s.start, s.tid));
         let outcomes: Vec<Outcome> = submissions.iter().map(|s| s.outcome).collect();
-        let outcome = outcomes
-            .iter()
-            .copied()
-            .max_by_key(detect::outcome_rank);
+        let outcome = outcomes.iter().copied().max_by_key(detect::outcome_rank);
         let severity = detect::incident_severity(o.kind, &outcomes, cfg);
         let window = o
             .kind

@@ -160,9 +160,7 @@ impl SlotState {
             .port
             .and_then(|p| p.segment)
             .is_none_or(|s| s == segment);
-        self.secondary != 0
-            && seg_ok
-            && (self.secondary..=self.subordinate).contains(&sid.bus())
+        self.secondary != 0 && seg_ok && (self.secondary..=self.subordinate).contains(&sid.bus())
     }
 }
 

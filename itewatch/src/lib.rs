@@ -11,4 +11,5 @@ pub mod correlate;
 pub mod event;
 pub mod kallsyms;
 pub mod simulate;
+pub mod sysfs;
 pub mod trace;

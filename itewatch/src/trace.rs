@@ -108,6 +108,15 @@ impl TraceHeader {
     }
 }
 
+/// Run-time statistics of one BPF program over a recording (kernel BPF stats,
+/// `BPF_ENABLE_STATS`); `run_time_ns` excludes the kprobe dispatch cost itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramStats {
+    pub program: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
 /// The closing frame: counts as the writer saw them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceEnd {
@@ -115,6 +124,18 @@ pub struct TraceEnd {
     pub lost_ringbuf_full: u64,
     pub missed: u64,
     pub undecodable: u64,
+    /// Kernel reads that failed inside the probes (fields left unknown).
+    #[serde(default)]
+    pub read_failed: u64,
+    /// Return probes that found no entry (entry missed, or tracer started mid-call).
+    #[serde(default)]
+    pub return_without_entry: u64,
+    /// Recording length in CLOCK_MONOTONIC nanoseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ns: Option<u64>,
+    /// Per-program BPF run time over the recording (live traces with stats available).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub programs: Vec<ProgramStats>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +239,11 @@ impl<W: Write> TraceWriter<W> {
 
     pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+
+    /// The end frame's contents so far (to add what only the caller knows).
+    pub fn end_mut(&mut self) -> &mut TraceEnd {
+        &mut self.end
     }
 
     /// Writes the end frame and flushes; returns the inner writer.

@@ -1,0 +1,555 @@
+//! The loader: loads the BPF object with the running kernel's offsets, attaches every probe
+//! it can and reports, per probe, how (or why not) in an attach plan.
+//!
+//! Only this module (and `record`) touches the kernel. Missing optional probes degrade the
+//! tool; they never stop it. The plan is written into every trace header, so a report always
+//! says what could and could not be seen.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf, StackTraceMap},
+    programs::{KProbe, TracePoint},
+    Ebpf, EbpfLoader,
+};
+use itewatch_common::{Config, Counter, COUNTER_SLOTS, OFFSET_NONE};
+
+use crate::btf;
+use crate::kallsyms::{format_field_offset, Kallsyms, Tracefs};
+use crate::trace::{ProbeStatus, ProgramStats};
+
+/// The BPF object built by build.rs (empty when built with `AYA_BUILD_SKIP=1`).
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/itewatch"));
+
+/// Whether this build carries the BPF programs.
+pub fn has_bpf_object() -> bool {
+    !BPF_OBJECT.is_empty()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("this build has no BPF programs (it was built with AYA_BUILD_SKIP=1); replay or simulate work, live tracing does not")]
+    NoObject,
+    #[error("tracing needs root (or CAP_BPF + CAP_PERFMON); run with sudo, or use `itewatch replay`/`simulate`")]
+    NotPrivileged,
+    #[error("cannot read the kernel's BTF: {0}")]
+    Btf(#[from] btf::BtfError),
+    #[error("loading the BPF programs failed: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("BPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("BPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("no probe attached: {0}")]
+    NothingAttached(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mechanism {
+    Kprobe,
+    Kretprobe,
+    Tracepoint,
+}
+
+/// One probe of the plan: which BPF program goes where.
+struct Spec {
+    /// Name in the plan (and in docs/kernel-support.md).
+    name: &'static str,
+    program: &'static str,
+    mechanism: Mechanism,
+    /// Kernel functions (or `sys:event` tracepoints) to try in order; a later one is a
+    /// fallback.
+    targets: &'static [&'static str],
+    /// Whether the tool is blind to its core without it.
+    required: bool,
+}
+
+const SPECS: &[Spec] = &[
+    Spec {
+        name: "qi_submit_sync",
+        program: "qi_submit_sync",
+        mechanism: Mechanism::Kprobe,
+        targets: &["qi_submit_sync"],
+        required: true,
+    },
+    Spec {
+        name: "qi_submit_sync:return",
+        program: "qi_submit_sync_ret",
+        mechanism: Mechanism::Kretprobe,
+        targets: &["qi_submit_sync"],
+        required: true,
+    },
+    Spec {
+        name: "qi_flush_dev_iotlb",
+        program: "qi_flush_dev_iotlb",
+        mechanism: Mechanism::Kprobe,
+        targets: &["qi_flush_dev_iotlb"],
+        required: false,
+    },
+    Spec {
+        name: "qi_flush_dev_iotlb_pasid",
+        program: "qi_flush_dev_iotlb_pasid",
+        mechanism: Mechanism::Kprobe,
+        targets: &["qi_flush_dev_iotlb_pasid"],
+        required: false,
+    },
+    Spec {
+        name: "pciehp_ist",
+        program: "pciehp_ist",
+        mechanism: Mechanism::Kprobe,
+        targets: &["pciehp_ist"],
+        required: true,
+    },
+    Spec {
+        name: "pciehp_ist:return",
+        program: "pciehp_ist_ret",
+        mechanism: Mechanism::Kretprobe,
+        targets: &["pciehp_ist"],
+        required: false,
+    },
+    Spec {
+        name: "pciehp_unconfigure_device",
+        program: "pciehp_unconfigure_device",
+        mechanism: Mechanism::Kprobe,
+        targets: &["pciehp_unconfigure_device"],
+        required: true,
+    },
+    Spec {
+        name: "pci_walk_bus",
+        program: "pci_walk_bus",
+        mechanism: Mechanism::Kprobe,
+        targets: &["pci_walk_bus"],
+        required: false,
+    },
+    Spec {
+        name: "pci_dev_set_disconnected",
+        program: "device_disconnected",
+        mechanism: Mechanism::Kprobe,
+        targets: &["pci_dev_set_disconnected"],
+        required: false,
+    },
+    Spec {
+        name: "pci_doe_disconnected",
+        program: "device_disconnected",
+        mechanism: Mechanism::Kprobe,
+        targets: &["pci_doe_disconnected"],
+        required: false,
+    },
+    Spec {
+        name: "pci_stop_and_remove_bus_device",
+        program: "device_remove",
+        mechanism: Mechanism::Kprobe,
+        targets: &["pci_stop_and_remove_bus_device"],
+        required: false,
+    },
+    Spec {
+        name: "iommu_release_device",
+        program: "iommu_release",
+        mechanism: Mechanism::Kprobe,
+        targets: &["iommu_release_device", "intel_iommu_release_device"],
+        required: false,
+    },
+    Spec {
+        name: "printk:console",
+        program: "printk_console",
+        mechanism: Mechanism::Tracepoint,
+        targets: &["printk:console"],
+        required: false,
+    },
+];
+
+/// Names of all probes in the plan, in order.
+pub fn probe_names() -> impl Iterator<Item = &'static str> {
+    SPECS.iter().map(|s| s.name)
+}
+
+/// Names of the probes without which the tool cannot do its core job.
+pub fn required_probes() -> impl Iterator<Item = &'static str> {
+    SPECS.iter().filter(|s| s.required).map(|s| s.name)
+}
+
+/// Options for [`Probes::attach`].
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// BTF file; `None` = /sys/kernel/btf/vmlinux.
+    pub btf: Option<PathBuf>,
+    /// Ring buffer size in bytes (power of two, multiple of the page size).
+    pub ringbuf_bytes: u32,
+    /// Root of the host filesystem for kallsyms and tracefs (tests).
+    pub host_root: PathBuf,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            btf: None,
+            ringbuf_bytes: 4 << 20,
+            host_root: PathBuf::from("/"),
+        }
+    }
+}
+
+/// The loaded, attached programs and the maps userspace reads.
+pub struct Probes {
+    // Held for its links: dropping it detaches every probe.
+    ebpf: Ebpf,
+    pub plan: Vec<ProbeStatus>,
+    pub config: Config,
+    /// Notes from load time (offsets that BTF did not give, kallsyms state).
+    pub notes: Vec<String>,
+    pub kallsyms: Option<Kallsyms>,
+}
+
+fn is_privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    // CAP_BPF (39) and CAP_PERFMON (38) in the effective set.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 39) != 0 && caps & (1 << 38) != 0)
+}
+
+/// Builds the BPF programs' configuration from the running kernel: struct offsets from BTF,
+/// `pci_bus_type` and the `pci_dev_set_disconnected` copies from kallsyms, the printk
+/// tracepoint's message field from tracefs.
+fn build_config(
+    opts: &LoadOptions,
+    notes: &mut Vec<String>,
+) -> Result<(Config, Option<Kallsyms>), ProbeError> {
+    let btf = btf::load(opts.btf.as_deref())?;
+    let (offsets, offset_notes) = btf::resolve_offsets(&btf);
+    for n in offset_notes.iter().filter(|n| n.unavailable()) {
+        notes.push(format!("offset {n}"));
+    }
+    let mut config = Config {
+        offsets,
+        ..Config::DEFAULT
+    };
+    let kallsyms = match Kallsyms::load_from(&opts.host_root.join("proc/kallsyms")) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            notes.push(format!("kallsyms: {e}"));
+            None
+        }
+    };
+    if let Some(k) = &kallsyms {
+        match k.unique_address("pci_bus_type") {
+            Ok(a) => config.pci_bus_type = a,
+            Err(e) => notes.push(format!(
+                "pci_bus_type: {e}; IOMMU releases will not name their PCI device"
+            )),
+        }
+        match k.disconnect_callbacks() {
+            Ok((cbs, dropped)) => {
+                config.disconnect_callbacks = cbs;
+                if dropped > 0 {
+                    notes.push(format!(
+                        "{dropped} pci_dev_set_disconnected copies beyond the {} tracked",
+                        cbs.len()
+                    ));
+                }
+            }
+            Err(e) => notes.push(format!("pci_dev_set_disconnected copies: {e}")),
+        }
+    }
+    match Tracefs::find(&opts.host_root) {
+        Ok(t) => match t.event_format("printk", "console") {
+            Ok(f) => config.console_msg_loc = format_field_offset(&f, "msg").unwrap_or(OFFSET_NONE),
+            Err(e) => notes.push(format!("printk:console format: {e}")),
+        },
+        Err(e) => notes.push(format!("tracefs: {e}")),
+    }
+    Ok((config, kallsyms))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Explains an attach error in the terms of vm-notes.md.
+fn explain(target: &str, err: &str) -> String {
+    let hint = if err.contains("os error 99") || err.contains("EADDRNOTAVAIL") {
+        " (non-unique symbol: several static copies share the name)"
+    } else if err.contains("os error 22") && target == "pci_dev_set_disconnected" {
+        " (notrace copies of a static inline function)"
+    } else if err.contains("os error 2)") || err.contains("os error 2 ") {
+        " (no such symbol in this kernel)"
+    } else {
+        ""
+    };
+    format!("{target}: {err}{hint}")
+}
+
+impl Probes {
+    /// Loads the programs and attaches everything it can.
+    pub fn attach(opts: &LoadOptions) -> Result<Probes, ProbeError> {
+        if !has_bpf_object() {
+            return Err(ProbeError::NoObject);
+        }
+        if !is_privileged() {
+            return Err(ProbeError::NotPrivileged);
+        }
+        let mut notes = Vec::new();
+        let (config, kallsyms) = build_config(opts, &mut notes)?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &config, true)
+            .map_max_entries("EVENTS", opts.ringbuf_bytes)
+            .load(BPF_OBJECT)
+            .map_err(|e| ProbeError::Load(Box::new(e)))?;
+        let traceable = Tracefs::find(&opts.host_root)
+            .ok()
+            .and_then(|t| t.traceable_functions().ok());
+        let mut plan = Vec::new();
+        for spec in SPECS {
+            let mut status = ProbeStatus {
+                name: spec.name.to_string(),
+                state: "unavailable".into(),
+                mechanism: None,
+                detail: None,
+            };
+            if spec.program == "pci_walk_bus" && config.disconnect_callbacks.iter().all(|&c| c == 0)
+            {
+                status.detail = Some("no pci_dev_set_disconnected copy found in kallsyms to match the walk's callback".into());
+                plan.push(status);
+                continue;
+            }
+            let mut errors = Vec::new();
+            for (i, target) in spec.targets.iter().enumerate() {
+                match attach_one(&mut ebpf, spec, target) {
+                    Ok(()) => {
+                        status.state = if i == 0 { "attached" } else { "fell-back" }.into();
+                        status.mechanism = Some(match spec.mechanism {
+                            Mechanism::Kprobe => format!("kprobe:{target}"),
+                            Mechanism::Kretprobe => format!("kretprobe:{target}"),
+                            Mechanism::Tracepoint => format!("tracepoint:{target}"),
+                        });
+                        break;
+                    }
+                    Err(e) => {
+                        let mut why = explain(target, &e);
+                        if let Some(t) = &traceable {
+                            if spec.mechanism != Mechanism::Tracepoint && !t.contains(target) {
+                                why.push_str(" [absent from available_filter_functions]");
+                            }
+                        }
+                        errors.push(why);
+                    }
+                }
+            }
+            if status.mechanism.is_some() && !errors.is_empty() {
+                status.detail = Some(format!("first choice failed: {}", errors.join("; ")));
+            } else if status.mechanism.is_none() {
+                status.detail = Some(errors.join("; "));
+            }
+            plan.push(status);
+        }
+        if !plan.iter().any(|p| p.mechanism.is_some()) {
+            let why = plan
+                .iter()
+                .filter_map(|p| p.detail.clone())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(ProbeError::NothingAttached(why));
+        }
+        Ok(Probes {
+            ebpf,
+            plan,
+            config,
+            notes,
+            kallsyms,
+        })
+    }
+
+    /// Required probes that did not attach.
+    pub fn missing_required(&self) -> Vec<&str> {
+        required_probes()
+            .filter(|n| {
+                !self
+                    .plan
+                    .iter()
+                    .any(|p| p.name == *n && p.mechanism.is_some())
+            })
+            .collect()
+    }
+
+    /// Takes the event ring buffer (once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(ProbeError::MissingMap("EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
+            name: "EVENTS",
+            source,
+        })
+    }
+
+    /// Takes the stack map (once).
+    pub fn take_stacks(&mut self) -> Result<StackTraceMap<MapData>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("STACKS")
+            .ok_or(ProbeError::MissingMap("STACKS"))?;
+        StackTraceMap::try_from(map).map_err(|source| ProbeError::Map {
+            name: "STACKS",
+            source,
+        })
+    }
+
+    /// Takes the per-CPU failure counters (once).
+    pub fn take_counters(&mut self) -> Result<Counters, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("COUNTERS")
+            .ok_or(ProbeError::MissingMap("COUNTERS"))?;
+        let arr = PerCpuArray::try_from(map).map_err(|source| ProbeError::Map {
+            name: "COUNTERS",
+            source,
+        })?;
+        Ok(Counters { arr })
+    }
+
+    /// Per-program run statistics (meaningful while `aya::sys::enable_stats` is held).
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        let mut out = Vec::new();
+        for (name, prog) in self.ebpf.programs() {
+            if let Ok(info) = prog.info() {
+                out.push(ProgramStats {
+                    program: name.to_string(),
+                    run_count: info.run_count(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.program.cmp(&b.program));
+        out
+    }
+}
+
+fn attach_one(ebpf: &mut Ebpf, spec: &Spec, target: &str) -> Result<(), String> {
+    let prog = ebpf
+        .program_mut(spec.program)
+        .ok_or_else(|| format!("program {} missing from the object", spec.program))?;
+    match spec.mechanism {
+        Mechanism::Kprobe | Mechanism::Kretprobe => {
+            let p: &mut KProbe = prog
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| error_chain(&e))?;
+            if p.fd().is_err() {
+                p.load().map_err(|e| error_chain(&e))?;
+            }
+            p.attach(target, 0).map(|_| ()).map_err(|e| error_chain(&e))
+        }
+        Mechanism::Tracepoint => {
+            let (cat, name) = target.split_once(':').ok_or("bad tracepoint name")?;
+            let p: &mut TracePoint = prog
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| error_chain(&e))?;
+            if p.fd().is_err() {
+                p.load().map_err(|e| error_chain(&e))?;
+            }
+            p.attach(cat, name).map(|_| ()).map_err(|e| error_chain(&e))
+        }
+    }
+}
+
+/// Totals of the BPF side's per-CPU failure counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterTotals {
+    pub ringbuf_full: u64,
+    pub read_failed: u64,
+    pub return_without_entry: u64,
+    pub start_map_full: u64,
+}
+
+pub struct Counters {
+    arr: PerCpuArray<MapData, u64>,
+}
+
+impl Counters {
+    /// Sums every counter over CPUs. A failed read counts as zero (and is rare: the map is
+    /// an array of fixed size).
+    pub fn totals(&self) -> CounterTotals {
+        let sum = |c: Counter| -> u64 {
+            if c as u32 >= COUNTER_SLOTS {
+                return 0;
+            }
+            self.arr
+                .get(&(c as u32), 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0)
+        };
+        CounterTotals {
+            ringbuf_full: sum(Counter::RingbufFull),
+            read_failed: sum(Counter::ReadFailed),
+            return_without_entry: sum(Counter::ReturnWithoutEntry),
+            start_map_full: sum(Counter::StartMapFull),
+        }
+    }
+}
+
+/// `/proc/sys/kernel/...`-style read of a small text file, trimmed.
+pub fn read_trimmed(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_spec_names_a_program_in_the_bpf_crate() {
+        let src = include_str!("../../itewatch-ebpf/src/main.rs");
+        for s in SPECS {
+            assert!(
+                src.contains(&format!("pub fn {}(", s.program)),
+                "{} has no BPF program {}",
+                s.name,
+                s.program
+            );
+        }
+    }
+
+    #[test]
+    fn attach_errors_are_explained() {
+        assert!(explain(
+            "pci_dev_set_disconnected",
+            "perf_event_open failed (os error 99)"
+        )
+        .contains("non-unique"));
+        assert!(
+            explain("pci_dev_set_disconnected", "Invalid argument (os error 22)")
+                .contains("notrace")
+        );
+    }
+
+    #[test]
+    fn the_core_probes_are_required() {
+        let req: Vec<_> = required_probes().collect();
+        assert!(req.contains(&"qi_submit_sync") && req.contains(&"qi_submit_sync:return"));
+        assert!(!req.contains(&"pci_dev_set_disconnected"));
+    }
+}

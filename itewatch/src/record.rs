@@ -7,7 +7,7 @@
 //! BPF run-time statistics are enabled only while recording (the kernel turns them off when
 //! the stats fd closes, also on a crash).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -72,9 +72,16 @@ fn symbolize(stacks: &StackTraceMap<MapData>, ksyms: Option<&Kallsyms>, id: u32)
     }
 }
 
-/// Identities of the PCI devices present now (sysfs), for naming SIDs.
+/// Identities of the PCI devices present now (sysfs), for naming SIDs. A sysfs that cannot
+/// be read leaves the trace without names, not without events.
 fn device_snapshot() -> Vec<crate::event::DeviceInfo> {
-    Vec::new()
+    match crate::sysfs::Sysfs::live().device_infos(KTime(monotonic_ns())) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("itewatch: note: device snapshot from sysfs failed: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// Counts of a finished recording.
@@ -95,7 +102,10 @@ struct Recorder<W: Write> {
     undecodable: u64,
     undecodable_reported: u64,
     echo: bool,
+    devices: HashMap<crate::event::Bdf, DeviceIdent>,
 }
+
+type DeviceIdent = (u16, u16, Option<String>, Option<String>, Option<bool>);
 
 impl<W: Write> Recorder<W> {
     fn write(&mut self, rec: &Record) -> std::io::Result<()> {
@@ -125,6 +135,18 @@ impl<W: Write> Recorder<W> {
             println!("{}", crate::render::record_line(&Record::Event(ev)));
         }
         self.writer.write_raw_event(bytes)
+    }
+
+    /// Writes the devices whose identity (ids, driver, slot) is new since the last snapshot.
+    fn write_new_devices(&mut self, now: Vec<crate::event::DeviceInfo>) -> std::io::Result<()> {
+        for d in now {
+            let ident = (d.vendor, d.device, d.driver.clone(), d.slot.clone(), d.ats);
+            if self.devices.get(&d.bdf) != Some(&ident) {
+                self.devices.insert(d.bdf, ident);
+                self.write(&Record::Device(d))?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes a `Lost` marker for whatever the counters gained since the last one.
@@ -209,11 +231,10 @@ async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         undecodable: 0,
         undecodable_reported: 0,
         echo: opts.echo,
+        devices: HashMap::new(),
     };
     // Sysfs device snapshot: names for the SIDs the probes will report.
-    for d in device_snapshot() {
-        rec.write(&Record::Device(d))?;
-    }
+    rec.write_new_devices(device_snapshot())?;
     if let Some(path) = &opts.ready_file {
         std::fs::write(path, serde_json::to_vec_pretty(&probes.plan)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -260,9 +281,7 @@ async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
                 rec.on_counters(counters.totals())?;
                 if refresh_devices {
                     refresh_devices = false;
-                    for d in device_snapshot() {
-                        rec.write(&Record::Device(d))?;
-                    }
+                    rec.write_new_devices(device_snapshot())?;
                 }
                 rec.writer.flush()?;
             }

@@ -1,1 +1,82 @@
-fn main() {}
+//! `cargo xtask`: developer and CI tasks that are not part of the shipped binary.
+//!
+//! `cargo xtask vm-test` boots real Debian kernels under QEMU with an emulated Intel IOMMU
+//! (device-IOTLB on) and PCIe hot-plug slots holding ATS-capable virtio disks, runs
+//! `itewatch record` in the guest while DMA, a safe removal and a surprise removal happen, and
+//! asserts on what the probes saw. docs/vm-tests.md describes the topology and the findings.
+
+mod assert;
+mod guest;
+mod initramfs;
+mod kernels;
+mod qemu;
+mod qmp;
+mod vmtest;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "itewatch developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KernelChoice {
+    #[value(name = "6.1")]
+    V6_1,
+    #[value(name = "6.12")]
+    V6_12,
+    All,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct VmTestArgs {
+    /// Which pinned Debian kernel(s) to boot.
+    #[arg(long, value_enum, default_value = "all")]
+    pub kernel: KernelChoice,
+    /// Keep the per-run work directory (serial log, disks, initramfs) even on success.
+    #[arg(long)]
+    pub keep: bool,
+    /// Copy trace, dmesg and doctor output into itewatch/tests/data/vm/<kernel>/.
+    #[arg(long)]
+    pub save_traces: bool,
+    /// Use this static itewatch binary instead of building it (musl target).
+    #[arg(long, value_name = "PATH")]
+    pub itewatch: Option<PathBuf>,
+    /// Boot a busybox-only guest: exercise boot, DMA and both removals without recording
+    /// (harness self-test; trace assertions are skipped).
+    #[arg(long)]
+    pub no_record: bool,
+    /// Upper bound for one kernel's guest run, in seconds (boot to power-off).
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Cache directory for kernel packages and run directories.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot the pinned kernels under QEMU and check what itewatch records there.
+    VmTest(VmTestArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::VmTest(args) => vmtest::run(&args),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

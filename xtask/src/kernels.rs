@@ -1,0 +1,242 @@
+//! The pinned Debian kernels: download (`apt-get download`), cache, extract (`dpkg-deb -x`),
+//! and pick out the kernel image and the modules the guest needs, decompressed and with their
+//! dependencies resolved from each module's own `.modinfo` `depends=` (the packages ship no
+//! modules.dep: depmod runs at install time).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// One pinned kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct Pinned {
+    /// Short name used on the command line and for test-data directories.
+    pub name: &'static str,
+    pub package: &'static str,
+    pub version: &'static str,
+}
+
+pub const PINNED: [Pinned; 2] = [
+    Pinned {
+        name: "6.1",
+        package: "linux-image-6.1.0-47-amd64-unsigned",
+        version: "6.1.170-3",
+    },
+    Pinned {
+        name: "6.12",
+        package: "linux-image-6.12.117+deb12-amd64-unsigned",
+        version: "6.12.117-1~deb12u1",
+    },
+];
+
+/// Modules the guest loads (those built in are skipped); dependencies are added.
+pub const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
+
+/// An extracted kernel.
+pub struct Kernel {
+    pub pinned: Pinned,
+    /// `uname -r` of the kernel (the lib/modules directory name).
+    pub release: String,
+    pub vmlinuz: PathBuf,
+    /// Decompressed modules in load order (dependencies first): (module name, file).
+    pub modules: Vec<(String, PathBuf)>,
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Downloads (once) and extracts (once) a pinned kernel under `cache`.
+pub fn prepare(cache: &Path, p: Pinned) -> Result<Kernel> {
+    let debs = cache.join("debs");
+    fs::create_dir_all(&debs)?;
+    // apt-get download names the file PKG_VER_ARCH.deb with ':' in the version escaped as %3a.
+    let deb_name = format!("{}_{}_amd64.deb", p.package, p.version.replace(':', "%3a"));
+    let deb = debs.join(&deb_name);
+    if !deb.exists() {
+        eprintln!("vm-test: downloading {}={}", p.package, p.version);
+        let st = Command::new("apt-get")
+            .arg("download")
+            .arg(format!("{}={}", p.package, p.version))
+            .current_dir(&debs)
+            .status()
+            .context("running apt-get download")?;
+        if !st.success() || !deb.exists() {
+            bail!(
+                "could not download {}={} (is the Debian bookworm(-security) apt list set up? \
+                 try `apt-get update`)",
+                p.package,
+                p.version
+            );
+        }
+    }
+    let root = cache.join(format!("kernel-{}", p.name));
+    let stamp = root.join(".extracted");
+    if fs::read_to_string(&stamp).ok().as_deref() != Some(deb_name.as_str()) {
+        if root.exists() {
+            fs::remove_dir_all(&root)?;
+        }
+        fs::create_dir_all(&root)?;
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        fs::write(&stamp, &deb_name)?;
+    }
+    let mods_root = root.join("lib/modules");
+    let release = fs::read_dir(&mods_root)
+        .with_context(|| format!("reading {}", mods_root.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .context("no lib/modules/<release> in the package")?;
+    let vmlinuz = root.join(format!("boot/vmlinuz-{release}"));
+    if !vmlinuz.exists() {
+        bail!("{} missing", vmlinuz.display());
+    }
+    let modules = resolve_modules(
+        &mods_root.join(&release),
+        &cache.join(format!("ko-{}", p.name)),
+    )?;
+    Ok(Kernel {
+        pinned: p,
+        release,
+        vmlinuz,
+        modules,
+    })
+}
+
+fn norm(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// Module name of a file name (`virtio_blk.ko.xz` -> `virtio_blk`).
+fn module_name(file: &str) -> Option<String> {
+    let stem = file
+        .strip_suffix(".ko")
+        .or_else(|| file.strip_suffix(".ko.xz"))
+        .or_else(|| file.strip_suffix(".ko.zst"))
+        .or_else(|| file.strip_suffix(".ko.gz"))?;
+    Some(norm(stem))
+}
+
+fn walk(dir: &Path, out: &mut BTreeMap<String, PathBuf>) -> Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let path = e.path();
+        if e.file_type()?.is_dir() {
+            walk(&path, out)?;
+        } else if let Some(m) = module_name(&e.file_name().to_string_lossy()) {
+            out.insert(m, path);
+        }
+    }
+    Ok(())
+}
+
+/// The module's bytes, decompressed (xz / zstd through the command-line tools).
+fn decompressed(path: &Path) -> Result<Vec<u8>> {
+    let name = path.to_string_lossy();
+    let tool = if name.ends_with(".xz") {
+        Some(("xz", "-dc"))
+    } else if name.ends_with(".zst") {
+        Some(("zstd", "-dcq"))
+    } else if name.ends_with(".gz") {
+        Some(("gzip", "-dc"))
+    } else {
+        None
+    };
+    match tool {
+        None => fs::read(path).with_context(|| format!("reading {}", path.display())),
+        Some((t, flag)) => {
+            let out = Command::new(t)
+                .arg(flag)
+                .arg(path)
+                .output()
+                .with_context(|| format!("running {t} (install it: scripts/setup.sh)"))?;
+            if !out.status.success() {
+                bail!("{t} {flag} {} failed", path.display());
+            }
+            Ok(out.stdout)
+        }
+    }
+}
+
+/// `depends=` of a module's `.modinfo`.
+fn depends(ko: &[u8]) -> Vec<String> {
+    let key = b"depends=";
+    ko.split(|&b| b == 0)
+        .find_map(|s| s.strip_prefix(key.as_slice()))
+        .map(|v| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(norm)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn resolve_modules(moddir: &Path, out_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut files = BTreeMap::new();
+    walk(&moddir.join("kernel"), &mut files)?;
+    let builtin: BTreeSet<String> = fs::read_to_string(moddir.join("modules.builtin"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.rsplit('/').next().and_then(module_name))
+        .collect();
+    fs::create_dir_all(out_dir)?;
+    let mut order = Vec::new();
+    let mut seen = BTreeSet::new();
+    fn visit(
+        name: &str,
+        files: &BTreeMap<String, PathBuf>,
+        builtin: &BTreeSet<String>,
+        out_dir: &Path,
+        seen: &mut BTreeSet<String>,
+        order: &mut Vec<(String, PathBuf)>,
+    ) -> Result<()> {
+        if !seen.insert(name.to_string()) {
+            return Ok(());
+        }
+        let Some(src) = files.get(name) else {
+            if builtin.contains(name) {
+                return Ok(());
+            }
+            bail!("module {name} is neither a file nor built in");
+        };
+        let bytes = decompressed(src)?;
+        for dep in depends(&bytes) {
+            visit(&dep, files, builtin, out_dir, seen, order)?;
+        }
+        let dst = out_dir.join(format!("{name}.ko"));
+        fs::write(&dst, &bytes)?;
+        order.push((name.to_string(), dst));
+        Ok(())
+    }
+    for m in GUEST_MODULES {
+        visit(m, &files, &builtin, out_dir, &mut seen, &mut order)?;
+    }
+    Ok(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modinfo_depends_is_parsed() {
+        let ko = b"\x7fELF....\0license=GPL\0depends=virtio,virtio-ring\0vermagic=6.1\0";
+        assert_eq!(depends(ko), vec!["virtio", "virtio_ring"]);
+        assert!(depends(b"\0depends=\0").is_empty());
+        assert_eq!(
+            module_name("virtio_blk.ko.xz").as_deref(),
+            Some("virtio_blk")
+        );
+        assert_eq!(module_name("a-b.ko").as_deref(), Some("a_b"));
+        assert_eq!(module_name("README"), None);
+    }
+}

@@ -1,0 +1,185 @@
+//! The QEMU command line (q35, intel-iommu with device-IOTLB and interrupt remapping, two
+//! PCIe root ports with native hot-plug holding ATS-capable virtio disks, one output disk on
+//! the root bus) and a running guest: serial log watching with deadlines, kill on drop.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// QEMU ids and slots of the hot-plug disks. Slot names in the guest come from `slot=`.
+pub const SAFE_ID: &str = "vd1";
+pub const SURPRISE_ID: &str = "vd2";
+pub const SAFE_SLOT: &str = "1";
+pub const SURPRISE_SLOT: &str = "2";
+/// The output disk: on pcie.0 without iommu_platform (DMA not translated, no invalidations).
+pub const OUT_ADDR: &str = "0x6";
+pub const OUT_BDF: &str = "0000:00:06.0";
+
+pub const KERNEL_CMDLINE: &str =
+    "console=ttyS0 intel_iommu=on iommu.strict=1 panic=-1 oops=panic rdinit=/init";
+
+pub struct Files {
+    pub dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl Files {
+    pub fn serial(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+    pub fn qmp(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    pub fn out_disk(&self) -> PathBuf {
+        self.dir.join("out.raw")
+    }
+    pub fn disk(&self, n: u32) -> PathBuf {
+        self.dir.join(format!("disk{n}.raw"))
+    }
+}
+
+pub fn command(f: &Files) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    let d = |p: PathBuf| p.to_string_lossy().into_owned();
+    c.args(["-accel", "tcg,thread=multi", "-cpu", "max"])
+        .args(["-machine", "q35,kernel-irqchip=split", "-m", "1024", "-smp", "2"])
+        .args(["-nodefaults", "-display", "none", "-no-reboot"])
+        // Keep hot-plug of the root ports native (pciehp), not ACPI.
+        .args(["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"])
+        .args(["-device", "intel-iommu,intremap=on,device-iotlb=on"])
+        .args(["-device", "pcie-root-port,id=rp1,bus=pcie.0,addr=0x4,chassis=1,slot=1"])
+        .args(["-device", "pcie-root-port,id=rp2,bus=pcie.0,addr=0x5,chassis=2,slot=2"])
+        .args(["-drive", &format!("if=none,id=d1,file={},format=raw", d(f.disk(1)))])
+        .args(["-drive", &format!("if=none,id=d2,file={},format=raw", d(f.disk(2)))])
+        .args(["-drive", &format!("if=none,id=dout,file={},format=raw", d(f.out_disk()))])
+        .args([
+            "-device",
+            &format!(
+                "virtio-blk-pci,id={SAFE_ID},bus=rp1,drive=d1,disable-legacy=on,iommu_platform=on,ats=on"
+            ),
+        ])
+        .args([
+            "-device",
+            &format!(
+                "virtio-blk-pci,id={SURPRISE_ID},bus=rp2,drive=d2,disable-legacy=on,iommu_platform=on,ats=on"
+            ),
+        ])
+        .args([
+            "-device",
+            &format!("virtio-blk-pci,id=vout,bus=pcie.0,addr={OUT_ADDR},drive=dout,disable-legacy=on"),
+        ])
+        .arg("-kernel")
+        .arg(&f.kernel)
+        .arg("-initrd")
+        .arg(&f.initrd)
+        .args(["-append", KERNEL_CMDLINE])
+        .args(["-serial", &format!("file:{}", d(f.serial()))])
+        .args(["-qmp", &format!("unix:{},server=on,wait=off", d(f.qmp()))]);
+    c
+}
+
+/// Creates a sparse raw disk of `size_bytes`, filled with a pattern in its first MiB so reads
+/// are not all zeros (not that QEMU cares).
+pub fn make_disk(path: &Path, size_bytes: u64) -> Result<()> {
+    let f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(size_bytes)?;
+    Ok(())
+}
+
+/// A running guest. Killed on drop.
+pub struct Guest {
+    child: Child,
+    serial: PathBuf,
+    pub started: Instant,
+}
+
+impl Guest {
+    pub fn spawn(f: &Files) -> Result<Guest> {
+        let _ = fs::remove_file(f.qmp());
+        let _ = fs::remove_file(f.serial());
+        let log = File::create(f.dir.join("qemu.log"))?;
+        let mut cmd = command(f);
+        fs::write(f.dir.join("qemu.cmdline"), format!("{cmd:?}\n"))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting qemu-system-x86_64 (install it: scripts/setup.sh)")?;
+        Ok(Guest {
+            child,
+            serial: f.serial(),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn serial_text(&self) -> String {
+        fs::read(&self.serial)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Whether QEMU has exited (and with what status).
+    pub fn exited(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
+    /// Waits until the serial log contains `needle` (returns the log), QEMU exits, or the
+    /// deadline passes (both errors carry the log tail).
+    pub fn wait_serial(&mut self, needle: &str, deadline: Instant) -> Result<String> {
+        loop {
+            let text = self.serial_text();
+            if text.contains(needle) {
+                return Ok(text);
+            }
+            if let Some(st) = self.exited()? {
+                bail!(
+                    "QEMU exited ({st}) before {needle:?} appeared on the console:\n{}",
+                    tail(&text, 40)
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {:.0} s waiting for {needle:?} on the console:\n{}",
+                    self.started.elapsed().as_secs_f64(),
+                    tail(&text, 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for QEMU to exit by itself until `deadline`, then kills it.
+    pub fn wait_exit(&mut self, deadline: Instant) -> Result<std::process::ExitStatus> {
+        loop {
+            if let Some(st) = self.exited()? {
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("QEMU did not power off in time; killed");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The last `n` lines of a log.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

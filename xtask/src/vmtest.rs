@@ -1,0 +1,312 @@
+//! `cargo xtask vm-test`: per kernel, build the initramfs, boot the guest, drive the removals
+//! over QMP as the guest announces its stages, collect the guest's `/out` and check it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::assert::{self, Check, RunFacts};
+use crate::guest::{self, GuestPlan, STAGE, VERDICT};
+use crate::initramfs::Cpio;
+use crate::kernels::{self, Kernel, PINNED};
+use crate::qemu::{self, Files, Guest};
+use crate::qmp::{self, Qmp};
+use crate::{KernelChoice, VmTestArgs};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| if p.is_absolute() { p } else { root.join(p) })
+        .unwrap_or_else(|| root.join("target"))
+}
+
+/// Builds the static guest binary (musl) and returns its path.
+fn build_itewatch(root: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("vm-test: building itewatch for x86_64-unknown-linux-musl (release)");
+    let st = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "x86_64-unknown-linux-musl",
+            "-p",
+            "itewatch",
+        ])
+        // The guest binary must carry the BPF programs, whatever the host build skipped.
+        .env_remove("AYA_BUILD_SKIP")
+        .current_dir(root)
+        .status()
+        .context("running cargo build")?;
+    if !st.success() {
+        bail!("building the musl itewatch failed");
+    }
+    Ok(target_dir(root).join("x86_64-unknown-linux-musl/release/itewatch"))
+}
+
+pub fn run(args: &VmTestArgs) -> Result<bool> {
+    let root = workspace_root();
+    let cache = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| root.join(".cache/vm"));
+    fs::create_dir_all(&cache)?;
+    let chosen: Vec<_> = PINNED
+        .iter()
+        .copied()
+        .filter(|p| match args.kernel {
+            KernelChoice::All => true,
+            KernelChoice::V6_1 => p.name == "6.1",
+            KernelChoice::V6_12 => p.name == "6.12",
+        })
+        .collect();
+    let itewatch = if args.no_record {
+        None
+    } else if let Some(p) = &args.itewatch {
+        Some(p.clone())
+    } else {
+        Some(build_itewatch(&root)?)
+    };
+    let mut all_ok = true;
+    let mut summaries = Vec::new();
+    for p in chosen {
+        let t0 = Instant::now();
+        let kernel = kernels::prepare(&cache, p)?;
+        let dir = cache.join(format!("run-{}", p.name));
+        let outcome = run_kernel(&kernel, &dir, itewatch.as_deref(), args);
+        let wall = t0.elapsed();
+        let checks = match outcome {
+            Ok(c) => c,
+            Err(e) => vec![Check::fail("guest run", format!("{e:#}"))],
+        };
+        let ok = checks.iter().all(|c| c.ok);
+        all_ok &= ok;
+        println!(
+            "\n== kernel {} ({}) — {} in {:.1} s; run directory {}",
+            p.name,
+            kernel.release,
+            if ok { "PASS" } else { "FAIL" },
+            wall.as_secs_f64(),
+            dir.display()
+        );
+        for c in &checks {
+            println!(
+                "  [{}] {:<44} {}",
+                if c.ok { " ok " } else { "FAIL" },
+                c.name,
+                c.detail
+            );
+        }
+        if !ok {
+            println!("  serial log: {}", dir.join("serial.log").display());
+        }
+        if ok && args.save_traces && itewatch.is_some() {
+            save_traces(&root, p.name, &dir.join("out"))?;
+        }
+        if ok && !args.keep {
+            // Keep the guest's outputs and logs, drop the big files.
+            for f in ["initramfs.cpio", "disk1.raw", "disk2.raw", "out.raw"] {
+                let _ = fs::remove_file(dir.join(f));
+            }
+        }
+        summaries.push((p.name, ok, wall));
+    }
+    println!("\nvm-test summary:");
+    for (name, ok, wall) in &summaries {
+        println!(
+            "  {name:<5} {}  {:.1} s",
+            if *ok { "PASS" } else { "FAIL" },
+            wall.as_secs_f64()
+        );
+    }
+    Ok(all_ok)
+}
+
+fn build_initramfs(kernel: &Kernel, itewatch: Option<&Path>, path: &Path) -> Result<()> {
+    let mut c = Cpio::new();
+    for d in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "out",
+        "lib",
+        "lib/modules",
+    ] {
+        c.dir(d);
+    }
+    c.chardev("dev/console", 5, 1);
+    c.chardev("dev/null", 1, 3);
+    c.file_from("bin/busybox", 0o755, Path::new("/bin/busybox"))?;
+    c.symlink("bin/sh", "busybox");
+    if let Some(bin) = itewatch {
+        c.file_from("bin/itewatch", 0o755, bin)?;
+    }
+    let mut names = Vec::new();
+    for (name, file) in &kernel.modules {
+        c.file_from(&format!("lib/modules/{name}.ko"), 0o644, file)?;
+        names.push(name.clone());
+    }
+    let script = guest::init_script(&GuestPlan {
+        modules: &names,
+        record: itewatch.is_some(),
+        out_dev: qemu::OUT_BDF,
+        safe_slot: qemu::SAFE_SLOT,
+        surprise_slot: qemu::SURPRISE_SLOT,
+    });
+    c.file("init", 0o755, script.as_bytes());
+    fs::write(path, c.finish()).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Waits for a console marker; fails early on the guest's failure verdict.
+fn wait_marker(g: &mut Guest, needle: &str, deadline: Instant) -> Result<String> {
+    let fail = format!("{VERDICT} failure");
+    loop {
+        let step = (Instant::now() + Duration::from_millis(500)).min(deadline);
+        match g.wait_serial(needle, step) {
+            Ok(t) => return Ok(t),
+            Err(e) => {
+                let text = g.serial_text();
+                if let Some(i) = text.find(&fail) {
+                    let line = text[i..].lines().next().unwrap_or("");
+                    bail!("guest reported {line:?}:\n{}", qemu::tail(&text, 40));
+                }
+                if Instant::now() >= deadline || g.exited()?.is_some() {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+fn run_kernel(
+    kernel: &Kernel,
+    dir: &Path,
+    itewatch: Option<&Path>,
+    args: &VmTestArgs,
+) -> Result<Vec<Check>> {
+    if dir.exists() {
+        fs::remove_dir_all(dir)?;
+    }
+    fs::create_dir_all(dir)?;
+    let files = Files {
+        dir: dir.to_path_buf(),
+        kernel: kernel.vmlinuz.clone(),
+        initrd: dir.join("initramfs.cpio"),
+    };
+    build_initramfs(kernel, itewatch, &files.initrd)?;
+    qemu::make_disk(&files.disk(1), 8 << 20)?;
+    qemu::make_disk(&files.disk(2), 8 << 20)?;
+    qemu::make_disk(&files.out_disk(), 64 << 20)?;
+
+    eprintln!(
+        "vm-test: booting {} ({}) under TCG",
+        kernel.pinned.name, kernel.release
+    );
+    let mut g = Guest::spawn(&files)?;
+    let deadline = g.started + Duration::from_secs(args.timeout);
+    let mut facts = RunFacts::default();
+    let driven = drive(&mut g, &files, &mut facts, deadline);
+    // Whatever happened, let the guest power off (it does after a failure too), then unpack
+    // what it wrote: a failed run's dmesg and logs are the diagnosis.
+    let exit = g.wait_exit(deadline.max(Instant::now()) + Duration::from_secs(20));
+    facts.guest_s = g.started.elapsed().as_secs_f64();
+    let out = dir.join("out");
+    // Even a killed guest may have synced its outputs before hanging.
+    let unpacked = unpack_out(&files, &out);
+    let verdict = driven.with_context(|| {
+        format!(
+            "guest outputs (if any) in {}; console tail:\n{}",
+            out.display(),
+            qemu::tail(&g.serial_text(), 40)
+        )
+    })?;
+    exit?;
+    if verdict != format!("{VERDICT} success") {
+        bail!(
+            "guest verdict {verdict:?}; guest outputs in {}:\n{}",
+            out.display(),
+            qemu::tail(&g.serial_text(), 40)
+        );
+    }
+    unpacked?;
+    Ok(assert::check_run(kernel, &out, &facts, itewatch.is_some()))
+}
+
+/// Drives the guest through its stages; returns the verdict line.
+fn drive(g: &mut Guest, files: &Files, facts: &mut RunFacts, deadline: Instant) -> Result<String> {
+    let mut qmp = Qmp::connect(
+        &files.qmp(),
+        (Instant::now() + Duration::from_secs(30)).min(deadline),
+    )?;
+    let stage = |s: &str| format!("{STAGE} {s}");
+    let at = |g: &Guest, facts: &mut RunFacts, s: &'static str| {
+        facts.stage_s.push((s, g.started.elapsed().as_secs_f64()))
+    };
+    for s in ["booted", "recording", "dma-running"] {
+        wait_marker(g, &stage(s), deadline)?;
+        at(g, facts, s);
+    }
+    // Safe removal: QMP device_del presses the slot's attention button.
+    let qdl = (Instant::now() + Duration::from_secs(10)).min(deadline);
+    qmp.execute("device_del", json!({ "id": qemu::SAFE_ID }), qdl)?;
+    facts.safe_deleted = qmp
+        .wait_event(deadline, |v| qmp::is_device_deleted(v, qemu::SAFE_ID))?
+        .is_some();
+    at(g, facts, "safe DEVICE_DELETED");
+    for s in ["safe-removed", "surprise-removed"] {
+        wait_marker(g, &stage(s), deadline)?;
+        at(g, facts, s);
+    }
+    let qdl = (Instant::now() + Duration::from_secs(10)).min(deadline);
+    facts.surprise_deleted = qmp
+        .wait_event(qdl, |v| qmp::is_device_deleted(v, qemu::SURPRISE_ID))?
+        .is_some();
+    let text = wait_marker(g, &format!("{VERDICT} "), deadline)?;
+    at(g, facts, "verdict");
+    Ok(text
+        .find(&format!("{VERDICT} "))
+        .map(|i| text[i..].lines().next().unwrap_or("").to_string())
+        .unwrap_or_default())
+}
+
+fn unpack_out(files: &Files, out: &Path) -> Result<()> {
+    fs::create_dir_all(out)?;
+    let st = Command::new("tar")
+        .arg("xf")
+        .arg(files.out_disk())
+        .arg("-C")
+        .arg(out)
+        .status()
+        .context("running tar")?;
+    if !st.success() {
+        bail!("could not unpack the guest's output disk");
+    }
+    Ok(())
+}
+
+/// Copies a passing run's trace, dmesg and doctor output into the test data.
+fn save_traces(root: &Path, name: &str, out: &Path) -> Result<()> {
+    let dst = root.join("itewatch/tests/data/vm").join(name);
+    fs::create_dir_all(&dst)?;
+    for f in ["trace.itw", "dmesg.txt", "doctor.json", "topology.txt"] {
+        let src = out.join(f);
+        if src.exists() {
+            fs::copy(&src, dst.join(f)).with_context(|| format!("copying {f}"))?;
+        }
+    }
+    eprintln!("vm-test: saved {name} outputs to {}", dst.display());
+    Ok(())
+}

@@ -197,7 +197,7 @@ enum End<'a> {
     Returned { event: &'a Event, ret: i64 },
     ReturnLost,
     Evicted,
-    StreamEnd,
+    Stopped,
 }
 
 /// The correlation engine. Feed it records with [`push`](Correlator::push), tell it the time
@@ -324,7 +324,7 @@ impl Correlator {
                 None,
                 None,
             ));
-            self.end_submission(inf, End::StreamEnd);
+            self.end_submission(inf, End::Stopped);
         }
         self.flush_pending();
         let mut ids: Vec<(KTime, IncidentId)> = self
@@ -685,7 +685,7 @@ impl Correlator {
                     None,
                 )
             }
-            End::StreamEnd => (
+            End::Stopped => (
                 Outcome::NotReturned {
                     outstanding_ns: self.clock.saturating_sub(start),
                 },
@@ -1367,7 +1367,7 @@ impl Correlator {
             }
         }
         self.last_ite = Some(id.clone());
-        if let Some(r) = returning.as_deref_mut() {
+        if let Some(r) = returning.as_mut() {
             self.add_member(&id, r);
         }
         for tid in member_tids {

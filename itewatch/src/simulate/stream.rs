@@ -51,7 +51,7 @@ impl LongStream {
     fn refill(&mut self) {
         self.chunk += 1;
         let seed = self.seed.wrapping_mul(0x1000_0000_01b3) ^ self.chunk;
-        let incident = self.incident_every != 0 && self.chunk % self.incident_every == 0;
+        let incident = self.incident_every != 0 && self.chunk.is_multiple_of(self.incident_every);
         let recs = if incident {
             // Rotate through the scenarios that raise incidents.
             let names: Vec<&str> = SCENARIOS

@@ -528,6 +528,7 @@ impl World {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn flush_event(
         &mut self,
         ts: u64,

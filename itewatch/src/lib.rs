@@ -8,6 +8,7 @@
 
 pub mod btf;
 pub mod correlate;
+pub mod doctor;
 pub mod event;
 pub mod kallsyms;
 pub mod probe;

@@ -40,6 +40,13 @@ enum Cmd {
         #[arg(long, default_value = "text")]
         format: itewatch::report::Format,
     },
+    /// Check whether this host can be traced: privileges, BTF, probe targets, VT-d, ATS
+    /// devices, hot-plug slots, and which upstream fixes the kernel appears to carry.
+    Doctor {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +71,15 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS)
                 .map_err(anyhow::Error::from)
         }
+        Cmd::Doctor { json } => itewatch::doctor::run(json, &mut std::io::stdout().lock())
+            .map(|ready| {
+                if ready {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            })
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(code) => code,

@@ -604,14 +604,40 @@ impl DeviceInventory {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod tests_support {
+    //! Fixture helpers shared with the doctor's tests.
+    use std::fs;
+    use std::path::{Path, PathBuf};
 
-    pub(crate) fn fixture(name: &str) -> PathBuf {
+    /// `itewatch/tests/fixtures/<name>`.
+    pub fn fixture(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures")
             .join(name)
     }
+
+    /// Copies a fixture tree (symlinks kept) into a temp dir for tests that change it.
+    pub fn copy_tree(from: &Path, to: &Path) {
+        for e in fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let t = to.join(e.file_name());
+            let ft = e.file_type().unwrap();
+            if ft.is_symlink() {
+                std::os::unix::fs::symlink(fs::read_link(e.path()).unwrap(), &t).unwrap();
+            } else if ft.is_dir() {
+                fs::create_dir_all(&t).unwrap();
+                copy_tree(&e.path(), &t);
+            } else {
+                fs::copy(e.path(), &t).unwrap();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::{copy_tree, fixture};
+    use super::*;
 
     fn q35() -> Sysfs {
         Sysfs::new(fixture("sysfs-qemu-q35"))
@@ -754,23 +780,6 @@ mod tests {
         let mut ff = vec![0xffu8; 4096];
         ff[0x34] = 0;
         assert_eq!(ats_from_config(&ff), AtsState::Absent);
-    }
-
-    /// Copies a fixture tree (symlinks kept) into a temp dir for tests that change it.
-    fn copy_tree(from: &Path, to: &Path) {
-        for e in fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            let t = to.join(e.file_name());
-            let ft = e.file_type().unwrap();
-            if ft.is_symlink() {
-                std::os::unix::fs::symlink(fs::read_link(e.path()).unwrap(), &t).unwrap();
-            } else if ft.is_dir() {
-                fs::create_dir_all(&t).unwrap();
-                copy_tree(&e.path(), &t);
-            } else {
-                fs::copy(e.path(), &t).unwrap();
-            }
-        }
     }
 
     #[test]

@@ -17,6 +17,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Record the probes' event stream to a trace file (needs root).
+    Record(RecordArgs),
+    /// Print a trace file, one record per line (`--json`: one JSON object per line).
+    Replay {
+        /// Trace file written by `record` or `simulate`.
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Generate the event stream of a race scenario from the ITE thread (deterministic per seed).
     Simulate {
         /// Scenario name (see --list).
@@ -49,9 +58,71 @@ enum Cmd {
     },
 }
 
+#[derive(clap::Args)]
+struct RecordArgs {
+    /// Output trace file.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Stop after this many seconds (default: until Ctrl-C / SIGTERM).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Write the attach plan (JSON) here once all probes are attached.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Kernel BTF (default /sys/kernel/btf/vmlinux).
+    #[arg(long)]
+    btf: Option<PathBuf>,
+    /// Ring buffer size in KiB (a power of two).
+    #[arg(long, default_value_t = 4096)]
+    ringbuf_kib: u32,
+    /// Also print every record on stdout.
+    #[arg(long)]
+    echo: bool,
+}
+
+fn record(a: RecordArgs) -> anyhow::Result<ExitCode> {
+    let opts = itewatch::record::RecordOptions {
+        output: a.output,
+        duration: a.duration.map(std::time::Duration::from_secs_f64),
+        ready_file: a.ready_file,
+        load: itewatch::probe::LoadOptions {
+            btf: a.btf,
+            ringbuf_bytes: a.ringbuf_kib.saturating_mul(1024),
+            ..Default::default()
+        },
+        echo: a.echo,
+    };
+    let s = itewatch::record::run(&opts)?;
+    eprintln!(
+        "itewatch: {} events, {} stacks, {} lost (ring buffer full), {} undecodable, {} returns without entry",
+        s.end.events, s.stacks, s.end.lost_ringbuf_full, s.end.undecodable, s.end.return_without_entry
+    );
+    if !s.missing_required.is_empty() {
+        eprintln!("itewatch: required probes missing: {}", s.missing_required.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn replay(file: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let s = itewatch::replay::run(&file, json, &mut out)?;
+    std::io::Write::flush(&mut out)?;
+    if !s.complete {
+        eprintln!(
+            "itewatch: {}: no end frame: the recording was cut short ({} records read)",
+            file.display(),
+            s.records
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<ExitCode> = match cli.cmd {
+        Cmd::Record(a) => record(a),
+        Cmd::Replay { file, json } => replay(file, json),
         Cmd::Simulate {
             scenario,
             seed,

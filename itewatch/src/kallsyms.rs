@@ -705,4 +705,39 @@ ffffffffc0001400 t virtblk_remove\t[virtio_blk]
         assert_eq!(format_field_offset(&fmt, "qw9"), None);
         assert!(t.traceable_functions().unwrap().contains("qi_submit_sync"));
     }
+
+    proptest::proptest! {
+        /// Any text parses or errors, never panics; any address symbolizes to a symbol at or
+        /// below it.
+        #[test]
+        fn parse_and_lookup_never_panic(text in "[0-9a-fTtDd \\[\\]._\n]{0,400}", addr: u64) {
+            if let Ok(k) = Kallsyms::parse(&text) {
+                if let Some(l) = k.lookup(addr) {
+                    proptest::prop_assert!(l.symbol.addr <= addr);
+                    proptest::prop_assert_eq!(l.offset, addr - l.symbol.addr);
+                }
+                let _ = k.symbolize(addr);
+            }
+            let _ = TraceableFunctions::parse(&text);
+            let _ = format_field_offset(&text, "msg");
+        }
+
+        #[test]
+        fn lookup_picks_the_nearest_symbol(mut addrs in proptest::collection::vec(0xffff_ffff_8100_0000u64..0xffff_ffff_8200_0000, 1..40), probe in 0u64..0x100_0000) {
+            addrs.sort_unstable();
+            addrs.dedup();
+            let text: String = addrs.iter().enumerate().map(|(i, a)| format!("{a:016x} t f{i}\n")).collect();
+            let k = Kallsyms::parse(&text).unwrap();
+            let q = 0xffff_ffff_8100_0000u64 + probe;
+            let want = addrs.iter().rposition(|&a| a <= q).filter(|&i| {
+                // Past the last symbol only up to MAX_TAIL_BYTES.
+                i + 1 < addrs.len() || q - addrs[i] <= MAX_TAIL_BYTES
+            });
+            match (k.lookup(q), want) {
+                (Some(l), Some(i)) => proptest::prop_assert_eq!(&l.symbol.name, &format!("f{i}")),
+                (None, None) => {}
+                (got, want) => proptest::prop_assert!(false, "{got:?} vs {want:?}"),
+            }
+        }
+    }
 }

@@ -871,4 +871,23 @@ mod tests {
         let _ = s.slots();
         assert!(monotonic_now().0 > 0);
     }
+
+    proptest::proptest! {
+        /// Arbitrary config space bytes (any length, any capability chain) never panic or
+        /// loop.
+        #[test]
+        fn ats_decoder_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..4200)) {
+            let _ = ats_from_config(&bytes);
+        }
+
+        #[test]
+        fn ats_decoder_on_mutated_chains(ptrs in proptest::collection::vec(0u32..4096, 1..20), ctrl: u16) {
+            let mut c = config_with_ats(ctrl);
+            for (i, p) in ptrs.iter().enumerate() {
+                let off = 0x100 + (i * 4) % 0xe00;
+                c[off..off + 4].copy_from_slice(&(0x0001u32 | (p << 20)).to_le_bytes());
+            }
+            let _ = ats_from_config(&c);
+        }
+    }
 }

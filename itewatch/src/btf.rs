@@ -371,13 +371,35 @@ pub fn member_offset(
     required: &[&str],
     path: &str,
 ) -> Result<MemberInfo, BtfError> {
-    let s = find_struct(btf, strukt, required)?;
+    let candidates = structs_named(btf, strukt, required)?;
+    if candidates.is_empty() {
+        return Err(BtfError::NoStruct {
+            name: strukt.to_string(),
+            required: required.iter().map(|s| s.to_string()).collect(),
+        });
+    }
     let field = format!("{strukt}.{path}");
-    let Some((t, bits, bitfield)) = find_path(btf, strukt, &s, path)? else {
-        return Err(BtfError::NoMember {
+    // The first struct of that name that has the member (duplicates of a name are rare;
+    // `required` disambiguates the known ones).
+    let mut found = None;
+    let mut first_err = None;
+    for s in &candidates {
+        match find_path(btf, strukt, s, path) {
+            Ok(Some(hit)) => {
+                found = Some(hit);
+                break;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    let Some((t, bits, bitfield)) = found else {
+        return Err(first_err.unwrap_or_else(|| BtfError::NoMember {
             strukt: strukt.to_string(),
             path: path.to_string(),
-        });
+        }));
     };
     if bitfield || bits % 8 != 0 {
         return Err(BtfError::NotByteAligned {
@@ -1053,6 +1075,18 @@ mod tests {
         assert!(matches!(e, BtfError::NotAggregate { .. }), "{e}");
         let e = member_offset(&btf, "pci_bus", &[], "nope").unwrap_err();
         assert!(matches!(e, BtfError::NoMember { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_duplicate_struct_name_without_the_member_is_skipped() {
+        let mut b = Builder::new();
+        let u32_ = b.int("unsigned int", 4, false);
+        b.strukt("pcie_device", 8, &[m("irq", u32_, 0)]);
+        let vp = b.ptr(0);
+        b.strukt("pcie_device", 32, &[m("irq", u32_, 0), m("port", vp, 8)]);
+        let btf = parse(&b.build());
+        let mi = checked_offset(&btf, "pcie_device", &[], "port", Expect::Ptr).unwrap();
+        assert_eq!(mi.offset_bytes, 8);
     }
 
     #[test]

@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
+use itewatch::event::{Bdf, Event, KTime, LostRecord, Payload, Record};
+use itewatch::trace::{TraceEnd, TraceHeader, TraceReader};
+
 use crate::kernels::Kernel;
 
 /// One line of the verdict table.
@@ -188,16 +191,383 @@ pub fn check_run(kernel: &Kernel, out: &Path, facts: &RunFacts, recorded: bool) 
         format!("{}; exit {:.1}", stages.join(", "), facts.guest_s),
     ));
     if recorded {
-        checks.extend(crate::assert::trace_checks(kernel, out, &disks));
+        checks.push(doctor_check(kernel, out));
+        checks.extend(trace_checks(kernel, out, &disks));
     }
     checks
 }
 
-/// Checks of the recorded trace. Filled in once `itewatch record` exists.
-pub fn trace_checks(_kernel: &Kernel, out: &Path, _disks: &[Disk]) -> Vec<Check> {
-    vec![Check::new(
-        "trace present",
-        out.join("trace.itw").exists(),
-        out.join("trace.itw").display().to_string(),
-    )]
+/// Probes that must be attached (or have fallen back) on every pinned kernel, beyond the
+/// plan's own required set: the removal sequence needs them.
+const EXPECTED_PROBES: &[&str] = &[
+    "qi_submit_sync",
+    "qi_submit_sync:return",
+    "qi_flush_dev_iotlb",
+    "pciehp_ist",
+    "pciehp_ist:return",
+    "pciehp_unconfigure_device",
+    "pci_walk_bus",
+    "pci_stop_and_remove_bus_device",
+    "iommu_release_device",
+    "printk:console",
+];
+
+fn same_bdf(a: Bdf, b: Bdf) -> bool {
+    a.bus == b.bus
+        && a.devfn == b.devfn
+        && match (a.segment, b.segment) {
+            (Some(x), Some(y)) => x == y,
+            _ => true,
+        }
+}
+
+/// Everything read from one trace.
+pub struct TraceData {
+    pub header: TraceHeader,
+    pub end: Option<TraceEnd>,
+    pub events: Vec<Event>,
+    pub lost: Vec<LostRecord>,
+    pub stacks: BTreeMap<u32, Vec<String>>,
+    pub error: Option<String>,
+}
+
+pub fn read_trace(path: &Path) -> Result<TraceData, String> {
+    let mut r = TraceReader::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut t = TraceData {
+        header: r.header().clone(),
+        end: None,
+        events: Vec::new(),
+        lost: Vec::new(),
+        stacks: BTreeMap::new(),
+        error: None,
+    };
+    for rec in r.by_ref() {
+        match rec {
+            Ok(Record::Event(e)) => t.events.push(e),
+            Ok(Record::Lost(l)) => t.lost.push(l),
+            Ok(Record::Stack(s)) => {
+                t.stacks.insert(s.id.0, s.frames);
+            }
+            Ok(Record::Device(_)) => {}
+            Err(e) => t.error = Some(e.to_string()),
+        }
+    }
+    t.end = r.finished().cloned();
+    Ok(t)
+}
+
+/// The first event at or after `from` (by timestamp) that matches.
+fn first_after(events: &[Event], from: KTime, pred: impl Fn(&Payload) -> bool) -> Option<&Event> {
+    events
+        .iter()
+        .filter(|e| e.meta.ts >= from)
+        .find(|e| pred(&e.payload))
+}
+
+/// Checks of the recorded trace: probes, device-TLB submissions, slots, removal sequences,
+/// losses. `disks` come from the guest's sysfs (topology.txt), not from the test's
+/// expectations.
+pub fn trace_checks(kernel: &Kernel, out: &Path, disks: &[Disk]) -> Vec<Check> {
+    let mut c = Vec::new();
+    let path = out.join("trace.itw");
+    let mut t = match read_trace(&path) {
+        Ok(t) => t,
+        Err(e) => return vec![Check::fail("trace readable", e)],
+    };
+    t.events.sort_by_key(|e| e.meta.ts);
+    c.push(Check::new(
+        "trace readable and finished",
+        t.error.is_none() && t.end.is_some(),
+        format!(
+            "{} events, {} stacks, end frame {}{}",
+            t.events.len(),
+            t.stacks.len(),
+            t.end.is_some(),
+            t.error
+                .as_deref()
+                .map(|e| format!("; error: {e}"))
+                .unwrap_or_default()
+        ),
+    ));
+    c.push(Check::new(
+        "trace from the booted kernel",
+        t.header.host.kernel_release == kernel.release,
+        format!("header kernel_release {:?}", t.header.host.kernel_release),
+    ));
+
+    // Probes.
+    let state = |name: &str| {
+        t.header
+            .probes
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.state.as_str())
+    };
+    let attached = |name: &str| matches!(state(name), Some("attached" | "fell-back"));
+    let mut want: Vec<&str> = itewatch::probe::required_probes().collect();
+    for p in EXPECTED_PROBES {
+        if !want.contains(p) {
+            want.push(p);
+        }
+    }
+    if kernel.pinned.name == "6.12" {
+        // 6.1 has no pci_doe_disconnected (the DOE code arrived in 6.x later than 6.1's).
+        want.push("pci_doe_disconnected");
+    }
+    let missing: Vec<&str> = want.iter().copied().filter(|p| !attached(p)).collect();
+    let plan: Vec<String> = t
+        .header
+        .probes
+        .iter()
+        .filter(|p| p.state != "attached")
+        .map(|p| {
+            format!(
+                "{}={}{}",
+                p.name,
+                p.state,
+                p.detail
+                    .as_deref()
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    c.push(Check::new(
+        "expected probes attached",
+        missing.is_empty(),
+        if missing.is_empty() {
+            format!(
+                "{} of {} attached; not attached: {}",
+                t.header.probes.iter().filter(|p| attached(&p.name)).count(),
+                t.header.probes.len(),
+                if plan.is_empty() {
+                    "none".to_string()
+                } else {
+                    plan.join("; ")
+                }
+            )
+        } else {
+            format!("missing {}; plan: {}", missing.join(", "), plan.join("; "))
+        },
+    ));
+
+    // Losses.
+    let lost_full: u64 = t.lost.iter().map(|l| l.ringbuf_full).sum();
+    let missed: u64 = t.lost.iter().map(|l| l.missed).sum();
+    let undecodable: u64 = t.lost.iter().map(|l| l.undecodable).sum();
+    let end_lost = t
+        .end
+        .as_ref()
+        .map_or(0, |e| e.lost_ringbuf_full + e.missed + e.undecodable);
+    c.push(Check::new(
+        "no lost events",
+        lost_full + missed + undecodable + end_lost == 0,
+        format!(
+            "ring buffer full {lost_full}, missed {missed}, undecodable {undecodable} (end frame total {end_lost})"
+        ),
+    ));
+
+    // Per disk: device-TLB submissions while it was present, pciehp_ist for its slot, and
+    // the removal sequence.
+    for d in disks {
+        let (Ok(dev), Ok(port)) = (d.dev.parse::<Bdf>(), d.port.parse::<Bdf>()) else {
+            c.push(Check::fail(
+                format!("{} disk addresses", d.role),
+                format!("{d:?}"),
+            ));
+            continue;
+        };
+        let sid = dev.sid();
+        let surprise = d.role == "surprise";
+        let unconf = t.events.iter().find_map(|e| match &e.payload {
+            Payload::Unconfigure(s) if s.port.is_some_and(|p| same_bdf(p, port)) => Some((e, s)),
+            _ => None,
+        });
+        let removal_ts = unconf.map_or(KTime(u64::MAX), |(e, _)| e.meta.ts);
+        let subs: Vec<&Event> = t
+            .events
+            .iter()
+            .filter(
+                |e| matches!(&e.payload, Payload::Submit(s) if s.dev_tlb_sids().any(|x| x == sid)),
+            )
+            .collect();
+        let before = subs.iter().filter(|e| e.meta.ts < removal_ts).count();
+        let after = subs.len() - before;
+        let flushes = t
+            .events
+            .iter()
+            .filter(|e| matches!(&e.payload, Payload::DevTlbFlush(f) if f.sid == sid))
+            .count();
+        c.push(Check::new(
+            format!("{} {}: device-TLB submissions during DMA", d.role, sid),
+            before > 0,
+            format!(
+                "{before} submissions with a device-TLB descriptor for {sid} before its removal, {after} after; {flushes} qi_flush_dev_iotlb calls"
+            ),
+        ));
+        let ists = t
+            .events
+            .iter()
+            .filter(|e| matches!(&e.payload, Payload::HotplugIst(s) if s.port.is_some_and(|p| same_bdf(p, port))))
+            .count();
+        c.push(Check::new(
+            format!("{} {}: pciehp_ist for slot {}", d.role, sid, d.slot),
+            ists > 0,
+            format!("{ists} pciehp_ist entries for port {port}"),
+        ));
+
+        // The removal sequence, each step after the previous one.
+        let mut steps: Vec<String> = Vec::new();
+        let mut ok = true;
+        let mut at = KTime(0);
+        match unconf {
+            Some((e, s)) => {
+                ok &= s.presence == Some(!surprise);
+                steps.push(format!(
+                    "unconfigure presence={:?} @{}",
+                    s.presence, e.meta.ts
+                ));
+                at = e.meta.ts;
+            }
+            None => {
+                ok = false;
+                steps.push("no pciehp_unconfigure_device for the port".into());
+            }
+        }
+        if surprise {
+            match first_after(
+                &t.events,
+                at,
+                |p| matches!(p, Payload::DisconnectWalk(w) if (w.bus..=w.bus_end).contains(&dev.bus)),
+            ) {
+                Some(e) => {
+                    steps.push(format!("disconnect walk @{}", e.meta.ts));
+                    at = e.meta.ts;
+                }
+                None => {
+                    ok = false;
+                    steps.push(format!("no disconnect walk covering bus {:02x}", dev.bus));
+                }
+            }
+            if attached("pci_doe_disconnected") || attached("pci_dev_set_disconnected") {
+                match first_after(
+                    &t.events,
+                    at,
+                    |p| matches!(p, Payload::DeviceDisconnected(r) if r.bdf.is_some_and(|b| same_bdf(b, dev))),
+                ) {
+                    Some(e) => steps.push(format!("device disconnected @{}", e.meta.ts)),
+                    None => {
+                        ok = false;
+                        steps.push("no device-disconnected event".into());
+                    }
+                }
+            }
+        } else if let Some(e) = first_after(
+            &t.events,
+            at,
+            |p| matches!(p, Payload::DisconnectWalk(w) if (w.bus..=w.bus_end).contains(&dev.bus)),
+        ) {
+            ok = false;
+            steps.push(format!(
+                "unexpected disconnect walk in a safe removal @{}",
+                e.meta.ts
+            ));
+        }
+        for (what, is) in [("device remove", 0usize), ("iommu release", 1usize)] {
+            let found = first_after(&t.events, at, |p| match (is, p) {
+                (0, Payload::DeviceRemove(r)) | (1, Payload::IommuRelease(r)) => {
+                    r.bdf.is_some_and(|b| same_bdf(b, dev))
+                }
+                _ => false,
+            });
+            match found {
+                Some(e) => {
+                    steps.push(format!("{what} @{}", e.meta.ts));
+                    at = e.meta.ts;
+                }
+                None => {
+                    ok = false;
+                    steps.push(format!("no {what} for {dev} after the previous step"));
+                }
+            }
+        }
+        c.push(Check::new(
+            format!("{} removal sequence for {}", d.role, dev),
+            ok,
+            steps.join(" -> "),
+        ));
+    }
+
+    // Figures for the docs: event rate and BPF run time per program.
+    if let Some(end) = &t.end {
+        let secs = end.duration_ns.map(|n| n as f64 / 1e9);
+        let rate = secs.map_or("?".to_string(), |s| {
+            format!("{:.0}/s", end.events as f64 / s.max(1e-9))
+        });
+        c.push(Check::new(
+            "event rate",
+            true,
+            format!(
+                "{} events in {} s ({rate})",
+                end.events,
+                secs.map_or("?".into(), |s| format!("{s:.1}"))
+            ),
+        ));
+        let progs: Vec<String> = end
+            .programs
+            .iter()
+            .filter(|p| p.run_count > 0)
+            .map(|p| {
+                format!(
+                    "{} {}x {:.0} ns",
+                    p.program,
+                    p.run_count,
+                    p.run_time_ns as f64 / p.run_count as f64
+                )
+            })
+            .collect();
+        c.push(Check::new(
+            "BPF run time per program (mean per run)",
+            true,
+            if progs.is_empty() {
+                "no BPF stats in the end frame".into()
+            } else {
+                progs.join(", ")
+            },
+        ));
+    }
+    c
+}
+
+/// `itewatch doctor --json` ran and its document describes this kernel.
+pub fn doctor_check(kernel: &Kernel, out: &Path) -> Check {
+    let rc = fs::read_to_string(out.join("doctor.rc")).unwrap_or_default();
+    let text = fs::read_to_string(out.join("doctor.json")).unwrap_or_default();
+    let parsed: Result<serde_json::Value, _> = serde_json::from_str(&text);
+    match parsed {
+        Err(e) => Check::fail(
+            "doctor --json sane",
+            format!(
+                "exit {}, not JSON ({e}); stderr: {}",
+                rc.trim(),
+                fs::read_to_string(out.join("doctor.err"))
+                    .unwrap_or_default()
+                    .trim()
+            ),
+        ),
+        Ok(v) => {
+            let mentions_release = text.contains(&kernel.release);
+            let mentions_probe = text.contains("qi_submit_sync");
+            Check::new(
+                "doctor --json sane",
+                v.is_object() && mentions_release && mentions_probe,
+                format!(
+                    "exit {}, {} bytes of JSON, names kernel {}: {mentions_release}, names qi_submit_sync: {mentions_probe}",
+                    rc.trim(),
+                    text.len(),
+                    kernel.release
+                ),
+            )
+        }
+    }
 }

@@ -152,7 +152,19 @@ fn build_initramfs(kernel: &Kernel, itewatch: Option<&Path>, path: &Path) -> Res
     c.file_from("bin/busybox", 0o755, Path::new("/bin/busybox"))?;
     c.symlink("bin/sh", "busybox");
     if let Some(bin) = itewatch {
-        c.file_from("bin/itewatch", 0o755, bin)?;
+        // The release profile keeps debug info (tens of MB); the guest needs none of it.
+        let stripped = path.with_file_name("itewatch.stripped");
+        let st = Command::new("strip")
+            .arg("-o")
+            .arg(&stripped)
+            .arg(bin)
+            .status();
+        let src = if st.is_ok_and(|s| s.success()) {
+            stripped.as_path()
+        } else {
+            bin
+        };
+        c.file_from("bin/itewatch", 0o755, src)?;
     }
     let mut names = Vec::new();
     for (name, file) in &kernel.modules {

@@ -154,7 +154,8 @@ pub struct IommuId {
     pub name: [u8; IOMMU_NAME_LEN],
     /// `iommu->segment` where BTF has it, else `SEGMENT_UNKNOWN`.
     pub segment: u16,
-    pub _pad: [u8; 6],
+    pub _pad0: u16,
+    pub _pad1: u32,
 }
 
 /// One invalidation descriptor: `struct qi_desc` qw0 and qw1 (qw2/qw3 carry nothing for the
@@ -276,7 +277,8 @@ pub struct DeviceEvent {
     /// 1 if `bdf`/`vendor`/`device` were read from a PCI device; 0 for a non-PCI device or a
     /// failed read.
     pub is_pci: u8,
-    pub _pad: [u8; 3],
+    pub _pad0: u8,
+    pub _pad1: u16,
     pub stack_id: i32,
 }
 
@@ -384,7 +386,9 @@ impl Config {
     };
 }
 
-// Layout checks: the wire format must not change by accident.
+// Layout checks: the wire format must not change by accident. Padding is made of integer
+// fields, never byte arrays: zero-filling a byte array compiles to a call to a global
+// `memset` subprogram in BPF, which 6.1's verifier rejects.
 const _: () = {
     use core::mem::{align_of, size_of};
     assert!(size_of::<Header>() == 40);

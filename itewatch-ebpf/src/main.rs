@@ -16,8 +16,8 @@ use core::ptr::{addr_of, addr_of_mut};
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
     },
     macros::{kprobe, kretprobe, map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
@@ -27,8 +27,7 @@ use aya_ebpf::{
 use itewatch_common::{
     Bdf, Config, Counter, Desc, DeviceEvent, EventKind, FlushEvent, Header, IommuId,
     IstReturnEvent, LogEvent, SlotEvent, SubmitEvent, SubmitReturnEvent, WalkEvent, COUNTER_SLOTS,
-    IOMMU_NAME_LEN, LOG_TEXT_LEN, MAX_BATCH, MAX_DISCONNECT_CALLBACKS, OFFSET_NONE,
-    SEGMENT_UNKNOWN, STACK_NONE,
+    LOG_TEXT_LEN, MAX_BATCH, MAX_DISCONNECT_CALLBACKS, OFFSET_NONE, SEGMENT_UNKNOWN, STACK_NONE,
 };
 
 /// Set by the loader before load (`EbpfLoader::set_global`).
@@ -111,6 +110,39 @@ fn thread_key() -> u64 {
     }
 }
 
+/// `current->comm`. The helper fills all 16 bytes (zeros on failure), so no zero-filled
+/// array is needed (that would be a `memset` call, see itewatch-common).
+#[inline(always)]
+fn comm() -> [u8; 16] {
+    let mut c = core::mem::MaybeUninit::<[u8; 16]>::uninit();
+    // SAFETY: the helper writes exactly 16 bytes to `c`, zeroing them on failure.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_get_current_comm(c.as_mut_ptr().cast(), 16);
+        c.assume_init()
+    }
+}
+
+/// Reads 16 bytes at `base + off` (`OFFSET_NONE` or a failed read give zeros: the helper
+/// zeroes its destination on failure).
+#[inline(always)]
+fn read_16(base: u64, off: u32) -> [u8; 16] {
+    let src = if off == OFFSET_NONE || base == 0 {
+        0
+    } else {
+        base + off as u64
+    };
+    let mut b = core::mem::MaybeUninit::<[u8; 16]>::uninit();
+    // SAFETY: the helper writes exactly 16 bytes to `b` whatever `src` is.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+            b.as_mut_ptr().cast(),
+            16,
+            src as *const core::ffi::c_void,
+        );
+        b.assume_init()
+    }
+}
+
 #[inline(always)]
 fn header(kind: EventKind) -> Header {
     let id = bpf_get_current_pid_tgid();
@@ -122,7 +154,7 @@ fn header(kind: EventKind) -> Header {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         pid: (id >> 32) as u32,
         tid: id as u32,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm: comm(),
     }
 }
 
@@ -168,13 +200,11 @@ fn pdev_bdf(pdev: u64) -> Option<Bdf> {
 fn iommu_id(iommu: u64) -> IommuId {
     let mut id = IommuId {
         ptr: iommu,
-        name: [0; IOMMU_NAME_LEN],
+        name: read_16(iommu, cfg!(offsets.intel_iommu_name)),
         segment: SEGMENT_UNKNOWN,
-        _pad: [0; 6],
+        _pad0: 0,
+        _pad1: 0,
     };
-    if let Some(name) = read_at::<[u8; IOMMU_NAME_LEN]>(iommu, cfg!(offsets.intel_iommu_name)) {
-        id.name = name;
-    }
     if let Some(seg) = read_at::<u16>(iommu, cfg!(offsets.intel_iommu_segment)) {
         id.segment = seg;
     }
@@ -228,11 +258,12 @@ pub fn qi_submit_sync(ctx: ProbeContext) -> u32 {
                     }
                     Err(_) => {
                         bump(Counter::ReadFailed);
-                        slot.write(Desc { qw0: 0, qw1: 0 });
+                        // Volatile: no merged `memset` (see emit_device).
+                        slot.write_volatile(Desc { qw0: 0, qw1: 0 });
                     }
                 }
             } else {
-                slot.write(Desc { qw0: 0, qw1: 0 });
+                slot.write_volatile(Desc { qw0: 0, qw1: 0 });
             }
         }
         addr_of_mut!((*e).captured).write(captured);
@@ -444,28 +475,41 @@ pub fn pci_walk_bus(ctx: ProbeContext) -> u32 {
 
 #[inline(always)]
 fn emit_device<C: StackIdContext>(ctx: &C, kind: EventKind, pdev: u64, dev_ptr: u64) {
-    let mut ev = DeviceEvent {
-        hdr: header(kind),
-        dev_ptr,
-        bdf: Bdf {
-            segment: SEGMENT_UNKNOWN,
-            bus: 0,
-            devfn: 0,
-        },
-        vendor: 0,
-        device: 0,
-        is_pci: 0,
-        _pad: [0; 3],
-        stack_id: stack_id(ctx),
+    let (bdf, is_pci, vendor, device) = match pdev_bdf(pdev) {
+        Some(bdf) if pdev != 0 => (
+            bdf,
+            1u8,
+            read_at::<u16>(pdev, cfg!(offsets.pci_dev_vendor)).unwrap_or(0),
+            read_at::<u16>(pdev, cfg!(offsets.pci_dev_device)).unwrap_or(0),
+        ),
+        _ => (
+            Bdf {
+                segment: SEGMENT_UNKNOWN,
+                bus: 0,
+                devfn: 0,
+            },
+            0u8,
+            0u16,
+            0u16,
+        ),
     };
-    if pdev != 0 {
-        if let Some(bdf) = pdev_bdf(pdev) {
-            ev.bdf = bdf;
-            ev.is_pci = 1;
-            ev.vendor = read_at::<u16>(pdev, cfg!(offsets.pci_dev_vendor)).unwrap_or(0);
-            ev.device = read_at::<u16>(pdev, cfg!(offsets.pci_dev_device)).unwrap_or(0);
-        }
-    }
+    let mut ev = core::mem::MaybeUninit::<DeviceEvent>::uninit();
+    let e = ev.as_mut_ptr();
+    // SAFETY: every field of the local `ev` is written before `assume_init`. Volatile stores
+    // keep LLVM from merging the run of (often zero) fields into a `memset` call, which 6.1's
+    // verifier rejects (see itewatch-common).
+    let ev = unsafe {
+        addr_of_mut!((*e).hdr).write(header(kind));
+        addr_of_mut!((*e).dev_ptr).write_volatile(dev_ptr);
+        addr_of_mut!((*e).bdf).write_volatile(bdf);
+        addr_of_mut!((*e).vendor).write_volatile(vendor);
+        addr_of_mut!((*e).device).write_volatile(device);
+        addr_of_mut!((*e).is_pci).write_volatile(is_pci);
+        addr_of_mut!((*e)._pad0).write_volatile(0);
+        addr_of_mut!((*e)._pad1).write_volatile(0);
+        addr_of_mut!((*e).stack_id).write_volatile(stack_id(ctx));
+        ev.assume_init()
+    };
     emit(&ev);
 }
 
@@ -534,8 +578,12 @@ pub fn printk_console(ctx: TracePointContext) -> u32 {
     // SAFETY: `e` is reserved ring-buffer memory owned by this program until submit/discard.
     let keep = unsafe {
         let text = &mut *addr_of_mut!((*e).text);
-        if bpf_probe_read_kernel_buf((ctx.as_ptr() as u64 + off) as *const u8, text).is_err() {
-            text.fill(0);
+        // The helper NUL-terminates; bytes after the NUL are stale ring-buffer contents that
+        // the reader ignores (it stops at the NUL and at `len`).
+        if bpf_probe_read_kernel_str_bytes((ctx.as_ptr() as u64 + off) as *const u8, text).is_err()
+        {
+            entry.discard(0);
+            return 0;
         }
         let mut any = false;
         for p in PREFIXES {

@@ -596,7 +596,8 @@ fn iommu_to_abi(i: &Iommu) -> abi::IommuId {
         ptr: i.ptr,
         name: i.name.0,
         segment: i.segment.unwrap_or(abi::SEGMENT_UNKNOWN),
-        _pad: [0; 6],
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 
@@ -800,7 +801,8 @@ impl Event {
                 vendor: d.vendor,
                 device: d.device,
                 is_pci: d.bdf.is_some() as u8,
-                _pad: [0; 3],
+                _pad0: 0,
+                _pad1: 0,
                 stack_id: stack_to_abi(d.stack),
             })
             .to_vec(),

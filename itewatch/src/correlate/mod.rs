@@ -33,7 +33,7 @@ use incident::{
 };
 use state::{
     push_bounded, DevKey, DeviceEntry, DisconnectHow, Inflight, LostLog, OpenIncident, Removal,
-    ReorderBuffer, SlotState, WalkRec,
+    ReorderBuffer, Sids, SlotState, WalkRec,
 };
 
 const MS: u64 = 1_000_000;
@@ -212,8 +212,11 @@ pub struct Correlator {
     devices: BTreeMap<DevKey, DeviceEntry>,
     slots: BTreeMap<u64, SlotState>,
     walks: VecDeque<WalkRec>,
-    inflight: BTreeMap<u32, Inflight>,
-    last_flush: BTreeMap<u32, Event>,
+    inflight: BTreeMap<u32, Box<Inflight>>,
+    last_flush: BTreeMap<u32, Box<Event>>,
+    /// Boxes of finished submissions, reused (allocation-free steady state).
+    #[allow(clippy::vec_box)]
+    spare: Vec<Box<Inflight>>,
     open: BTreeMap<IncidentId, OpenIncident>,
     by_key: BTreeMap<(IncidentKind, Option<DevKey>), IncidentId>,
     last_ite: Option<IncidentId>,
@@ -238,6 +241,7 @@ impl Correlator {
             walks: VecDeque::new(),
             inflight: BTreeMap::new(),
             last_flush: BTreeMap::new(),
+            spare: Vec::new(),
             open: BTreeMap::new(),
             by_key: BTreeMap::new(),
             last_ite: None,
@@ -261,17 +265,22 @@ impl Correlator {
     /// Feeds one record; returns the incident revisions it caused (usually none). Records
     /// are processed after `reorder_window_ns` of later records have arrived.
     pub fn push(&mut self, rec: &Record) -> Vec<Incident> {
+        self.push_owned(rec.clone())
+    }
+
+    /// [`push`](Correlator::push) for a record the caller no longer needs (saves a copy).
+    pub fn push_owned(&mut self, rec: Record) -> Vec<Incident> {
         self.stats.records += 1;
         match rec {
             // Side records that carry no transition apply at once: a stack is written before
             // the first event that references it, a snapshot names a device.
-            Record::Stack(s) => self.on_stack(s),
-            Record::Device(d) => self.on_device_info(d),
+            Record::Stack(s) => self.on_stack(&s),
+            Record::Device(d) => self.on_device_info(&d),
             Record::Event(_) | Record::Lost(_) => {
                 let ts = rec.ts().unwrap_or(self.clock);
                 let seq = self.arrivals;
                 self.arrivals += 1;
-                self.buf.push(ts, seq, rec.clone());
+                self.buf.push(ts, seq, rec);
                 while let Some((ts, seq, r)) = self.buf.pop_ready(self.cfg.reorder_window_ns, false)
                 {
                     self.process(ts, seq, &r);
@@ -312,7 +321,8 @@ impl Correlator {
         }
         let end = self.clock;
         self.check_deadlines();
-        let mut left: Vec<Inflight> = std::mem::take(&mut self.inflight).into_values().collect();
+        let mut left: Vec<Box<Inflight>> =
+            std::mem::take(&mut self.inflight).into_values().collect();
         left.sort_by_key(|i| (i.start(), i.seq));
         let mut unreturned = Vec::new();
         for inf in left {
@@ -516,7 +526,7 @@ impl Correlator {
                 self.last_flush.remove(&k);
             }
         }
-        self.last_flush.insert(e.meta.tid, e.clone());
+        self.last_flush.insert(e.meta.tid, Box::new(e.clone()));
     }
 
     fn stack_info(&self, id: Option<StackId>) -> Option<StackInfo> {
@@ -549,7 +559,7 @@ impl Correlator {
                 .inflight
                 .values()
                 .min_by_key(|i| (i.start(), i.seq))
-                .map(|i| i.event.meta.tid)
+                .map(|i| i.meta.tid)
             {
                 if let Some(old) = self.inflight.remove(&oldest) {
                     self.stats.evicted.inflight += 1;
@@ -571,16 +581,14 @@ impl Correlator {
             None => (CallerPath::Unknown, FixHint::None),
         };
         let segment = s.iommu.segment.unwrap_or(0);
-        let mut sids: Vec<Sid> = Vec::new();
+        let mut sids = Sids::default();
         for sid in s.dev_tlb_sids() {
             self.stats.dev_tlb_descriptors += 1;
-            if !sids.contains(&sid) {
-                sids.push(sid);
-            }
+            sids.push_unique(sid);
         }
         let mut inf = Inflight {
             seq,
-            event: e.clone(),
+            meta: e.meta,
             submit: *s,
             flush,
             caller,
@@ -621,7 +629,15 @@ impl Correlator {
         let first =
             ts.0.saturating_add(self.cfg.slow_ns.min(self.cfg.hung_warn_ns));
         self.next_deadline = self.next_deadline.min(first);
-        self.inflight.insert(tid, inf);
+        // Reuse a box from a finished submission: no allocation on the hot path.
+        let slot = match self.spare.pop() {
+            Some(mut b) => {
+                *b = inf;
+                b
+            }
+            None => Box::new(inf),
+        };
+        self.inflight.insert(tid, slot);
     }
 
     fn safe_removal_covering(&self, segment: u16, sid: Sid, ts: KTime) -> Option<u64> {
@@ -655,7 +671,7 @@ impl Correlator {
     }
 
     /// A submission ended: decide hung / W3 / ITE, then update every incident it is part of.
-    fn end_submission(&mut self, mut inf: Inflight, end: End<'_>) {
+    fn end_submission(&mut self, mut inf: Box<Inflight>, end: End<'_>) {
         let start = inf.start();
         let (outcome, end_ts, ret, ret_event) = match end {
             End::Returned { event, ret } => {
@@ -703,7 +719,7 @@ impl Correlator {
         }
         if let Some(ev) = ret_event {
             if ret == Some(crate::event::ETIMEDOUT) {
-                let sids = inf.sids.clone();
+                let sids = inf.sids.to_vec();
                 if sids.is_empty() {
                     self.ite_report(inf.seq, ev, None, inf.segment, Some(&mut inf));
                 }
@@ -711,6 +727,10 @@ impl Correlator {
                     self.ite_report(inf.seq, ev, Some(sid), inf.segment, Some(&mut inf));
                 }
             }
+        }
+        if inf.incidents.is_empty() {
+            self.recycle(inf);
+            return;
         }
         let view = inf.view(outcome, end_ts, ret);
         let ret_entry = ret_event.map(|ev| describe::entry(ev, None));
@@ -737,10 +757,17 @@ impl Correlator {
                 self.close(&id);
             }
         }
+        self.recycle(inf);
+    }
+
+    fn recycle(&mut self, inf: Box<Inflight>) {
+        if self.spare.len() < 64 {
+            self.spare.push(inf);
+        }
     }
 
     fn open_hung(&mut self, inf: &mut Inflight) {
-        let parts = [inf.start().0, u64::from(inf.event.meta.tid)];
+        let parts = [inf.start().0, u64::from(inf.meta.tid)];
         let key = inf.sids.first().map(|s| (inf.segment, *s));
         let id = IncidentId::derive(IncidentKind::HungInvalidation, &parts);
         if !self.open.contains_key(&id) {
@@ -767,7 +794,8 @@ impl Correlator {
             .get(&ctrl)
             .and_then(|s| s.removal.map(|r| r.at))
             .unwrap_or(inf.start());
-        for sid in inf.sids.clone() {
+        let sids = inf.sids;
+        for sid in sids.iter().copied() {
             let key = (inf.segment, sid);
             let parts = [u64::from(inf.segment), u64::from(sid.0), at.0];
             self.join(
@@ -933,7 +961,7 @@ impl Correlator {
             o,
             inf.start(),
             inf.seq,
-            describe::entry(&inf.event, Some(inf.caller)),
+            describe::entry(&inf.event(), Some(inf.caller)),
             max_tl,
         );
         if o.caller == CallerPath::Unknown {
@@ -1182,7 +1210,7 @@ impl Correlator {
             .inflight
             .values()
             .filter(|i| i.segment == key.0 && i.sids.contains(&key.1))
-            .map(|i| i.event.meta.tid)
+            .map(|i| i.meta.tid)
             .collect();
         for tid in tids {
             let Some(mut inf) = self.inflight.remove(&tid) else {
@@ -1290,7 +1318,7 @@ impl Correlator {
                     .values()
                     .filter(|i| i.sids.contains(&sid))
                     .filter(|i| returning.is_some() || i.segment == seg || segment == 0)
-                    .map(|i| i.event.meta.tid)
+                    .map(|i| i.meta.tid)
                     .collect();
                 Some((seg, sid))
             }
@@ -1307,7 +1335,7 @@ impl Correlator {
                     match oldest {
                         Some(i) => {
                             inferred = true;
-                            member_tids.push(i.event.meta.tid);
+                            member_tids.push(i.meta.tid);
                             Some((i.segment, i.sids[0]))
                         }
                         None => None,

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::Serialize;
 
-use crate::event::{Bdf, CallerPath, DeviceInfo, Event, KTime, Record, Sid, Submit};
+use crate::event::{Bdf, CallerPath, DeviceInfo, Event, KTime, Meta, Payload, Record, Sid, Submit};
 
 use super::detect::{FixHint, Lifecycle, Release};
 use super::incident::{
@@ -184,15 +184,15 @@ impl WalkRec {
 pub struct Inflight {
     /// Arrival sequence number of the submit event: the submission's identity.
     pub seq: u64,
-    pub event: Event,
+    pub meta: Meta,
     pub submit: Submit,
     /// The `qi_flush_dev_iotlb` that issued it (6.1, and the removal path on both).
-    pub flush: Option<Event>,
+    pub flush: Option<Box<Event>>,
     pub caller: CallerPath,
     pub hint: FixHint,
     pub segment: u16,
     /// Device-TLB SIDs in the batch, deduplicated, in descriptor order.
-    pub sids: Vec<Sid>,
+    pub sids: Sids,
     /// Incidents this submission is part of.
     pub incidents: Vec<IncidentId>,
     /// Hung level raised so far: 0 none, 1 warning, 2 critical.
@@ -207,14 +207,22 @@ pub struct Inflight {
 
 impl Inflight {
     pub fn start(&self) -> KTime {
-        self.event.meta.ts
+        self.meta.ts
+    }
+
+    /// The submit event.
+    pub fn event(&self) -> Event {
+        Event {
+            meta: self.meta,
+            payload: Payload::Submit(self.submit),
+        }
     }
 
     pub fn view(&self, outcome: Outcome, end: Option<KTime>, ret: Option<i64>) -> SubmissionView {
         SubmissionView {
-            tid: self.event.meta.tid,
-            cpu: self.event.meta.cpu,
-            task: self.event.meta.comm.to_string(),
+            tid: self.meta.tid,
+            cpu: self.meta.cpu,
+            task: self.meta.comm.to_string(),
             iommu: self.submit.iommu.name.to_string(),
             start: self.start(),
             end,
@@ -222,8 +230,32 @@ impl Inflight {
             outcome,
             caller: self.caller,
             descriptors: self.submit.count,
-            dev_tlb_sids: self.sids.clone(),
+            dev_tlb_sids: self.sids.to_vec(),
         }
+    }
+}
+
+/// The device-TLB SIDs of one batch, without allocating.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sids {
+    n: u8,
+    s: [Sid; itewatch_common::MAX_BATCH],
+}
+
+impl Sids {
+    /// Adds `sid` unless present; beyond the capacity (a batch's size) it is dropped.
+    pub fn push_unique(&mut self, sid: Sid) {
+        if !self.contains(&sid) && (self.n as usize) < self.s.len() {
+            self.s[self.n as usize] = sid;
+            self.n += 1;
+        }
+    }
+}
+
+impl std::ops::Deref for Sids {
+    type Target = [Sid];
+    fn deref(&self) -> &[Sid] {
+        &self.s[..self.n as usize]
     }
 }
 

@@ -68,6 +68,8 @@ pub enum ReplayError {
     Open(#[from] TraceError),
     #[error("{source} ({after} records before it were printed)")]
     Trace { after: u64, source: TraceError },
-    #[error(transparent)]
+    // Not `transparent`: the io::Error must stay in the source chain so that a closed pipe
+    // (`itewatch replay t.itw | head`) is recognised and exits 0.
+    #[error("writing the output: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -5,6 +5,7 @@
 //! tool; they never stop it. The plan is written into every trace header, so a report always
 //! says what could and could not be seen.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::{
@@ -435,10 +436,16 @@ impl Probes {
         let mut out = Vec::new();
         for (name, prog) in self.ebpf.programs() {
             if let Ok(info) = prog.info() {
+                let misses = prog
+                    .fd()
+                    .ok()
+                    .and_then(|fd| recursion_misses(fd.as_fd()))
+                    .unwrap_or(0);
                 out.push(ProgramStats {
                     program: name.to_string(),
                     run_count: info.run_count(),
                     run_time_ns: info.run_time().as_nanos() as u64,
+                    misses,
                 });
             }
         }
@@ -472,6 +479,41 @@ fn attach_one(ebpf: &mut Ebpf, spec: &Spec, target: &str) -> Result<(), String> 
             p.attach(cat, name).map(|_| ()).map_err(|e| error_chain(&e))
         }
     }
+}
+
+/// `bpf_prog_info.recursion_misses` of a loaded program (aya 0.14 does not expose it).
+///
+/// `BPF_OBJ_GET_INFO_BY_FD` with the UAPI `struct bpf_prog_info` (include/uapi/linux/bpf.h;
+/// a stable ABI: the kernel fills the fields it knows and leaves the rest zero).
+/// `recursion_misses` is at byte 208, after `run_time_ns` (192) and `run_cnt` (200).
+fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const INFO_LEN: usize = 224;
+    const RECURSION_MISSES: usize = 208;
+    let mut info = [0u64; INFO_LEN / 8];
+    #[repr(C)]
+    struct Attr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = Attr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: INFO_LEN as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `attr` points to a valid `bpf_attr` prefix for this command and `info` to
+    // INFO_LEN writable bytes that outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const Attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    (rc == 0).then(|| info[RECURSION_MISSES / 8])
 }
 
 /// Totals of the BPF side's per-CPU failure counters.

@@ -84,6 +84,11 @@ fn device_snapshot() -> Vec<crate::event::DeviceInfo> {
     }
 }
 
+/// Probe hits skipped by the kernel, summed over programs.
+fn total_misses(probes: &Probes) -> u64 {
+    probes.program_stats().iter().map(|s| s.misses).sum()
+}
+
 /// Counts of a finished recording.
 #[derive(Clone, Debug, Default)]
 pub struct RecordSummary {
@@ -101,6 +106,7 @@ struct Recorder<W: Write> {
     reported: CounterTotals,
     undecodable: u64,
     undecodable_reported: u64,
+    misses_reported: u64,
     echo: bool,
     devices: HashMap<crate::event::Bdf, DeviceIdent>,
 }
@@ -149,11 +155,13 @@ impl<W: Write> Recorder<W> {
         Ok(())
     }
 
-    /// Writes a `Lost` marker for whatever the counters gained since the last one.
-    fn on_counters(&mut self, now: CounterTotals) -> std::io::Result<()> {
+    /// Writes a `Lost` marker for whatever the counters gained since the last one:
+    /// ring-buffer reserve failures, probe hits the kernel skipped, undecodable records.
+    fn on_counters(&mut self, now: CounterTotals, misses: u64) -> std::io::Result<()> {
         let full = now.ringbuf_full.saturating_sub(self.reported.ringbuf_full);
+        let missed = misses.saturating_sub(self.misses_reported);
         let undecodable = self.undecodable - self.undecodable_reported;
-        if full > 0 || undecodable > 0 {
+        if full > 0 || undecodable > 0 || missed > 0 {
             let at = if self.last_ts.0 == 0 {
                 KTime(monotonic_ns())
             } else {
@@ -162,11 +170,12 @@ impl<W: Write> Recorder<W> {
             self.write(&Record::Lost(LostRecord {
                 after: at,
                 ringbuf_full: full,
-                missed: 0,
+                missed,
                 undecodable,
             }))?;
         }
         self.reported = now;
+        self.misses_reported = misses;
         self.undecodable_reported = self.undecodable;
         Ok(())
     }
@@ -230,6 +239,7 @@ async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         reported: CounterTotals::default(),
         undecodable: 0,
         undecodable_reported: 0,
+        misses_reported: 0,
         echo: opts.echo,
         devices: HashMap::new(),
     };
@@ -278,7 +288,7 @@ async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
                 guard.clear_ready();
             }
             _ = tick.tick() => {
-                rec.on_counters(counters.totals())?;
+                rec.on_counters(counters.totals(), total_misses(&probes))?;
                 if refresh_devices {
                     refresh_devices = false;
                     rec.write_new_devices(device_snapshot())?;
@@ -299,7 +309,7 @@ async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         }
     }
     let totals = counters.totals();
-    rec.on_counters(totals)?;
+    rec.on_counters(totals, total_misses(&probes))?;
     let stats = probes.program_stats();
     drop(stats_fd);
     let end = rec.writer.end_mut();
@@ -312,6 +322,7 @@ async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
             if let Some(b) = stats_base.iter().find(|b| b.program == s.program) {
                 s.run_count = s.run_count.saturating_sub(b.run_count);
                 s.run_time_ns = s.run_time_ns.saturating_sub(b.run_time_ns);
+                s.misses = s.misses.saturating_sub(b.misses);
             }
             s
         })

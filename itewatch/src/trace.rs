@@ -115,6 +115,11 @@ pub struct ProgramStats {
     pub program: String,
     pub run_count: u64,
     pub run_time_ns: u64,
+    /// Times the kernel skipped the program (`bpf_prog_info.recursion_misses`: recursion,
+    /// and on newer kernels (6.7+) kprobe hits missed while another ran on the CPU). 0 where the
+    /// kernel does not count them.
+    #[serde(default)]
+    pub misses: u64,
 }
 
 /// The closing frame: counts as the writer saw them.

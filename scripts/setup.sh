@@ -48,6 +48,20 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The VM tests (`cargo xtask vm-test`) `apt-get download` two pinned kernel packages; make
+# sure apt knows those versions (the 6.12 one comes from bookworm-security). Keep in step
+# with PINNED in xtask/src/kernels.rs.
+if [ -z "${ITEWATCH_SETUP_MINIMAL:-}" ]; then
+    for kv in linux-image-6.1.0-47-amd64-unsigned=6.1.170-3 \
+              'linux-image-6.12.117+deb12-amd64-unsigned=6.12.117-1~deb12u1'; do
+        if ! apt-cache show "$kv" >/dev/null 2>&1; then
+            log "apt does not know $kv yet: apt-get update"
+            $SUDO apt-get update -qq
+            break
+        fi
+    done
+fi
+
 rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl ||
     rustup target add x86_64-unknown-linux-musl
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt

@@ -394,6 +394,53 @@ pub struct Incident {
     pub fixes: Vec<Fix>,
     /// Whether this revision is the last (the incident is closed).
     pub closed: bool,
+    /// The log lines an incident reconstructed from a kernel log (`itewatch analyze`) rests
+    /// on, and how firmly; absent from traced incidents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Evidence>,
+}
+
+/// How firmly a log-reconstructed incident is established.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Certainty {
+    /// Only timing links the lines (e.g. an ITE shortly after a slot's Link Down).
+    #[default]
+    Possible,
+    /// A call trace shows the invalidation, but the case rests on the task name or on
+    /// pciehp lines near it.
+    Probable,
+    /// The call trace itself shows both the invalidation and the path that issued it.
+    Confirmed,
+}
+
+/// One log line supporting an incident.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvidenceLine {
+    /// 1-based line number in the input.
+    pub line: u64,
+    /// What the analyzer read in it (`ite-detected`, `frame`, `link-down`, ..).
+    pub fact: String,
+    /// The message, without its timestamp prefix (cut at 512 bytes).
+    pub text: String,
+}
+
+/// Why an incident reconstructed from a kernel log is believed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// Boot of the log the lines belong to (0-based, in input order).
+    pub boot: u32,
+    pub certainty: Certainty,
+    /// What the diagnosis rests on, one statement each.
+    pub basis: Vec<String>,
+    /// What the log does not tell (and the diagnosis therefore does not claim).
+    pub unknowns: Vec<String>,
+    /// The supporting lines, in input order.
+    pub lines: Vec<EvidenceLine>,
+    /// Supporting lines left out to keep the incident small.
+    pub lines_omitted: u32,
 }
 
 #[cfg(test)]

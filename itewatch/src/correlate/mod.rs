@@ -1751,6 +1751,7 @@ impl Correlator {
             attribution: o.attribution.clone(),
             related: o.related.iter().cloned().collect(),
             closed,
+            evidence: None,
         }
     }
 }

@@ -1,0 +1,930 @@
+//! What one kernel message says: the format strings of kernel-facts §8 (VT-d QI faults,
+//! pciehp, watchdogs), the call-trace lines around them, and the boot banner lines that give
+//! the host facts. A cheap multi-pattern prefilter skips the ~all lines that are none of these.
+//!
+//! Checked against the 5.15.85, 6.1.y, 6.9 and 6.12 sources (drivers/iommu/intel/dmar.c,
+//! drivers/pci/hotplug/pciehp_ctrl.c, kernel/watchdog*.c) as quoted in kernel-facts.md.
+
+use std::sync::OnceLock;
+
+use aho_corasick::AhoCorasick;
+
+use crate::event::{Bdf, Sid};
+
+/// What a pciehp `Slot(%s): ...` line reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SlotWhat {
+    LinkDown,
+    CardNotPresent,
+    CardPresent,
+    LinkUp,
+    /// Attention button pressed / "Powering off due to button press" / "Button press: will
+    /// power off": a safe removal starts.
+    Button,
+    /// "Button cancel" and the like: the safe removal was cancelled.
+    ButtonCancel,
+    Other,
+}
+
+impl SlotWhat {
+    pub fn name(self) -> &'static str {
+        match self {
+            SlotWhat::LinkDown => "link-down",
+            SlotWhat::CardNotPresent => "card-not-present",
+            SlotWhat::CardPresent => "card-present",
+            SlotWhat::LinkUp => "link-up",
+            SlotWhat::Button => "attention-button",
+            SlotWhat::ButtonCancel => "button-cancel",
+            SlotWhat::Other => "slot-other",
+        }
+    }
+}
+
+/// The watchdog (or oops) report that opens a call-trace block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ReportKind {
+    HardLockup,
+    SoftLockup,
+    RcuStall,
+    NmiBacktrace,
+    HungTask,
+    /// WARNING / BUG / Oops / general protection fault.
+    Oops,
+    /// A `CPU: N PID: P Comm: X` line with no header before it (dump_stack, quoted traces).
+    Dump,
+}
+
+impl ReportKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReportKind::HardLockup => "hard-lockup",
+            ReportKind::SoftLockup => "soft-lockup",
+            ReportKind::RcuStall => "rcu-stall",
+            ReportKind::NmiBacktrace => "nmi-backtrace",
+            ReportKind::HungTask => "hung-task",
+            ReportKind::Oops => "oops",
+            ReportKind::Dump => "stack-dump",
+        }
+    }
+    /// Whether the CPU was spinning (as opposed to a task sleeping too long).
+    pub fn spinning(self) -> bool {
+        matches!(
+            self,
+            ReportKind::HardLockup
+                | ReportKind::SoftLockup
+                | ReportKind::RcuStall
+                | ReportKind::NmiBacktrace
+        )
+    }
+}
+
+/// One recognised message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fact {
+    /// `DMAR: VT-d detected Invalidation Time-out Error: SID %llx` (`sid` None for 0).
+    IteDetected { sid: Option<Sid> },
+    /// `... Invalidation Queue Error: Reason %llx`.
+    IqeDetected { reason: u64 },
+    /// `... Invalidation Completion Error: SID %llx`.
+    IceDetected { sid: Option<Sid> },
+    /// `DMAR: QI HEAD|PRIOR: <type> qw0 = 0x.., qw1 = 0x..`; `dev_tlb_sid` decoded from a
+    /// (PASID-based) Device-TLB descriptor.
+    QiDesc {
+        prior: bool,
+        desc_type: String,
+        qw0: Option<u64>,
+        dev_tlb_sid: Option<Sid>,
+    },
+    /// `Invalidation Time-out Error (ITE) cleared` (and IQE/ICE).
+    Cleared { what: &'static str },
+    /// `DMAR: DRHD: handling fault status reg %x`.
+    FaultStatus { reg: u32 },
+    /// A DMA remapping fault (`[DMA Read NO_PASID] Request device [..] fault addr`), or an
+    /// interrupt-remapping fault: NOT an ITE.
+    DmaFault { device: Option<Sid> },
+    Slot {
+        port: Option<Bdf>,
+        slot: String,
+        what: SlotWhat,
+    },
+    /// DPC containment / trigger.
+    Dpc { port: Option<Bdf> },
+    /// AER error report.
+    Aer { device: Option<Bdf> },
+    /// Header of a watchdog/oops report; `cpu`, `comm`, `pid` when the header says them.
+    ReportHeader {
+        kind: ReportKind,
+        cpu: Option<u32>,
+        comm: Option<String>,
+        pid: Option<u32>,
+        stuck_s: Option<u64>,
+    },
+    /// `CPU: N PID: P Comm: X ...`.
+    Task {
+        cpu: Option<u32>,
+        pid: Option<u32>,
+        comm: String,
+        release: Option<String>,
+    },
+    /// A stack frame (`RIP:` included); `reliable` false for `? sym` frames.
+    Frame { sym: String, reliable: bool },
+    /// `Call Trace:`, `<TASK>`, register dumps: inside a report, not the end of it.
+    TraceContext,
+    /// `</TASK>`, `---[ end trace`, `Kernel Offset:`: the report ended.
+    TraceEnd,
+    /// `Kernel panic - not syncing: <why>`.
+    Panic { why: String },
+    /// `pci 0000:01:00.0: Removing from iommu group N`.
+    IommuGroupRemove { bdf: Bdf },
+    /// `pci 0000:01:00.0: [8086:0b60] type 00 class 0x010802`.
+    Enumerated { bdf: Bdf, vendor: u16, device: u16 },
+    /// `<driver> 0000:01:00.0: ...` (any device message from a bound driver).
+    DriverSays { bdf: Bdf, driver: String },
+    /// `Linux version <release> ...`.
+    LinuxVersion { release: String },
+    /// `Command line: ...` / `Kernel command line: ...`.
+    CommandLine { cmdline: String },
+    /// `smpboot: CPU0: <model> (family: ..)`.
+    CpuModel { model: String },
+    /// `DMAR: dmar0: reg_base_addr fed90000 ver 1:0 cap d2008c40660462 ecap f050da`.
+    DmarUnit {
+        name: String,
+        version: Option<String>,
+        address: Option<u64>,
+        cap: Option<u64>,
+        ecap: Option<u64>,
+    },
+    /// A line with a relevant keyword that matched no pattern fully (truncated, mangled).
+    Mangled { keyword: &'static str },
+}
+
+const KEYWORDS: &[&str] = &[
+    "DMAR",
+    "dmar",
+    "Slot(",
+    "LOCKUP",
+    "lockup",
+    "stall",
+    "NMI backtrace",
+    "Call Trace",
+    "RIP:",
+    "Comm:",
+    "+0x",
+    "TASK>",
+    "end trace",
+    "Kernel panic",
+    "blocked for more than",
+    "AER",
+    "DPC",
+    "iommu group",
+    "] type ",
+    "Linux version",
+    "ommand line:",
+    "smpboot: CPU0",
+    "WARNING:",
+    "BUG:",
+    "Oops",
+    "general protection",
+    "Kernel Offset",
+    "Invalidation",
+];
+
+fn prefilter() -> Option<&'static AhoCorasick> {
+    static P: OnceLock<Option<AhoCorasick>> = OnceLock::new();
+    // Fixed literals always build; if they ever did not, every line goes to the full matcher.
+    P.get_or_init(|| AhoCorasick::new(KEYWORDS).ok()).as_ref()
+}
+
+fn hex_after(s: &str, pat: &str) -> Option<u64> {
+    let i = s.find(pat)?;
+    let rest = s.get(i + pat.len()..)?.trim_start();
+    let rest = rest.strip_prefix("0x").unwrap_or(rest);
+    let end = rest
+        .find(|c: char| !c.is_ascii_hexdigit())
+        .unwrap_or(rest.len());
+    if end == 0 || end > 16 {
+        return None;
+    }
+    u64::from_str_radix(rest.get(..end)?, 16).ok()
+}
+
+fn dec_after(s: &str, pat: &str) -> Option<u64> {
+    let i = s.find(pat)?;
+    let rest = s.get(i + pat.len()..)?.trim_start();
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    if end == 0 || end > 19 {
+        return None;
+    }
+    rest.get(..end)?.parse().ok()
+}
+
+fn sid_of(v: u64) -> Option<Sid> {
+    (v != 0 && v <= 0xffff).then_some(Sid(v as u16))
+}
+
+/// A PCI address word `ssss:bb:dd.f` (no `????`).
+pub fn parse_bdf(w: &str) -> Option<Bdf> {
+    let w = w.trim_end_matches([':', ',', ';']);
+    let b = w.as_bytes();
+    if b.len() != 12 || b.get(4) != Some(&b':') || b.get(7) != Some(&b':') {
+        return None;
+    }
+    w.parse().ok()
+}
+
+/// `[bb:dd.f]` or `[ssss:bb:dd.f]` inside a DMA fault line.
+fn bracket_sid(s: &str) -> Option<Sid> {
+    let i = s.find("device [")?;
+    let rest = s.get(i + "device [".len()..)?;
+    let end = rest.find(']')?;
+    let inner = rest.get(..end)?;
+    let bdf: Bdf = inner.parse().ok()?;
+    Some(bdf.sid())
+}
+
+/// Whether `w` is a kernel symbol frame `sym+0xoff[/0xlen]`; returns the symbol.
+fn frame_sym(w: &str) -> Option<&str> {
+    let plus = w.find("+0x")?;
+    let sym = w.get(..plus)?;
+    let off = w.get(plus + 3..)?;
+    let first = sym.chars().next()?;
+    if !(first.is_ascii_alphabetic() || first == '_' || first == '.') {
+        return None;
+    }
+    if !sym
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '$')
+    {
+        return None;
+    }
+    if !off.chars().next()?.is_ascii_hexdigit() {
+        return None;
+    }
+    Some(sym)
+}
+
+fn parse_frame(t: &str) -> Option<Fact> {
+    let mut s = t.trim();
+    // Old style: `[<ffffffff8123>] sym+0x../0x..` and `[<ffffffff8123>] ? sym+0x..`.
+    if let Some(r) = s.strip_prefix("[<") {
+        s = r.split_once(">]").map(|x| x.1)?.trim_start();
+    }
+    let (reliable, s) = match s.strip_prefix("? ") {
+        Some(r) => (false, r.trim_start()),
+        None => (true, s),
+    };
+    let s = s.strip_prefix("RIP: ").map_or(s, |r| {
+        r.split_once(':').map_or(r, |(seg, rest)| {
+            if seg.len() == 4 && seg.bytes().all(|c| c.is_ascii_hexdigit()) {
+                rest
+            } else {
+                r
+            }
+        })
+    });
+    let word = s.split_whitespace().next()?;
+    let sym = frame_sym(word)?;
+    // A frame line has at most a `[module]` and maybe an `(inlined)`/`(..)` after it.
+    let extra = s.get(word.len()..).unwrap_or("").trim();
+    if !(extra.is_empty()
+        || extra.starts_with('[')
+        || extra.starts_with('(')
+        || extra.starts_with("RSP"))
+    {
+        return None;
+    }
+    Some(Fact::Frame {
+        sym: sym.to_string(),
+        reliable,
+    })
+}
+
+fn parse_slot(t: &str, i: usize) -> Option<Fact> {
+    let rest = t.get(i + "Slot(".len()..)?;
+    let close = rest.find(')')?;
+    let slot = rest.get(..close)?.to_string();
+    if slot.len() > 64 {
+        return None;
+    }
+    let what_s = rest.get(close + 1..)?.trim_start_matches(':').trim();
+    let lw = what_s.to_ascii_lowercase();
+    let what = if lw.starts_with("link down") {
+        SlotWhat::LinkDown
+    } else if lw.starts_with("card not present") {
+        SlotWhat::CardNotPresent
+    } else if lw.starts_with("card present") {
+        SlotWhat::CardPresent
+    } else if lw.starts_with("link up") {
+        SlotWhat::LinkUp
+    } else if lw.contains("cancel") {
+        SlotWhat::ButtonCancel
+    } else if lw.contains("button") || lw.starts_with("powering off") {
+        SlotWhat::Button
+    } else {
+        SlotWhat::Other
+    };
+    // "pcieport 0000:00:04.0: pciehp: Slot(1)" or the 4.x "pciehp 0000:00:1c.0:pcie004:".
+    let before = t.get(..i)?;
+    let port = before
+        .split(|c: char| c.is_whitespace())
+        .filter_map(|w| parse_bdf(w.get(..w.len().min(13))?))
+        .next_back();
+    Some(Fact::Slot { port, slot, what })
+}
+
+fn parse_task(t: &str) -> Option<Fact> {
+    // `CPU: 144 PID: 1422 Comm: irq/57-pciehp Not tainted 5.x #1`
+    // `CPU: 3 UID: 0 PID: 1422 Comm: irq/57-pciehp Tainted: G ... 6.12.0 #1`
+    let i = t.find("Comm: ")?;
+    let cpu = dec_after(t, "CPU: ").map(|c| c as u32);
+    let pid = dec_after(t, "PID: ").map(|p| p as u32);
+    let rest = t.get(i + "Comm: ".len()..)?;
+    // The comm may contain spaces ("kworker/u8:2 Not tainted"): cut at the taint words.
+    let end = [" Not tainted", " Tainted:", " Kdump:"]
+        .iter()
+        .filter_map(|m| rest.find(m))
+        .min()
+        .unwrap_or_else(|| rest.find(' ').unwrap_or(rest.len()));
+    let comm: String = rest.get(..end)?.chars().take(64).collect();
+    if comm.is_empty() {
+        return None;
+    }
+    let release = rest
+        .get(end..)
+        .and_then(|r| {
+            r.split_whitespace()
+                .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()) && w.contains('.'))
+        })
+        .map(|s| s.chars().take(96).collect());
+    Some(Fact::Task {
+        cpu,
+        pid,
+        comm,
+        release,
+    })
+}
+
+/// `... [comm:pid]` at the end of a soft lockup / hung task header.
+fn bracket_comm(t: &str) -> (Option<String>, Option<u32>) {
+    let Some(open) = t.rfind('[') else {
+        return (None, None);
+    };
+    let inner = t
+        .get(open + 1..)
+        .unwrap_or("")
+        .trim_end()
+        .trim_end_matches(']');
+    match inner.rsplit_once(':') {
+        Some((c, p)) => (
+            Some(c.chars().take(64).collect()),
+            p.trim().parse::<u32>().ok(),
+        ),
+        None => (None, None),
+    }
+}
+
+fn parse_dmar_unit(t: &str) -> Option<Fact> {
+    // `DMAR: dmar0: reg_base_addr fed90000 ver 1:0 cap d2008c40660462 ecap f050da`
+    let i = t.find("reg_base_addr")?;
+    let before = t.get(..i)?.trim_end().trim_end_matches(':');
+    let name = before.rsplit([' ', ':']).next()?.to_string();
+    if !name.starts_with("dmar") || name.len() > 16 {
+        return None;
+    }
+    let version = t.find(" ver ").and_then(|v| {
+        t.get(v + 5..)?
+            .split_whitespace()
+            .next()
+            .map(|s| s.chars().take(16).collect())
+    });
+    Some(Fact::DmarUnit {
+        name,
+        version,
+        address: hex_after(t, "reg_base_addr"),
+        cap: hex_after(t, " cap "),
+        ecap: hex_after(t, " ecap "),
+    })
+}
+
+/// Decodes the SID of a Device-TLB (type 3) or PASID-based Device-TLB (type 8) descriptor.
+pub fn dev_tlb_sid(qw0: u64) -> Option<Sid> {
+    match qw0 & 0xf {
+        0x3 => Some(Sid(((qw0 >> 32) & 0xffff) as u16)),
+        0x8 => Some(Sid(((qw0 >> 16) & 0xffff) as u16)),
+        _ => None,
+    }
+}
+
+/// What `text` says, if anything this analyzer knows about.
+pub fn classify(text: &str) -> Option<Fact> {
+    let kw = match prefilter() {
+        Some(ac) => {
+            let first = ac.find(text)?;
+            KEYWORDS
+                .get(first.pattern().as_usize())
+                .copied()
+                .unwrap_or("")
+        }
+        None => "",
+    };
+    let t = text.trim_end();
+
+    // VT-d queued-invalidation faults (dmar.c qi_dump_fault / qi_check_fault / dmar_fault).
+    if t.contains("Invalidation") {
+        if t.contains("Invalidation Time-out Error: SID") {
+            if let Some(v) = hex_after(t, "Invalidation Time-out Error: SID") {
+                return Some(Fact::IteDetected { sid: sid_of(v) });
+            }
+            return Some(Fact::Mangled {
+                keyword: "Invalidation Time-out Error",
+            });
+        }
+        if t.contains("Invalidation Time-out Error (ITE) cleared") {
+            return Some(Fact::Cleared { what: "ITE" });
+        }
+        if t.contains("Invalidation Queue Error (IQE) cleared") {
+            return Some(Fact::Cleared { what: "IQE" });
+        }
+        if t.contains("Invalidation Completion Error (ICE) cleared") {
+            return Some(Fact::Cleared { what: "ICE" });
+        }
+        if t.contains("Invalidation Queue Error: Reason") {
+            return Some(Fact::IqeDetected {
+                reason: hex_after(t, "Reason").unwrap_or(0),
+            });
+        }
+        if t.contains("Invalidation Completion Error: SID") {
+            return Some(Fact::IceDetected {
+                sid: hex_after(t, "Completion Error: SID").and_then(sid_of),
+            });
+        }
+    }
+    if let Some(i) = t.find("QI HEAD:").or_else(|| t.find("QI PRIOR:")) {
+        let prior = t.get(i..).is_some_and(|r| r.starts_with("QI PRIOR"));
+        let rest = t.get(i..).and_then(|r| r.split_once(':')).map(|x| x.1);
+        let desc_type = rest
+            .and_then(|r| r.split(" qw0").next())
+            .map(|s| s.trim().chars().take(64).collect())
+            .unwrap_or_default();
+        let qw0 = hex_after(t, "qw0 =");
+        return Some(Fact::QiDesc {
+            prior,
+            desc_type,
+            qw0,
+            dev_tlb_sid: qw0.and_then(dev_tlb_sid),
+        });
+    }
+    if t.contains("handling fault status reg") {
+        return match hex_after(t, "handling fault status reg") {
+            Some(r) => Some(Fact::FaultStatus { reg: r as u32 }),
+            None => Some(Fact::Mangled {
+                keyword: "handling fault status reg",
+            }),
+        };
+    }
+    if (t.contains("DMAR") || t.contains("DMA "))
+        && (t.contains("fault addr") || t.contains("fault index") || t.contains("[fault reason"))
+    {
+        return Some(Fact::DmaFault {
+            device: bracket_sid(t),
+        });
+    }
+    if t.contains("reg_base_addr") {
+        return parse_dmar_unit(t);
+    }
+
+    // pciehp.
+    if let Some(i) = t.find("Slot(") {
+        if let Some(f) = parse_slot(t, i) {
+            return Some(f);
+        }
+    }
+
+    // Watchdogs and oopses.
+    if t.contains("Watchdog detected hard LOCKUP") {
+        let cpu = dec_after(t, "hard LOCKUP on cpu").map(|c| c as u32);
+        return Some(Fact::ReportHeader {
+            kind: ReportKind::HardLockup,
+            cpu,
+            comm: None,
+            pid: None,
+            stuck_s: None,
+        });
+    }
+    if t.contains("soft lockup - CPU#") {
+        let (comm, pid) = bracket_comm(t);
+        return Some(Fact::ReportHeader {
+            kind: ReportKind::SoftLockup,
+            cpu: dec_after(t, "CPU#").map(|c| c as u32),
+            comm,
+            pid,
+            stuck_s: dec_after(t, "stuck for"),
+        });
+    }
+    if (t.contains("detected stall") || t.contains("self-detected stall"))
+        && (t.contains("rcu") || t.contains("RCU"))
+    {
+        return Some(Fact::ReportHeader {
+            kind: ReportKind::RcuStall,
+            cpu: dec_after(t, "stall on CPU").map(|c| c as u32),
+            comm: None,
+            pid: None,
+            stuck_s: None,
+        });
+    }
+    if let Some(i) = t.find("NMI backtrace for cpu") {
+        let cpu = t
+            .get(i..)
+            .and_then(|r| dec_after(r, "NMI backtrace for cpu"))
+            .map(|c| c as u32);
+        return Some(Fact::ReportHeader {
+            kind: ReportKind::NmiBacktrace,
+            cpu,
+            comm: None,
+            pid: None,
+            stuck_s: None,
+        });
+    }
+    if t.contains("blocked for more than") {
+        // `INFO: task irq/57-pciehp:1422 blocked for more than 122 seconds.`
+        let (comm, pid) = t
+            .find("task ")
+            .and_then(|i| t.get(i + 5..))
+            .and_then(|r| r.split(" blocked").next())
+            .and_then(|r| r.rsplit_once(':'))
+            .map(|(c, p)| (Some(c.chars().take(64).collect()), p.parse().ok()))
+            .unwrap_or((None, None));
+        return Some(Fact::ReportHeader {
+            kind: ReportKind::HungTask,
+            cpu: None,
+            comm,
+            pid,
+            stuck_s: dec_after(t, "blocked for more than"),
+        });
+    }
+    if let Some(i) = t.find("Kernel panic - not syncing:") {
+        return Some(Fact::Panic {
+            why: t
+                .get(i + "Kernel panic - not syncing:".len()..)
+                .unwrap_or("")
+                .trim()
+                .chars()
+                .take(128)
+                .collect(),
+        });
+    }
+    if t.starts_with("WARNING: CPU:")
+        || t.starts_with("BUG: ")
+        || t.starts_with("Oops:")
+        || t.starts_with("general protection fault")
+    {
+        return Some(Fact::ReportHeader {
+            kind: ReportKind::Oops,
+            cpu: dec_after(t, "CPU:").map(|c| c as u32),
+            comm: None,
+            pid: dec_after(t, "PID:").map(|p| p as u32),
+            stuck_s: None,
+        });
+    }
+    if t.contains("Comm: ") && (t.starts_with("CPU: ") || t.contains(" PID: ")) {
+        if let Some(f) = parse_task(t) {
+            return Some(f);
+        }
+    }
+    if t.contains("+0x") {
+        if let Some(f) = parse_frame(t) {
+            return Some(f);
+        }
+    }
+    if t.starts_with("Call Trace")
+        || t == "<TASK>"
+        || t == "<IRQ>"
+        || t == "</IRQ>"
+        || t == "<NMI>"
+        || t == "</NMI>"
+        || t.starts_with("RIP:")
+        || t.starts_with("Code:")
+    {
+        return Some(Fact::TraceContext);
+    }
+    if t == "</TASK>" || t.contains("---[ end trace") || t.starts_with("Kernel Offset:") {
+        return Some(Fact::TraceEnd);
+    }
+
+    // PCIe error handling around removal.
+    if t.contains("DPC:") && (t.contains("containment") || t.contains("detected")) {
+        return Some(Fact::Dpc {
+            port: t.split_whitespace().find_map(parse_bdf),
+        });
+    }
+    if t.contains("AER:")
+        && (t.contains("error received") || t.contains("Error") || t.contains("error"))
+    {
+        let device = t
+            .rsplit_once("received:")
+            .and_then(|(_, r)| r.split_whitespace().find_map(parse_bdf))
+            .or_else(|| t.split_whitespace().find_map(parse_bdf));
+        return Some(Fact::Aer { device });
+    }
+
+    // Device lifecycle and inventory.
+    if let Some(i) = t.find(": Removing from iommu group") {
+        if let Some(bdf) = t
+            .get(..i)
+            .and_then(|b| b.split_whitespace().last())
+            .and_then(parse_bdf)
+        {
+            return Some(Fact::IommuGroupRemove { bdf });
+        }
+    }
+    if kw == "] type " || t.contains("] type ") {
+        // `pci 0000:01:00.0: [8086:0b60] type 00 class 0x010802`
+        let mut words = t.split_whitespace();
+        if words.next() == Some("pci") {
+            if let (Some(bdf), Some(ids)) = (words.next().and_then(parse_bdf), words.next()) {
+                let ids = ids.trim_start_matches('[').trim_end_matches(']');
+                if let Some((v, d)) = ids.split_once(':') {
+                    if let (Ok(vendor), Ok(device)) =
+                        (u16::from_str_radix(v, 16), u16::from_str_radix(d, 16))
+                    {
+                        return Some(Fact::Enumerated {
+                            bdf,
+                            vendor,
+                            device,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    if let Some(i) = t.find("Linux version ") {
+        if i < 8 {
+            let release = t
+                .get(i + "Linux version ".len()..)
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or("")
+                .chars()
+                .take(96)
+                .collect();
+            return Some(Fact::LinuxVersion { release });
+        }
+    }
+    if let Some(i) = t.find("ommand line: ") {
+        if i <= 8 {
+            return Some(Fact::CommandLine {
+                cmdline: t
+                    .get(i + "ommand line: ".len()..)
+                    .unwrap_or("")
+                    .chars()
+                    .take(1024)
+                    .collect(),
+            });
+        }
+    }
+    if let Some(i) = t.find("smpboot: CPU0: ") {
+        let rest = t.get(i + "smpboot: CPU0: ".len()..).unwrap_or("");
+        let model = rest.split(" (family").next().unwrap_or(rest).trim();
+        return Some(Fact::CpuModel {
+            model: model.chars().take(128).collect(),
+        });
+    }
+    if t.contains("DMAR") || t.contains("dmar") {
+        return None;
+    }
+    None
+}
+
+/// `<driver> ssss:bb:dd.f: ...`: a driver speaking about its device. Checked separately from
+/// [`classify`] because it matches most device lines; the caller only wants it for SIDs it
+/// already cares about.
+pub fn driver_says(text: &str) -> Option<Fact> {
+    let (drv, rest) = text.split_once(' ')?;
+    if drv.is_empty()
+        || drv.len() > 32
+        || matches!(drv, "pci" | "pcieport" | "pci_bus" | "DMAR:" | "iommu:")
+        || !drv
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return None;
+    }
+    let word = rest.split_whitespace().next()?;
+    let bdf = parse_bdf(word)?;
+    Some(Fact::DriverSays {
+        bdf,
+        driver: drv.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qi_fault_lines() {
+        assert_eq!(
+            classify("DMAR: VT-d detected Invalidation Time-out Error: SID 0"),
+            Some(Fact::IteDetected { sid: None })
+        );
+        assert_eq!(
+            classify("DMAR: VT-d detected Invalidation Time-out Error: SID af03"),
+            Some(Fact::IteDetected {
+                sid: Some(Sid(0xaf03))
+            })
+        );
+        match classify(
+            "DMAR: QI HEAD: Device-TLB Invalidation qw0 = 0xaf0300100003, qw1 = 0x7ffffffffffff001",
+        ) {
+            Some(Fact::QiDesc {
+                prior: false,
+                desc_type,
+                dev_tlb_sid,
+                ..
+            }) => {
+                assert_eq!(desc_type, "Device-TLB Invalidation");
+                assert_eq!(dev_tlb_sid, Some(Sid(0xaf03)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            classify("DMAR: QI PRIOR: Invalidation Wait qw0 = 0x200000025, qw1 = 0x10b8b5e0c"),
+            Some(Fact::QiDesc {
+                prior: true,
+                dev_tlb_sid: None,
+                ..
+            })
+        ));
+        assert_eq!(
+            classify("DMAR: DRHD: handling fault status reg 40"),
+            Some(Fact::FaultStatus { reg: 0x40 })
+        );
+        assert_eq!(
+            classify("DMAR: Invalidation Time-out Error (ITE) cleared"),
+            Some(Fact::Cleared { what: "ITE" })
+        );
+        assert!(matches!(
+            classify("DMAR: VT-d detected Invalidation Time-o"),
+            None | Some(Fact::Mangled { .. })
+        ));
+    }
+
+    #[test]
+    fn dma_faults_are_not_ite() {
+        for l in [
+            "DMAR: [DMA Read NO_PASID] Request device [01:00.0] fault addr 0xfffd0000 [fault reason 0x06] PTE Read access is not set",
+            "DMAR: DMAR:[DMA Write] Request device [03:00.0] fault addr 7ffff000 ",
+            "DMAR: [INTR-REMAP] Request device [f0:1f.0] fault index 0x0 [fault reason 0x25] Blocked a compatibility format interrupt request",
+        ] {
+            assert!(matches!(classify(l), Some(Fact::DmaFault { .. })), "{l}");
+        }
+    }
+
+    #[test]
+    fn pciehp_lines_old_and_new_prefixes() {
+        assert_eq!(
+            classify("pcieport 0000:17:01.0: pciehp: Slot(108): Link Down"),
+            Some(Fact::Slot {
+                port: Some("0000:17:01.0".parse().unwrap()),
+                slot: "108".into(),
+                what: SlotWhat::LinkDown
+            })
+        );
+        assert!(matches!(
+            classify("pciehp 0000:00:1c.0:pcie004: Slot(0-1): Card not present"),
+            Some(Fact::Slot {
+                port: Some(_),
+                what: SlotWhat::CardNotPresent,
+                ..
+            })
+        ));
+        assert!(matches!(
+            classify("pcieport 0000:00:04.0: pciehp: Slot(1): Attention button pressed"),
+            Some(Fact::Slot {
+                what: SlotWhat::Button,
+                ..
+            })
+        ));
+        assert!(matches!(
+            classify("pcieport 0000:00:04.0: pciehp: Slot(1): Powering off due to button press"),
+            Some(Fact::Slot {
+                what: SlotWhat::Button,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn watchdogs_tasks_and_frames() {
+        assert!(matches!(
+            classify("NMI watchdog: Watchdog detected hard LOCKUP on cpu 144"),
+            Some(Fact::ReportHeader {
+                kind: ReportKind::HardLockup,
+                cpu: Some(144),
+                ..
+            })
+        ));
+        assert!(matches!(
+            classify("watchdog: CPU3: Watchdog detected hard LOCKUP on cpu 5"),
+            Some(Fact::ReportHeader {
+                kind: ReportKind::HardLockup,
+                cpu: Some(5),
+                ..
+            })
+        ));
+        match classify("watchdog: BUG: soft lockup - CPU#7 stuck for 22s! [irq/57-pciehp:1422]") {
+            Some(Fact::ReportHeader {
+                kind: ReportKind::SoftLockup,
+                cpu,
+                comm,
+                pid,
+                stuck_s,
+            }) => {
+                assert_eq!(
+                    (cpu, comm.as_deref(), pid, stuck_s),
+                    (Some(7), Some("irq/57-pciehp"), Some(1422), Some(22))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match classify("CPU: 144 PID: 1422 Comm: irq/57-pciehp Not tainted 5.15.0-rc1 #1") {
+            Some(Fact::Task {
+                cpu,
+                pid,
+                comm,
+                release,
+            }) => {
+                assert_eq!(
+                    (cpu, pid, comm.as_str(), release.as_deref()),
+                    (Some(144), Some(1422), "irq/57-pciehp", Some("5.15.0-rc1"))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            classify("CPU: 3 UID: 0 PID: 88 Comm: kworker/u8:2 Tainted: G        W 6.12.0 #1"),
+            Some(Fact::Task { pid: Some(88), .. })
+        ));
+        assert_eq!(
+            classify("RIP: 0010:qi_submit_sync+0x2c0/0x490"),
+            Some(Fact::Frame {
+                sym: "qi_submit_sync".into(),
+                reliable: true
+            })
+        );
+        assert_eq!(
+            classify(" ? __dmar_remove_one_dev_info+0x224/0x250"),
+            Some(Fact::Frame {
+                sym: "__dmar_remove_one_dev_info".into(),
+                reliable: false
+            })
+        );
+        assert_eq!(
+            classify("[<ffffffff8150a3b1>] qi_flush_dev_iotlb+0xb1/0xd0 [intel_iommu]"),
+            Some(Fact::Frame {
+                sym: "qi_flush_dev_iotlb".into(),
+                reliable: true
+            })
+        );
+        assert_eq!(
+            classify("__context_flush_dev_iotlb.part.0+0x5c/0x80"),
+            Some(Fact::Frame {
+                sym: "__context_flush_dev_iotlb.part.0".into(),
+                reliable: true
+            })
+        );
+    }
+
+    #[test]
+    fn banner_lines() {
+        assert_eq!(
+            classify("Linux version 6.1.0-47-amd64 (debian-kernel@lists.debian.org) (gcc-12)"),
+            Some(Fact::LinuxVersion {
+                release: "6.1.0-47-amd64".into()
+            })
+        );
+        assert!(matches!(
+            classify("DMAR: dmar0: reg_base_addr fed90000 ver 1:0 cap d2008c40660462 ecap f050da"),
+            Some(Fact::DmarUnit {
+                cap: Some(0xd2008c40660462),
+                ecap: Some(0xf050da),
+                ..
+            })
+        ));
+        assert!(matches!(
+            classify(
+                "pci 0000:01:00.0: [1af4:1042] type 00 class 0x010000 conventional PCI endpoint"
+            ),
+            Some(Fact::Enumerated {
+                vendor: 0x1af4,
+                device: 0x1042,
+                ..
+            })
+        ));
+        assert!(matches!(
+            driver_says("nvme 0000:01:00.0: enabling device (0000 -> 0002)"),
+            Some(Fact::DriverSays { .. })
+        ));
+    }
+}

@@ -1,8 +1,9 @@
 //! Golden replays: a trace's incidents, as `itewatch report --format json` prints them,
 //! checked in next to the trace (docs/correlator.md, "Golden traces").
 //!
-//! * Every `tests/data/*.itw` (recorded traces, e.g. from the VM harness) is compared with
-//!   `tests/data/<name>.expected.json`. Adding a golden trace is dropping the two files in.
+//! * Every `*.itw` under `tests/data/` (recorded traces, e.g. the VM harness's
+//!   `tests/data/vm/<kernel>/trace.itw`) is compared with the `<name>.expected.json` beside it.
+//!   Adding a golden trace is dropping the trace in and generating its expected file.
 //! * Each simulator scenario (seed 1) is compared with `tests/data/sim/<scenario>.expected.json`,
 //!   which pins the incident JSON format.
 //!
@@ -49,15 +50,24 @@ fn check(trace: &Path, expected: &Path) {
     );
 }
 
-#[test]
-fn recorded_traces_match_their_expected_incidents() {
-    let Ok(dir) = std::fs::read_dir(data()) else {
+fn traces_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
-    let mut traces: Vec<PathBuf> = dir
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "itw"))
-        .collect();
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            traces_under(&p, out);
+        } else if p.extension().is_some_and(|x| x == "itw") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn recorded_traces_match_their_expected_incidents() {
+    let mut traces = Vec::new();
+    traces_under(&data(), &mut traces);
     traces.sort();
     for t in traces {
         let expected = t.with_extension("expected.json");

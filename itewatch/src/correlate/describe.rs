@@ -94,6 +94,12 @@ pub fn fixes_for(f: &Facts<'_>) -> Vec<Fix> {
                     v.push(fix(DONT_ISSUE_DISCONNECTED, Missing));
                     v.push(fix(SKIP_INACCESSIBLE_LEGACY, Missing));
                 }
+                FixHint::DriverTeardown => {
+                    // Those checks guard the IOMMU's release paths, not a driver's unmap.
+                    v.push(fix(DONT_ISSUE_DISCONNECTED, Related));
+                    v.push(fix(SKIP_INACCESSIBLE_LEGACY, Related));
+                    v.push(fix(FLUSH_ONLY_ACCESSIBLE_SM, Related));
+                }
             }
             v.push(fix(IMPROVE_ITE, ite_fix));
         }
@@ -188,9 +194,17 @@ pub fn explain(f: &Facts<'_>) -> String {
         ),
         IncidentKind::FlushToGoneDevice => format!(
             "W2 (case 2): {n} for {dev} {} issued from the {} path after the device was marked \
-             disconnected or released; {out}. The kernel should have skipped it. {}",
+             disconnected or released; {out}. The kernel should have skipped it.{} {}",
             if f.submissions > 1 { "were" } else { "was" },
             caller_words(f.caller),
+            if f.hint == FixHint::DriverTeardown {
+                " It came from the driver's own teardown (its remove() unmapping DMA memory \
+                 inside pci_stop_bus_device, after the disconnect walk): the disconnect checks \
+                 of 4fc82cd907ac, 10e60d878139 and 42662d19839f guard only the IOMMU's release \
+                 paths, so no fix listed here skips it."
+            } else {
+                ""
+            },
             if matches!(f.outcome, Some(Outcome::Completed { .. })) {
                 "It completed here (a device or QEMU still answered), but on real hardware with the \
                  device gone it times out and the retry loop hangs the CPU: latent."

@@ -194,6 +194,11 @@ pub enum FixHint {
     ContextFlushLegacy,
     /// ≤ 6.8 removal (`dmar_remove_one_dev_info`, `domain_context_clear_one`, ..).
     OldRemoval,
+    /// The driver's own teardown: its `remove()` unmapping DMA memory inside
+    /// `pci_stop_bus_device` (what both VM kernels did after the disconnect walk:
+    /// `virtblk_remove` → `vring_free` → `iommu_dma_free` → `__iommu_dma_unmap` →
+    /// `intel_iommu_tlb_sync`). None of the disconnect checks guards this path.
+    DriverTeardown,
     /// Nothing specific.
     #[default]
     None,
@@ -207,7 +212,26 @@ pub fn fix_hint<S: AsRef<str>>(frames: &[S]) -> FixHint {
             sym == name || sym.starts_with(&format!("{name}."))
         })
     };
-    if has("devtlb_invalidation_with_pasid") || has("intel_pasid_tear_down_entry") {
+    let unmap = [
+        "__iommu_dma_unmap",
+        "iommu_dma_unmap_page",
+        "iommu_dma_unmap_sg",
+        "iommu_dma_free",
+        "intel_iommu_tlb_sync",
+        "cache_tag_flush_range",
+    ]
+    .iter()
+    .any(|n| has(n));
+    let unbind = [
+        "pci_stop_bus_device",
+        "pci_device_remove",
+        "device_release_driver_internal",
+    ]
+    .iter()
+    .any(|n| has(n));
+    if unmap && unbind {
+        FixHint::DriverTeardown
+    } else if has("devtlb_invalidation_with_pasid") || has("intel_pasid_tear_down_entry") {
         FixHint::PasidTeardown
     } else if has("intel_pasid_teardown_sm_context")
         || has("pci_pasid_table_teardown")
@@ -386,5 +410,22 @@ mod tests {
             FixHint::OldRemoval
         );
         assert_eq!(fix_hint::<&str>(&[]), FixHint::None);
+        // Both VM kernels: the driver's remove() unmapping after the disconnect walk.
+        let teardown = [
+            "qi_submit_sync+0x5",
+            "qi_batch_flush_descs+0x25",
+            "cache_tag_flush_range+0x17f",
+            "intel_iommu_tlb_sync+0x2d",
+            "__iommu_dma_unmap+0x23c",
+            "iommu_dma_free+0x1c",
+            "vring_free+0xb2",
+            "virtblk_remove+0x5e [virtio_blk]",
+            "pci_device_remove",
+            "device_release_driver_internal",
+            "pci_stop_bus_device",
+            "pci_stop_and_remove_bus_device",
+            "pciehp_unconfigure_device",
+        ];
+        assert_eq!(fix_hint(&teardown), FixHint::DriverTeardown);
     }
 }

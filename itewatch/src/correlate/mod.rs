@@ -32,8 +32,8 @@ use incident::{
     RemovalKind, SubmissionView, TimelineEntry, Window,
 };
 use state::{
-    push_bounded, DevKey, DeviceEntry, DisconnectHow, Inflight, LostLog, OpenIncident, Removal,
-    ReorderBuffer, Sids, SlotState, WalkRec,
+    push_bounded, DevKey, DeviceEntry, DisconnectHow, FastMap, Inflight, LostLog, OpenIncident,
+    Removal, ReorderBuffer, Sids, SlotState, WalkRec,
 };
 
 const MS: u64 = 1_000_000;
@@ -212,8 +212,8 @@ pub struct Correlator {
     devices: BTreeMap<DevKey, DeviceEntry>,
     slots: BTreeMap<u64, SlotState>,
     walks: VecDeque<WalkRec>,
-    inflight: BTreeMap<u32, Box<Inflight>>,
-    last_flush: BTreeMap<u32, Box<Event>>,
+    inflight: FastMap<u32, Box<Inflight>>,
+    last_flush: FastMap<u32, Box<Event>>,
     /// Boxes of finished submissions, reused (allocation-free steady state).
     #[allow(clippy::vec_box)]
     spare: Vec<Box<Inflight>>,
@@ -239,8 +239,8 @@ impl Correlator {
             devices: BTreeMap::new(),
             slots: BTreeMap::new(),
             walks: VecDeque::new(),
-            inflight: BTreeMap::new(),
-            last_flush: BTreeMap::new(),
+            inflight: FastMap::default(),
+            last_flush: FastMap::default(),
             spare: Vec::new(),
             open: BTreeMap::new(),
             by_key: BTreeMap::new(),
@@ -520,7 +520,7 @@ impl Correlator {
             if let Some(k) = self
                 .last_flush
                 .iter()
-                .min_by_key(|(_, e)| e.meta.ts)
+                .min_by_key(|(k, e)| (e.meta.ts, **k))
                 .map(|(k, _)| *k)
             {
                 self.last_flush.remove(&k);
@@ -1212,6 +1212,8 @@ impl Correlator {
             .filter(|i| i.segment == key.0 && i.sids.contains(&key.1))
             .map(|i| i.meta.tid)
             .collect();
+        let mut tids = tids;
+        tids.sort_unstable();
         for tid in tids {
             let Some(mut inf) = self.inflight.remove(&tid) else {
                 continue;
@@ -1320,6 +1322,7 @@ impl Correlator {
                     .filter(|i| returning.is_some() || i.segment == seg || segment == 0)
                     .map(|i| i.meta.tid)
                     .collect();
+                member_tids.sort_unstable();
                 Some((seg, sid))
             }
             None => {
@@ -1412,7 +1415,8 @@ impl Correlator {
         let now = self.clock;
         let cfg = self.cfg.clone();
         let mut next = u64::MAX;
-        let tids: Vec<u32> = self.inflight.keys().copied().collect();
+        let mut tids: Vec<u32> = self.inflight.keys().copied().collect();
+        tids.sort_unstable();
         for tid in tids {
             let Some(mut inf) = self.inflight.remove(&tid) else {
                 continue;

@@ -371,6 +371,32 @@ impl LostLog {
     }
 }
 
+/// FxHash (rustc's): fast for small integer keys and unseeded, hence the same on every run.
+/// Maps that use it are never iterated in hash order where order shows in the output: the
+/// correlator sorts keys first.
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A hash map with [`FxHasher`].
+pub type FastMap<K, V> = std::collections::HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
+
 /// Pushes onto a bounded history, dropping the oldest.
 pub fn push_bounded<T>(v: &mut Vec<T>, item: T, max: usize) {
     if v.len() >= max.max(1) {

@@ -20,6 +20,9 @@ pub struct GuestPlan<'a> {
     /// Hot-plug slot names (`/sys/bus/pci/slots/<name>`) of the safe and surprise disks.
     pub safe_slot: &'a str,
     pub surprise_slot: &'a str,
+    /// Cut the surprise slot from the main shell while reads keep running (a request may be
+    /// in flight): reproduces virtio-blk's hung surprise removal; the run is expected to fail.
+    pub surprise_inflight: bool,
 }
 
 pub const STAGE: &str = "ITEWATCH-STAGE";
@@ -39,10 +42,12 @@ RECORD={record}
 OUT_DEV={out_dev}
 SAFE_SLOT={safe_slot}
 SURPRISE_SLOT={surprise_slot}
+INFLIGHT={inflight}
 "#,
         out_dev = p.out_dev,
         safe_slot = p.safe_slot,
         surprise_slot = p.surprise_slot,
+        inflight = u8::from(p.surprise_inflight),
     ));
     s.push_str(SCRIPT_BODY);
     s
@@ -241,7 +246,14 @@ old=$(rd16 $pcfg $sc)
 new=$(( (old & ~0x20) | 0x0300 | 0x0400 ))
 
 dma $SAFE_DEV $SAFE_BLK & DMA_PIDS="$DMA_PIDS $!"
-dma_then_cut $SUR_DEV $SUR_BLK & DMA_PIDS="$DMA_PIDS $!"
+if [ $INFLIGHT = 1 ]; then
+    # Back-to-back reads: a request is nearly always outstanding.
+    ( while [ -e /sys/bus/pci/devices/$SUR_DEV ]; do
+        dd if=/dev/$SUR_BLK of=/dev/null bs=64k count=16 iflag=direct 2>/dev/null
+      done ) & DMA_PIDS="$DMA_PIDS $!"
+else
+    dma_then_cut $SUR_DEV $SUR_BLK & DMA_PIDS="$DMA_PIDS $!"
+fi
 sleep 1
 stage dma-running $SAFE_DEV
 
@@ -252,7 +264,12 @@ sleep 1
 
 log "surprise: $SUR_PORT Slot Control $(hex16 $old) -> $(hex16 $new), slot status $(hex16 $(rd16 $pcfg $((pcie+0x1a))))"
 [ -e /sys/bus/pci/devices/$SUR_DEV ] || fail "$SUR_DEV gone before the surprise removal"
-touch /tmp/cut-request
+if [ $INFLIGHT = 1 ]; then
+    log "surprise: in flight on $SUR_BLK before the cut: $(cat /sys/block/$SUR_BLK/inflight)"
+    surprise_cut
+else
+    touch /tmp/cut-request
+fi
 wait_for '[ -e /tmp/cut-done ]' 20 || fail "surprise cut did not happen"
 wait_for '[ ! -e /sys/bus/pci/devices/$SUR_DEV ]' 20 || fail "surprise removal of $SUR_DEV did not complete within 20 s"
 stage surprise-removed $SUR_DEV

@@ -52,6 +52,10 @@ pub struct VmTestArgs {
     /// (harness self-test; trace assertions are skipped).
     #[arg(long)]
     pub no_record: bool,
+    /// Reproduce the virtio-blk hang: cut the surprise slot while a read may be in flight
+    /// (the removal then never finishes and the run fails; see docs/vm-tests.md).
+    #[arg(long)]
+    pub surprise_inflight: bool,
     /// Upper bound for one kernel's guest run, in seconds (boot to power-off).
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,

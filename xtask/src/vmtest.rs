@@ -133,7 +133,12 @@ pub fn run(args: &VmTestArgs) -> Result<bool> {
     Ok(all_ok)
 }
 
-fn build_initramfs(kernel: &Kernel, itewatch: Option<&Path>, path: &Path) -> Result<()> {
+fn build_initramfs(
+    kernel: &Kernel,
+    itewatch: Option<&Path>,
+    args: &VmTestArgs,
+    path: &Path,
+) -> Result<()> {
     let mut c = Cpio::new();
     for d in [
         "bin",
@@ -177,6 +182,7 @@ fn build_initramfs(kernel: &Kernel, itewatch: Option<&Path>, path: &Path) -> Res
         out_dev: qemu::OUT_BDF,
         safe_slot: qemu::SAFE_SLOT,
         surprise_slot: qemu::SURPRISE_SLOT,
+        surprise_inflight: args.surprise_inflight,
     });
     c.file("init", 0o755, script.as_bytes());
     fs::write(path, c.finish()).with_context(|| format!("writing {}", path.display()))
@@ -218,7 +224,7 @@ fn run_kernel(
         kernel: kernel.vmlinuz.clone(),
         initrd: dir.join("initramfs.cpio"),
     };
-    build_initramfs(kernel, itewatch, &files.initrd)?;
+    build_initramfs(kernel, itewatch, args, &files.initrd)?;
     qemu::make_disk(&files.disk(1), 8 << 20)?;
     qemu::make_disk(&files.disk(2), 8 << 20)?;
     qemu::make_disk(&files.out_disk(), 64 << 20)?;

@@ -20,3 +20,4 @@ pub mod report;
 pub mod simulate;
 pub mod sysfs;
 pub mod trace;
+pub mod tui;

@@ -17,6 +17,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The live view: probes on this host; `--replay FILE` / `--simulate SCENARIO` drive it
+    /// without a kernel. Where tracing is impossible it says why and shows a bundled VM trace;
+    /// without a terminal it prints a plain-text summary.
+    Live(itewatch::tui::LiveArgs),
     /// Record the probes' event stream to a trace file (needs root).
     Record(RecordArgs),
     /// Print a trace file, one record per line (`--json`: one JSON object per line).
@@ -142,6 +146,7 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS)
                 .map_err(anyhow::Error::from)
         }
+        Cmd::Live(a) => itewatch::tui::run(a).map_err(anyhow::Error::from),
         Cmd::Doctor { json } => itewatch::doctor::run(json, &mut std::io::stdout().lock())
             .map(|ready| {
                 if ready {

@@ -1,0 +1,708 @@
+//! `itewatch live`: the live view (docs/tui.md).
+//!
+//! ```text
+//! source (live probes | --replay FILE | --simulate SCENARIO) ─► Record
+//!    ─► App::observe (latencies, descriptor kinds, losses) ─► Correlator ─► revisions/snapshot
+//!    ─► App (plain state) ─► ui::draw (pure) ─► terminal at --fps
+//! keys ─► input::map_key ─► Action ─► App::apply (state) | the loop (quit, export)
+//! ```
+//!
+//! Without a terminal (a pipe, CI) or with `--no-tui`, the stream is played as fast as
+//! possible and a plain-text summary is printed. Where live tracing is impossible (no BPF
+//! object, not root, no BTF, no kprobes), the reason is shown on one screen and the view runs
+//! on the bundled VM trace instead (or a simulated scenario when that is absent).
+
+pub mod export;
+pub mod input;
+pub mod lanes;
+pub mod metrics;
+pub mod source;
+pub mod state;
+pub mod term;
+pub mod ui;
+
+use std::collections::BTreeSet;
+use std::io::{self, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use crossterm::event::{self as cevent, Event as CEvent, KeyCode};
+
+use crate::correlate::{Config, Correlator};
+use crate::event::{KTime, Payload, Record};
+use crate::probe::{LoadOptions, ProbeError, Probes};
+use crate::record::{host_info, monotonic_ns};
+use crate::simulate::SimError;
+use crate::trace::{Source as TraceSource, TraceError, TraceReader};
+
+use input::Action;
+use metrics::BpfCost;
+use source::{Live, Playback, Source};
+use state::{App, HeaderInfo};
+use ui::Unavailable;
+
+/// `itewatch live` options.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LiveArgs {
+    /// Drive the view from a trace file (from `record` or `simulate`) instead of the probes.
+    #[arg(long, value_name = "FILE", conflicts_with = "simulate")]
+    pub replay: Option<PathBuf>,
+    /// Drive the view from a simulated race scenario (`itewatch simulate --list`); `soak` is an
+    /// endless mix of benign traffic (~100 k events/s) and every incident scenario.
+    #[arg(long, value_name = "SCENARIO")]
+    pub simulate: Option<String>,
+    /// Seed of the simulated scenario.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Playback speed of --replay/--simulate: 1 = as recorded, 0.001 = 1000× slower,
+    /// 0 = as fast as possible.
+    #[arg(long, default_value_t = 1.0)]
+    pub speed: f64,
+    /// Print a plain-text summary instead of the interactive view (automatic when stdout is
+    /// not a terminal).
+    #[arg(long)]
+    pub no_tui: bool,
+    /// Redraws per second.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=60))]
+    pub fps: u32,
+    /// Where the `e` key writes JSON reports.
+    #[arg(long, default_value = ".")]
+    pub export_dir: PathBuf,
+    /// Stop after this many seconds (demos, benchmarks; live without a terminal: default 10).
+    #[arg(long, value_name = "SECS")]
+    pub exit_after: Option<f64>,
+    /// On exit, write run statistics (frames, records, CPU time) as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub stats_file: Option<PathBuf>,
+    /// Kernel BTF for live probes (default /sys/kernel/btf/vmlinux).
+    #[arg(long)]
+    pub btf: Option<PathBuf>,
+    /// Ring buffer size in KiB (a power of two).
+    #[arg(long, default_value_t = 4096)]
+    pub ringbuf_kib: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error("cannot read the trace: {0}")]
+    Trace(#[from] TraceError),
+    #[error(transparent)]
+    Sim(#[from] SimError),
+    #[error("live probes: {0}")]
+    Probe(#[from] ProbeError),
+    // Not transparent: the io::Error stays in the chain (a closed pipe exits 0).
+    #[error("terminal or output: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Records handed to the correlator per loop iteration at most (keeps keys responsive when
+/// a trace is played as fast as possible).
+const BUDGET: usize = 200_000;
+
+/// A trace recorded from a real kernel by the VM tests (`itewatch/tests/data/vm/<kernel>/`),
+/// found at a path fixed at build time; `ITEWATCH_FALLBACK_TRACE` overrides it. The oldest
+/// kernel comes first: it lacks the fixes, so its trace shows the race.
+pub fn bundled_trace() -> Option<(PathBuf, String)> {
+    if let Some(p) = std::env::var_os("ITEWATCH_FALLBACK_TRACE") {
+        let p = PathBuf::from(p);
+        return p
+            .is_file()
+            .then(|| (p, "ITEWATCH_FALLBACK_TRACE".to_string()));
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vm");
+    let mut found: Vec<(Vec<u32>, PathBuf, String)> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            let t = p.join("trace.itw");
+            let name = p.file_name()?.to_string_lossy().into_owned();
+            let key = name.split('.').filter_map(|x| x.parse().ok()).collect();
+            t.is_file().then_some((key, t, name))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().next().map(|(_, t, n)| (t, n))
+}
+
+/// The recorded BPF cost in a trace's end frame.
+fn recorded_cost(end: &crate::trace::TraceEnd) -> Option<BpfCost> {
+    if end.programs.is_empty() {
+        return None;
+    }
+    let runs: u64 = end.programs.iter().map(|p| p.run_count).sum();
+    let time: u64 = end.programs.iter().map(|p| p.run_time_ns).sum();
+    Some(BpfCost {
+        runs,
+        ns_per_run: if runs == 0 {
+            0.0
+        } else {
+            time as f64 / runs as f64
+        },
+        cpu_percent: end
+            .duration_ns
+            .filter(|d| *d > 0)
+            .map_or(0.0, |d| time as f64 * 100.0 / d as f64),
+    })
+}
+
+/// A playback source and what the header says about it.
+struct Opened {
+    source: Source,
+    header: HeaderInfo,
+    trace_source: TraceSource,
+    recorded: Option<BpfCost>,
+}
+
+fn open_replay(path: &Path, speed: f64, label: String) -> Result<Opened, LiveError> {
+    let mut reader = TraceReader::open(path)?;
+    let th = reader.header().clone();
+    let mut recs = Vec::new();
+    let mut damaged = None;
+    loop {
+        match reader.next_record() {
+            Ok(Some(r)) => recs.push(r),
+            Ok(None) => break,
+            Err(e) => {
+                damaged = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let end = reader.finished().cloned();
+    let mut header = HeaderInfo {
+        source: label,
+        host: th.host.hostname.clone(),
+        kernel: th.host.kernel_release.clone(),
+        iommus: BTreeSet::new(),
+        probes: th.probes.clone(),
+        warning: None,
+    };
+    if let TraceSource::Simulated { scenario, seed } = &th.source {
+        header.host = format!("(simulated {scenario} seed {seed})");
+    }
+    if let Some(d) = damaged {
+        header.warning = Some(format!("trace damaged, played up to: {d}"));
+    }
+    let p = Playback::new(Box::new(recs.into_iter()), speed);
+    let recorded = end.as_ref().and_then(recorded_cost);
+    Ok(Opened {
+        source: Source::Playback(Box::new(p)),
+        header,
+        trace_source: th.source,
+        recorded,
+    })
+}
+
+fn open_simulated(name: &str, seed: u64, speed: f64) -> Result<Opened, LiveError> {
+    let recs: Box<dyn Iterator<Item = Record>> = if name == "soak" {
+        Box::new(crate::simulate::LongStream::new(seed, u64::MAX))
+    } else {
+        Box::new(crate::simulate::generate(name, seed)?.records.into_iter())
+    };
+    Ok(Opened {
+        source: Source::Playback(Box::new(Playback::new(recs, speed))),
+        header: HeaderInfo {
+            source: format!("simulate {name} seed {seed}"),
+            host: "(simulated)".into(),
+            kernel: "(simulated)".into(),
+            ..Default::default()
+        },
+        trace_source: TraceSource::Simulated {
+            scenario: name.to_string(),
+            seed,
+        },
+        recorded: None,
+    })
+}
+
+/// What the doctor says is missing, for the one-screen explanation.
+fn doctor_missing() -> Vec<(String, String)> {
+    use crate::doctor::{diagnose, HostView, Status};
+    let r = diagnose(&HostView::live());
+    let mut v: Vec<(String, String)> = r
+        .host
+        .iter()
+        .filter(|c| matches!(c.status, Status::Missing))
+        .map(|c| (c.name.clone(), c.detail.clone()))
+        .collect();
+    for p in r
+        .probes
+        .iter()
+        .filter(|p| p.required && p.status == Status::Missing)
+    {
+        v.push((format!("probe {}", p.target), p.detail.clone()));
+    }
+    v.truncate(8);
+    v
+}
+
+/// The fallback when live tracing is impossible.
+fn open_fallback(reason: &ProbeError, speed: f64) -> Result<(Opened, Unavailable), LiveError> {
+    let missing = doctor_missing();
+    let (opened, fallback) = match bundled_trace() {
+        Some((path, kernel)) => {
+            let label = format!("replay of the bundled VM trace ({kernel})");
+            let o = open_replay(&path, speed, label.clone())?;
+            (
+                o,
+                format!("the trace recorded in the VM test on Linux {kernel}"),
+            )
+        }
+        None => (
+            open_simulated("w1-driver-inflight", 0, speed)?,
+            "the simulated w1-driver-inflight scenario (no bundled VM trace in this build)"
+                .to_string(),
+        ),
+    };
+    let mut opened = opened;
+    opened.header.warning = Some(format!(
+        "NOT LIVE: {reason}; showing {fallback} (run `sudo itewatch doctor`)"
+    ));
+    Ok((
+        opened,
+        Unavailable {
+            reason: reason.to_string(),
+            missing,
+            fallback,
+        },
+    ))
+}
+
+fn open_live(args: &LiveArgs) -> Result<(Opened, Option<Unavailable>), LiveError> {
+    let load = LoadOptions {
+        btf: args.btf.clone(),
+        ringbuf_bytes: args.ringbuf_kib.saturating_mul(1024),
+        ..Default::default()
+    };
+    let probes = match Probes::attach(&load) {
+        Ok(p) => p,
+        Err(e) => {
+            let (o, u) = open_fallback(&e, args.speed)?;
+            return Ok((o, Some(u)));
+        }
+    };
+    let live = Live::new(probes, monotonic_ns())?;
+    let host = host_info();
+    let iommus = crate::sysfs::Sysfs::live()
+        .iommu_units()
+        .map(|u| u.into_iter().map(|u| u.name).collect())
+        .unwrap_or_default();
+    let header = HeaderInfo {
+        source: "live".into(),
+        host: host.hostname,
+        kernel: host.kernel_release,
+        iommus,
+        probes: live.plan().to_vec(),
+        warning: None,
+    };
+    Ok((
+        Opened {
+            source: Source::Live(Box::new(live)),
+            header,
+            trace_source: TraceSource::Live,
+            recorded: None,
+        },
+        None,
+    ))
+}
+
+/// Device identities from sysfs, for live use (names for SIDs).
+fn sysfs_devices() -> Vec<Record> {
+    crate::sysfs::Sysfs::live()
+        .device_infos(KTime(monotonic_ns()))
+        .map(|v| v.into_iter().map(Record::Device).collect())
+        .unwrap_or_default()
+}
+
+/// The correlator, the view state and the source, advanced together.
+struct Engine {
+    corr: Option<Correlator>,
+    app: App,
+    src: Source,
+    buf: Vec<Record>,
+    records: u64,
+    hotplug_seen: bool,
+    known_devices: BTreeSet<String>,
+}
+
+impl Engine {
+    fn new(opened: Opened, cfg: Config) -> Engine {
+        let mut app = App::new(cfg.clone(), opened.header);
+        app.meters.recorded_bpf = opened.recorded;
+        Engine {
+            corr: Some(Correlator::new(cfg)),
+            app,
+            src: opened.source,
+            buf: Vec::new(),
+            records: 0,
+            hotplug_seen: false,
+            known_devices: BTreeSet::new(),
+        }
+    }
+
+    fn feed(&mut self, recs: impl IntoIterator<Item = Record>) {
+        let Some(c) = self.corr.as_mut() else {
+            return;
+        };
+        let mut revs = Vec::new();
+        for r in recs {
+            if let Record::Device(d) = &r {
+                self.known_devices
+                    .insert(format!("{} {:?} {:?}", d.bdf, d.driver, d.slot));
+            }
+            self.app.observe(&r);
+            self.records += 1;
+            revs.extend(c.push_owned(r));
+        }
+        self.app.on_revisions(revs);
+    }
+
+    /// One step: pull what is due, correlate it, tell the correlator the time.
+    fn step(&mut self, wall: u64) {
+        if self.corr.is_none() {
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        self.src.poll(wall, BUDGET, &mut buf);
+        if let Source::Live(_) = self.src {
+            self.hotplug_seen |= buf.iter().any(|r| {
+                matches!(r, Record::Event(e) if matches!(e.payload, Payload::HotplugIstReturn(_)))
+            });
+        }
+        self.feed(buf.drain(..));
+        self.buf = buf;
+        if self.src.done() {
+            self.finish();
+        } else if let Some(c) = self.corr.as_mut() {
+            let revs = c.advance(self.src.clock(wall));
+            self.app.on_revisions(revs);
+        }
+    }
+
+    /// Once a second: loss counters and BPF cost (live), new devices after a hot-plug.
+    fn periodic(&mut self, wall: u64) {
+        let mut extra = Vec::new();
+        if let Source::Live(l) = &mut self.src {
+            l.periodic(wall, &mut extra);
+            self.app.meters.bpf = l.cost;
+            if std::mem::take(&mut self.hotplug_seen) {
+                for r in sysfs_devices() {
+                    if let Record::Device(d) = &r {
+                        if self
+                            .known_devices
+                            .contains(&format!("{} {:?} {:?}", d.bdf, d.driver, d.slot))
+                        {
+                            continue;
+                        }
+                    }
+                    extra.push(r);
+                }
+            }
+        }
+        self.feed(extra);
+    }
+
+    /// End of a finite stream: settle the reorder window, keep the last snapshot (what was
+    /// still in flight), then close every incident.
+    fn finish(&mut self) {
+        let Some(mut c) = self.corr.take() else {
+            return;
+        };
+        let last = self.src.clock(u64::MAX);
+        let revs = c.advance(KTime(last.0.saturating_add(c.config().reorder_window_ns)));
+        self.app.on_revisions(revs);
+        self.app.set_snapshot(c.snapshot());
+        let summary = c.finish();
+        self.app.on_revisions(summary.incidents);
+        self.app.ended = true;
+    }
+
+    fn refresh_snapshot(&mut self) {
+        if let Some(c) = &self.corr {
+            self.app.set_snapshot(c.snapshot());
+        }
+    }
+}
+
+/// Run statistics for `--stats-file` (the benchmark reads them).
+#[derive(serde::Serialize)]
+struct RunStats {
+    wall_s: f64,
+    frames: u64,
+    fps: f64,
+    records: u64,
+    events: u64,
+    cpu_user_s: f64,
+    cpu_sys_s: f64,
+    cpu_percent: f64,
+    max_rss_kib: i64,
+}
+
+fn run_stats(started: Instant, frames: u64, e: &Engine) -> RunStats {
+    // SAFETY: getrusage writes into the zeroed struct we pass; RUSAGE_SELF is always valid.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let wall = started.elapsed().as_secs_f64();
+    let (u, s) = (tv(ru.ru_utime), tv(ru.ru_stime));
+    RunStats {
+        wall_s: wall,
+        frames,
+        fps: frames as f64 / wall.max(1e-9),
+        records: e.records,
+        events: e.app.events,
+        cpu_user_s: u,
+        cpu_sys_s: s,
+        cpu_percent: (u + s) * 100.0 / wall.max(1e-9),
+        max_rss_kib: ru.ru_maxrss,
+    }
+}
+
+fn write_stats(path: &Path, st: &RunStats) -> io::Result<()> {
+    std::fs::write(
+        path,
+        serde_json::to_vec_pretty(st).map_err(io::Error::other)?,
+    )
+}
+
+/// `itewatch live`.
+pub fn run(args: LiveArgs) -> Result<ExitCode, LiveError> {
+    let interactive = !args.no_tui && io::stdout().is_terminal() && io::stdin().is_terminal();
+    let (opened, unavailable) = match (&args.replay, &args.simulate) {
+        (Some(f), _) => (
+            open_replay(f, args.speed, format!("replay {}", f.display()))?,
+            None,
+        ),
+        (None, Some(s)) => (open_simulated(s, args.seed, args.speed)?, None),
+        (None, None) => open_live(&args)?,
+    };
+    let trace_source = opened.trace_source.clone();
+    let mut engine = Engine::new(opened, Config::default());
+    if let Source::Live(_) = engine.src {
+        engine.feed(sysfs_devices());
+    }
+    term::install_signal_handlers();
+    if interactive {
+        run_tui(&args, engine, unavailable.as_ref(), &trace_source)
+    } else {
+        run_headless(&args, engine, unavailable.as_ref())
+    }
+}
+
+/// No terminal: play the stream as fast as possible (live: for `--exit-after`, default 10 s),
+/// then print the summary.
+fn run_headless(
+    args: &LiveArgs,
+    mut e: Engine,
+    unavailable: Option<&Unavailable>,
+) -> Result<ExitCode, LiveError> {
+    let started = Instant::now();
+    let mut out = io::stdout().lock();
+    if let Some(u) = unavailable {
+        writeln!(out, "{}", u.text())?;
+    }
+    if let Source::Playback(p) = &mut e.src {
+        // As fast as possible: the pacing only matters on a screen.
+        p.unpace();
+    }
+    let endless = args.simulate.as_deref() == Some("soak");
+    let limit = args
+        .exit_after
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(10));
+    let mut last_periodic = Instant::now();
+    loop {
+        let wall = monotonic_ns();
+        e.step(wall);
+        if e.app.ended {
+            break;
+        }
+        if let Source::Live(_) = e.src {
+            if term::terminate_requested() || started.elapsed() >= limit {
+                break;
+            }
+            if last_periodic.elapsed() >= Duration::from_secs(1) {
+                e.periodic(monotonic_ns());
+                last_periodic = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        } else if term::terminate_requested()
+            || ((endless || args.exit_after.is_some()) && started.elapsed() >= limit)
+        {
+            break;
+        }
+    }
+    e.refresh_snapshot();
+    write!(out, "{}", ui::summary_text(&e.app, &e.app.cfg))?;
+    out.flush()?;
+    if let Some(p) = &args.stats_file {
+        write_stats(p, &run_stats(started, 0, &e))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Shows the "cannot trace" screen; true to go on with the fallback, false to quit.
+fn confirm_fallback<B: ratatui::backend::Backend>(
+    terminal: &mut ratatui::Terminal<B>,
+    u: &Unavailable,
+) -> Result<bool, LiveError>
+where
+    LiveError: From<B::Error>,
+{
+    loop {
+        terminal.draw(|f| ui::draw_unavailable(f, u))?;
+        if term::terminate_requested() {
+            return Ok(false);
+        }
+        if cevent::poll(Duration::from_millis(200))? {
+            if let CEvent::Key(k) = cevent::read()? {
+                match k.code {
+                    KeyCode::Enter | KeyCode::Char(' ') | KeyCode::Char('r') => return Ok(true),
+                    KeyCode::Char('q') | KeyCode::Esc => return Ok(false),
+                    KeyCode::Char('c')
+                        if k.modifiers
+                            .contains(crossterm::event::KeyModifiers::CONTROL) =>
+                    {
+                        return Ok(false)
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn run_tui(
+    args: &LiveArgs,
+    mut e: Engine,
+    unavailable: Option<&Unavailable>,
+    trace_source: &TraceSource,
+) -> Result<ExitCode, LiveError> {
+    let started = Instant::now();
+    let _guard = term::TerminalGuard::enter()?;
+    let backend = ratatui::backend::CrosstermBackend::new(io::stdout());
+    let mut terminal = ratatui::Terminal::new(backend)?;
+    terminal.clear()?;
+    if let Some(u) = unavailable {
+        if !confirm_fallback(&mut terminal, u)? {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let frame = Duration::from_secs_f64(1.0 / f64::from(args.fps));
+    let deadline = args
+        .exit_after
+        .map(|s| started + Duration::from_secs_f64(s));
+    let mut next_frame = Instant::now();
+    let mut last_periodic = Instant::now();
+    let mut last_rate = (Instant::now(), 0u64);
+    let mut frames = 0u64;
+    let live = matches!(e.src, Source::Live(_));
+    loop {
+        if term::terminate_requested() || deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let wall = monotonic_ns();
+        if let Source::Playback(p) = &mut e.src {
+            p.set_paused(e.app.paused, wall);
+        }
+        e.step(wall);
+        let now = Instant::now();
+        if now.duration_since(last_periodic) >= Duration::from_secs(1) {
+            e.periodic(monotonic_ns());
+            let dt = now.duration_since(last_rate.0).as_nanos() as u64;
+            e.app.meters.events_per_s = metrics::rate_per_s(last_rate.1, e.app.events, dt);
+            last_rate = (now, e.app.events);
+            last_periodic = now;
+        }
+        if now >= next_frame {
+            if !e.app.paused {
+                e.refresh_snapshot();
+            }
+            terminal.draw(|f| ui::draw(f, &e.app))?;
+            frames += 1;
+            next_frame += frame;
+            if next_frame < now {
+                next_frame = now + frame;
+            }
+        }
+        let mut timeout = next_frame.saturating_duration_since(Instant::now());
+        if live {
+            timeout = timeout.min(Duration::from_millis(20));
+        }
+        if cevent::poll(timeout)? {
+            match cevent::read()? {
+                CEvent::Key(k) => {
+                    let action = input::map_key(&e.app, k);
+                    match action {
+                        Action::Quit => break,
+                        Action::Export | Action::ExportAll => {
+                            let sel = match (action, e.app.selected_incident()) {
+                                (Action::Export, Some(i)) => export::Selection::One(i),
+                                _ => export::Selection::All,
+                            };
+                            let what = match &sel {
+                                export::Selection::One(i) => format!("incident {}", i.id),
+                                export::Selection::All => {
+                                    format!("{} incidents", e.app.all_incidents().len())
+                                }
+                            };
+                            let msg =
+                                match export::export(&e.app, trace_source, sel, &args.export_dir) {
+                                    Ok(p) => format!("exported {what} to {}", p.display()),
+                                    Err(err) => format!("export failed: {err}"),
+                                };
+                            e.app.status = Some(msg);
+                        }
+                        a => e.app.apply(a),
+                    }
+                    next_frame = Instant::now();
+                }
+                CEvent::Resize(..) => next_frame = Instant::now(),
+                _ => {}
+            }
+        }
+    }
+    if let Some(p) = &args.stats_file {
+        write_stats(p, &run_stats(started, frames, &e))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Plays `records` into a fresh view as fast as possible (tests, screenshots): up to `stop_at`
+/// (the view then shows that moment, with what was in flight), or to the end of the stream
+/// (incidents closed, the last in-flight state kept).
+pub fn play(header: HeaderInfo, records: Vec<Record>, stop_at: Option<KTime>) -> App {
+    let recs: Vec<Record> = match stop_at {
+        Some(t) => records
+            .into_iter()
+            .filter(|r| r.ts().is_none_or(|ts| ts <= t))
+            .collect(),
+        None => records,
+    };
+    let opened = Opened {
+        source: Source::Playback(Box::new(Playback::new(Box::new(std::iter::empty()), 0.0))),
+        header,
+        trace_source: TraceSource::Live,
+        recorded: None,
+    };
+    let mut e = Engine::new(opened, Config::default());
+    e.feed(recs);
+    match stop_at {
+        Some(t) => {
+            if let Some(c) = e.corr.as_mut() {
+                let revs = c.advance(t);
+                e.app.on_revisions(revs);
+            }
+            e.refresh_snapshot();
+        }
+        None => {
+            // The source is empty: the next step ends the stream.
+            e.step(0);
+        }
+    }
+    e.app
+}

@@ -1,0 +1,325 @@
+//! Where the live view's records come from: the live probes, or a recorded / simulated stream
+//! played back against the wall clock (`--speed`). Every source hands out [`Record`]s, so the
+//! correlator and the view cannot tell them apart.
+
+use std::collections::HashSet;
+use std::os::fd::OwnedFd;
+
+use aya::maps::{MapData, RingBuf, StackTraceMap};
+
+use crate::event::{Event, KTime, LostRecord, Record, StackRecord};
+use crate::kallsyms::Kallsyms;
+use crate::probe::{CounterTotals, Counters, Probes};
+use crate::trace::ProgramStats;
+
+use super::metrics::{bpf_cost, BpfCost};
+
+/// A finite stream played back in (scaled) real time.
+pub struct Playback {
+    recs: Box<dyn Iterator<Item = Record>>,
+    next: Option<Record>,
+    /// Virtual ns per wall ns; `0` = as fast as possible.
+    speed: f64,
+    /// (wall, stream time) at which playback started (the first timestamped record).
+    origin: Option<(u64, KTime)>,
+    paused_at: Option<u64>,
+    paused_total: u64,
+    last_ts: KTime,
+    done: bool,
+}
+
+impl Playback {
+    pub fn new(recs: Box<dyn Iterator<Item = Record>>, speed: f64) -> Playback {
+        Playback {
+            recs,
+            next: None,
+            speed: if speed.is_finite() && speed > 0.0 {
+                speed
+            } else {
+                0.0
+            },
+            origin: None,
+            paused_at: None,
+            paused_total: 0,
+            last_ts: KTime(0),
+            done: false,
+        }
+    }
+
+    /// Plays the rest as fast as possible.
+    pub fn unpace(&mut self) {
+        self.speed = 0.0;
+    }
+
+    /// Stream time at wall time `wall_ns`.
+    fn vnow(&self, wall_ns: u64) -> Option<KTime> {
+        let (w0, t0) = self.origin?;
+        if self.speed == 0.0 {
+            return Some(KTime(u64::MAX));
+        }
+        let wall = self.paused_at.unwrap_or(wall_ns);
+        let elapsed = wall.saturating_sub(w0).saturating_sub(self.paused_total);
+        Some(KTime(
+            t0.0.saturating_add((elapsed as f64 * self.speed) as u64),
+        ))
+    }
+
+    pub fn set_paused(&mut self, paused: bool, wall_ns: u64) {
+        match (paused, self.paused_at) {
+            (true, None) => self.paused_at = Some(wall_ns),
+            (false, Some(at)) => {
+                self.paused_total += wall_ns.saturating_sub(at);
+                self.paused_at = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Appends every record due by `wall_ns` (at most `budget`) to `out`.
+    pub fn poll(&mut self, wall_ns: u64, budget: usize, out: &mut Vec<Record>) {
+        if self.paused_at.is_some() {
+            return;
+        }
+        for _ in 0..budget {
+            if self.next.is_none() {
+                self.next = self.recs.next();
+            }
+            let Some(r) = self.next.take() else {
+                self.done = true;
+                return;
+            };
+            if let Some(ts) = r.ts() {
+                if self.origin.is_none() {
+                    self.origin = Some((wall_ns, ts));
+                }
+                if self.vnow(wall_ns).is_some_and(|now| ts > now) {
+                    self.next = Some(r);
+                    return;
+                }
+                self.last_ts = self.last_ts.max(ts);
+            }
+            out.push(r);
+        }
+    }
+
+    /// The time to tell the correlator (never past the last record played).
+    pub fn clock(&self, wall_ns: u64) -> KTime {
+        match self.vnow(wall_ns) {
+            Some(now) if !self.done => now.min(match &self.next {
+                Some(r) => r.ts().unwrap_or(self.last_ts),
+                None => now,
+            }),
+            _ => self.last_ts,
+        }
+    }
+
+    /// The whole stream has been handed out.
+    pub fn done(&self) -> bool {
+        self.done
+    }
+}
+
+/// The live probes, read without blocking (the loop polls at its tick rate).
+pub struct Live {
+    probes: Probes,
+    ring: RingBuf<MapData>,
+    stacks: StackTraceMap<MapData>,
+    counters: Counters,
+    kallsyms: Option<Kallsyms>,
+    seen_stacks: HashSet<u32>,
+    reported: CounterTotals,
+    undecodable: u64,
+    undecodable_reported: u64,
+    last_ts: KTime,
+    /// Held while running: closing it turns the kernel's BPF run-time stats off again (also
+    /// when the process dies).
+    _stats_fd: Option<OwnedFd>,
+    stats_prev: Vec<ProgramStats>,
+    stats_prev_wall: u64,
+    pub cost: Option<BpfCost>,
+}
+
+impl Live {
+    /// Takes the maps of attached probes and enables BPF stats.
+    pub fn new(mut probes: Probes, wall_ns: u64) -> Result<Live, crate::probe::ProbeError> {
+        let ring = probes.take_events()?;
+        let stacks = probes.take_stacks()?;
+        let counters = probes.take_counters()?;
+        let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+        let stats_prev = probes.program_stats();
+        let kallsyms = probes.kallsyms.take();
+        Ok(Live {
+            probes,
+            ring,
+            stacks,
+            counters,
+            kallsyms,
+            seen_stacks: HashSet::new(),
+            reported: CounterTotals::default(),
+            undecodable: 0,
+            undecodable_reported: 0,
+            last_ts: KTime(0),
+            cost: stats_fd.as_ref().map(|_| BpfCost::default()),
+            _stats_fd: stats_fd,
+            stats_prev,
+            stats_prev_wall: wall_ns,
+        })
+    }
+
+    pub fn plan(&self) -> &[crate::trace::ProbeStatus] {
+        &self.probes.plan
+    }
+
+    fn symbolize(&self, id: u32) -> Vec<String> {
+        match self.stacks.get(&id, 0) {
+            Ok(st) => st
+                .frames()
+                .iter()
+                .map(|f| match &self.kallsyms {
+                    Some(k) => k.symbolize(f.ip),
+                    None => format!("{:#x}", f.ip),
+                })
+                .collect(),
+            Err(e) => vec![format!("<stack {id} unreadable: {e}>")],
+        }
+    }
+
+    /// Drains the ring buffer (at most `budget` events) into `out`.
+    pub fn poll(&mut self, budget: usize, out: &mut Vec<Record>) {
+        for _ in 0..budget {
+            let Some(item) = self.ring.next() else {
+                break;
+            };
+            let ev = match Event::decode(&item) {
+                Ok(e) => e,
+                Err(_) => {
+                    self.undecodable += 1;
+                    continue;
+                }
+            };
+            drop(item);
+            if let Some(id) = ev.payload.stack() {
+                if self.seen_stacks.insert(id.0) {
+                    let frames = self.symbolize(id.0);
+                    out.push(Record::Stack(StackRecord { id, frames }));
+                }
+            }
+            self.last_ts = self.last_ts.max(ev.meta.ts);
+            out.push(Record::Event(ev));
+        }
+    }
+
+    /// Once a second: loss counters → a `Lost` record, and the BPF cost of the interval.
+    pub fn periodic(&mut self, wall_ns: u64, out: &mut Vec<Record>) {
+        let now = self.counters.totals();
+        let full = now.ringbuf_full.saturating_sub(self.reported.ringbuf_full);
+        let undecodable = self.undecodable - self.undecodable_reported;
+        if full > 0 || undecodable > 0 {
+            out.push(Record::Lost(LostRecord {
+                after: if self.last_ts.0 == 0 {
+                    KTime(wall_ns)
+                } else {
+                    self.last_ts
+                },
+                ringbuf_full: full,
+                missed: 0,
+                undecodable,
+            }));
+        }
+        self.reported = now;
+        self.undecodable_reported = self.undecodable;
+        if self.cost.is_some() {
+            let stats = self.probes.program_stats();
+            self.cost = Some(bpf_cost(
+                &self.stats_prev,
+                &stats,
+                wall_ns.saturating_sub(self.stats_prev_wall),
+            ));
+            self.stats_prev = stats;
+            self.stats_prev_wall = wall_ns;
+        }
+    }
+}
+
+/// Either source.
+pub enum Source {
+    Live(Box<Live>),
+    Playback(Box<Playback>),
+}
+
+impl Source {
+    pub fn poll(&mut self, wall_ns: u64, budget: usize, out: &mut Vec<Record>) {
+        match self {
+            Source::Live(l) => l.poll(budget, out),
+            Source::Playback(p) => p.poll(wall_ns, budget, out),
+        }
+    }
+
+    /// The time to give the correlator's `advance`.
+    pub fn clock(&self, wall_ns: u64) -> KTime {
+        match self {
+            Source::Live(_) => KTime(wall_ns),
+            Source::Playback(p) => p.clock(wall_ns),
+        }
+    }
+
+    pub fn done(&self) -> bool {
+        match self {
+            Source::Live(_) => false,
+            Source::Playback(p) => p.done(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::LostRecord;
+
+    fn lost(ts: u64) -> Record {
+        Record::Lost(LostRecord {
+            after: KTime(ts),
+            ringbuf_full: 1,
+            missed: 0,
+            undecodable: 0,
+        })
+    }
+
+    #[test]
+    fn playback_follows_the_wall_clock_at_its_speed() {
+        let recs = vec![lost(1_000), lost(2_000), lost(11_000)];
+        let mut p = Playback::new(Box::new(recs.into_iter()), 1.0);
+        let mut out = Vec::new();
+        p.poll(500, 100, &mut out);
+        assert_eq!(out.len(), 1, "first record sets the origin");
+        p.poll(1_500, 100, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(p.clock(1_500), KTime(2_000));
+        p.set_paused(true, 1_600);
+        p.poll(50_000, 100, &mut out);
+        assert_eq!(out.len(), 2, "paused");
+        p.set_paused(false, 10_000);
+        // 8400 ns paused: stream time at wall 19_000 is 1000 + 18500 - 8400 = 11_100.
+        p.poll(19_000, 100, &mut out);
+        assert_eq!(out.len(), 3);
+        p.poll(19_001, 100, &mut out);
+        assert!(p.done());
+        assert_eq!(
+            p.clock(1 << 40),
+            KTime(11_000),
+            "the clock stops at the end"
+        );
+    }
+
+    #[test]
+    fn speed_zero_plays_everything_at_once() {
+        let recs: Vec<Record> = (0..10).map(|i| lost(i * 1_000_000_000)).collect();
+        let mut p = Playback::new(Box::new(recs.into_iter()), 0.0);
+        let mut out = Vec::new();
+        p.poll(0, 4, &mut out);
+        assert_eq!(out.len(), 4, "within the budget");
+        p.poll(0, 100, &mut out);
+        assert_eq!(out.len(), 10);
+        assert!(p.done());
+    }
+}

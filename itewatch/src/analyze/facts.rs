@@ -461,6 +461,11 @@ pub fn classify(text: &str) -> Option<Fact> {
             });
         }
     }
+    if t.contains("VT-d detected") {
+        return Some(Fact::Mangled {
+            keyword: "VT-d detected",
+        });
+    }
     if let Some(i) = t.find("QI HEAD:").or_else(|| t.find("QI PRIOR:")) {
         let prior = t.get(i..).is_some_and(|r| r.starts_with("QI PRIOR"));
         let rest = t.get(i..).and_then(|r| r.split_once(':')).map(|x| x.1);

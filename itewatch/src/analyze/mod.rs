@@ -834,8 +834,6 @@ const REMOVAL: &[&str] = &[
     "iommu_bus_notifier",
     "iommu_release_device",
     "intel_iommu_release_device",
-    "dmar_remove_one_dev_info",
-    "__dmar_remove_one_dev_info",
     "pciehp_ist",
     "pciehp_unconfigure_device",
     "pciehp_disable_slot",
@@ -846,8 +844,10 @@ const REMOVAL: &[&str] = &[
     "iommu_deinit_device",
     "__iommu_group_remove_device",
     "intel_pasid_teardown_sm_context",
-    "dmar_remove_one_dev_info",
 ];
+/// Teardown helpers shared by device release and domain detach (VFIO): removal only when no
+/// domain-change frame is there.
+const TEARDOWN: &[&str] = &["dmar_remove_one_dev_info", "__dmar_remove_one_dev_info"];
 const SURPRISE: &[&str] = &["pciehp_handle_presence_or_link_change"];
 const SAFE: &[&str] = &[
     "pciehp_handle_disable_request",
@@ -879,6 +879,10 @@ const DRIVER: &[&str] = &[
 ];
 const DOMAIN: &[&str] = &[
     "vfio_group_fops_release",
+    "vfio_iommu_type1_detach_group",
+    "iommu_detach_group",
+    "__iommu_detach_group",
+    "intel_iommu_detach_device",
     "vfio_device_fops_release",
     "iommu_detach_device",
     "iommu_attach_device",
@@ -926,6 +930,10 @@ fn read_frames(frames: &[Frame]) -> Reading {
         let domain = hits(DOMAIN);
         let surprise = hits(SURPRISE);
         let safe = hits(SAFE);
+        let mut removal = removal;
+        if domain.is_empty() {
+            removal.extend(hits(TEARDOWN));
+        }
         let path = if !removal.is_empty() || !surprise.is_empty() || !safe.is_empty() {
             Path::Removal
         } else if !driver.is_empty() {

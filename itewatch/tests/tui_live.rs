@@ -176,3 +176,159 @@ fn export_writes_the_report_document() {
         app.all_incidents().len()
     );
 }
+
+// ----- end to end: the real binary in a real terminal (tmux) --------------------------------
+
+struct Tmux {
+    session: String,
+}
+
+impl Tmux {
+    fn available() -> bool {
+        std::process::Command::new("tmux")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    fn run(args: &[&str]) -> String {
+        let o = std::process::Command::new("tmux")
+            .args(args)
+            .output()
+            .expect("tmux runs");
+        assert!(
+            o.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn start(cmd: &str, dir: &std::path::Path) -> Tmux {
+        let session = format!("itewatch-e2e-{}", std::process::id());
+        Self::run(&[
+            "new-session",
+            "-d",
+            "-s",
+            &session,
+            "-x",
+            "120",
+            "-y",
+            "40",
+            "-c",
+            dir.to_str().unwrap(),
+            cmd,
+        ]);
+        Tmux { session }
+    }
+
+    fn screen(&self) -> String {
+        Self::run(&["capture-pane", "-p", "-t", &self.session])
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", &self.session];
+        args.extend_from_slice(keys);
+        Self::run(&args);
+    }
+
+    fn display(&self, fmt: &str) -> String {
+        Self::run(&["display-message", "-p", "-t", &self.session, fmt])
+            .trim()
+            .to_string()
+    }
+
+    /// Waits until the screen contains `what` (10 s at most).
+    fn wait_for(&self, what: &str) -> String {
+        let t0 = std::time::Instant::now();
+        loop {
+            let s = self.screen();
+            if s.contains(what) {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "waited 10 s for {what:?}; the screen:\n{s}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["kill-session", "-t", &self.session])
+            .output();
+    }
+}
+
+#[test]
+fn e2e_navigate_export_quit_restores_the_terminal() {
+    if !Tmux::available() {
+        eprintln!("SKIPPED: tmux is not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_itewatch");
+    // After itewatch exits, record its status and the tty settings, then stay on the screen.
+    let cmd = format!(
+        "'{bin}' live --simulate w1-driver-inflight --seed 3 --export-dir '{d}'; \
+         echo $? > '{d}/exit'; stty -a > '{d}/stty'; printf 'SHELL-BACK\\n'; sleep 60",
+        d = dir.path().display()
+    );
+    let t = Tmux::start(&cmd, dir.path());
+    t.wait_for("stream ended");
+    assert_eq!(
+        t.display("#{alternate_on}"),
+        "1",
+        "the view uses the alternate screen"
+    );
+    t.keys(&["Tab", "Tab"]);
+    t.wait_for("Incidents (2) [sort: time]");
+    t.keys(&["Enter"]);
+    t.wait_for("case 1 of the ITE thread");
+    t.keys(&["e"]);
+    let s = t.wait_for("exported incident");
+    assert!(s.contains("itewatch-incident-"), "{s}");
+    t.keys(&["Escape"]);
+    t.wait_for("In-flight invalidations");
+    t.keys(&["q"]);
+    t.wait_for("SHELL-BACK");
+
+    // The exported report: one W1 incident, in the report document's schema.
+    let exported: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("itewatch-incident-")
+        })
+        .collect();
+    assert_eq!(exported.len(), 1, "{exported:?}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&exported[0]).unwrap()).unwrap();
+    assert_eq!(v["schema"], itewatch::report::SCHEMA);
+    assert_eq!(v["incidents"][0]["kind"], "inflight-across-disconnect");
+    assert_eq!(v["incidents"][0]["window"], "W1");
+    assert_eq!(v["source"]["scenario"], "w1-driver-inflight");
+
+    // The terminal is restored: exit 0, main screen, cursor shown, cooked mode with echo.
+    let exit = std::fs::read_to_string(dir.path().join("exit")).unwrap();
+    assert_eq!(exit.trim(), "0");
+    assert_eq!(
+        t.display("#{alternate_on}"),
+        "0",
+        "left the alternate screen"
+    );
+    assert_eq!(t.display("#{cursor_flag}"), "1", "cursor visible again");
+    let stty = std::fs::read_to_string(dir.path().join("stty")).unwrap();
+    for flag in ["icanon", "echo", "isig"] {
+        assert!(
+            stty.split_whitespace().any(|w| w == flag),
+            "tty flag {flag} not restored: {stty}"
+        );
+    }
+}

@@ -306,7 +306,7 @@ fn draw_inflight(f: &mut Frame<'_>, app: &App, area: Rect) {
         "CALLER",
     ])
     .style(BOLD);
-    let mut table_rows: Vec<Row<'_>> = rows
+    let table_rows: Vec<Row<'_>> = rows
         .iter()
         .map(|r| {
             let lvl = age_level(r.age_ns, &app.cfg);
@@ -346,12 +346,6 @@ fn draw_inflight(f: &mut Frame<'_>, app: &App, area: Rect) {
             ])
         })
         .collect();
-    if table_rows.is_empty() {
-        table_rows.push(Row::new([Cell::from(Span::styled(
-            "no invalidation in flight",
-            DIM,
-        ))]));
-    }
     let widths = [
         Constraint::Length(10),
         Constraint::Length(12),
@@ -362,6 +356,7 @@ fn draw_inflight(f: &mut Frame<'_>, app: &App, area: Rect) {
         Constraint::Length(16),
         Constraint::Length(13),
     ];
+    let empty = table_rows.is_empty();
     let mut state = table_state(app, Panel::InFlight, rows.len());
     f.render_stateful_widget(
         Table::new(table_rows, widths)
@@ -371,6 +366,9 @@ fn draw_inflight(f: &mut Frame<'_>, app: &App, area: Rect) {
         area,
         &mut state,
     );
+    if empty {
+        empty_message(f, area, "no invalidation in flight");
+    }
 }
 
 fn table_state(app: &App, p: Panel, n: usize) -> TableState {
@@ -404,7 +402,7 @@ fn draw_devices(f: &mut Frame<'_>, app: &App, area: Rect) {
         "ERR",
     ])
     .style(BOLD);
-    let mut table_rows: Vec<Row<'_>> = rows
+    let table_rows: Vec<Row<'_>> = rows
         .iter()
         .map(|d| {
             let dv = &d.device;
@@ -462,12 +460,6 @@ fn draw_devices(f: &mut Frame<'_>, app: &App, area: Rect) {
             ])
         })
         .collect();
-    if table_rows.is_empty() {
-        table_rows.push(Row::new([Cell::from(Span::styled(
-            "no ATS device or hot-plug slot seen yet",
-            DIM,
-        ))]));
-    }
     let widths = [
         Constraint::Length(12),
         Constraint::Length(7),
@@ -481,6 +473,7 @@ fn draw_devices(f: &mut Frame<'_>, app: &App, area: Rect) {
         Constraint::Length(6),
         Constraint::Length(4),
     ];
+    let empty = table_rows.is_empty();
     let mut state = table_state(app, Panel::Devices, rows.len());
     f.render_stateful_widget(
         Table::new(table_rows, widths)
@@ -490,6 +483,9 @@ fn draw_devices(f: &mut Frame<'_>, app: &App, area: Rect) {
         area,
         &mut state,
     );
+    if empty {
+        empty_message(f, area, "no ATS device or hot-plug slot seen yet");
+    }
 }
 
 fn dev_stats_for(app: &App, sid: Option<crate::event::Sid>) -> Option<&super::state::DevStats> {
@@ -525,7 +521,7 @@ fn draw_incidents(f: &mut Frame<'_>, app: &App, area: Rect) {
         sort_suffix(app, Panel::Incidents)
     );
     let header = Row::new(["SEVERITY", "KIND", "DEVICE", "SLOT", "START", "OUTCOME"]).style(BOLD);
-    let mut table_rows: Vec<Row<'_>> = rows
+    let table_rows: Vec<Row<'_>> = rows
         .iter()
         .map(|i| {
             Row::new([
@@ -544,9 +540,6 @@ fn draw_incidents(f: &mut Frame<'_>, app: &App, area: Rect) {
             ])
         })
         .collect();
-    if table_rows.is_empty() {
-        table_rows.push(Row::new([Cell::from(Span::styled("no incident", DIM))]));
-    }
     let widths = [
         Constraint::Length(9),
         Constraint::Length(29),
@@ -555,6 +548,7 @@ fn draw_incidents(f: &mut Frame<'_>, app: &App, area: Rect) {
         Constraint::Length(13),
         Constraint::Length(24),
     ];
+    let empty = table_rows.is_empty();
     let mut state = table_state(app, Panel::Incidents, rows.len());
     f.render_stateful_widget(
         Table::new(table_rows, widths)
@@ -564,6 +558,9 @@ fn draw_incidents(f: &mut Frame<'_>, app: &App, area: Rect) {
         area,
         &mut state,
     );
+    if empty {
+        empty_message(f, area, "no incident");
+    }
 }
 
 /// The text lines of a log2 histogram `height` rows tall: bars (log-scaled counts, eighth
@@ -1103,4 +1100,18 @@ pub fn summary_text(app: &App, cfg: &Config) -> String {
         }
     }
     s
+}
+
+/// The dim message of an empty table, on its first row.
+fn empty_message(f: &mut Frame<'_>, area: Rect, msg: &str) {
+    if area.height < 4 || area.width < 4 {
+        return;
+    }
+    let r = Rect {
+        x: area.x + 1,
+        y: area.y + 2,
+        width: area.width - 2,
+        height: 1,
+    };
+    f.render_widget(Paragraph::new(Span::styled(msg.to_string(), DIM)), r);
 }

@@ -132,6 +132,16 @@ fn main() {
         ev / (t_read + t_corr).as_secs_f64() / 1e6
     );
     println!(
+        "  correlate only, CPU time        {:.2} s  {:.2} M events/s",
+        cpu_corr.as_secs_f64(),
+        ev / cpu_corr.as_secs_f64() / 1e6
+    );
+    println!(
+        "  read+decode+correlate, CPU time {:.2} s  {:.2} M events/s",
+        (cpu_read + cpu_corr).as_secs_f64(),
+        ev / (cpu_read + cpu_corr).as_secs_f64() / 1e6
+    );
+    println!(
         "  wall (incl. generation) {:.2} s",
         wall.elapsed().as_secs_f64()
     );

@@ -13,7 +13,18 @@ use serde::{Deserialize, Serialize};
 
 /// Kernel time: CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`), the dmesg time base.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
 )]
 #[serde(transparent)]
 pub struct KTime(pub u64);
@@ -89,7 +100,18 @@ pub type IommuName = FixedStr<{ abi::IOMMU_NAME_LEN }>;
 
 /// PCI source-id: `bus << 8 | devfn`. Carries no segment.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
 )]
 #[serde(transparent)]
 pub struct Sid(pub u16);
@@ -828,7 +850,19 @@ impl Event {
 }
 
 /// Which way a kernel call path reached an invalidation (from its stack).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum CallerPath {
     /// A device driver's DMA unmap / IOTLB flush (the thread's CPU0 in case 1).

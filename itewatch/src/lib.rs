@@ -10,6 +10,7 @@ pub mod analyze;
 pub mod btf;
 pub mod correlate;
 pub mod doctor;
+pub mod document;
 pub mod event;
 pub mod kallsyms;
 pub mod probe;

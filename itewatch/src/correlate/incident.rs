@@ -15,7 +15,7 @@ use crate::event::{Bdf, CallerPath, KTime, Sid};
 
 /// The five kinds of incident. The kebab-case names are the JSON `kind` values that scripts and
 /// alert rules key on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum IncidentKind {
     /// W1: a device-TLB invalidation from the driver's path was in flight when its device was
@@ -81,7 +81,7 @@ impl std::str::FromStr for IncidentKind {
 }
 
 /// The race windows of the ITE thread (docs/scenarios.md).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Window {
     /// Driver invalidation in flight across the disconnect (case 1).
     W1,
@@ -103,7 +103,7 @@ impl Window {
 }
 
 /// How bad it is. Ordered: `info < latent < warning < critical`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Severity {
     /// Worth knowing, no hazard.
@@ -130,7 +130,7 @@ impl fmt::Display for Severity {
 
 /// A stable incident id: 16 hex digits of a hash of what identifies the incident (kind,
 /// device, first event). The same input gives the same ids, run after run.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct IncidentId(pub String);
 
@@ -172,7 +172,7 @@ impl Fnv64 {
 }
 
 /// What the device's state was at the incident's first moment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum DeviceState {
     /// On the bus and findable.
@@ -200,7 +200,7 @@ impl DeviceState {
 }
 
 /// The device an incident is about.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct IncidentDevice {
     /// `segment:bus:dev.fn`; the segment is that of the IOMMU or the sysfs snapshot, `????`
     /// when unknown. `None` when no device could be attributed (e.g. an ITE with SID 0 and
@@ -225,7 +225,7 @@ pub struct IncidentDevice {
 }
 
 /// One event of an incident's timeline, decoded for people.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TimelineEntry {
     pub ts: KTime,
     pub cpu: u32,
@@ -242,7 +242,7 @@ pub struct TimelineEntry {
 }
 
 /// Whether the running kernel carried a fix, as far as the events tell.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum FixStatus {
     /// The events show the kernel lacks it (it would have prevented what was seen).
@@ -254,7 +254,7 @@ pub enum FixStatus {
 }
 
 /// An upstream fix.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Fix {
     /// Upstream commit id (12 hex digits).
     pub commit: String,
@@ -266,7 +266,7 @@ pub struct Fix {
 }
 
 /// How one submission ended (or has not yet).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "state", rename_all = "kebab-case")]
 pub enum Outcome {
     /// Still outstanding at the incident's last update.
@@ -320,7 +320,7 @@ impl Outcome {
 }
 
 /// One submission (one `qi_submit_sync` call) that is part of an incident.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SubmissionView {
     pub tid: u32,
     pub cpu: u32,
@@ -338,7 +338,7 @@ pub struct SubmissionView {
 }
 
 /// The incident that explains (or is explained by) this one.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Attribution {
     pub kind: IncidentKind,
     pub window: Option<Window>,
@@ -346,7 +346,7 @@ pub struct Attribution {
 }
 
 /// Safe (attention button / sysfs) or surprise removal.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RemovalKind {
     Safe,
@@ -354,7 +354,7 @@ pub enum RemovalKind {
 }
 
 /// One finding.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Incident {
     pub id: IncidentId,
     /// 0 for the first emission; each update increments it.
@@ -403,6 +403,7 @@ pub struct Incident {
 /// How firmly a log-reconstructed incident is established.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+    schemars::JsonSchema,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum Certainty {
@@ -417,7 +418,7 @@ pub enum Certainty {
 }
 
 /// One log line supporting an incident.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EvidenceLine {
     /// 1-based line number in the input.
     pub line: u64,
@@ -428,7 +429,7 @@ pub struct EvidenceLine {
 }
 
 /// Why an incident reconstructed from a kernel log is believed.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Evidence {
     /// Boot of the log the lines belong to (0-based, in input order).
     pub boot: u32,

@@ -1,0 +1,147 @@
+//! The report document: its checked-in JSON Schema is the one the types generate, and every
+//! document `report` and `analyze` produce validates against it, in every format.
+
+use std::path::{Path, PathBuf};
+
+use itewatch::analyze::{analyze_bytes, Options};
+use itewatch::correlate::Config;
+use itewatch::document::{self, Format, ReportDocument};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn schema_path() -> PathBuf {
+    root().join("../docs/report-schema.json")
+}
+
+#[test]
+fn checked_in_schema_is_current() {
+    let now = document::schema_json();
+    if std::env::var_os("UPDATE_SCHEMA").is_some() {
+        std::fs::write(schema_path(), &now).unwrap();
+    }
+    let on_disk = std::fs::read_to_string(schema_path()).unwrap_or_default();
+    assert!(
+        on_disk == now,
+        "docs/report-schema.json is stale: run `UPDATE_SCHEMA=1 cargo test -p itewatch --test report_document`"
+    );
+}
+
+fn validator() -> jsonschema::Validator {
+    let schema: serde_json::Value = serde_json::from_str(&document::schema_json()).unwrap();
+    jsonschema::validator_for(&schema).unwrap()
+}
+
+fn check(v: &jsonschema::Validator, doc: &ReportDocument, what: &str) {
+    let json = serde_json::to_value(doc).unwrap();
+    let errors: Vec<String> = v.iter_errors(&json).map(|e| format!("{e} at {}", e.instance_path)).collect();
+    assert!(errors.is_empty(), "{what}: {errors:#?}");
+    // Round trip through the reader.
+    let text = serde_json::to_string(doc).unwrap();
+    let back = document::parse(&text).unwrap();
+    assert_eq!(back.incidents.len(), doc.incidents.len(), "{what}");
+    // Every format renders.
+    for f in [Format::Json, Format::Ndjson, Format::Text, Format::Markdown] {
+        let mut out = Vec::new();
+        document::write(doc, f, &mut out).unwrap();
+        assert!(!out.is_empty());
+        if f == Format::Ndjson {
+            let lines: Vec<serde_json::Value> = String::from_utf8(out)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(lines.len(), doc.incidents.len() + 2, "{what}");
+            assert_eq!(lines[0]["record"], "header");
+            assert_eq!(lines.last().unwrap()["record"], "summary");
+        }
+    }
+}
+
+#[test]
+fn every_corpus_log_report_validates() {
+    let v = validator();
+    let dir = root().join("tests/data/logs");
+    let mut n = 0;
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    paths.push(root().join("tests/data/vm/6.1/dmesg.txt"));
+    paths.push(root().join("tests/data/vm/6.12/dmesg.txt"));
+    for p in paths {
+        if p.extension().is_some_and(|e| e == "json") {
+            continue;
+        }
+        let a = analyze_bytes(&std::fs::read(&p).unwrap(), Options::default());
+        let doc = document::from_analysis(a, p.file_name().and_then(|n| n.to_str()));
+        check(&v, &doc, &p.display().to_string());
+        n += 1;
+    }
+    assert!(n > 20);
+}
+
+#[test]
+fn trace_reports_validate_and_carry_host_probes_and_fixes() {
+    let v = validator();
+    let dir = tempfile::tempdir().unwrap();
+    for s in ["w2-notifier-after-disconnect", "w1-driver-inflight", "ite-sid-zero", "benign"] {
+        let path = dir.path().join(format!("{s}.itw"));
+        let sim = itewatch::simulate::generate(s, 3).unwrap();
+        itewatch::simulate::write_trace(&sim, &path).unwrap();
+        let doc = document::from_trace_file(&path, Config::default()).unwrap();
+        check(&v, &doc, s);
+        if s != "benign" {
+            assert!(!doc.incidents.is_empty(), "{s}");
+            assert!(!doc.fixes.is_empty(), "{s}");
+        }
+    }
+    for k in ["6.1", "6.12"] {
+        let p = root().join(format!("tests/data/vm/{k}/trace.itw"));
+        let doc = document::from_trace_file(&p, Config::default()).unwrap();
+        check(&v, &doc, k);
+        assert!(doc.host.kernel_release.is_some(), "{k}");
+        assert!(!doc.probes.is_empty(), "{k}");
+    }
+}
+
+#[test]
+fn a_cut_trace_names_its_byte_offset_and_keeps_what_was_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w2.itw");
+    let sim = itewatch::simulate::generate("w2-notifier-after-disconnect", 1).unwrap();
+    itewatch::simulate::write_trace(&sim, &path).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let cut = bytes.len() * 2 / 3;
+    bytes.truncate(cut);
+    bytes[cut - 3] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let doc = document::from_trace_file(&path, Config::default()).unwrap();
+    match &doc.source {
+        document::DocSource::Trace { complete, records, error, .. } => {
+            assert!(!complete);
+            assert!(*records > 0);
+            assert!(error.as_deref().unwrap_or("").contains("byte"), "{error:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!doc.loss.complete);
+}
+
+#[test]
+fn readers_accept_older_minor_versions_and_refuse_other_majors() {
+    let a = analyze_bytes(b"[ 1.000000] DMAR: VT-d detected Invalidation Time-out Error: SID 100\n", Options::default());
+    let doc = document::from_analysis(a, None);
+    let mut v = serde_json::to_value(&doc).unwrap();
+    v["schema_version"] = "1.0".into();
+    v["a_field_from_1_7"] = 5.into();
+    assert!(document::parse(&v.to_string()).is_ok());
+    v["schema_version"] = "2.0".into();
+    assert!(document::parse(&v.to_string()).is_err());
+}
+
+#[test]
+fn default_format_is_a_document_for_files_text_for_terminals_ndjson_for_pipes() {
+    assert_eq!(Format::default_for(true, false), Format::Json);
+    assert_eq!(Format::default_for(true, true), Format::Json);
+    assert_eq!(Format::default_for(false, true), Format::Text);
+    assert_eq!(Format::default_for(false, false), Format::Ndjson);
+}

@@ -340,7 +340,10 @@ fn inventory_from_incidents(
             continue;
         }
         let key = d.bdf.map(|b| b.to_string());
-        if out.iter().any(|x| x.bdf == key && x.sid == d.sid.map(|s| s.0)) {
+        if out
+            .iter()
+            .any(|x| x.bdf == key && x.sid == d.sid.map(|s| s.0))
+        {
             continue;
         }
         let snap = d
@@ -353,14 +356,22 @@ fn inventory_from_incidents(
             sid: d.sid.map(|s| s.0),
             vendor,
             device,
-            vendor_device: vendor.zip(device).map(|(v, dv)| format!("{v:04x}:{dv:04x}")),
-            driver: d.driver.clone().or_else(|| snap.and_then(|s| s.driver.clone())),
+            vendor_device: vendor
+                .zip(device)
+                .map(|(v, dv)| format!("{v:04x}:{dv:04x}")),
+            driver: d
+                .driver
+                .clone()
+                .or_else(|| snap.and_then(|s| s.driver.clone())),
             slot: d.slot.clone().or_else(|| snap.and_then(|s| s.slot.clone())),
             port: d
                 .port
                 .or_else(|| snap.and_then(|s| s.port))
                 .map(|p| p.to_string()),
-            iommu: d.iommu.clone().or_else(|| snap.and_then(|s| s.iommu.clone())),
+            iommu: d
+                .iommu
+                .clone()
+                .or_else(|| snap.and_then(|s| s.iommu.clone())),
             ats_enabled: snap.and_then(|s| s.ats),
         });
     }
@@ -429,8 +440,7 @@ pub fn from_trace<R: Read>(
             ("simulated".to_string(), Some(scenario.clone()), Some(*seed))
         }
     };
-    let ats_seen = stats.dev_tlb_descriptors > 0
-        || snapshots.values().any(|d| d.ats == Some(true));
+    let ats_seen = stats.dev_tlb_descriptors > 0 || snapshots.values().any(|d| d.ats == Some(true));
     let end_ns = (summary.end.0 > 0).then_some(summary.end.0);
     ReportDocument {
         schema_version: SCHEMA_VERSION.into(),
@@ -487,7 +497,12 @@ pub fn from_trace<R: Read>(
 
 /// Opens a trace file and builds its document.
 pub fn from_trace_file(path: &Path, cfg: Config) -> Result<ReportDocument, DocumentError> {
-    Ok(from_trace(TraceReader::open(path)?, Some(path), cfg, |_| {}))
+    Ok(from_trace(
+        TraceReader::open(path)?,
+        Some(path),
+        cfg,
+        |_| {},
+    ))
 }
 
 /// Builds the document from a kernel log analysis.
@@ -511,7 +526,9 @@ pub fn from_analysis(a: Analysis, path: Option<&str>) -> ReportDocument {
         host.iommu_units = b
             .iommu_units
             .iter()
-            .map(|u| IommuUnit::from_regs(u.name.clone(), u.version.clone(), u.address, u.cap, u.ecap))
+            .map(|u| {
+                IommuUnit::from_regs(u.name.clone(), u.version.clone(), u.address, u.cap, u.ecap)
+            })
             .collect();
         let cmd = b.kernel_cmdline.as_deref().unwrap_or("");
         let sm_off = cmd.contains("sm_off") || cmd.contains("intel_iommu=off");
@@ -550,9 +567,11 @@ pub fn from_analysis(a: Analysis, path: Option<&str>) -> ReportDocument {
     }
     // A Device-TLB descriptor in a queue dump, or an ITE at all, means ATS is in use.
     if a.incidents.iter().any(|i| {
-        i.evidence
-            .as_ref()
-            .is_some_and(|e| e.lines.iter().any(|l| l.text.contains("Device-TLB") || l.fact == "ite-detected"))
+        i.evidence.as_ref().is_some_and(|e| {
+            e.lines
+                .iter()
+                .any(|l| l.text.contains("Device-TLB") || l.fact == "ite-detected")
+        })
     }) {
         host.ats_in_use = Some(true);
     }
@@ -698,7 +717,11 @@ impl Format {
 }
 
 /// Writes `doc` in `format`.
-pub fn write(doc: &ReportDocument, format: Format, out: &mut dyn Write) -> Result<(), DocumentError> {
+pub fn write(
+    doc: &ReportDocument,
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<(), DocumentError> {
     match format {
         Format::Json => {
             // Encode first, then write: an I/O error (a closed pipe) stays an I/O error.
@@ -830,7 +853,10 @@ fn source_words(doc: &ReportDocument) -> String {
 pub fn render_text(doc: &ReportDocument) -> String {
     let mut s = String::new();
     let h = &doc.host;
-    s.push_str(&format!("itewatch {} report (schema {})\n", doc.tool.version, doc.schema_version));
+    s.push_str(&format!(
+        "itewatch {} report (schema {})\n",
+        doc.tool.version, doc.schema_version
+    ));
     s.push_str(&format!("source: {}\n", source_words(doc)));
     s.push_str(&format!(
         "host: {} kernel {} cpu {}\n",
@@ -845,8 +871,16 @@ pub fn render_text(doc: &ReportDocument) -> String {
             u.version.as_deref().unwrap_or("?"),
             u.cap.as_deref().unwrap_or("?"),
             u.ecap.as_deref().unwrap_or("?"),
-            if u.device_tlb == Some(true) { " device-TLB" } else { "" },
-            if u.scalable_mode_supported == Some(true) { " SMTS" } else { "" }
+            if u.device_tlb == Some(true) {
+                " device-TLB"
+            } else {
+                ""
+            },
+            if u.scalable_mode_supported == Some(true) {
+                " SMTS"
+            } else {
+                ""
+            }
         ));
     }
     let l = &doc.loss;
@@ -857,7 +891,11 @@ pub fn render_text(doc: &ReportDocument) -> String {
             l.missed,
             l.undecodable,
             l.lost_markers,
-            if l.complete { "" } else { "; source incomplete" }
+            if l.complete {
+                ""
+            } else {
+                "; source incomplete"
+            }
         ));
     }
     if doc.incidents.is_empty() {
@@ -868,11 +906,18 @@ pub fn render_text(doc: &ReportDocument) -> String {
             "\n[{}] {}{} {}{}\n",
             i.severity,
             i.kind,
-            i.window.map(|w| format!(" ({w:?}, case {})", w.case())).unwrap_or_default(),
+            i.window
+                .map(|w| format!(" ({w:?}, case {})", w.case()))
+                .unwrap_or_default(),
             device_line(i),
             if i.partial { " PARTIAL" } else { "" }
         ));
-        s.push_str(&format!("  id {}  {} .. {} s\n", i.id, ms(i.start.0), ms(i.end.0)));
+        s.push_str(&format!(
+            "  id {}  {} .. {} s\n",
+            i.id,
+            ms(i.start.0),
+            ms(i.end.0)
+        ));
         s.push_str(&format!("  {}\n", i.explanation));
         if let Some(e) = &i.evidence {
             s.push_str(&format!("  certainty: {:?}\n", e.certainty));
@@ -883,7 +928,10 @@ pub fn render_text(doc: &ReportDocument) -> String {
                 s.push_str(&format!("    unknown: {u}\n"));
             }
             for ln in &e.lines {
-                s.push_str(&format!("    line {:>6}  {:<18} {}\n", ln.line, ln.fact, ln.text));
+                s.push_str(&format!(
+                    "    line {:>6}  {:<18} {}\n",
+                    ln.line, ln.fact, ln.text
+                ));
             }
             if e.lines_omitted > 0 {
                 s.push_str(&format!("    ({} more lines)\n", e.lines_omitted));
@@ -912,7 +960,10 @@ pub fn render_text(doc: &ReportDocument) -> String {
             ));
         }
     }
-    if let DocSource::KernelLog { notes, unparsed, .. } = &doc.source {
+    if let DocSource::KernelLog {
+        notes, unparsed, ..
+    } = &doc.source
+    {
         for n in notes {
             s.push_str(&format!(
                 "note: {} x{} (boot {}, first at line {})\n",
@@ -948,7 +999,9 @@ pub fn render_markdown(doc: &ReportDocument) -> String {
         s.push_str(&format!("- command line: `{}`\n", md_escape(c)));
     }
     if !h.iommu_units.is_empty() {
-        s.push_str("\n| IOMMU | version | cap | ecap | device-TLB | SMTS |\n|---|---|---|---|---|---|\n");
+        s.push_str(
+            "\n| IOMMU | version | cap | ecap | device-TLB | SMTS |\n|---|---|---|---|---|---|\n",
+        );
         for u in &h.iommu_units {
             s.push_str(&format!(
                 "| {} | {} | {} | {} | {:?} | {:?} |\n",
@@ -966,11 +1019,15 @@ pub fn render_markdown(doc: &ReportDocument) -> String {
         s.push_str(&format!(
             "\n### {} `{}` — {}\n\n- id `{}`, severity **{}**{}\n- device: {}\n\n{}\n",
             i.kind,
-            i.window.map(|w| format!("{w:?}")).unwrap_or_else(|| "-".into()),
+            i.window
+                .map(|w| format!("{w:?}"))
+                .unwrap_or_else(|| "-".into()),
             md_escape(&device_line(i)),
             i.id,
             i.severity,
-            i.case.map(|c| format!(", case {c} of the ITE thread")).unwrap_or_default(),
+            i.case
+                .map(|c| format!(", case {c} of the ITE thread"))
+                .unwrap_or_default(),
             md_escape(&device_line(i)),
             md_escape(&i.explanation)
         ));
@@ -984,19 +1041,28 @@ pub fn render_markdown(doc: &ReportDocument) -> String {
             }
             s.push_str("\n```text\n");
             for ln in &e.lines {
-                s.push_str(&format!("{:>6}: {}\n", ln.line, ln.text.replace("```", "'''")));
+                s.push_str(&format!(
+                    "{:>6}: {}\n",
+                    ln.line,
+                    ln.text.replace("```", "'''")
+                ));
             }
             s.push_str("```\n");
         } else if !i.timeline.is_empty() {
             s.push_str("\n```text\n");
             for t in &i.timeline {
-                s.push_str(&format!("{} cpu{} {}[{}] {} {}\n", t.ts, t.cpu, t.task, t.tid, t.event, t.detail));
+                s.push_str(&format!(
+                    "{} cpu{} {}[{}] {} {}\n",
+                    t.ts, t.cpu, t.task, t.tid, t.event, t.detail
+                ));
             }
             s.push_str("```\n");
         }
     }
     if !doc.fixes.is_empty() {
-        s.push_str("\n## Upstream fixes\n\n| commit | status | subject | landed |\n|---|---|---|---|\n");
+        s.push_str(
+            "\n## Upstream fixes\n\n| commit | status | subject | landed |\n|---|---|---|---|\n",
+        );
         for f in &doc.fixes {
             s.push_str(&format!(
                 "| {} | {} | {} | {} |\n",
@@ -1017,7 +1083,10 @@ pub fn analyze_cli(
     out: &mut dyn Write,
 ) -> Result<ReportDocument, DocumentError> {
     let (a, name) = match input {
-        None => (analyze::analyze_read(io::stdin().lock(), analyze::Options::default()), None),
+        None => (
+            analyze::analyze_read(io::stdin().lock(), analyze::Options::default()),
+            None,
+        ),
         Some(p) if p.as_os_str() == "-" => (
             analyze::analyze_read(io::stdin().lock(), analyze::Options::default()),
             None,
@@ -1052,4 +1121,35 @@ pub fn report_cli(
 /// Whether a fix list mentions a commit (for callers deciding exit codes or alerts).
 pub fn mentions(fixes: &[Fix], commit: &str) -> bool {
     fixes.iter().any(|f| f.commit == commit)
+}
+
+/// Runs `produce` against the CLI's destination: `-o FILE` (a JSON document unless told
+/// otherwise) or stdout (text on a terminal, NDJSON on a pipe, unless told otherwise).
+pub fn cli_output(
+    output: Option<&Path>,
+    format: Option<Format>,
+    produce: impl FnOnce(Format, &mut dyn Write) -> Result<ReportDocument, DocumentError>,
+) -> Result<ReportDocument, DocumentError> {
+    use std::io::IsTerminal;
+    match output {
+        Some(p) => {
+            let f = std::fs::File::create(p).map_err(|source| DocumentError::Open {
+                path: p.display().to_string(),
+                source,
+            })?;
+            let mut w = io::BufWriter::new(f);
+            let doc = produce(format.unwrap_or(Format::Json), &mut w)?;
+            w.flush()?;
+            Ok(doc)
+        }
+        None => {
+            let stdout = io::stdout();
+            let fmt =
+                format.unwrap_or_else(|| Format::default_for(false, stdout.is_terminal()));
+            let mut w = io::BufWriter::new(stdout.lock());
+            let doc = produce(fmt, &mut w)?;
+            w.flush()?;
+            Ok(doc)
+        }
+    }
 }

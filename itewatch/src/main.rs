@@ -49,9 +49,26 @@ enum Cmd {
     Report {
         /// Trace file (from `record` or `simulate`).
         trace: PathBuf,
-        /// `json` or `text`.
-        #[arg(long, default_value = "text")]
-        format: itewatch::report::Format,
+        /// `json` (one document), `ndjson`, `text` or `markdown`. Default: json with -o,
+        /// text on a terminal, ndjson on a pipe.
+        #[arg(long)]
+        format: Option<itewatch::document::Format>,
+        /// Write the report to this file (one JSON document by default).
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+    },
+    /// Diagnose ITE / hot-plug incidents from a kernel log (dmesg, journalctl -k, serial
+    /// console, netconsole, pstore); `-` or nothing reads stdin.
+    Analyze {
+        /// Log file (`-` for stdin).
+        file: Option<PathBuf>,
+        /// `json` (one document), `ndjson`, `text` or `markdown`. Default: json with -o,
+        /// text on a terminal, ndjson on a pipe.
+        #[arg(long)]
+        format: Option<itewatch::document::Format>,
+        /// Write the report to this file (one JSON document by default).
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
     },
     /// Check whether this host can be traced: privileges, BTF, probe targets, VT-d, ATS
     /// devices, hot-plug slots, and which upstream fixes the kernel appears to carry.
@@ -141,11 +158,24 @@ fn main() -> ExitCode {
         )
         .map(|()| ExitCode::SUCCESS)
         .map_err(anyhow::Error::from),
-        Cmd::Report { trace, format } => {
-            itewatch::report::run(&trace, format, &mut std::io::stdout().lock())
-                .map(|()| ExitCode::SUCCESS)
-                .map_err(anyhow::Error::from)
-        }
+        Cmd::Report {
+            trace,
+            format,
+            output,
+        } => itewatch::document::cli_output(output.as_deref(), format, |f, out| {
+            itewatch::document::report_cli(&trace, f, out)
+        })
+        .map(|_| ExitCode::SUCCESS)
+        .map_err(anyhow::Error::from),
+        Cmd::Analyze {
+            file,
+            format,
+            output,
+        } => itewatch::document::cli_output(output.as_deref(), format, |f, out| {
+            itewatch::document::analyze_cli(file.as_deref(), f, out)
+        })
+        .map(|_| ExitCode::SUCCESS)
+        .map_err(anyhow::Error::from),
         Cmd::Live(a) => itewatch::tui::run(a).map_err(anyhow::Error::from),
         Cmd::Doctor { json } => itewatch::doctor::run(json, &mut std::io::stdout().lock())
             .map(|ready| {

@@ -35,7 +35,10 @@ fn validator() -> jsonschema::Validator {
 
 fn check(v: &jsonschema::Validator, doc: &ReportDocument, what: &str) {
     let json = serde_json::to_value(doc).unwrap();
-    let errors: Vec<String> = v.iter_errors(&json).map(|e| format!("{e} at {}", e.instance_path)).collect();
+    let errors: Vec<String> = v
+        .iter_errors(&json)
+        .map(|e| format!("{e} at {}", e.instance_path))
+        .collect();
     assert!(errors.is_empty(), "{what}: {errors:#?}");
     // Round trip through the reader.
     let text = serde_json::to_string(doc).unwrap();
@@ -64,7 +67,10 @@ fn every_corpus_log_report_validates() {
     let v = validator();
     let dir = root().join("tests/data/logs");
     let mut n = 0;
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     paths.push(root().join("tests/data/vm/6.1/dmesg.txt"));
     paths.push(root().join("tests/data/vm/6.12/dmesg.txt"));
     for p in paths {
@@ -83,7 +89,12 @@ fn every_corpus_log_report_validates() {
 fn trace_reports_validate_and_carry_host_probes_and_fixes() {
     let v = validator();
     let dir = tempfile::tempdir().unwrap();
-    for s in ["w2-notifier-after-disconnect", "w1-driver-inflight", "ite-sid-zero", "benign"] {
+    for s in [
+        "w2-notifier-after-disconnect",
+        "w1-driver-inflight",
+        "ite-sid-zero",
+        "benign",
+    ] {
         let path = dir.path().join(format!("{s}.itw"));
         let sim = itewatch::simulate::generate(s, 3).unwrap();
         itewatch::simulate::write_trace(&sim, &path).unwrap();
@@ -116,7 +127,12 @@ fn a_cut_trace_names_its_byte_offset_and_keeps_what_was_read() {
     std::fs::write(&path, &bytes).unwrap();
     let doc = document::from_trace_file(&path, Config::default()).unwrap();
     match &doc.source {
-        document::DocSource::Trace { complete, records, error, .. } => {
+        document::DocSource::Trace {
+            complete,
+            records,
+            error,
+            ..
+        } => {
             assert!(!complete);
             assert!(*records > 0);
             assert!(error.as_deref().unwrap_or("").contains("byte"), "{error:?}");
@@ -128,7 +144,10 @@ fn a_cut_trace_names_its_byte_offset_and_keeps_what_was_read() {
 
 #[test]
 fn readers_accept_older_minor_versions_and_refuse_other_majors() {
-    let a = analyze_bytes(b"[ 1.000000] DMAR: VT-d detected Invalidation Time-out Error: SID 100\n", Options::default());
+    let a = analyze_bytes(
+        b"[ 1.000000] DMAR: VT-d detected Invalidation Time-out Error: SID 100\n",
+        Options::default(),
+    );
     let doc = document::from_analysis(a, None);
     let mut v = serde_json::to_value(&doc).unwrap();
     v["schema_version"] = "1.0".into();

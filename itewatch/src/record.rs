@@ -145,7 +145,14 @@ impl<W: Write> Recorder<W> {
 
     /// Writes the devices whose identity (ids, driver, slot) is new since the last snapshot.
     fn write_new_devices(&mut self, now: Vec<crate::event::DeviceInfo>) -> std::io::Result<()> {
-        for d in now {
+        for mut d in now {
+            // Keep the last known ATS state when the device stops answering (it is being
+            // removed): the trace should name the device as it was.
+            if d.ats.is_none() {
+                if let Some(prev) = self.devices.get(&d.bdf) {
+                    d.ats = prev.4;
+                }
+            }
             let ident = (d.vendor, d.device, d.driver.clone(), d.slot.clone(), d.ats);
             if self.devices.get(&d.bdf) != Some(&ident) {
                 self.devices.insert(d.bdf, ident);

@@ -115,6 +115,11 @@ pub fn ats_from_config(config: &[u8]) -> AtsState {
             "only the first 64 bytes of config space are readable without root".into(),
         );
     }
+    if config[0..2] == [0xff, 0xff] {
+        // Vendor ID all ones: the device no longer answers config reads (surprise-removed or
+        // powered off while still in sysfs). Its capabilities cannot be read now.
+        return AtsState::Unknown("device does not answer config reads (gone from the bus)".into());
+    }
     if !is_pcie(config) {
         return AtsState::Absent;
     }
@@ -751,6 +756,14 @@ mod tests {
         c[0x200..0x204].copy_from_slice(&(0x000fu32 | (1 << 16)).to_le_bytes());
         c[0x206..0x208].copy_from_slice(&ctrl.to_le_bytes());
         c
+    }
+
+    #[test]
+    fn a_device_gone_from_the_bus_has_unknown_ats_not_absent() {
+        // Regression: after a surprise removal the device stays in sysfs for a moment and its
+        // config space reads all ones; that is not "no ATS capability".
+        let gone = vec![0xffu8; 4096];
+        assert!(matches!(ats_from_config(&gone), AtsState::Unknown(w) if w.contains("answer")));
     }
 
     #[test]

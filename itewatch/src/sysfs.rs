@@ -790,7 +790,10 @@ mod tests {
         let mut looped = config_with_ats(0x8000);
         looped[0x100..0x104].copy_from_slice(&(0x0001u32 | (0x100 << 20)).to_le_bytes());
         assert_eq!(ats_from_config(&looped), AtsState::Absent);
+        // Garbage after a valid vendor ID (an all-ones vendor ID means the device is gone:
+        // see a_device_gone_from_the_bus_has_unknown_ats_not_absent).
         let mut ff = vec![0xffu8; 4096];
+        ff[0..2].copy_from_slice(&0x1af4u16.to_le_bytes());
         ff[0x34] = 0;
         assert_eq!(ats_from_config(&ff), AtsState::Absent);
     }

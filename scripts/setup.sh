@@ -79,4 +79,9 @@ if [ -z "${ITEWATCH_SETUP_MINIMAL:-}" ]; then
             --no-default-features --features llvm-22
     fi
 fi
+# cargo-fuzz for scripts/fuzz-smoke.sh (needs the nightly toolchain above).
+if [ -z "${ITEWATCH_SETUP_MINIMAL:-}" ] && ! command -v cargo-fuzz >/dev/null 2>&1; then
+    log "installing cargo-fuzz"
+    cargo install --locked cargo-fuzz
+fi
 log "done"

@@ -96,9 +96,9 @@ pub enum LiveError {
     Io(#[from] io::Error),
 }
 
-/// Records handed to the correlator per loop iteration at most (keeps keys responsive when
-/// a trace is played as fast as possible).
-const BUDGET: usize = 200_000;
+/// Records pulled from the source at a time; between chunks the loop checks whether a frame
+/// is due.
+const CHUNK: usize = 4_096;
 
 /// A trace recorded from a real kernel by the VM tests (`itewatch/tests/data/vm/<kernel>/`),
 /// found at a path fixed at build time; `ITEWATCH_FALLBACK_TRACE` overrides it. The oldest
@@ -359,18 +359,26 @@ impl Engine {
     }
 
     /// One step: pull what is due, correlate it, tell the correlator the time.
-    fn step(&mut self, wall: u64) {
+    /// Stops pulling at `until` (the next frame) so that redraws keep their rate when the
+    /// input outruns the CPU; the stream then lags, and the header's stream time shows it.
+    fn step(&mut self, wall: u64, until: Option<Instant>) {
         if self.corr.is_none() {
             return;
         }
         let mut buf = std::mem::take(&mut self.buf);
-        self.src.poll(wall, BUDGET, &mut buf);
-        if let Source::Live(_) = self.src {
-            self.hotplug_seen |= buf.iter().any(|r| {
-                matches!(r, Record::Event(e) if matches!(e.payload, Payload::HotplugIstReturn(_)))
-            });
+        loop {
+            self.src.poll(wall, CHUNK, &mut buf);
+            let n = buf.len();
+            if let Source::Live(_) = self.src {
+                self.hotplug_seen |= buf.iter().any(|r| {
+                    matches!(r, Record::Event(e) if matches!(e.payload, Payload::HotplugIstReturn(_)))
+                });
+            }
+            self.feed(buf.drain(..));
+            if n < CHUNK || self.src.done() || until.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
         }
-        self.feed(buf.drain(..));
         self.buf = buf;
         if self.src.done() {
             self.finish();
@@ -517,7 +525,7 @@ fn run_headless(
     let mut last_periodic = Instant::now();
     loop {
         let wall = monotonic_ns();
-        e.step(wall);
+        e.step(wall, Some(Instant::now() + Duration::from_millis(100)));
         if e.app.ended {
             break;
         }
@@ -609,7 +617,7 @@ fn run_tui(
         if let Source::Playback(p) = &mut e.src {
             p.set_paused(e.app.paused, wall);
         }
-        e.step(wall);
+        e.step(wall, Some(next_frame));
         let now = Instant::now();
         if now.duration_since(last_periodic) >= Duration::from_secs(1) {
             e.periodic(monotonic_ns());
@@ -701,7 +709,7 @@ pub fn play(header: HeaderInfo, records: Vec<Record>, stop_at: Option<KTime>) ->
         }
         None => {
             // The source is empty: the next step ends the stream.
-            e.step(0);
+            e.step(0, None);
         }
     }
     e.app

@@ -52,7 +52,9 @@ fn synthetic_log(target_bytes: usize) -> Vec<u8> {
         let msg = if i % 50_000 == 0 {
             // A trace every 50k lines.
             for t in TRACE {
-                out.extend_from_slice(format!("[{:5}.{:06}] {t}\n", ts / 1_000_000, ts % 1_000_000).as_bytes());
+                out.extend_from_slice(
+                    format!("[{:5}.{:06}] {t}\n", ts / 1_000_000, ts % 1_000_000).as_bytes(),
+                );
             }
             i += 1;
             continue;
@@ -61,7 +63,9 @@ fn synthetic_log(target_bytes: usize) -> Vec<u8> {
         } else {
             NOISE[(i as usize * 7) % NOISE.len()]
         };
-        out.extend_from_slice(format!("[{:5}.{:06}] {msg}\n", ts / 1_000_000, ts % 1_000_000).as_bytes());
+        out.extend_from_slice(
+            format!("[{:5}.{:06}] {msg}\n", ts / 1_000_000, ts % 1_000_000).as_bytes(),
+        );
         i += 1;
     }
     out

@@ -1144,8 +1144,7 @@ pub fn cli_output(
         }
         None => {
             let stdout = io::stdout();
-            let fmt =
-                format.unwrap_or_else(|| Format::default_for(false, stdout.is_terminal()));
+            let fmt = format.unwrap_or_else(|| Format::default_for(false, stdout.is_terminal()));
             let mut w = io::BufWriter::new(stdout.lock());
             let doc = produce(fmt, &mut w)?;
             w.flush()?;

@@ -490,6 +490,7 @@ fn strip_caller(t: &str) -> (Option<Caller>, &str) {
     (Some(c), t.get(end + 1..).unwrap_or(""))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn emit<'a>(
     f: &mut dyn FnMut(Rec<'_>),
     line: u64,
@@ -729,7 +730,9 @@ fn parse_json(line: u64, t: &str, f: &mut dyn FnMut(Rec<'_>)) -> Option<()> {
 mod tests {
     use super::*;
 
-    fn recs(lines: &[&str]) -> Vec<(u64, Dialect, Option<u64>, Option<Caller>, String)> {
+    type Out = (u64, Dialect, Option<u64>, Option<Caller>, String);
+
+    fn recs(lines: &[&str]) -> Vec<Out> {
         let mut n = Normalizer::new();
         let mut out = Vec::new();
         for (i, l) in lines.iter().enumerate() {

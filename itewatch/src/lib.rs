@@ -6,6 +6,7 @@
 //! their file format) → `correlate` (pure: events in, incidents out) → sinks (report, TUI,
 //! agent). `replay` and `simulate` feed the same path without a kernel.
 
+pub mod agent;
 pub mod analyze;
 pub mod btf;
 pub mod correlate;

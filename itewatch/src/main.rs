@@ -77,6 +77,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Headless agent: Prometheus /metrics, incident spool, JSON lines and Alertmanager
+    /// alerts, from the live probes (default), a replayed trace or a simulated scenario.
+    Agent(itewatch::agent::AgentArgs),
 }
 
 #[derive(clap::Args)]
@@ -177,6 +180,7 @@ fn main() -> ExitCode {
         .map(|_| ExitCode::SUCCESS)
         .map_err(anyhow::Error::from),
         Cmd::Live(a) => itewatch::tui::run(a).map_err(anyhow::Error::from),
+        Cmd::Agent(a) => itewatch::agent::run(a).map_err(anyhow::Error::from),
         Cmd::Doctor { json } => itewatch::doctor::run(json, &mut std::io::stdout().lock())
             .map(|ready| {
                 if ready {

@@ -1,0 +1,190 @@
+//! The agent's configuration: a TOML file (`--config`) whose every key is also a flag; flags
+//! win. [`Config::validate`] is what `--check-config` runs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default `/metrics` address (loopback: exposing it is a deliberate choice).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+/// Default bound on the incident files in the spool.
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Keys of the TOML file. All optional; see [`Config`] for the meaning.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub spool: Option<PathBuf>,
+    pub spool_max_bytes: Option<u64>,
+    pub alertmanager_urls: Option<Vec<String>>,
+    pub stdout: Option<bool>,
+    pub replay: Option<PathBuf>,
+    pub simulate: Option<String>,
+    pub seed: Option<u64>,
+}
+
+/// Where records come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceConfig {
+    /// The probes on this host.
+    Live,
+    /// A trace file, played as fast as possible; the agent then keeps serving.
+    Replay(PathBuf),
+    /// A simulated scenario.
+    Simulate { scenario: String, seed: u64 },
+}
+
+/// The effective configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Spool directory; `None`: incidents are kept in memory only.
+    pub spool: Option<PathBuf>,
+    pub spool_max_bytes: u64,
+    /// Alertmanager base URLs (`http://host:port`); alerts go to `<url>/api/v2/alerts`.
+    pub alertmanager_urls: Vec<String>,
+    /// One JSON line per incident on stdout.
+    pub stdout: bool,
+    pub source: SourceConfig,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source: Box::new(source),
+        })
+    }
+
+    /// `self` with every key set in `over` replaced (flags over the file).
+    pub fn overlay(self, over: FileConfig) -> FileConfig {
+        FileConfig {
+            listen: over.listen.or(self.listen),
+            spool: over.spool.or(self.spool),
+            spool_max_bytes: over.spool_max_bytes.or(self.spool_max_bytes),
+            alertmanager_urls: over.alertmanager_urls.or(self.alertmanager_urls),
+            stdout: over.stdout.or(self.stdout),
+            replay: over.replay.or(self.replay),
+            simulate: over.simulate.or(self.simulate),
+            seed: over.seed.or(self.seed),
+        }
+    }
+
+    /// Checks the values and fills in defaults.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let listen_s = self.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen_s.parse().map_err(|e| {
+            ConfigError::Invalid(format!("listen {listen_s:?} is not ADDR:PORT: {e}"))
+        })?;
+        let spool_max_bytes = self.spool_max_bytes.unwrap_or(DEFAULT_SPOOL_MAX_BYTES);
+        if spool_max_bytes < 4096 {
+            return Err(ConfigError::Invalid(format!(
+                "spool_max_bytes {spool_max_bytes} is below 4096"
+            )));
+        }
+        let urls = self.alertmanager_urls.unwrap_or_default();
+        for u in &urls {
+            super::http::parse_http_url(u)
+                .map_err(|e| ConfigError::Invalid(format!("alertmanager url {u:?}: {e}")))?;
+        }
+        let source = match (self.replay, self.simulate) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "replay and simulate are exclusive: choose one source".into(),
+                ))
+            }
+            (Some(p), None) => SourceConfig::Replay(p),
+            (None, Some(s)) => {
+                if let Err(e) = crate::simulate::generate(&s, 0) {
+                    return Err(ConfigError::Invalid(e.to_string()));
+                }
+                SourceConfig::Simulate {
+                    scenario: s,
+                    seed: self.seed.unwrap_or(0),
+                }
+            }
+            (None, None) => SourceConfig::Live,
+        };
+        Ok(Config {
+            listen,
+            spool: self.spool,
+            spool_max_bytes,
+            alertmanager_urls: urls,
+            stdout: self.stdout.unwrap_or(true),
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_in() {
+        let file: FileConfig = toml::from_str(
+            "listen = \"127.0.0.1:1\"\nalertmanager_urls = [\"http://127.0.0.1:9093\"]\nseed = 3",
+        )
+        .unwrap();
+        let flags = FileConfig {
+            listen: Some("127.0.0.1:2".into()),
+            simulate: Some("benign".into()),
+            ..Default::default()
+        };
+        let c = file.overlay(flags).validate().unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.alertmanager_urls, vec!["http://127.0.0.1:9093"]);
+        assert_eq!(
+            c.source,
+            SourceConfig::Simulate {
+                scenario: "benign".into(),
+                seed: 3
+            }
+        );
+        assert_eq!(c.spool_max_bytes, DEFAULT_SPOOL_MAX_BYTES);
+        assert!(c.stdout);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let bad = |f: FileConfig| f.validate().unwrap_err().to_string();
+        assert!(bad(FileConfig {
+            listen: Some("nope".into()),
+            ..Default::default()
+        })
+        .contains("listen"));
+        assert!(bad(FileConfig {
+            alertmanager_urls: Some(vec!["https://am:9093".into()]),
+            ..Default::default()
+        })
+        .contains("alertmanager url"));
+        assert!(bad(FileConfig {
+            simulate: Some("no-such".into()),
+            ..Default::default()
+        })
+        .contains("no-such"));
+        assert!(toml::from_str::<FileConfig>("typo = 1").is_err());
+    }
+}

@@ -1,0 +1,517 @@
+//! `itewatch agent`: the headless sink. Records (live probes, a replayed trace or a simulated
+//! scenario) go through the same correlator as everywhere else; the agent turns the stream
+//! into Prometheus metrics, incidents into spool files, JSON lines on stdout and Alertmanager
+//! alerts, and serves them read-only over HTTP. SIGTERM/SIGINT stop it, SIGHUP reloads the
+//! config file (Alertmanager URLs, spool bound, stdout; the rest needs a restart).
+//! See docs/agent.md.
+
+pub mod alert;
+pub mod config;
+pub mod http;
+mod live;
+pub mod metrics;
+pub mod spool;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::correlate::incident::Incident;
+use crate::correlate::{Config as CorrelatorConfig, Correlator};
+use crate::event::{KTime, Record};
+use alert::{alert_for, Msg, Pusher};
+use config::{Config, ConfigError, FileConfig, SourceConfig};
+use metrics::Metrics;
+use spool::{Pending, Spool};
+
+/// Incidents kept in memory for `/incidents` (the spool keeps more).
+const MAX_INCIDENTS_IN_MEMORY: usize = 1000;
+/// Records fed to the correlator between two yields (replay / simulate).
+const CHUNK: usize = 8192;
+
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct AgentArgs {
+    /// TOML config file; every key is also a flag below, and flags win.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address of /metrics, /healthz and /incidents [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<String>,
+    /// Spool directory for incidents and pending Alertmanager deliveries.
+    #[arg(long, value_name = "DIR")]
+    pub spool: Option<PathBuf>,
+    /// Bound on the incident files in the spool [default: 64 MiB].
+    #[arg(long)]
+    pub spool_max_bytes: Option<u64>,
+    /// Alertmanager base URL (http://host:port); repeat for several.
+    #[arg(long = "alertmanager-url", value_name = "URL")]
+    pub alertmanager_urls: Vec<String>,
+    /// Do not print incidents as JSON lines on stdout.
+    #[arg(long)]
+    pub no_stdout: bool,
+    /// Feed a trace file instead of the live probes.
+    #[arg(long, value_name = "FILE", conflicts_with = "simulate")]
+    pub replay: Option<PathBuf>,
+    /// Feed a simulated scenario instead of the live probes (`itewatch simulate --list`).
+    #[arg(long, value_name = "SCENARIO")]
+    pub simulate: Option<String>,
+    /// Seed of --simulate [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+impl AgentArgs {
+    /// The flags as a config layer.
+    pub fn flags(&self) -> FileConfig {
+        FileConfig {
+            listen: self.listen.clone(),
+            spool: self.spool.clone(),
+            spool_max_bytes: self.spool_max_bytes,
+            alertmanager_urls: (!self.alertmanager_urls.is_empty())
+                .then(|| self.alertmanager_urls.clone()),
+            stdout: self.no_stdout.then_some(false),
+            replay: self.replay.clone(),
+            simulate: self.simulate.clone(),
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot attach the probes: {0}; run `itewatch doctor` to see why, or feed the agent with --replay FILE or --simulate SCENARIO")]
+    Probes(#[source] crate::probe::ProbeError),
+    #[error("cannot read the trace {path}: {source}")]
+    Replay {
+        path: String,
+        source: crate::trace::TraceError,
+    },
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// The file layer (if any) under the flags, validated.
+pub fn load_config(file: Option<&Path>, flags: FileConfig) -> Result<Config, ConfigError> {
+    let base = match file {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    base.overlay(flags).validate()
+}
+
+/// What the HTTP side reads.
+pub struct State {
+    pub metrics: Arc<Metrics>,
+    incidents: Mutex<Incidents>,
+}
+
+#[derive(Default)]
+struct Incidents {
+    by_id: BTreeMap<String, Incident>,
+    order: VecDeque<String>,
+}
+
+impl State {
+    fn new(metrics: Arc<Metrics>) -> State {
+        State {
+            metrics,
+            incidents: Mutex::new(Incidents::default()),
+        }
+    }
+
+    fn remember(&self, inc: &Incident) {
+        let mut g = self.incidents.lock().unwrap_or_else(|e| e.into_inner());
+        if g.by_id.insert(inc.id.0.clone(), inc.clone()).is_none() {
+            g.order.push_back(inc.id.0.clone());
+            while g.order.len() > MAX_INCIDENTS_IN_MEMORY {
+                if let Some(old) = g.order.pop_front() {
+                    g.by_id.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// `/incidents`: one summary object per incident, in id order.
+    pub fn incidents_json(&self) -> String {
+        let g = self.incidents.lock().unwrap_or_else(|e| e.into_inner());
+        let list: Vec<serde_json::Value> = g
+            .by_id
+            .values()
+            .map(|i| {
+                serde_json::json!({
+                    "id": i.id,
+                    "revision": i.revision,
+                    "kind": i.kind,
+                    "severity": i.severity,
+                    "window": i.window,
+                    "bdf": i.device.bdf.map(|b| b.to_string()),
+                    "start": i.start,
+                    "end": i.end,
+                    "closed": i.closed,
+                })
+            })
+            .collect();
+        serde_json::to_string(&serde_json::json!({ "incidents": list })).unwrap_or_default()
+    }
+
+    /// `/incidents/{id}`: the incident in the JSON incident format.
+    pub fn incident_json(&self, id: &str) -> Option<String> {
+        let g = self.incidents.lock().unwrap_or_else(|e| e.into_inner());
+        g.by_id.get(id).and_then(|i| serde_json::to_string(i).ok())
+    }
+
+    /// Number of incidents known.
+    pub fn incident_count(&self) -> usize {
+        self.incidents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_id
+            .len()
+    }
+}
+
+enum Source {
+    Finite(std::vec::IntoIter<Record>),
+    Live(Box<live::Live>),
+}
+
+/// A running agent.
+pub struct Handle {
+    pub addr: SocketAddr,
+    pub state: Arc<State>,
+    stop: watch::Sender<bool>,
+    reload: mpsc::Sender<()>,
+    main: tokio::task::JoinHandle<()>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Handle {
+    /// Asks for a config reload (what SIGHUP does).
+    pub async fn reload(&self) {
+        let _ = self.reload.send(()).await;
+    }
+
+    /// Stops the agent: the stream stops, pending deliveries stay in the spool.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.main.await;
+        self.server.abort();
+        let _ = self.server.await;
+    }
+}
+
+fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<Source, AgentError> {
+    match src {
+        SourceConfig::Simulate { scenario, seed } => {
+            let sim = crate::simulate::generate(scenario, *seed)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            Ok(Source::Finite(sim.records.into_iter()))
+        }
+        SourceConfig::Replay(p) => {
+            let rerr = |source| AgentError::Replay {
+                path: p.display().to_string(),
+                source,
+            };
+            let reader = crate::trace::TraceReader::open(p).map_err(rerr)?;
+            for probe in &reader.header().probes {
+                metrics.probe(
+                    &probe.name,
+                    probe.state == "attached" || probe.state == "fell-back",
+                );
+            }
+            let mut recs = Vec::new();
+            for r in reader {
+                match r {
+                    Ok(r) => recs.push(r),
+                    // A cut-short trace still has its records up to the cut.
+                    Err(e) => {
+                        eprintln!("itewatch agent: {}: {e}", p.display());
+                        break;
+                    }
+                }
+            }
+            Ok(Source::Finite(recs.into_iter()))
+        }
+        SourceConfig::Live => {
+            let live = live::Live::attach().map_err(AgentError::Probes)?;
+            for (name, attached) in live.plan() {
+                metrics.probe(&name, attached);
+            }
+            let missing = live.missing_required();
+            if !missing.is_empty() {
+                eprintln!(
+                    "itewatch agent: required probes missing: {} (see `itewatch doctor`)",
+                    missing.join(", ")
+                );
+            }
+            Ok(Source::Live(Box::new(live)))
+        }
+    }
+}
+
+fn hostname() -> String {
+    crate::probe::read_trimmed(Path::new("/proc/sys/kernel/hostname"))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Starts the agent: binds, opens the source and the spool, spawns the tasks.
+pub async fn start(
+    cfg: Config,
+    config_file: Option<PathBuf>,
+    flags: FileConfig,
+) -> Result<Handle, AgentError> {
+    let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| AgentError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| AgentError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let source = open_source(&cfg.source, &metrics)?;
+    let state = Arc::new(State::new(metrics.clone()));
+    let open_spool = |what: &str| -> Option<Spool> {
+        let dir = cfg.spool.as_ref()?;
+        match Spool::open(dir, cfg.spool_max_bytes) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                metrics.spool_error("open");
+                eprintln!("itewatch agent: {e}; {what} are kept in memory only");
+                None
+            }
+        }
+    };
+    let spool = open_spool("incidents");
+    let pusher = Pusher::new(
+        cfg.alertmanager_urls.clone(),
+        open_spool("Alertmanager deliveries"),
+        metrics.clone(),
+    );
+    let (tx, rx) = mpsc::channel(1024);
+    let pusher = tokio::spawn(pusher.run(rx));
+    let server = tokio::spawn(http::serve(listener, state.clone()));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (reload_tx, reload_rx) = mpsc::channel(4);
+    let worker = Worker {
+        cfg,
+        config_file,
+        flags,
+        state: state.clone(),
+        metrics,
+        spool,
+        tx,
+        instance: hostname(),
+    };
+    let main = tokio::spawn(async move {
+        worker.run(source, stop_rx, reload_rx).await;
+        // The pusher ends when its channel closes (the worker dropped the sender); one in
+        // the middle of a POST is cut off: what it had not delivered stays pending.
+        let abort = pusher.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(1), pusher)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    });
+    Ok(Handle {
+        addr,
+        state,
+        stop: stop_tx,
+        reload: reload_tx,
+        main,
+        server,
+    })
+}
+
+struct Worker {
+    cfg: Config,
+    config_file: Option<PathBuf>,
+    flags: FileConfig,
+    state: Arc<State>,
+    metrics: Arc<Metrics>,
+    spool: Option<Spool>,
+    tx: mpsc::Sender<Msg>,
+    instance: String,
+}
+
+impl Worker {
+    async fn emit(&mut self, inc: Incident) {
+        self.metrics.incident(&inc);
+        self.state.remember(&inc);
+        let json = serde_json::to_vec(&inc).unwrap_or_default();
+        if self.spool.is_none() {
+            // An unwritable spool is retried at each incident, so it recovers when fixed.
+            if let Some(dir) = &self.cfg.spool {
+                self.spool = Spool::open(dir, self.cfg.spool_max_bytes).ok();
+            }
+        }
+        if let Some(s) = &self.spool {
+            if let Err(e) = s.put_incident(&inc.id.0, &json) {
+                self.metrics.spool_error(e.op);
+                eprintln!("itewatch agent: {e}; incident {} kept in memory", inc.id);
+            }
+        } else if self.cfg.spool.is_some() {
+            self.metrics.spool_error("open");
+        }
+        if self.cfg.stdout {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&json).and_then(|()| out.write_all(b"\n"));
+            let _ = out.flush();
+        }
+        if inc.revision == 0 && !self.cfg.alertmanager_urls.is_empty() {
+            let p = Pending {
+                id: inc.id.0.clone(),
+                alert: alert_for(&inc, &self.instance),
+                delivered_to: Vec::new(),
+            };
+            let _ = self.tx.send(Msg::New(p)).await;
+        }
+    }
+
+    async fn reload(&mut self) {
+        match load_config(self.config_file.as_deref(), self.flags.clone()) {
+            Ok(new) => {
+                if new.listen != self.cfg.listen
+                    || new.spool != self.cfg.spool
+                    || new.source != self.cfg.source
+                {
+                    eprintln!(
+                        "itewatch agent: reload: listen, spool and source change only on restart"
+                    );
+                }
+                if new.alertmanager_urls != self.cfg.alertmanager_urls {
+                    let _ = self.tx.send(Msg::Urls(new.alertmanager_urls.clone())).await;
+                }
+                if let Some(s) = &mut self.spool {
+                    s.set_max_bytes(new.spool_max_bytes);
+                }
+                self.cfg.alertmanager_urls = new.alertmanager_urls;
+                self.cfg.spool_max_bytes = new.spool_max_bytes;
+                self.cfg.stdout = new.stdout;
+                eprintln!("itewatch agent: configuration reloaded");
+            }
+            Err(e) => eprintln!("itewatch agent: reload failed, keeping the running config: {e}"),
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut source: Source,
+        mut stop: watch::Receiver<bool>,
+        mut reload: mpsc::Receiver<()>,
+    ) {
+        let mut corr = Some(Correlator::new(CorrelatorConfig::default()));
+        let mut last_periodic = std::time::Instant::now();
+        loop {
+            let mut out = Vec::new();
+            let mut tick = Duration::from_millis(100);
+            match &mut source {
+                Source::Finite(it) => {
+                    if let Some(c) = corr.as_mut() {
+                        let mut n = 0;
+                        for r in it.by_ref().take(CHUNK) {
+                            self.metrics.observe(&r);
+                            out.extend(c.push_owned(r));
+                            n += 1;
+                        }
+                        if n < CHUNK {
+                            // End of the stream: close what is open, report what is left.
+                            if let Some(c) = corr.take() {
+                                let snap = c.snapshot();
+                                let sum = c.finish();
+                                out.extend(sum.incidents);
+                                self.metrics.snapshot(&snap, sum.end);
+                            }
+                        } else {
+                            tick = Duration::ZERO;
+                        }
+                    }
+                }
+                Source::Live(live) => {
+                    let mut recs = Vec::new();
+                    live.poll(65536, &mut recs);
+                    let now = KTime(crate::record::monotonic_ns());
+                    if last_periodic.elapsed() >= Duration::from_secs(1) {
+                        last_periodic = std::time::Instant::now();
+                        live.losses(now, &mut recs);
+                        for p in live.program_stats() {
+                            self.metrics.bpf_run_time(&p.program, p.run_time_ns);
+                        }
+                    }
+                    if let Some(c) = corr.as_mut() {
+                        for r in recs {
+                            self.metrics.observe(&r);
+                            out.extend(c.push_owned(r));
+                        }
+                        out.extend(c.advance(now));
+                        self.metrics.snapshot(&c.snapshot(), now);
+                    }
+                }
+            }
+            for inc in out {
+                self.emit(inc).await;
+            }
+            tokio::select! {
+                _ = stop.changed() => break,
+                r = reload.recv() => if r.is_some() { self.reload().await },
+                _ = tokio::time::sleep(tick) => {}
+            }
+            if *stop.borrow() {
+                break;
+            }
+        }
+    }
+}
+
+/// `itewatch agent`: parse the config, run until SIGTERM/SIGINT, reload on SIGHUP.
+pub fn run(args: AgentArgs) -> Result<ExitCode, AgentError> {
+    let flags = args.flags();
+    let cfg = load_config(args.config.as_deref(), flags.clone())?;
+    if args.check_config {
+        println!("itewatch agent: configuration is valid");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    rt.block_on(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).map_err(AgentError::Runtime)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Runtime)?;
+        let mut hup = signal(SignalKind::hangup()).map_err(AgentError::Runtime)?;
+        let h = start(cfg, args.config.clone(), flags).await?;
+        eprintln!("itewatch agent: serving http://{}/metrics", h.addr);
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => h.reload().await,
+            }
+        }
+        eprintln!("itewatch agent: stopping");
+        h.stop().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}

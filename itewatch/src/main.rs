@@ -122,7 +122,10 @@ fn record(a: RecordArgs) -> anyhow::Result<ExitCode> {
         s.end.events, s.stacks, s.end.lost_ringbuf_full, s.end.undecodable, s.end.return_without_entry
     );
     if !s.missing_required.is_empty() {
-        eprintln!("itewatch: required probes missing: {}", s.missing_required.join(", "));
+        eprintln!(
+            "itewatch: required probes missing: {}",
+            s.missing_required.join(", ")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

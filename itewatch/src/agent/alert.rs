@@ -179,14 +179,11 @@ impl Pusher {
                 }
             }
             if self.urls.iter().all(|u| e.p.delivered_to.contains(u)) {
-                match &self.spool {
-                    Some(s) => {
-                        if let Err(err) = s.mark_sent(&id) {
-                            self.metrics.spool_error("sent");
-                            eprintln!("itewatch agent: {err}");
-                        }
+                if let Some(s) = &self.spool {
+                    if let Err(err) = s.mark_sent(&id) {
+                        self.metrics.spool_error("sent");
+                        eprintln!("itewatch agent: {err}");
                     }
-                    None => {}
                 }
                 self.sent.insert(id);
             } else {

@@ -27,10 +27,8 @@ cargo clippy --all-targets -- -D warnings
 step "cargo test"
 cargo test
 
-if [ -x scripts/fuzz-smoke.sh ]; then
-    step "fuzz smoke run"
-    scripts/fuzz-smoke.sh
-fi
+# The fuzz smoke run (scripts/fuzz-smoke.sh) is not part of this yet: its nightly sanitizer
+# build has not been timed within CI's budget. Run it by hand (docs/fuzzing.md).
 
 if [ -n "$vm" ]; then
     step "VM kernel matrix (6.1, 6.12)"

@@ -290,7 +290,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Explains an attach error in the terms of vm-notes.md.
 fn explain(target: &str, err: &str) -> String {
-    let hint = if err.contains("os error 99") || err.contains("EADDRNOTAVAIL") {
+    let hint = if err.contains("event_source/devices/kprobe") {
+        " (this kernel has no kprobe support: no kprobe PMU)"
+    } else if err.contains("os error 99") || err.contains("EADDRNOTAVAIL") {
         " (non-unique symbol: several static copies share the name)"
     } else if err.contains("os error 22") && target == "pci_dev_set_disconnected" {
         " (notrace copies of a static inline function)"
@@ -366,11 +368,20 @@ impl Probes {
             plan.push(status);
         }
         if !plan.iter().any(|p| p.mechanism.is_some()) {
-            let why = plan
-                .iter()
-                .filter_map(|p| p.detail.clone())
-                .collect::<Vec<_>>()
-                .join("; ");
+            let details: Vec<String> = plan.iter().filter_map(|p| p.detail.clone()).collect();
+            // A kernel without kprobe support fails every kprobe the same way: say it once.
+            let (no_kprobes, other): (Vec<String>, Vec<String>) = details
+                .into_iter()
+                .partition(|d| d.contains("event_source/devices/kprobe"));
+            let mut parts = Vec::new();
+            if !no_kprobes.is_empty() {
+                parts.push(
+                    "this kernel has no kprobe support (no /sys/bus/event_source/devices/kprobe)"
+                        .to_string(),
+                );
+            }
+            parts.extend(other);
+            let why = parts.join("; ");
             return Err(ProbeError::NothingAttached(why));
         }
         Ok(Probes {
@@ -573,6 +584,15 @@ mod tests {
                 s.program
             );
         }
+    }
+
+    #[test]
+    fn a_kernel_without_kprobes_is_named_as_such() {
+        let e = explain(
+            "qi_submit_sync",
+            "`/sys/bus/event_source/devices/kprobe/type`: No such file or directory (os error 2)",
+        );
+        assert!(e.contains("no kprobe support"), "{e}");
     }
 
     #[test]

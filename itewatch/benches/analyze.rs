@@ -49,7 +49,7 @@ fn synthetic_log(target_bytes: usize) -> Vec<u8> {
     let mut ts: u64 = 1_000_000;
     while out.len() < target_bytes {
         ts += 137;
-        let msg = if i % 50_000 == 0 {
+        let msg = if i.is_multiple_of(50_000) {
             // A trace every 50k lines.
             for t in TRACE {
                 out.extend_from_slice(
@@ -58,7 +58,7 @@ fn synthetic_log(target_bytes: usize) -> Vec<u8> {
             }
             i += 1;
             continue;
-        } else if i % 500 == 0 {
+        } else if i.is_multiple_of(500) {
             RARE[(i / 500) as usize % RARE.len()]
         } else {
             NOISE[(i as usize * 7) % NOISE.len()]

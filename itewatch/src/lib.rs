@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod document;
 pub mod event;
 pub mod kallsyms;
+pub mod live;
 pub mod probe;
 pub mod record;
 pub mod render;

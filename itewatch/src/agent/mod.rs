@@ -8,7 +8,6 @@
 pub mod alert;
 pub mod config;
 pub mod http;
-mod live;
 pub mod metrics;
 pub mod spool;
 
@@ -20,11 +19,13 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
 use crate::correlate::incident::Incident;
 use crate::correlate::{Config as CorrelatorConfig, Correlator};
 use crate::event::{KTime, Record};
+use crate::live::{monotonic_ns, LiveReader};
 use alert::{alert_for, Msg, Pusher};
 use config::{Config, ConfigError, FileConfig, SourceConfig};
 use metrics::Metrics;
@@ -188,7 +189,8 @@ impl State {
 
 enum Source {
     Finite(std::vec::IntoIter<Record>),
-    Live(Box<live::Live>),
+    /// The live probes; the ring buffer's fd wakes the loop when events wait.
+    Live(Box<AsyncFd<LiveReader>>),
 }
 
 /// A running agent.
@@ -249,9 +251,10 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<Source, AgentErr
             Ok(Source::Finite(recs.into_iter()))
         }
         SourceConfig::Live => {
-            let live = live::Live::attach().map_err(AgentError::Probes)?;
-            for (name, attached) in live.plan() {
-                metrics.probe(&name, attached);
+            let live = LiveReader::attach(&crate::probe::LoadOptions::default())
+                .map_err(AgentError::Probes)?;
+            for p in live.plan() {
+                metrics.probe(&p.name, p.state == "attached" || p.state == "fell-back");
             }
             let missing = live.missing_required();
             if !missing.is_empty() {
@@ -260,6 +263,7 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<Source, AgentErr
                     missing.join(", ")
                 );
             }
+            let live = live.into_async().map_err(AgentError::Runtime)?;
             Ok(Source::Live(Box::new(live)))
         }
     }
@@ -421,7 +425,8 @@ impl Worker {
         mut reload: mpsc::Receiver<()>,
     ) {
         let mut corr = Some(Correlator::new(CorrelatorConfig::default()));
-        let mut last_periodic = std::time::Instant::now();
+        // Live: loss markers, device identities and BPF stats once a second, and at once.
+        let mut last_periodic: Option<std::time::Instant> = None;
         loop {
             let mut out = Vec::new();
             let mut tick = Duration::from_millis(100);
@@ -448,13 +453,16 @@ impl Worker {
                     }
                 }
                 Source::Live(live) => {
+                    let reader = live.get_mut();
                     let mut recs = Vec::new();
-                    live.poll(65536, &mut recs);
-                    let now = KTime(crate::record::monotonic_ns());
-                    if last_periodic.elapsed() >= Duration::from_secs(1) {
-                        last_periodic = std::time::Instant::now();
-                        live.losses(now, &mut recs);
-                        for p in live.program_stats() {
+                    if reader.drain(CHUNK, &mut recs) == CHUNK {
+                        tick = Duration::ZERO;
+                    }
+                    let now = KTime(monotonic_ns());
+                    if last_periodic.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        last_periodic = Some(std::time::Instant::now());
+                        reader.periodic(now, &mut recs);
+                        for p in reader.program_stats() {
                             self.metrics.bpf_run_time(&p.program, p.run_time_ns);
                         }
                     }
@@ -475,11 +483,28 @@ impl Worker {
                 _ = stop.changed() => break,
                 r = reload.recv() => if r.is_some() { self.reload().await },
                 _ = tokio::time::sleep(tick) => {}
+                // Events wake the loop at once (an incident is persisted within
+                // milliseconds); the tick still advances the correlator's clock, so a
+                // hung invalidation is raised while nothing else happens.
+                _ = ring_readable(&mut source) => {}
             }
             if *stop.borrow() {
                 break;
             }
         }
+    }
+}
+
+/// Resolves when the live ring buffer has events waiting (never for a finite source). The
+/// readiness is cleared before the drain, so events that arrive during it wake the loop again.
+async fn ring_readable(source: &mut Source) {
+    match source {
+        Source::Live(live) => match live.readable_mut().await {
+            Ok(mut guard) => guard.clear_ready(),
+            // Polling failed: fall back to the tick.
+            Err(_) => std::future::pending().await,
+        },
+        Source::Finite(_) => std::future::pending().await,
     }
 }
 

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crossterm::event::{self as cevent, Event as CEvent, KeyCode};
 
 use crate::correlate::{Config, Correlator};
-use crate::event::{KTime, Payload, Record};
+use crate::event::{KTime, Record};
 use crate::probe::{LoadOptions, ProbeError, Probes};
 use crate::record::{host_info, monotonic_ns};
 use crate::simulate::SimError;
@@ -81,6 +81,10 @@ pub struct LiveArgs {
     /// Ring buffer size in KiB (a power of two).
     #[arg(long, default_value_t = 4096)]
     pub ringbuf_kib: u32,
+    /// Live probes: once they are attached, write the attach plan as JSON to this file (for
+    /// scripts that must not start the workload before the tracer sees it).
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,6 +287,10 @@ fn open_live(args: &LiveArgs) -> Result<(Opened, Option<Unavailable>), LiveError
         }
     };
     let live = Live::new(probes, monotonic_ns())?;
+    if let Some(path) = &args.ready_file {
+        let plan = serde_json::to_vec_pretty(live.plan()).map_err(io::Error::other)?;
+        std::fs::write(path, plan)?;
+    }
     let host = host_info();
     let iommus = crate::sysfs::Sysfs::live()
         .iommu_units()
@@ -307,14 +315,6 @@ fn open_live(args: &LiveArgs) -> Result<(Opened, Option<Unavailable>), LiveError
     ))
 }
 
-/// Device identities from sysfs, for live use (names for SIDs).
-fn sysfs_devices() -> Vec<Record> {
-    crate::sysfs::Sysfs::live()
-        .device_infos(KTime(monotonic_ns()))
-        .map(|v| v.into_iter().map(Record::Device).collect())
-        .unwrap_or_default()
-}
-
 /// The correlator, the view state and the source, advanced together.
 struct Engine {
     corr: Option<Correlator>,
@@ -322,8 +322,6 @@ struct Engine {
     src: Source,
     buf: Vec<Record>,
     records: u64,
-    hotplug_seen: bool,
-    known_devices: BTreeSet<String>,
 }
 
 impl Engine {
@@ -336,8 +334,6 @@ impl Engine {
             src: opened.source,
             buf: Vec::new(),
             records: 0,
-            hotplug_seen: false,
-            known_devices: BTreeSet::new(),
         }
     }
 
@@ -347,10 +343,6 @@ impl Engine {
         };
         let mut revs = Vec::new();
         for r in recs {
-            if let Record::Device(d) = &r {
-                self.known_devices
-                    .insert(format!("{} {:?} {:?}", d.bdf, d.driver, d.slot));
-            }
             self.app.observe(&r);
             self.records += 1;
             revs.extend(c.push_owned(r));
@@ -369,11 +361,6 @@ impl Engine {
         loop {
             self.src.poll(wall, CHUNK, &mut buf);
             let n = buf.len();
-            if let Source::Live(_) = self.src {
-                self.hotplug_seen |= buf.iter().any(|r| {
-                    matches!(r, Record::Event(e) if matches!(e.payload, Payload::HotplugIstReturn(_)))
-                });
-            }
             self.feed(buf.drain(..));
             if n < CHUNK || self.src.done() || until.is_some_and(|d| Instant::now() >= d) {
                 break;
@@ -388,25 +375,12 @@ impl Engine {
         }
     }
 
-    /// Once a second: loss counters and BPF cost (live), new devices after a hot-plug.
+    /// Once a second: loss markers, new devices after a hot-plug and the BPF cost (live).
     fn periodic(&mut self, wall: u64) {
         let mut extra = Vec::new();
         if let Source::Live(l) = &mut self.src {
             l.periodic(wall, &mut extra);
             self.app.meters.bpf = l.cost;
-            if std::mem::take(&mut self.hotplug_seen) {
-                for r in sysfs_devices() {
-                    if let Record::Device(d) = &r {
-                        if self
-                            .known_devices
-                            .contains(&format!("{} {:?} {:?}", d.bdf, d.driver, d.slot))
-                        {
-                            continue;
-                        }
-                    }
-                    extra.push(r);
-                }
-            }
         }
         self.feed(extra);
     }
@@ -491,7 +465,8 @@ pub fn run(args: LiveArgs) -> Result<ExitCode, LiveError> {
     let trace_source = opened.trace_source.clone();
     let mut engine = Engine::new(opened, Config::default());
     if let Source::Live(_) = engine.src {
-        engine.feed(sysfs_devices());
+        // The first device snapshot: names for the SIDs before any event.
+        engine.periodic(monotonic_ns());
     }
     term::install_signal_handlers();
     if interactive {

@@ -2,14 +2,9 @@
 //! played back against the wall clock (`--speed`). Every source hands out [`Record`]s, so the
 //! correlator and the view cannot tell them apart.
 
-use std::collections::HashSet;
-use std::os::fd::OwnedFd;
-
-use aya::maps::{MapData, RingBuf, StackTraceMap};
-
-use crate::event::{Event, KTime, LostRecord, Record, StackRecord};
-use crate::kallsyms::Kallsyms;
-use crate::probe::{CounterTotals, Counters, Probes};
+use crate::event::{KTime, Record};
+use crate::live::LiveReader;
+use crate::probe::Probes;
 use crate::trace::ProgramStats;
 
 use super::metrics::{bpf_cost, BpfCost};
@@ -119,21 +114,10 @@ impl Playback {
     }
 }
 
-/// The live probes, read without blocking (the loop polls at its tick rate).
+/// The live probes ([`LiveReader`], shared with `record` and `agent`), read without blocking
+/// at the loop's tick, and the BPF cost of each interval for the header.
 pub struct Live {
-    probes: Probes,
-    ring: RingBuf<MapData>,
-    stacks: StackTraceMap<MapData>,
-    counters: Counters,
-    kallsyms: Option<Kallsyms>,
-    seen_stacks: HashSet<u32>,
-    reported: CounterTotals,
-    undecodable: u64,
-    undecodable_reported: u64,
-    last_ts: KTime,
-    /// Held while running: closing it turns the kernel's BPF run-time stats off again (also
-    /// when the process dies).
-    _stats_fd: Option<OwnedFd>,
+    reader: LiveReader,
     stats_prev: Vec<ProgramStats>,
     stats_prev_wall: u64,
     pub cost: Option<BpfCost>,
@@ -141,95 +125,31 @@ pub struct Live {
 
 impl Live {
     /// Takes the maps of attached probes and enables BPF stats.
-    pub fn new(mut probes: Probes, wall_ns: u64) -> Result<Live, crate::probe::ProbeError> {
-        let ring = probes.take_events()?;
-        let stacks = probes.take_stacks()?;
-        let counters = probes.take_counters()?;
-        let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
-        let stats_prev = probes.program_stats();
-        let kallsyms = probes.kallsyms.take();
+    pub fn new(probes: Probes, wall_ns: u64) -> Result<Live, crate::probe::ProbeError> {
+        let reader = LiveReader::new(probes)?;
         Ok(Live {
-            probes,
-            ring,
-            stacks,
-            counters,
-            kallsyms,
-            seen_stacks: HashSet::new(),
-            reported: CounterTotals::default(),
-            undecodable: 0,
-            undecodable_reported: 0,
-            last_ts: KTime(0),
-            cost: stats_fd.as_ref().map(|_| BpfCost::default()),
-            _stats_fd: stats_fd,
-            stats_prev,
+            cost: reader.stats_enabled().then(BpfCost::default),
+            stats_prev: reader.program_stats(),
             stats_prev_wall: wall_ns,
+            reader,
         })
     }
 
     pub fn plan(&self) -> &[crate::trace::ProbeStatus] {
-        &self.probes.plan
-    }
-
-    fn symbolize(&self, id: u32) -> Vec<String> {
-        match self.stacks.get(&id, 0) {
-            Ok(st) => st
-                .frames()
-                .iter()
-                .map(|f| match &self.kallsyms {
-                    Some(k) => k.symbolize(f.ip),
-                    None => format!("{:#x}", f.ip),
-                })
-                .collect(),
-            Err(e) => vec![format!("<stack {id} unreadable: {e}>")],
-        }
+        self.reader.plan()
     }
 
     /// Drains the ring buffer (at most `budget` events) into `out`.
     pub fn poll(&mut self, budget: usize, out: &mut Vec<Record>) {
-        for _ in 0..budget {
-            let Some(item) = self.ring.next() else {
-                break;
-            };
-            let ev = match Event::decode(&item) {
-                Ok(e) => e,
-                Err(_) => {
-                    self.undecodable += 1;
-                    continue;
-                }
-            };
-            drop(item);
-            if let Some(id) = ev.payload.stack() {
-                if self.seen_stacks.insert(id.0) {
-                    let frames = self.symbolize(id.0);
-                    out.push(Record::Stack(StackRecord { id, frames }));
-                }
-            }
-            self.last_ts = self.last_ts.max(ev.meta.ts);
-            out.push(Record::Event(ev));
-        }
+        self.reader.drain(budget, out);
     }
 
-    /// Once a second: loss counters → a `Lost` record, and the BPF cost of the interval.
+    /// Once a second (and at once): loss markers, device identities after a hot-plug, and
+    /// the BPF cost of the interval.
     pub fn periodic(&mut self, wall_ns: u64, out: &mut Vec<Record>) {
-        let now = self.counters.totals();
-        let full = now.ringbuf_full.saturating_sub(self.reported.ringbuf_full);
-        let undecodable = self.undecodable - self.undecodable_reported;
-        if full > 0 || undecodable > 0 {
-            out.push(Record::Lost(LostRecord {
-                after: if self.last_ts.0 == 0 {
-                    KTime(wall_ns)
-                } else {
-                    self.last_ts
-                },
-                ringbuf_full: full,
-                missed: 0,
-                undecodable,
-            }));
-        }
-        self.reported = now;
-        self.undecodable_reported = self.undecodable;
+        self.reader.periodic(KTime(wall_ns), out);
         if self.cost.is_some() {
-            let stats = self.probes.program_stats();
+            let stats = self.reader.program_stats();
             self.cost = Some(bpf_cost(
                 &self.stats_prev,
                 &stats,

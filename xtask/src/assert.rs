@@ -193,8 +193,179 @@ pub fn check_run(kernel: &Kernel, out: &Path, facts: &RunFacts, recorded: bool) 
     if recorded {
         checks.push(doctor_check(kernel, out, &disks));
         checks.extend(trace_checks(kernel, out, &disks));
+        checks.extend(sink_checks(out, &disks));
     }
     checks
+}
+
+/// Incident kinds (`"flush-to-gone-device"`, ...) of a JSON array of incidents.
+fn kinds(incidents: &[serde_json::Value]) -> std::collections::BTreeSet<String> {
+    incidents
+        .iter()
+        .filter_map(|i| i.get("kind")?.as_str().map(str::to_string))
+        .collect()
+}
+
+/// Sums of the samples of one metric family in an OpenMetrics exposition whose labels contain
+/// every `label="value"` pair of `with`.
+fn metric_sum(text: &str, family: &str, with: &[(&str, &str)]) -> Option<f64> {
+    let mut sum = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (name_labels, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let (name, labels) = match name_labels.split_once('{') {
+            Some((n, l)) => (n, l),
+            None => (name_labels, ""),
+        };
+        if name != family {
+            continue;
+        }
+        if with
+            .iter()
+            .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")))
+        {
+            if let Ok(v) = value.parse::<f64>() {
+                *sum.get_or_insert(0.0) += v;
+            }
+        }
+    }
+    sum
+}
+
+/// The other live sinks that ran beside the recorder on the same kernel events: the agent
+/// (metrics, HTTP incidents, spool files) and the headless live view (its summary). They share
+/// the recorder's reader, so they must see what the recorder saw: the same incident kinds as
+/// the report of the recorded trace, device-TLB traffic, both removals, no loss.
+pub fn sink_checks(out: &Path, disks: &[Disk]) -> Vec<Check> {
+    let mut c = Vec::new();
+    let reference = match itewatch::document::from_trace_file(
+        &out.join("trace.itw"),
+        itewatch::correlate::Config::default(),
+    ) {
+        Ok(doc) => serde_json::to_value(&doc)
+            .ok()
+            .and_then(|v| v.get("incidents").and_then(|i| i.as_array()).cloned())
+            .map(|v| kinds(&v))
+            .unwrap_or_default(),
+        Err(e) => return vec![Check::fail("report of the recorded trace", e.to_string())],
+    };
+    let want = format!("{reference:?}");
+
+    // The agent.
+    let metrics = fs::read_to_string(out.join("metrics.txt")).unwrap_or_default();
+    let m = |family: &str, with: &[(&str, &str)]| metric_sum(&metrics, family, with);
+    let subs = m("itewatch_submissions_total", &[]).unwrap_or(0.0);
+    let devtlb = m("itewatch_devtlb_invalidations_total", &[]).unwrap_or(0.0);
+    let lost = m("itewatch_lost_events_total", &[]).unwrap_or(0.0);
+    let attached = m("itewatch_probe_attached", &[("probe", "qi_submit_sync")]);
+    c.push(Check::new(
+        "agent: live metrics of the DMA traffic",
+        subs > 0.0 && devtlb > 0.0 && lost == 0.0 && attached == Some(1.0),
+        format!(
+            "submissions {subs}, device-TLB invalidations {devtlb}, lost {lost}, \
+             qi_submit_sync attached {attached:?}"
+        ),
+    ));
+    for d in disks {
+        let kind = match d.role.as_str() {
+            "safe" => "safe-removal",
+            _ => "surprise-removal",
+        };
+        let slot = m(
+            "itewatch_hotplug_events_total",
+            &[("slot", &d.port), ("kind", kind)],
+        );
+        c.push(Check::new(
+            format!("agent: {kind} of slot {} counted", d.port),
+            slot.is_some_and(|v| v >= 1.0),
+            format!(
+                "itewatch_hotplug_events_total{{slot={},kind={kind}}} = {slot:?}",
+                d.port
+            ),
+        ));
+    }
+    let served: Vec<serde_json::Value> = fs::read_to_string(out.join("incidents.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("incidents").and_then(|i| i.as_array()).cloned())
+        .unwrap_or_default();
+    let mut spooled = Vec::new();
+    let mut unreadable = Vec::new();
+    if let Ok(rd) = fs::read_dir(out.join("spool/incidents")) {
+        for e in rd.flatten() {
+            match fs::read_to_string(e.path())
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            {
+                Some(v) => spooled.push(v),
+                None => unreadable.push(e.file_name().to_string_lossy().into_owned()),
+            }
+        }
+    }
+    c.push(Check::new(
+        "agent: incidents served and spooled as the recorded trace's",
+        kinds(&served) == reference
+            && kinds(&spooled) == reference
+            && spooled.len() == served.len()
+            && unreadable.is_empty(),
+        format!(
+            "recorded {want}; /incidents {} {:?}; spool {} {:?}{}",
+            served.len(),
+            kinds(&served),
+            spooled.len(),
+            kinds(&spooled),
+            if unreadable.is_empty() {
+                String::new()
+            } else {
+                format!("; unreadable spool files {unreadable:?}")
+            }
+        ),
+    ));
+
+    // The headless live view.
+    let text = fs::read_to_string(out.join("live.txt")).unwrap_or_default();
+    let counts = text.lines().find_map(live_counts);
+    let listed: std::collections::BTreeSet<String> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("incidents ("))
+        .filter_map(|l| {
+            let l = l.trim_start();
+            let rest = l.strip_prefix('[')?.split_once("] ")?.1;
+            // "W2 flush-to-gone-device 0000:..." or "hung-invalidation ...".
+            let mut words = rest.split_whitespace();
+            let first = words.next()?;
+            let kind = if first.len() == 2 && first.starts_with('W') {
+                words.next()?
+            } else {
+                first
+            };
+            Some(kind.to_string())
+        })
+        .collect();
+    c.push(Check::new(
+        "live view: events, no loss, the recorded trace's incidents",
+        counts.is_some_and(|(ev, subs, dev, lost, missed)| {
+            ev > 0 && subs > 0 && dev > 0 && lost == 0 && missed == 0
+        }) && listed == reference,
+        format!(
+            "(events, submissions, device-TLB, lost, missed) {counts:?}; incidents {listed:?}, \
+             recorded {want}"
+        ),
+    ));
+    c
+}
+
+/// "N events, M submissions (K device-TLB descriptors), lost L, missed X" of the live summary.
+fn live_counts(line: &str) -> Option<(u64, u64, u64, u64, u64)> {
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (line.contains(" events, ") && line.contains("device-TLB") && nums.len() == 5)
+        .then(|| (nums[0], nums[1], nums[2], nums[3], nums[4]))
 }
 
 /// Probes that must be attached (or have fallen back) on every pinned kernel, beyond the

@@ -1,7 +1,8 @@
 //! The guest's `/init` (busybox sh), generated per run.
 //!
 //! Stages, each announced on the serial console as `ITEWATCH-STAGE <name>` (the host waits for
-//! them): `booted` → `recording` (recorder attached: its ready file exists) → `dma-running`
+//! them): `booted` → `recording` (recorder, agent and headless live view attached: the
+//! recorder's and the live view's ready files exist, the agent serves HTTP) → `dma-running`
 //! (O_DIRECT reads on both hot-plug disks; the host now sends QMP `device_del` for the
 //! safe-removal disk) → `safe-removed` (its PCI device left sysfs) → `surprise-cut` (slot power
 //! cut through the root port's Slot Control) → `surprise-removed` → `recorder-stopped`.
@@ -66,11 +67,14 @@ mount -t tmpfs tmpfs /tmp
 stage() { echo "ITEWATCH-STAGE $*"; }
 log() { echo "itewatch-vm: $*"; echo "$*" >> /out/guest.log; }
 REC_PID=
+AGENT_PID=
+LIVE_PID=
 DMA_PIDS=
 
 finish() {
     verdict="$1"
     for p in $DMA_PIDS; do kill $p 2>/dev/null; done
+    for p in $AGENT_PID $LIVE_PID; do kill -TERM $p 2>/dev/null; done
     if [ -n "$REC_PID" ] && kill -0 $REC_PID 2>/dev/null; then
         kill -INT $REC_PID
         wait_pid_gone $REC_PID 30 || { log "recorder did not exit on SIGINT"; kill -KILL $REC_PID; verdict="failure: recorder did not exit on SIGINT"; }
@@ -201,6 +205,18 @@ if [ $RECORD = 1 ]; then
     REC_PID=$!
     wait_for '[ -s /out/ready ] || ! kill -0 $REC_PID 2>/dev/null' 180 || fail "recorder not ready after 180 s"
     [ -s /out/ready ] || { cat /out/record.err; REC_PID=; fail "recorder exited before it was ready"; }
+    # The other live sinks on the same kernel events: the agent (metrics, spool) and the
+    # headless live view (its text summary at exit).
+    ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+    mkdir -p /out/spool
+    /bin/itewatch agent --listen 127.0.0.1:9464 --spool /out/spool > /out/agent.out 2> /out/agent.err &
+    AGENT_PID=$!
+    /bin/itewatch live --no-tui --exit-after 900 --ready-file /out/live.ready --stats-file /out/live-stats.json > /out/live.txt 2> /out/live.err &
+    LIVE_PID=$!
+    wait_for 'grep -q serving /out/agent.err || ! kill -0 $AGENT_PID 2>/dev/null' 180 || fail "agent not serving after 180 s"
+    grep -q serving /out/agent.err || { cat /out/agent.err; AGENT_PID=; fail "agent exited before serving"; }
+    wait_for '[ -s /out/live.ready ] || ! kill -0 $LIVE_PID 2>/dev/null' 180 || fail "live view not ready after 180 s"
+    [ -s /out/live.ready ] || { cat /out/live.err; LIVE_PID=; fail "live view exited before it was ready"; }
 fi
 stage recording
 
@@ -277,6 +293,20 @@ log "surprise: port Slot Control now $(hex16 $(rd16 $pcfg $sc)) status $(hex16 $
 # Let late invalidations (the removal path) land before stopping.
 sleep 2
 
+if [ -n "$AGENT_PID" ]; then
+    wget -q -O /out/metrics.txt http://127.0.0.1:9464/metrics || log "agent: GET /metrics failed"
+    wget -q -O /out/incidents.json http://127.0.0.1:9464/incidents || log "agent: GET /incidents failed"
+    kill -TERM $AGENT_PID
+    wait_pid_gone $AGENT_PID 60 || { kill -KILL $AGENT_PID; AGENT_PID=; fail "agent did not exit within 60 s of SIGTERM"; }
+    AGENT_PID=
+    echo $REC_RC > /out/agent.rc
+fi
+if [ -n "$LIVE_PID" ]; then
+    kill -TERM $LIVE_PID
+    wait_pid_gone $LIVE_PID 60 || { kill -KILL $LIVE_PID; LIVE_PID=; fail "live view did not exit within 60 s of SIGTERM"; }
+    LIVE_PID=
+    echo $REC_RC > /out/live.rc
+fi
 if [ -n "$REC_PID" ]; then
     kill -INT $REC_PID
     wait_pid_gone $REC_PID 60 || { kill -KILL $REC_PID; REC_PID=; fail "recorder did not exit within 60 s of SIGINT"; }

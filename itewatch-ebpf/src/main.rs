@@ -19,9 +19,12 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
     },
-    macros::{kprobe, kretprobe, map, tracepoint},
+    macros::{fentry, fexit, kprobe, kretprobe, map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
-    programs::{tracing::StackIdContext, ProbeContext, RetProbeContext, TracePointContext},
+    programs::{
+        tracing::StackIdContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext,
+        TracePointContext,
+    },
     EbpfContext,
 };
 use itewatch_common::{
@@ -215,12 +218,32 @@ fn iommu_id(iommu: u64) -> IommuId {
 // qi_submit_sync(struct intel_iommu *iommu, struct qi_desc *desc, unsigned int count,
 //                unsigned long options)          (6.1, 6.12: drivers/iommu/intel/dmar.c)
 
+//
+// Two ways in, one body: fentry/fexit (BPF trampoline: cheaper than a kprobe, and fexit has no
+// kretprobe instance limit, so a return is never missed however many submissions are in
+// flight) where the kernel supports them, kprobe/kretprobe otherwise. The loader tries them in
+// that order and records which one attached.
+
+#[fentry(function = "qi_submit_sync")]
+pub fn qi_submit_sync_fentry(ctx: FEntryContext) -> u32 {
+    let iommu: u64 = ctx.arg(0);
+    let desc: u64 = ctx.arg(1);
+    let count = ctx.arg::<u64>(2) as u32;
+    let options: u64 = ctx.arg(3);
+    on_submit(&ctx, iommu, desc, count, options)
+}
+
 #[kprobe]
 pub fn qi_submit_sync(ctx: ProbeContext) -> u32 {
     let iommu: u64 = ctx.arg(0).unwrap_or(0);
     let desc: u64 = ctx.arg(1).unwrap_or(0);
     let count: u32 = ctx.arg::<u64>(2).unwrap_or(0) as u32;
     let options: u64 = ctx.arg(3).unwrap_or(0);
+    on_submit(&ctx, iommu, desc, count, options)
+}
+
+#[inline(always)]
+fn on_submit<C: StackIdContext>(ctx: &C, iommu: u64, desc: u64, count: u32, options: u64) -> u32 {
     let hdr = header(EventKind::Submit);
     let key = thread_key();
     if SUBMIT_START.insert(&key, &hdr.ts_ns, 0).is_err() {
@@ -246,7 +269,7 @@ pub fn qi_submit_sync(ctx: ProbeContext) -> u32 {
         addr_of_mut!((*e).options).write(options);
         addr_of_mut!((*e).count).write(count);
         addr_of_mut!((*e)._pad).write(0);
-        addr_of_mut!((*e).stack_id).write(stack_id(&ctx));
+        addr_of_mut!((*e).stack_id).write(stack_id(ctx));
         // Bounded loop: MAX_BATCH iterations at most (verifier: constant trip count).
         for i in 0..MAX_BATCH {
             let slot = addr_of_mut!((*e).descs[i]);
@@ -272,9 +295,19 @@ pub fn qi_submit_sync(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// fexit: the arguments, then the return value (an `int`: the low 32 bits).
+#[fexit(function = "qi_submit_sync")]
+pub fn qi_submit_sync_fexit(ctx: FExitContext) -> u32 {
+    on_submit_return(ctx.arg::<u64>(4) as i32 as i64)
+}
+
 #[kretprobe]
 pub fn qi_submit_sync_ret(ctx: RetProbeContext) -> u32 {
-    let ret: i64 = ctx.ret::<i64>() as i32 as i64;
+    on_submit_return(ctx.ret::<i64>() as i32 as i64)
+}
+
+#[inline(always)]
+fn on_submit_return(ret: i64) -> u32 {
     let key = thread_key();
     // SAFETY: the value is copied out before the entry is removed.
     let start = match unsafe { SUBMIT_START.get(&key) } {
@@ -325,6 +358,33 @@ fn emit_flush<C: StackIdContext>(
         _pad: 0,
     };
     emit(&ev);
+}
+
+#[fentry(function = "qi_flush_dev_iotlb")]
+pub fn qi_flush_dev_iotlb_fentry(ctx: FEntryContext) -> u32 {
+    let iommu: u64 = ctx.arg(0);
+    let sid = ctx.arg::<u64>(1) as u16;
+    let pfsid = ctx.arg::<u64>(2) as u16;
+    let qdep = ctx.arg::<u64>(3) as u16;
+    let addr: u64 = ctx.arg(4);
+    let mask = ctx.arg::<u64>(5) as u32;
+    emit_flush(&ctx, iommu, sid, pfsid, qdep, None, addr, mask);
+    0
+}
+
+#[fentry(function = "qi_flush_dev_iotlb_pasid")]
+pub fn qi_flush_dev_iotlb_pasid_fentry(ctx: FEntryContext) -> u32 {
+    let iommu: u64 = ctx.arg(0);
+    let sid = ctx.arg::<u64>(1) as u16;
+    let pfsid = ctx.arg::<u64>(2) as u16;
+    let pasid = ctx.arg::<u64>(3) as u32;
+    let qdep = ctx.arg::<u64>(4) as u16;
+    let addr: u64 = ctx.arg(5);
+    // A trampoline sees every argument, also the 7th (size_order) that a kprobe would have to
+    // read from the stack.
+    let size_order = ctx.arg::<u64>(6) as u32;
+    emit_flush(&ctx, iommu, sid, pfsid, qdep, Some(pasid), addr, size_order);
+    0
 }
 
 #[kprobe]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf, StackTraceMap},
-    programs::{KProbe, TracePoint},
+    programs::{FEntry, FExit, KProbe, TracePoint},
     Ebpf, EbpfLoader,
 };
 use itewatch_common::{Config, Counter, COUNTER_SLOTS, OFFSET_NONE};
@@ -51,114 +51,175 @@ pub enum ProbeError {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mechanism {
+    /// BPF trampoline at function entry: cheaper than a kprobe, needs kernel BTF and
+    /// CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS.
+    Fentry,
+    /// BPF trampoline at function exit: sees the arguments and the return value, and unlike a
+    /// kretprobe has no instance limit (a return is never missed for lack of one).
+    Fexit,
     Kprobe,
     Kretprobe,
     Tracepoint,
 }
 
-/// One probe of the plan: which BPF program goes where.
+impl Mechanism {
+    fn name(self) -> &'static str {
+        match self {
+            Mechanism::Fentry => "fentry",
+            Mechanism::Fexit => "fexit",
+            Mechanism::Kprobe => "kprobe",
+            Mechanism::Kretprobe => "kretprobe",
+            Mechanism::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+/// One way to attach a probe: a BPF program of the object on a kernel function (or a
+/// `sys:event` tracepoint).
+struct Attempt {
+    mechanism: Mechanism,
+    program: &'static str,
+    target: &'static str,
+}
+
+const fn fentry(program: &'static str, target: &'static str) -> Attempt {
+    Attempt {
+        mechanism: Mechanism::Fentry,
+        program,
+        target,
+    }
+}
+
+const fn fexit(program: &'static str, target: &'static str) -> Attempt {
+    Attempt {
+        mechanism: Mechanism::Fexit,
+        program,
+        target,
+    }
+}
+
+const fn kprobe(program: &'static str, target: &'static str) -> Attempt {
+    Attempt {
+        mechanism: Mechanism::Kprobe,
+        program,
+        target,
+    }
+}
+
+const fn kretprobe(program: &'static str, target: &'static str) -> Attempt {
+    Attempt {
+        mechanism: Mechanism::Kretprobe,
+        program,
+        target,
+    }
+}
+
+const fn tracepoint(program: &'static str, target: &'static str) -> Attempt {
+    Attempt {
+        mechanism: Mechanism::Tracepoint,
+        program,
+        target,
+    }
+}
+
+/// One probe of the plan and the ways to attach it.
 struct Spec {
     /// Name in the plan (and in docs/kernel-support.md).
     name: &'static str,
-    program: &'static str,
-    mechanism: Mechanism,
-    /// Kernel functions (or `sys:event` tracepoints) to try in order; a later one is a
-    /// fallback.
-    targets: &'static [&'static str],
+    /// Tried in order until one attaches. The first is the preferred one: a later one is a
+    /// fallback (another mechanism, or another kernel function that sees the same thing).
+    attempts: &'static [Attempt],
     /// Whether the tool is blind to its core without it.
     required: bool,
 }
 
+/// The hot path (every invalidation) prefers trampolines; the rare hot-plug path uses kprobes,
+/// which work on every kernel and cost nothing while the function is not called.
 const SPECS: &[Spec] = &[
     Spec {
         name: "qi_submit_sync",
-        program: "qi_submit_sync",
-        mechanism: Mechanism::Kprobe,
-        targets: &["qi_submit_sync"],
+        attempts: &[
+            fentry("qi_submit_sync_fentry", "qi_submit_sync"),
+            kprobe("qi_submit_sync", "qi_submit_sync"),
+        ],
         required: true,
     },
     Spec {
         name: "qi_submit_sync:return",
-        program: "qi_submit_sync_ret",
-        mechanism: Mechanism::Kretprobe,
-        targets: &["qi_submit_sync"],
+        attempts: &[
+            fexit("qi_submit_sync_fexit", "qi_submit_sync"),
+            kretprobe("qi_submit_sync_ret", "qi_submit_sync"),
+        ],
         required: true,
     },
     Spec {
         name: "qi_flush_dev_iotlb",
-        program: "qi_flush_dev_iotlb",
-        mechanism: Mechanism::Kprobe,
-        targets: &["qi_flush_dev_iotlb"],
+        attempts: &[
+            fentry("qi_flush_dev_iotlb_fentry", "qi_flush_dev_iotlb"),
+            kprobe("qi_flush_dev_iotlb", "qi_flush_dev_iotlb"),
+        ],
         required: false,
     },
     Spec {
         name: "qi_flush_dev_iotlb_pasid",
-        program: "qi_flush_dev_iotlb_pasid",
-        mechanism: Mechanism::Kprobe,
-        targets: &["qi_flush_dev_iotlb_pasid"],
+        attempts: &[
+            fentry(
+                "qi_flush_dev_iotlb_pasid_fentry",
+                "qi_flush_dev_iotlb_pasid",
+            ),
+            kprobe("qi_flush_dev_iotlb_pasid", "qi_flush_dev_iotlb_pasid"),
+        ],
         required: false,
     },
     Spec {
         name: "pciehp_ist",
-        program: "pciehp_ist",
-        mechanism: Mechanism::Kprobe,
-        targets: &["pciehp_ist"],
+        attempts: &[kprobe("pciehp_ist", "pciehp_ist")],
         required: true,
     },
     Spec {
         name: "pciehp_ist:return",
-        program: "pciehp_ist_ret",
-        mechanism: Mechanism::Kretprobe,
-        targets: &["pciehp_ist"],
+        attempts: &[kretprobe("pciehp_ist_ret", "pciehp_ist")],
         required: false,
     },
     Spec {
         name: "pciehp_unconfigure_device",
-        program: "pciehp_unconfigure_device",
-        mechanism: Mechanism::Kprobe,
-        targets: &["pciehp_unconfigure_device"],
+        attempts: &[kprobe(
+            "pciehp_unconfigure_device",
+            "pciehp_unconfigure_device",
+        )],
         required: true,
     },
     Spec {
         name: "pci_walk_bus",
-        program: "pci_walk_bus",
-        mechanism: Mechanism::Kprobe,
-        targets: &["pci_walk_bus"],
+        attempts: &[kprobe("pci_walk_bus", "pci_walk_bus")],
         required: false,
     },
     Spec {
         name: "pci_dev_set_disconnected",
-        program: "device_disconnected",
-        mechanism: Mechanism::Kprobe,
-        targets: &["pci_dev_set_disconnected"],
+        attempts: &[kprobe("device_disconnected", "pci_dev_set_disconnected")],
         required: false,
     },
     Spec {
         name: "pci_doe_disconnected",
-        program: "device_disconnected",
-        mechanism: Mechanism::Kprobe,
-        targets: &["pci_doe_disconnected"],
+        attempts: &[kprobe("device_disconnected", "pci_doe_disconnected")],
         required: false,
     },
     Spec {
         name: "pci_stop_and_remove_bus_device",
-        program: "device_remove",
-        mechanism: Mechanism::Kprobe,
-        targets: &["pci_stop_and_remove_bus_device"],
+        attempts: &[kprobe("device_remove", "pci_stop_and_remove_bus_device")],
         required: false,
     },
     Spec {
         name: "iommu_release_device",
-        program: "iommu_release",
-        mechanism: Mechanism::Kprobe,
-        targets: &["iommu_release_device", "intel_iommu_release_device"],
+        attempts: &[
+            kprobe("iommu_release", "iommu_release_device"),
+            kprobe("iommu_release", "intel_iommu_release_device"),
+        ],
         required: false,
     },
     Spec {
         name: "printk:console",
-        program: "printk_console",
-        mechanism: Mechanism::Tracepoint,
-        targets: &["printk:console"],
+        attempts: &[tracepoint("printk_console", "printk:console")],
         required: false,
     },
 ];
@@ -296,6 +357,8 @@ fn explain(target: &str, err: &str) -> String {
         " (non-unique symbol: several static copies share the name)"
     } else if err.contains("os error 22") && target == "pci_dev_set_disconnected" {
         " (notrace copies of a static inline function)"
+    } else if err.contains("os error 524") {
+        " (the kernel cannot build a BPF trampoline for this function, e.g. too many arguments)"
     } else if err.contains("os error 2)") || err.contains("os error 2 ") {
         " (no such symbol in this kernel)"
     } else {
@@ -323,6 +386,8 @@ impl Probes {
         let traceable = Tracefs::find(&opts.host_root)
             .ok()
             .and_then(|t| t.traceable_functions().ok());
+        // Kernel BTF for the trampolines' targets, parsed on first use.
+        let mut btf = KernelBtf::Unread(opts.btf.clone());
         let mut plan = Vec::new();
         for spec in SPECS {
             let mut status = ProbeStatus {
@@ -331,28 +396,23 @@ impl Probes {
                 mechanism: None,
                 detail: None,
             };
-            if spec.program == "pci_walk_bus" && config.disconnect_callbacks.iter().all(|&c| c == 0)
-            {
+            if spec.name == "pci_walk_bus" && config.disconnect_callbacks.iter().all(|&c| c == 0) {
                 status.detail = Some("no pci_dev_set_disconnected copy found in kallsyms to match the walk's callback".into());
                 plan.push(status);
                 continue;
             }
             let mut errors = Vec::new();
-            for (i, target) in spec.targets.iter().enumerate() {
-                match attach_one(&mut ebpf, spec, target) {
+            for (i, a) in spec.attempts.iter().enumerate() {
+                match attach_one(&mut ebpf, a, &mut btf) {
                     Ok(()) => {
                         status.state = if i == 0 { "attached" } else { "fell-back" }.into();
-                        status.mechanism = Some(match spec.mechanism {
-                            Mechanism::Kprobe => format!("kprobe:{target}"),
-                            Mechanism::Kretprobe => format!("kretprobe:{target}"),
-                            Mechanism::Tracepoint => format!("tracepoint:{target}"),
-                        });
+                        status.mechanism = Some(format!("{}:{}", a.mechanism.name(), a.target));
                         break;
                     }
                     Err(e) => {
-                        let mut why = explain(target, &e);
+                        let mut why = format!("{}: {}", a.mechanism.name(), explain(a.target, &e));
                         if let Some(t) = &traceable {
-                            if spec.mechanism != Mechanism::Tracepoint && !t.contains(target) {
+                            if a.mechanism != Mechanism::Tracepoint && !t.contains(a.target) {
                                 why.push_str(" [absent from available_filter_functions]");
                             }
                         }
@@ -465,29 +525,62 @@ impl Probes {
     }
 }
 
-fn attach_one(ebpf: &mut Ebpf, spec: &Spec, target: &str) -> Result<(), String> {
+/// The kernel's BTF as aya reads it (for fentry/fexit targets), read once, on first use.
+enum KernelBtf {
+    Unread(Option<PathBuf>),
+    Read(Result<aya::Btf, String>),
+}
+
+impl KernelBtf {
+    fn get(&mut self) -> Result<&aya::Btf, String> {
+        if let KernelBtf::Unread(path) = self {
+            let r = match path {
+                Some(p) => aya::Btf::parse_file(p, aya::Endianness::default()),
+                None => aya::Btf::from_sys_fs(),
+            };
+            *self = KernelBtf::Read(r.map_err(|e| format!("no kernel BTF for a trampoline: {e}")));
+        }
+        match self {
+            KernelBtf::Read(r) => r.as_ref().map_err(Clone::clone),
+            KernelBtf::Unread(_) => Err("kernel BTF not read".into()),
+        }
+    }
+}
+
+fn attach_one(ebpf: &mut Ebpf, a: &Attempt, btf: &mut KernelBtf) -> Result<(), String> {
     let prog = ebpf
-        .program_mut(spec.program)
-        .ok_or_else(|| format!("program {} missing from the object", spec.program))?;
-    match spec.mechanism {
-        Mechanism::Kprobe | Mechanism::Kretprobe => {
-            let p: &mut KProbe = prog
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| error_chain(&e))?;
+        .program_mut(a.program)
+        .ok_or_else(|| format!("program {} missing from the object", a.program))?;
+    let chain = |e: aya::programs::ProgramError| error_chain(&e);
+    match a.mechanism {
+        Mechanism::Fentry => {
+            let p: &mut FEntry = prog.try_into().map_err(chain)?;
             if p.fd().is_err() {
-                p.load().map_err(|e| error_chain(&e))?;
+                p.load(a.target, btf.get()?).map_err(chain)?;
             }
-            p.attach(target, 0).map(|_| ()).map_err(|e| error_chain(&e))
+            p.attach().map(|_| ()).map_err(chain)
+        }
+        Mechanism::Fexit => {
+            let p: &mut FExit = prog.try_into().map_err(chain)?;
+            if p.fd().is_err() {
+                p.load(a.target, btf.get()?).map_err(chain)?;
+            }
+            p.attach().map(|_| ()).map_err(chain)
+        }
+        Mechanism::Kprobe | Mechanism::Kretprobe => {
+            let p: &mut KProbe = prog.try_into().map_err(chain)?;
+            if p.fd().is_err() {
+                p.load().map_err(chain)?;
+            }
+            p.attach(a.target, 0).map(|_| ()).map_err(chain)
         }
         Mechanism::Tracepoint => {
-            let (cat, name) = target.split_once(':').ok_or("bad tracepoint name")?;
-            let p: &mut TracePoint = prog
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| error_chain(&e))?;
+            let (cat, name) = a.target.split_once(':').ok_or("bad tracepoint name")?;
+            let p: &mut TracePoint = prog.try_into().map_err(chain)?;
             if p.fd().is_err() {
-                p.load().map_err(|e| error_chain(&e))?;
+                p.load().map_err(chain)?;
             }
-            p.attach(cat, name).map(|_| ()).map_err(|e| error_chain(&e))
+            p.attach(cat, name).map(|_| ()).map_err(chain)
         }
     }
 }
@@ -577,12 +670,32 @@ mod tests {
     fn every_spec_names_a_program_in_the_bpf_crate() {
         let src = include_str!("../../itewatch-ebpf/src/main.rs");
         for s in SPECS {
-            assert!(
-                src.contains(&format!("pub fn {}(", s.program)),
-                "{} has no BPF program {}",
-                s.name,
-                s.program
-            );
+            for a in s.attempts {
+                assert!(
+                    src.contains(&format!("pub fn {}(", a.program)),
+                    "{} has no BPF program {}",
+                    s.name,
+                    a.program
+                );
+                // The program's section must match the mechanism the loader uses for it.
+                let macro_name = match a.mechanism {
+                    Mechanism::Fentry => "#[fentry(",
+                    Mechanism::Fexit => "#[fexit(",
+                    Mechanism::Kprobe => "#[kprobe]",
+                    Mechanism::Kretprobe => "#[kretprobe]",
+                    Mechanism::Tracepoint => "#[tracepoint]",
+                };
+                let at = src.find(&format!("pub fn {}(", a.program)).unwrap_or(0);
+                let before = &src[..at];
+                let attr = before.rfind("#[").map(|i| &before[i..]).unwrap_or("");
+                assert!(
+                    attr.starts_with(macro_name),
+                    "{}: program {} is not a {:?} program ({attr:?})",
+                    s.name,
+                    a.program,
+                    a.mechanism
+                );
+            }
         }
     }
 
@@ -606,6 +719,40 @@ mod tests {
             explain("pci_dev_set_disconnected", "Invalid argument (os error 22)")
                 .contains("notrace")
         );
+    }
+
+    #[test]
+    fn a_trampoline_the_kernel_cannot_build_is_explained() {
+        // 6.1 on qi_flush_dev_iotlb_pasid (7 arguments), seen in the VM matrix.
+        let e = explain(
+            "qi_flush_dev_iotlb_pasid",
+            "`bpf_raw_tracepoint_open` failed: No error information (os error 524)",
+        );
+        assert!(e.contains("trampoline"), "{e}");
+    }
+
+    #[test]
+    fn the_hot_path_prefers_trampolines_and_falls_back_to_kprobes() {
+        for name in [
+            "qi_submit_sync",
+            "qi_submit_sync:return",
+            "qi_flush_dev_iotlb",
+        ] {
+            let spec = SPECS.iter().find(|s| s.name == name).expect(name);
+            let kinds: Vec<Mechanism> = spec.attempts.iter().map(|a| a.mechanism).collect();
+            assert!(
+                matches!(
+                    kinds.as_slice(),
+                    [
+                        Mechanism::Fentry | Mechanism::Fexit,
+                        Mechanism::Kprobe | Mechanism::Kretprobe
+                    ]
+                ),
+                "{name}: {kinds:?}"
+            );
+            // Both ways in target the same function: the fallback loses nothing.
+            assert_eq!(spec.attempts[0].target, spec.attempts[1].target);
+        }
     }
 
     #[test]

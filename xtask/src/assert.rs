@@ -508,7 +508,7 @@ pub fn trace_checks(kernel: &Kernel, out: &Path, disks: &[Disk]) -> Vec<Check> {
         missing.is_empty(),
         if missing.is_empty() {
             format!(
-                "{} of {} attached; not attached: {}",
+                "{} of {} attached; not at their first choice: {}",
                 t.header.probes.iter().filter(|p| attached(&p.name)).count(),
                 t.header.probes.len(),
                 if plan.is_empty() {
@@ -520,6 +520,30 @@ pub fn trace_checks(kernel: &Kernel, out: &Path, disks: &[Disk]) -> Vec<Check> {
         } else {
             format!("missing {}; plan: {}", missing.join(", "), plan.join("; "))
         },
+    ));
+
+    // The hot path (every invalidation) on BPF trampolines: both pinned kernels support them
+    // for these functions, so a kprobe fallback here means the loader went wrong.
+    let mech = |name: &str| {
+        t.header
+            .probes
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.mechanism.clone())
+            .unwrap_or_default()
+    };
+    let hot = [
+        ("qi_submit_sync", "fentry:"),
+        ("qi_submit_sync:return", "fexit:"),
+        ("qi_flush_dev_iotlb", "fentry:"),
+    ];
+    c.push(Check::new(
+        "hot path on fentry/fexit",
+        hot.iter().all(|(n, m)| mech(n).starts_with(m)),
+        hot.iter()
+            .map(|(n, _)| format!("{n} via {}", mech(n)))
+            .collect::<Vec<_>>()
+            .join(", "),
     ));
 
     // Losses.

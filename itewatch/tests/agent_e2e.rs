@@ -41,13 +41,14 @@ fn start_agent(rt: &tokio::runtime::Runtime, f: FileConfig) -> Handle {
     rt.block_on(start(cfg, None, f)).unwrap()
 }
 
-/// Blocking HTTP/1.0 GET on loopback: (status, body).
+/// Blocking HTTP/1.0 GET on loopback, asking for OpenMetrics as Prometheus does: (status,
+/// body).
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.0\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: x\r\nAccept: application/openmetrics-text\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut buf = String::new();

@@ -239,14 +239,25 @@ impl Agent {
         });
     }
 
-    /// The first revision of each incident, from the JSON lines (what an alert is built from).
-    fn opened(&self) -> Vec<Value> {
-        self.stdout
+    /// The revisions that call for an alert, from the JSON lines: each incident's first, and
+    /// each later one whose severity rose above the revision before.
+    fn alerting_revisions(&self) -> Vec<Value> {
+        let lines: Vec<Value> = self
+            .stdout
             .lock()
             .unwrap()
             .iter()
             .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .filter(|v| v["revision"] == 0)
+            .collect();
+        let mut last: BTreeMap<String, u8> = BTreeMap::new();
+        lines
+            .into_iter()
+            .filter(|v| {
+                let id = v["id"].as_str().unwrap().to_string();
+                let rank = severity_rank(&v["severity"]);
+                let prev = last.insert(id, rank);
+                v["revision"] == 0 || prev.is_some_and(|p| rank > p)
+            })
             .collect()
     }
 
@@ -261,6 +272,24 @@ impl Agent {
     fn metric(&self, name: &str) -> f64 {
         metric_sum(&get(self.addr, "/metrics").1, name)
     }
+}
+
+fn severity_rank(s: &Value) -> u8 {
+    match s.as_str() {
+        Some("info") => 0,
+        Some("latent") => 1,
+        Some("warning") => 2,
+        Some("critical") => 3,
+        other => panic!("unknown severity {other:?}"),
+    }
+}
+
+/// The key Alertmanager keeps an agent alert under (its labels differ in these two only).
+fn alert_key(labels: &Value) -> (String, String) {
+    (
+        labels["incident_id"].as_str().unwrap().to_string(),
+        labels["severity"].as_str().unwrap().to_string(),
+    )
 }
 
 fn metric_sum(text: &str, name: &str) -> f64 {
@@ -553,27 +582,30 @@ impl Alertmanager {
     }
 }
 
-/// Checks that Alertmanager holds exactly one alert per incident, labelled after the
-/// incident's first revision (`opened`: JSON incident format).
-fn assert_alerts_match(am: &Alertmanager, incidents: &[Value]) {
+/// Checks that Alertmanager holds exactly one alert per alerting revision (an incident's
+/// first, and each rise in severity; JSON incident format), labelled after it.
+fn assert_alerts_match(am: &Alertmanager, revisions: &[Value]) {
     let alerts = am.alerts();
-    let by_id: BTreeMap<String, &Value> = alerts
+    let by_key: BTreeMap<(String, String), &Value> = alerts
         .iter()
-        .map(|a| {
+        .map(|a| (alert_key(&a["labels"]), &a["labels"]))
+        .collect();
+    assert_eq!(by_key.len(), alerts.len(), "two alerts for one revision");
+    let want: BTreeSet<(String, String)> = revisions
+        .iter()
+        .map(|i| {
             (
-                a["labels"]["incident_id"].as_str().unwrap().to_string(),
-                &a["labels"],
+                i["id"].as_str().unwrap().to_string(),
+                i["severity"].as_str().unwrap().to_string(),
             )
         })
         .collect();
-    assert_eq!(by_id.len(), alerts.len(), "two alerts for one incident");
-    let ids: BTreeSet<String> = incidents
-        .iter()
-        .map(|i| i["id"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(by_id.keys().cloned().collect::<BTreeSet<_>>(), ids);
-    for inc in incidents {
-        let l = by_id[inc["id"].as_str().unwrap()];
+    assert_eq!(by_key.keys().cloned().collect::<BTreeSet<_>>(), want);
+    for inc in revisions {
+        let l = by_key[&(
+            inc["id"].as_str().unwrap().to_string(),
+            inc["severity"].as_str().unwrap().to_string(),
+        )];
         assert_eq!(l["alertname"], "ItewatchIncident");
         assert_eq!(l["kind"], inc["kind"]);
         assert_eq!(l["severity"], inc["severity"]);
@@ -610,9 +642,10 @@ fn alertmanager_gets_each_incident_once_across_its_own_outage() {
         &url,
     ]);
     agent.wait_source_end();
-    let first = agent.opened();
+    let first = agent.alerting_revisions();
     assert!(!first.is_empty());
-    assert_eq!(first.len(), agent.incidents().len());
+    let ids: BTreeSet<&str> = first.iter().filter_map(|v| v["id"].as_str()).collect();
+    assert_eq!(ids.len(), agent.incidents().len());
     wait_for(20, "the alerts in Alertmanager", || {
         am.alerts().len() >= first.len()
     });
@@ -634,9 +667,10 @@ fn alertmanager_gets_each_incident_once_across_its_own_outage() {
         &url,
     ]);
     agent.wait_source_end();
-    let second = agent.opened();
+    let second = agent.alerting_revisions();
     assert!(!second.is_empty());
-    assert_eq!(second.len(), agent.incidents().len());
+    let ids: BTreeSet<&str> = second.iter().filter_map(|v| v["id"].as_str()).collect();
+    assert_eq!(ids.len(), agent.incidents().len());
     wait_for(20, "failed pushes", || {
         agent.metric("itewatch_alertmanager_pushes_total") >= 1.0
     });
@@ -666,7 +700,7 @@ fn alertmanager_gets_each_incident_once_across_its_own_outage() {
         &url,
     ]);
     agent.wait_source_end();
-    assert_eq!(agent.incidents().len(), second.len());
+    assert_eq!(agent.alerting_revisions().len(), second.len());
     // The pusher would have POSTed at once (nothing is pending to delay it).
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(agent.metric("itewatch_alertmanager_pushes_total"), 0.0);
@@ -676,10 +710,10 @@ fn alertmanager_gets_each_incident_once_across_its_own_outage() {
 // ---------------------------------------------------------------------------------------
 // Crash safety
 
-/// Records the incident ids of the alerts POSTed to it; answers 200.
+/// Records the (incident id, severity) of the alerts POSTed to it; answers 200.
 struct Receiver {
     addr: SocketAddr,
-    ids: Arc<Mutex<Vec<String>>>,
+    keys: Arc<Mutex<Vec<(String, String)>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -689,9 +723,9 @@ impl Receiver {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         l.set_nonblocking(true).unwrap();
         let addr = l.local_addr().unwrap();
-        let ids = Arc::new(Mutex::new(Vec::new()));
+        let keys = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (got, st) = (ids.clone(), stop.clone());
+        let (got, st) = (keys.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             while !st.load(Ordering::SeqCst) {
                 let Ok((s, _)) = l.accept() else {
@@ -719,9 +753,7 @@ impl Receiver {
                 if let Ok(v) = serde_json::from_slice::<Vec<Value>>(&body) {
                     let mut g = got.lock().unwrap();
                     for a in v {
-                        if let Some(id) = a["labels"]["incident_id"].as_str() {
-                            g.push(id.to_string());
-                        }
+                        g.push(alert_key(&a["labels"]));
                     }
                 }
                 let mut s = r.into_inner();
@@ -732,7 +764,7 @@ impl Receiver {
         });
         Receiver {
             addr,
-            ids,
+            keys,
             stop,
             thread: Some(thread),
         }
@@ -761,6 +793,12 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
+type SpoolView = (
+    BTreeMap<String, u64>,
+    BTreeMap<String, (String, String)>,
+    BTreeSet<String>,
+);
+
 /// A file's bytes; `None` if it went between the listing and the read (a running agent
 /// marks deliveries sent and rotates incidents).
 fn read_unless_gone(p: &Path) -> Option<Vec<u8>> {
@@ -772,8 +810,9 @@ fn read_unless_gone(p: &Path) -> Option<Vec<u8>> {
 }
 
 /// Every spool file a crash may have left parses (temporaries are ignored: the next start
-/// removes them); returns (incident id → revision, pending ids, sent ids).
-fn check_spool(spool: &Path) -> (BTreeMap<String, u64>, BTreeSet<String>, BTreeSet<String>) {
+/// removes them); returns (incident id → revision, pending delivery id → alert key, sent
+/// delivery ids).
+fn check_spool(spool: &Path) -> SpoolView {
     let mut incidents = BTreeMap::new();
     for n in names(&spool.join("incidents")) {
         if n.starts_with(".tmp-") {
@@ -788,7 +827,7 @@ fn check_spool(spool: &Path) -> (BTreeMap<String, u64>, BTreeSet<String>, BTreeS
         assert_eq!(format!("{id}.json"), n);
         incidents.insert(id, v["revision"].as_u64().unwrap());
     }
-    let mut pending = BTreeSet::new();
+    let mut pending = BTreeMap::new();
     for n in names(&spool.join("pending")) {
         if n.starts_with(".tmp-") {
             continue;
@@ -799,8 +838,13 @@ fn check_spool(spool: &Path) -> (BTreeMap<String, u64>, BTreeSet<String>, BTreeS
         let p: itewatch::agent::spool::Pending = serde_json::from_slice(&bytes)
             .unwrap_or_else(|e| panic!("pending/{n} does not parse: {e}"));
         assert_eq!(format!("{}.json", p.id), n);
-        assert_eq!(p.alert["labels"]["incident_id"], p.id.as_str());
-        pending.insert(p.id);
+        let key = alert_key(&p.alert["labels"]);
+        // The first alert of an incident goes by its id, a rise in severity by id-severity.
+        assert!(
+            p.id == key.0 || p.id == format!("{}-{}", key.0, key.1),
+            "{n}: {key:?}"
+        );
+        pending.insert(p.id, key);
     }
     let sent = names(&spool.join("sent"))
         .into_iter()
@@ -836,6 +880,7 @@ fn sigkill_during_an_incident_storm_loses_nothing_the_agent_logged() {
     // Nothing listens here during the storm: every delivery stays pending.
     let dead = format!("http://127.0.0.1:{}", free_port());
     let mut logged: BTreeMap<String, u64> = BTreeMap::new();
+    // Delivery ids the logged lines call for (as the agent names them).
     let mut opened = BTreeSet::new();
     for round in 0..ROUNDS {
         let mut agent = Agent::spawn(&[
@@ -865,11 +910,16 @@ fn sigkill_during_an_incident_storm_loses_nothing_the_agent_logged() {
             });
             let id = v["id"].as_str().unwrap().to_string();
             let rev = v["revision"].as_u64().unwrap();
-            if rev == 0 {
-                opened.insert(id.clone());
-            }
             let e = logged.entry(id).or_insert(0);
             *e = (*e).max(rev);
+        }
+        for v in agent.alerting_revisions() {
+            let id = v["id"].as_str().unwrap();
+            opened.insert(if v["revision"] == 0 {
+                id.to_string()
+            } else {
+                format!("{id}-{}", v["severity"].as_str().unwrap())
+            });
         }
         let (stored, pending, sent) = check_spool(&spool);
         for (id, rev) in &logged {
@@ -886,7 +936,7 @@ fn sigkill_during_an_incident_storm_loses_nothing_the_agent_logged() {
         }
         for id in &opened {
             assert!(
-                pending.contains(id) || sent.contains(id),
+                pending.contains_key(id) || sent.contains(id),
                 "round {round}: incident {id} was logged but its delivery is not in the spool"
             );
         }
@@ -914,11 +964,11 @@ fn sigkill_during_an_incident_storm_loses_nothing_the_agent_logged() {
         check_spool(&spool).1.is_empty()
     });
     drop(agent);
-    let got = rx.ids.lock().unwrap().clone();
-    let distinct: BTreeSet<String> = got.iter().cloned().collect();
+    let got = rx.keys.lock().unwrap().clone();
+    let distinct: BTreeSet<(String, String)> = got.iter().cloned().collect();
     assert_eq!(distinct.len(), got.len(), "an alert was delivered twice");
-    assert_eq!(distinct, waiting);
-    assert!(opened.is_subset(&distinct));
+    assert_eq!(distinct, waiting.values().cloned().collect());
+    assert!(opened.iter().all(|id| waiting.contains_key(id)));
     // The restart removed what the kills left half-written.
     for sub in ["incidents", "pending", "sent"] {
         let tmp: Vec<String> = names(&spool.join(sub))

@@ -1,7 +1,9 @@
 //! Alertmanager delivery: one alert per incident (`POST <url>/api/v2/alerts`), to every
 //! configured URL, with exponential back-off. Each delivery is written to the spool before the
 //! first attempt and marked sent after the last URL accepted it, so a restart resumes what was
-//! pending and never sends an incident twice (incident ids are stable across runs). At most
+//! pending and never sends an incident twice (incident ids are stable across runs). An
+//! incident that later rises in severity (a hung submission turning critical) is alerted
+//! again with the new severity, once per severity reached (delivery `<id>-<severity>`). At most
 //! `max_pending` deliveries wait: past it the oldest are given up (logged, counted in
 //! `itewatch_alertmanager_dropped_total`); their incidents stay in the spool and the logs.
 
@@ -15,7 +17,7 @@ use tokio::time::Instant;
 use super::http::{parse_http_url, post_json};
 use super::metrics::Metrics;
 use super::spool::{Pending, Spool};
-use crate::correlate::incident::Incident;
+use crate::correlate::incident::{Incident, Severity};
 
 /// First retry after this; doubles per failure up to [`MAX_BACKOFF`].
 pub const BASE_BACKOFF: Duration = Duration::from_millis(500);
@@ -26,6 +28,35 @@ pub enum Msg {
     New(Pending),
     Urls(Vec<String>),
     MaxPending(usize),
+}
+
+/// What an incident revision means for alerting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing new to say.
+    None,
+    /// The first revision: the incident's alert.
+    Opened,
+    /// A later revision above the severity seen before: an alert with the new severity.
+    Escalated,
+}
+
+/// Decides from the severity of the revision seen before (`None`: none seen) (pure).
+pub fn step(prev: Option<Severity>, inc: &Incident) -> Step {
+    match prev {
+        _ if inc.revision == 0 => Step::Opened,
+        Some(p) if inc.severity > p => Step::Escalated,
+        _ => Step::None,
+    }
+}
+
+/// The delivery's id (its spool file name): the incident id for its first alert,
+/// `<id>-<severity>` for an escalation, so that each is sent once across restarts.
+pub fn delivery_id(inc: &Incident, step: Step) -> String {
+    match step {
+        Step::Escalated => format!("{}-{}", inc.id.0, inc.severity),
+        Step::None | Step::Opened => inc.id.0.clone(),
+    }
 }
 
 /// The Alertmanager v2 `postableAlert` for an incident. No `startsAt`/`endsAt`:
@@ -303,6 +334,48 @@ mod tests {
         assert_eq!(backoff(0), BASE_BACKOFF);
         assert_eq!(backoff(1), BASE_BACKOFF * 2);
         assert_eq!(backoff(40), MAX_BACKOFF);
+    }
+
+    /// A real incident: the first one a simulated scenario raises.
+    fn incident() -> Incident {
+        use crate::correlate::{Config, Correlator};
+        let sim = crate::simulate::generate("w1-driver-inflight", 1).unwrap();
+        let mut c = Correlator::new(Config::default());
+        let mut out = Vec::new();
+        for r in sim.records {
+            out.extend(c.push_owned(r));
+        }
+        out.extend(c.finish().incidents);
+        out.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn an_incident_alerts_when_it_opens_and_when_its_severity_rises() {
+        let mut inc = incident();
+        inc.revision = 0;
+        assert_eq!(step(None, &inc), Step::Opened);
+        assert_eq!(delivery_id(&inc, Step::Opened), inc.id.0);
+        inc.revision = 3;
+        inc.severity = Severity::Critical;
+        assert_eq!(step(Some(Severity::Warning), &inc), Step::Escalated);
+        let id = delivery_id(&inc, Step::Escalated);
+        assert_eq!(id, format!("{}-critical", inc.id.0));
+        assert_eq!(alert_for(&inc, "h")["labels"]["severity"], "critical");
+        // Same or lower severity, or no earlier revision known: nothing new.
+        assert_eq!(step(Some(Severity::Critical), &inc), Step::None);
+        inc.severity = Severity::Latent;
+        assert_eq!(step(Some(Severity::Warning), &inc), Step::None);
+        assert_eq!(step(None, &inc), Step::None);
+        // The escalation's delivery id is a valid spool name.
+        let d = tempfile::tempdir().unwrap();
+        let s = Spool::open(d.path(), 1 << 20).unwrap();
+        let p = Pending {
+            id,
+            alert: serde_json::json!({}),
+            delivered_to: vec![],
+        };
+        s.put_pending(&p).unwrap();
+        assert_eq!(s.pending().0, vec![p]);
     }
 
     fn pending(i: u32) -> Pending {

@@ -34,6 +34,7 @@ fn latency_histogram() -> Histogram {
 /// The metric handles; cheap to clone internally (atomics behind `Arc`s).
 pub struct Metrics {
     registry: Registry,
+    events: Counter,
     submissions: Family<Labels, Counter>,
     devtlb: Family<Labels, Counter>,
     latency: HistFamily,
@@ -41,6 +42,7 @@ pub struct Metrics {
     oldest_age: Gauge<f64, AtomicU64>,
     hotplug: Family<Labels, Counter>,
     incidents: Family<Labels, Counter>,
+    escalations: Family<Labels, Counter>,
     lost: Family<Labels, Counter>,
     probe_attached: Family<Labels, Gauge>,
     bpf_run: Family<Labels, Counter<f64, AtomicU64>>,
@@ -64,6 +66,7 @@ impl Metrics {
         let mut r = Registry::with_prefix("itewatch");
         let m = Metrics {
             registry: Registry::default(),
+            events: Counter::default(),
             submissions: Family::default(),
             devtlb: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
@@ -71,6 +74,7 @@ impl Metrics {
             oldest_age: Gauge::default(),
             hotplug: Family::default(),
             incidents: Family::default(),
+            escalations: Family::default(),
             lost: Family::default(),
             probe_attached: Family::default(),
             bpf_run: Family::default(),
@@ -81,6 +85,11 @@ impl Metrics {
             pairing: Mutex::new(HashMap::new()),
             bpf_prev: Mutex::new(HashMap::new()),
         };
+        r.register(
+            "events",
+            "Kernel events the correlator was fed (all kinds; the agent's input rate)",
+            m.events.clone(),
+        );
         r.register(
             "submissions",
             "qi_submit_sync calls (submissions), by IOMMU unit",
@@ -117,6 +126,11 @@ impl Metrics {
             "incidents",
             "Incidents opened, by kind and severity",
             m.incidents.clone(),
+        );
+        r.register(
+            "incident_escalations",
+            "Incidents that rose to a higher severity after they opened, by kind and the severity reached",
+            m.escalations.clone(),
         );
         r.register(
             "lost_events",
@@ -179,6 +193,9 @@ impl Metrics {
 
     /// Counts what one record says.
     pub fn observe(&self, rec: &Record) {
+        if matches!(rec, Record::Event(_)) {
+            self.events.inc();
+        }
         match rec {
             Record::Event(ev) => match &ev.payload {
                 Payload::Submit(s) => {
@@ -237,15 +254,18 @@ impl Metrics {
         }
     }
 
-    /// Counts an incident revision (opened = revision 0).
-    pub fn incident(&self, inc: &Incident) {
+    /// Counts an incident revision: opened (revision 0) or `escalated` to its severity.
+    pub fn incident(&self, inc: &Incident, escalated: bool) {
+        let labels = || {
+            vec![
+                ("kind", inc.kind.name().to_string()),
+                ("severity", inc.severity.to_string()),
+            ]
+        };
         if inc.revision == 0 {
-            self.incidents
-                .get_or_create(&vec![
-                    ("kind", inc.kind.name().to_string()),
-                    ("severity", inc.severity.to_string()),
-                ])
-                .inc();
+            self.incidents.get_or_create(&labels()).inc();
+        } else if escalated {
+            self.escalations.get_or_create(&labels()).inc();
         }
     }
 

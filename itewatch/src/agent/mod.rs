@@ -198,6 +198,12 @@ impl State {
         g.by_id.get(id).and_then(|i| serde_json::to_string(i).ok())
     }
 
+    /// Severity of the latest revision of `id` seen (among the last 1000 incidents).
+    fn severity_of(&self, id: &str) -> Option<crate::correlate::incident::Severity> {
+        let g = self.incidents.lock().unwrap_or_else(|e| e.into_inner());
+        g.by_id.get(id).map(|i| i.severity)
+    }
+
     /// Number of incidents known.
     pub fn incident_count(&self) -> usize {
         self.incidents
@@ -422,7 +428,8 @@ struct Worker {
 
 impl Worker {
     async fn emit(&mut self, inc: Incident) {
-        self.metrics.incident(&inc);
+        let step = alert::step(self.state.severity_of(&inc.id.0), &inc);
+        self.metrics.incident(&inc, step == alert::Step::Escalated);
         self.state.remember(&inc);
         let json = serde_json::to_vec(&inc).unwrap_or_default();
         if self.spool.is_none() {
@@ -440,10 +447,12 @@ impl Worker {
             self.metrics.spool_error("open");
         }
         let pending =
-            (inc.revision == 0 && !self.cfg.alertmanager_urls.is_empty()).then(|| Pending {
-                id: inc.id.0.clone(),
-                alert: alert_for(&inc, &self.instance),
-                delivered_to: Vec::new(),
+            (step != alert::Step::None && !self.cfg.alertmanager_urls.is_empty()).then(|| {
+                Pending {
+                    id: alert::delivery_id(&inc, step),
+                    alert: alert_for(&inc, &self.instance),
+                    delivered_to: Vec::new(),
+                }
             });
         // The delivery is durable before the JSON line goes out, as the incident is: a crash
         // after the line was logged cannot lose the alert (the pusher would write it only

@@ -34,6 +34,7 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 debs=(build-essential pkg-config musl-tools cpio tmux)  # tmux: the live view's end-to-end test
+debs+=(systemd)  # systemd-analyze: the agent's tests verify deploy/systemd/itewatch-agent.service
 if [ -z "${ITEWATCH_SETUP_MINIMAL:-}" ]; then
     debs+=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev qemu-system-x86 busybox-static
            kmod xz-utils zstd)

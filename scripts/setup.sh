@@ -2,7 +2,7 @@
 # One-time (idempotent) setup for building and testing itewatch on Debian 12.
 #
 # Installs: the Debian packages the build and the VM tests need (LLVM 22 for bpf-linker,
-# QEMU, busybox-static, musl), the Rust nightly toolchain with rust-src for the BPF crate,
+# QEMU, busybox-static, musl; Prometheus and Alertmanager for the agent's tests), the Rust nightly toolchain with rust-src for the BPF crate,
 # the musl target for the static guest binary, and bpf-linker. Every step is skipped when
 # its result is already present, so running it again is cheap.
 #
@@ -34,6 +34,7 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 debs=(build-essential pkg-config musl-tools cpio tmux)  # tmux: the live view's end-to-end test
+debs+=(systemd)  # systemd-analyze: the agent's tests verify deploy/systemd/itewatch-agent.service
 if [ -z "${ITEWATCH_SETUP_MINIMAL:-}" ]; then
     debs+=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev qemu-system-x86 busybox-static
            kmod xz-utils zstd)
@@ -46,6 +47,24 @@ if [ ${#missing[@]} -gt 0 ]; then
     log "installing Debian packages: ${missing[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# The agent's tests against real components (itewatch/tests/agent_real.rs): promtool, a
+# Prometheus server and an Alertmanager, which the tests start themselves on loopback ports.
+# Debian enables both as services on install; where systemd runs, stop and disable those so
+# that the setup leaves no daemon listening on 9090/9093.
+prom=()
+for d in prometheus prometheus-alertmanager; do
+    dpkg-query -W -f='${Status}' "$d" 2>/dev/null | grep -q 'install ok installed' || prom+=("$d")
+done
+if [ ${#prom[@]} -gt 0 ]; then
+    log "installing Debian packages: ${prom[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        "${prom[@]}" >/dev/null
+    if [ -d /run/systemd/system ]; then
+        for d in "${prom[@]}"; do $SUDO systemctl disable --now "$d" >/dev/null 2>&1 || true; done
+    fi
 fi
 
 # The VM tests (`cargo xtask vm-test`) `apt-get download` two pinned kernel packages; make

@@ -30,9 +30,6 @@ pub enum Item<'a> {
     Made(Record),
 }
 
-/// Where device identities come from: sysfs on a live host, anything in tests.
-pub type DeviceSource = Box<dyn FnMut() -> Vec<DeviceInfo> + Send>;
-
 /// The identity of a device as last written, to write only what changed.
 type DeviceIdent = (u16, u16, Option<String>, Option<String>, Option<bool>);
 
@@ -140,9 +137,12 @@ pub struct LiveReader {
     losses: LossTracker,
     last_ts: KTime,
     devices: DeviceTracker,
-    device_source: DeviceSource,
-    /// A device snapshot is due (at start, and after each hot-plug interrupt).
+    /// A device snapshot is due (after each hot-plug interrupt).
     refresh_devices: bool,
+    /// Device records of the snapshot taken at attach time, handed out by the first
+    /// `periodic`: taken while the process still has its privileges (reading a device's
+    /// extended config space, where ATS is, needs CAP_SYS_ADMIN, which the agent drops).
+    pending: Vec<Record>,
     /// Run-time stats when the reader started: what [`LiveReader::program_stats`] subtracts.
     stats_base: Vec<ProgramStats>,
     _stats_fd: Option<OwnedFd>,
@@ -154,7 +154,7 @@ impl LiveReader {
         LiveReader::new(Probes::attach(opts)?)
     }
 
-    /// Takes the maps of attached probes, enables BPF run-time stats and schedules the first
+    /// Takes the maps of attached probes, enables BPF run-time stats and takes the first
     /// device snapshot (from sysfs).
     pub fn new(mut probes: Probes) -> Result<LiveReader, ProbeError> {
         let ring = probes.take_events()?;
@@ -163,6 +163,12 @@ impl LiveReader {
         let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
         let stats_base = probes.program_stats();
         let kallsyms = probes.kallsyms.take();
+        let mut devices = DeviceTracker::default();
+        let pending = devices
+            .changed(sysfs_devices())
+            .into_iter()
+            .map(Record::Device)
+            .collect();
         Ok(LiveReader {
             probes,
             ring,
@@ -172,9 +178,9 @@ impl LiveReader {
             seen_stacks: HashSet::new(),
             losses: LossTracker::default(),
             last_ts: KTime(0),
-            devices: DeviceTracker::default(),
-            device_source: Box::new(sysfs_devices),
-            refresh_devices: true,
+            devices,
+            refresh_devices: false,
+            pending,
             stats_base,
             _stats_fd: stats_fd,
         })
@@ -283,9 +289,9 @@ impl LiveReader {
         }
     }
 
-    /// Call about once a second (and once at start): a `Lost` marker for what the loss
-    /// counters gained, and the identities of devices that appeared or changed when a device
-    /// snapshot is due. `now` (CLOCK_MONOTONIC) stamps the marker when no event came yet.
+    /// Call about once a second (and once at start): the attach-time device snapshot (first
+    /// call), a `Lost` marker for what the loss counters gained, and the identities of devices
+    /// that appeared or changed when a device snapshot is due. `now` (CLOCK_MONOTONIC) stamps the marker when no event came yet.
     pub fn periodic(&mut self, now: KTime, out: &mut Vec<Record>) {
         let misses = self.program_stats().iter().map(|s| s.misses).sum();
         let after = if self.last_ts.0 == 0 {
@@ -293,11 +299,12 @@ impl LiveReader {
         } else {
             self.last_ts
         };
+        out.append(&mut self.pending);
         if let Some(l) = self.losses.marker(self.counters.totals(), misses, after) {
             out.push(Record::Lost(l));
         }
         if std::mem::take(&mut self.refresh_devices) {
-            let now = (self.device_source)();
+            let now = sysfs_devices();
             out.extend(self.devices.changed(now).into_iter().map(Record::Device));
         }
     }
@@ -305,15 +312,17 @@ impl LiveReader {
 
 impl LiveReader {
     /// The reader registered with the tokio reactor (call inside a runtime): readable when
-    /// the ring buffer has events waiting.
-    pub fn into_async(self) -> std::io::Result<tokio::io::unix::AsyncFd<LiveReader>> {
+    /// the ring buffer has events waiting. On failure the reader comes back with the error.
+    pub fn into_async(
+        self,
+    ) -> Result<tokio::io::unix::AsyncFd<LiveReader>, Box<(LiveReader, std::io::Error)>> {
         // SAFETY: `as_raw_fd` is the fd of the ring buffer map this reader owns for its whole
         // life, and always the same one; the AsyncFd owns the reader, so the fd stays open and
         // unchanged until the AsyncFd drops.
         unsafe {
             tokio::io::unix::AsyncFd::register_with_interest(self, tokio::io::Interest::READABLE)
         }
-        .map_err(|e| e.into_parts().1)
+        .map_err(|e| Box::new(e.into_parts()))
     }
 }
 

@@ -126,7 +126,10 @@ async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         writer,
         echo: opts.echo,
     };
-    let mut reader = reader.into_async().context("ring buffer fd")?;
+    let mut reader = reader
+        .into_async()
+        .map_err(|b| b.1)
+        .context("ring buffer fd")?;
     // The device snapshot first: names for the SIDs the probes will report.
     let mut recs = Vec::new();
     reader.get_mut().periodic(KTime(monotonic_ns()), &mut recs);

@@ -10,6 +10,15 @@ use serde::Deserialize;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
 /// Default bound on the incident files in the spool.
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 64 << 20;
+/// Default bound on the Alertmanager deliveries waiting in the spool (a delivery's file is
+/// about 1 KiB: ~10 MiB at the bound).
+pub const DEFAULT_MAX_PENDING: u64 = 10_000;
+/// `--simulate soak`: an endless stream of benign traffic with an incident scenario mixed in
+/// now and then (the simulator's long stream), for soak tests and the footprint benchmark.
+pub const SOAK: &str = "soak";
+/// `--simulate storm`: the same endless stream with an incident scenario in every chunk (an
+/// incident storm, for crash tests).
+pub const STORM: &str = "storm";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -39,6 +48,8 @@ pub struct FileConfig {
     pub replay: Option<PathBuf>,
     pub simulate: Option<String>,
     pub seed: Option<u64>,
+    pub rate: Option<u64>,
+    pub max_pending: Option<u64>,
 }
 
 /// Where records come from.
@@ -64,6 +75,12 @@ pub struct Config {
     /// One JSON line per incident on stdout.
     pub stdout: bool,
     pub source: SourceConfig,
+    /// Pace a replayed or simulated source at this many records per second (`None`: as fast
+    /// as possible).
+    pub rate: Option<u64>,
+    /// Bound on the Alertmanager deliveries waiting (in the spool and in memory); past it the
+    /// oldest are dropped, logged and counted.
+    pub max_pending: usize,
 }
 
 impl FileConfig {
@@ -89,6 +106,8 @@ impl FileConfig {
             replay: over.replay.or(self.replay),
             simulate: over.simulate.or(self.simulate),
             seed: over.seed.or(self.seed),
+            rate: over.rate.or(self.rate),
+            max_pending: over.max_pending.or(self.max_pending),
         }
     }
 
@@ -117,8 +136,9 @@ impl FileConfig {
             }
             (Some(p), None) => SourceConfig::Replay(p),
             (None, Some(s)) => {
-                if let Err(e) = crate::simulate::generate(&s, 0) {
-                    return Err(ConfigError::Invalid(e.to_string()));
+                if s != SOAK && s != STORM {
+                    crate::simulate::generate(&s, 0)
+                        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
                 }
                 SourceConfig::Simulate {
                     scenario: s,
@@ -127,6 +147,22 @@ impl FileConfig {
             }
             (None, None) => SourceConfig::Live,
         };
+        if self.rate == Some(0) {
+            return Err(ConfigError::Invalid(
+                "rate 0: leave it out to play the source as fast as possible".into(),
+            ));
+        }
+        if self.rate.is_some() && source == SourceConfig::Live {
+            return Err(ConfigError::Invalid(
+                "rate paces --replay or --simulate; the live probes come at their own rate".into(),
+            ));
+        }
+        let max_pending = self.max_pending.unwrap_or(DEFAULT_MAX_PENDING);
+        if max_pending == 0 {
+            return Err(ConfigError::Invalid(
+                "max_pending must be at least 1".into(),
+            ));
+        }
         Ok(Config {
             listen,
             spool: self.spool,
@@ -134,6 +170,8 @@ impl FileConfig {
             alertmanager_urls: urls,
             stdout: self.stdout.unwrap_or(true),
             source,
+            rate: self.rate,
+            max_pending: usize::try_from(max_pending).unwrap_or(usize::MAX),
         })
     }
 }
@@ -186,5 +224,36 @@ mod tests {
         })
         .contains("no-such"));
         assert!(toml::from_str::<FileConfig>("typo = 1").is_err());
+        assert!(bad(FileConfig {
+            simulate: Some(SOAK.into()),
+            rate: Some(0),
+            ..Default::default()
+        })
+        .contains("rate 0"));
+        assert!(bad(FileConfig {
+            rate: Some(1000),
+            ..Default::default()
+        })
+        .contains("live probes"));
+        assert!(bad(FileConfig {
+            max_pending: Some(0),
+            ..Default::default()
+        })
+        .contains("max_pending"));
+    }
+
+    #[test]
+    fn soak_rate_and_pending_bound() {
+        let c = FileConfig {
+            simulate: Some(SOAK.into()),
+            rate: Some(100_000),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(c.rate, Some(100_000));
+        assert_eq!(c.max_pending, DEFAULT_MAX_PENDING as usize);
+        let f: FileConfig = toml::from_str("max_pending = 5").unwrap();
+        assert_eq!(f.validate().unwrap().max_pending, 5);
     }
 }

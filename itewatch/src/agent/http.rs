@@ -82,15 +82,37 @@ fn reply(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<Fu
 
 const JSON: &str = "application/json";
 
-fn route(state: &State, method: &Method, path: &str) -> Response<Full<Bytes>> {
+/// Whether an `Accept` header asks for OpenMetrics (Prometheus does; curl and promtool do
+/// not, and get the classic text format, as from client_golang).
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| {
+        a.split(',').any(|m| {
+            let mut parts = m.split(';').map(str::trim);
+            let refused = parts.clone().any(|p| p == "q=0" || p == "q=0.0");
+            parts.next() == Some("application/openmetrics-text") && !refused
+        })
+    })
+}
+
+fn route(
+    state: &State,
+    method: &Method,
+    path: &str,
+    accept: Option<&str>,
+) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "read-only\n");
     }
     match path {
-        "/metrics" => reply(
+        "/metrics" if wants_openmetrics(accept) => reply(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             state.metrics.encode(),
+        ),
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            state.metrics.encode_classic(),
         ),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/incidents" => reply(StatusCode::OK, JSON, state.incidents_json()),
@@ -122,7 +144,11 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
         let state = state.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let r = route(&state, req.method(), req.uri().path());
+                let accept = req
+                    .headers()
+                    .get(hyper::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok());
+                let r = route(&state, req.method(), req.uri().path(), accept);
                 async move { Ok::<_, Infallible>(r) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -148,5 +174,17 @@ mod tests {
         assert_eq!(parse_http_url("http://am").unwrap().port, 80);
         assert!(parse_http_url("https://am").is_err());
         assert!(parse_http_url("am:9093").is_err());
+    }
+
+    #[test]
+    fn openmetrics_only_when_asked_for() {
+        // What Prometheus 2.42 sends.
+        assert!(wants_openmetrics(Some(
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        )));
+        assert!(!wants_openmetrics(None));
+        assert!(!wants_openmetrics(Some("*/*")));
+        assert!(!wants_openmetrics(Some("text/plain;version=0.0.4")));
+        assert!(!wants_openmetrics(Some("application/openmetrics-text;q=0")));
     }
 }

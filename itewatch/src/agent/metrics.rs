@@ -34,6 +34,7 @@ fn latency_histogram() -> Histogram {
 /// The metric handles; cheap to clone internally (atomics behind `Arc`s).
 pub struct Metrics {
     registry: Registry,
+    events: Counter,
     submissions: Family<Labels, Counter>,
     devtlb: Family<Labels, Counter>,
     latency: HistFamily,
@@ -41,12 +42,14 @@ pub struct Metrics {
     oldest_age: Gauge<f64, AtomicU64>,
     hotplug: Family<Labels, Counter>,
     incidents: Family<Labels, Counter>,
+    escalations: Family<Labels, Counter>,
     lost: Family<Labels, Counter>,
     probe_attached: Family<Labels, Gauge>,
     bpf_run: Family<Labels, Counter<f64, AtomicU64>>,
     spool_errors: Family<Labels, Counter>,
     pushes: Family<Labels, Counter>,
     pending_pushes: Gauge,
+    dropped_pushes: Counter,
     /// tid → IOMMU name of the submission in flight on it.
     pairing: Mutex<HashMap<u32, (KTime, String)>>,
     bpf_prev: Mutex<HashMap<String, u64>>,
@@ -63,6 +66,7 @@ impl Metrics {
         let mut r = Registry::with_prefix("itewatch");
         let m = Metrics {
             registry: Registry::default(),
+            events: Counter::default(),
             submissions: Family::default(),
             devtlb: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
@@ -70,15 +74,22 @@ impl Metrics {
             oldest_age: Gauge::default(),
             hotplug: Family::default(),
             incidents: Family::default(),
+            escalations: Family::default(),
             lost: Family::default(),
             probe_attached: Family::default(),
             bpf_run: Family::default(),
             spool_errors: Family::default(),
             pushes: Family::default(),
             pending_pushes: Gauge::default(),
+            dropped_pushes: Counter::default(),
             pairing: Mutex::new(HashMap::new()),
             bpf_prev: Mutex::new(HashMap::new()),
         };
+        r.register(
+            "events",
+            "Kernel events the correlator was fed (all kinds; the agent's input rate)",
+            m.events.clone(),
+        );
         r.register(
             "submissions",
             "qi_submit_sync calls (submissions), by IOMMU unit",
@@ -117,6 +128,11 @@ impl Metrics {
             m.incidents.clone(),
         );
         r.register(
+            "incident_escalations",
+            "Incidents that rose to a higher severity after they opened, by kind and the severity reached",
+            m.escalations.clone(),
+        );
+        r.register(
             "lost_events",
             "Events lost before the correlator saw them, by reason (ringbuf_full, missed, undecodable)",
             m.lost.clone(),
@@ -147,6 +163,11 @@ impl Metrics {
             "Incidents waiting to be delivered to Alertmanager",
             m.pending_pushes.clone(),
         );
+        r.register(
+            "alertmanager_dropped",
+            "Deliveries given up because more than max_pending were waiting (oldest first)",
+            m.dropped_pushes.clone(),
+        );
         let build: Family<Labels, Gauge> = Family::default();
         build
             .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
@@ -164,8 +185,17 @@ impl Metrics {
         s
     }
 
+    /// The exposition in the classic text format (0.0.4), for scrapers and tools that do not
+    /// ask for OpenMetrics (`promtool check metrics`, older Prometheus, curl).
+    pub fn encode_classic(&self) -> String {
+        to_classic_text(&self.encode())
+    }
+
     /// Counts what one record says.
     pub fn observe(&self, rec: &Record) {
+        if matches!(rec, Record::Event(_)) {
+            self.events.inc();
+        }
         match rec {
             Record::Event(ev) => match &ev.payload {
                 Payload::Submit(s) => {
@@ -224,15 +254,18 @@ impl Metrics {
         }
     }
 
-    /// Counts an incident revision (opened = revision 0).
-    pub fn incident(&self, inc: &Incident) {
+    /// Counts an incident revision: opened (revision 0) or `escalated` to its severity.
+    pub fn incident(&self, inc: &Incident, escalated: bool) {
+        let labels = || {
+            vec![
+                ("kind", inc.kind.name().to_string()),
+                ("severity", inc.severity.to_string()),
+            ]
+        };
         if inc.revision == 0 {
-            self.incidents
-                .get_or_create(&vec![
-                    ("kind", inc.kind.name().to_string()),
-                    ("severity", inc.severity.to_string()),
-                ])
-                .inc();
+            self.incidents.get_or_create(&labels()).inc();
+        } else if escalated {
+            self.escalations.get_or_create(&labels()).inc();
         }
     }
 
@@ -277,6 +310,49 @@ impl Metrics {
     pub fn set_pending(&self, n: usize) {
         self.pending_pushes.set(n as i64);
     }
+
+    pub fn delivery_dropped(&self) {
+        self.dropped_pushes.inc();
+    }
+}
+
+/// OpenMetrics text → the classic Prometheus text format (0.0.4), for the metric types this
+/// exporter has (counter, gauge, histogram; no `_created` samples). The samples are the same;
+/// only the metadata differs: a counter's `# HELP`/`# TYPE` name the `_total` series, and
+/// `# UNIT` and `# EOF` do not exist (pure).
+pub fn to_classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find(|p| line.starts_with(p));
+        match meta {
+            Some(prefix) => {
+                let rest = &line[prefix.len()..];
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                if !tail.is_empty() {
+                    out.push(' ');
+                    out.push_str(tail);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -306,5 +382,38 @@ mod tests {
         // Families without a sample yet are left out (the e2e test sees the histogram).
         assert!(!s.contains("itewatch_submission_latency_seconds"), "{s}");
         assert!(s.contains("itewatch_oldest_inflight_age_seconds 0"));
+    }
+
+    #[test]
+    fn classic_text_names_the_counter_series_and_drops_openmetrics_only_lines() {
+        let om = "# HELP itewatch_lost_events Events lost.\n# TYPE itewatch_lost_events counter\n\
+                  itewatch_lost_events_total{reason=\"missed\"} 1\n\
+                  # HELP itewatch_oldest_inflight_age_seconds Age.\n\
+                  # TYPE itewatch_oldest_inflight_age_seconds gauge\n\
+                  # UNIT itewatch_oldest_inflight_age_seconds seconds\n\
+                  itewatch_oldest_inflight_age_seconds 0\n# EOF\n";
+        assert_eq!(
+            to_classic_text(om),
+            "# HELP itewatch_lost_events_total Events lost.\n\
+             # TYPE itewatch_lost_events_total counter\n\
+             itewatch_lost_events_total{reason=\"missed\"} 1\n\
+             # HELP itewatch_oldest_inflight_age_seconds Age.\n\
+             # TYPE itewatch_oldest_inflight_age_seconds gauge\n\
+             itewatch_oldest_inflight_age_seconds 0\n"
+        );
+        let m = Metrics::new();
+        m.spool_error("open");
+        let classic = m.encode_classic();
+        assert!(classic.contains("# TYPE itewatch_spool_errors_total counter\n"));
+        assert!(!classic.contains("# EOF") && !classic.contains("# UNIT"));
+        // Same samples either way.
+        let samples = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(samples(&classic), samples(&m.encode()));
+        assert_eq!(to_classic_text(""), "");
     }
 }

@@ -9,6 +9,7 @@ pub mod alert;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod privileges;
 pub mod spool;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -35,6 +36,17 @@ use spool::{Pending, Spool};
 const MAX_INCIDENTS_IN_MEMORY: usize = 1000;
 /// Records fed to the correlator between two yields (replay / simulate).
 const CHUNK: usize = 8192;
+/// Wake-up interval of a paced (`--rate`) source.
+const PACE_TICK: Duration = Duration::from_millis(10);
+
+/// How many records a source paced at `rate` per second may feed now, `elapsed` after it
+/// started with `fed` fed so far; at most `chunk` (pure).
+fn paced_budget(rate: u64, elapsed: Duration, fed: u64, chunk: usize) -> usize {
+    let due = (u128::from(rate).saturating_mul(elapsed.as_nanos()) / 1_000_000_000)
+        .min(u128::from(u64::MAX));
+    let left = (due as u64).saturating_sub(fed);
+    usize::try_from(left).unwrap_or(usize::MAX).min(chunk)
+}
 
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct AgentArgs {
@@ -65,6 +77,14 @@ pub struct AgentArgs {
     /// Seed of --simulate [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Pace --replay / --simulate at this many records per second [default: as fast as
+    /// possible].
+    #[arg(long, value_name = "RECORDS_PER_S")]
+    pub rate: Option<u64>,
+    /// Bound on the Alertmanager deliveries waiting; past it the oldest are given up
+    /// [default: 10000].
+    #[arg(long)]
+    pub max_pending: Option<u64>,
     /// Validate the configuration and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -83,6 +103,8 @@ impl AgentArgs {
             replay: self.replay.clone(),
             simulate: self.simulate.clone(),
             seed: self.seed,
+            rate: self.rate,
+            max_pending: self.max_pending,
         }
     }
 }
@@ -177,6 +199,12 @@ impl State {
         g.by_id.get(id).and_then(|i| serde_json::to_string(i).ok())
     }
 
+    /// Severity of the latest revision of `id` seen (among the last 1000 incidents).
+    fn severity_of(&self, id: &str) -> Option<crate::correlate::incident::Severity> {
+        let g = self.incidents.lock().unwrap_or_else(|e| e.into_inner());
+        g.by_id.get(id).map(|i| i.severity)
+    }
+
     /// Number of incidents known.
     pub fn incident_count(&self) -> usize {
         self.incidents
@@ -188,9 +216,13 @@ impl State {
 }
 
 enum Source {
-    Finite(std::vec::IntoIter<Record>),
-    /// The live probes; the ring buffer's fd wakes the loop when events wait.
-    Live(Box<AsyncFd<LiveReader>>),
+    /// A trace, a scenario or the endless soak stream, paced by `Config::rate` if set.
+    Finite(Box<dyn Iterator<Item = Record> + Send>),
+    /// The live probes, attached before the runtime starts (so that the capabilities can be
+    /// dropped while there is one thread), drained at the tick until registered.
+    Live(Box<LiveReader>),
+    /// The same, registered with the runtime: the ring buffer's fd wakes the loop.
+    LiveAsync(Box<AsyncFd<LiveReader>>),
 }
 
 /// A running agent.
@@ -220,10 +252,19 @@ impl Handle {
 
 fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<Source, AgentError> {
     match src {
+        SourceConfig::Simulate { scenario, seed }
+            if scenario == config::SOAK || scenario == config::STORM =>
+        {
+            let mut s = crate::simulate::LongStream::new(*seed, u64::MAX);
+            if scenario == config::STORM {
+                s.incident_every = 1;
+            }
+            Ok(Source::Finite(Box::new(s)))
+        }
         SourceConfig::Simulate { scenario, seed } => {
             let sim = crate::simulate::generate(scenario, *seed)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-            Ok(Source::Finite(sim.records.into_iter()))
+            Ok(Source::Finite(Box::new(sim.records.into_iter())))
         }
         SourceConfig::Replay(p) => {
             let rerr = |source| AgentError::Replay {
@@ -248,7 +289,7 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<Source, AgentErr
                     }
                 }
             }
-            Ok(Source::Finite(recs.into_iter()))
+            Ok(Source::Finite(Box::new(recs.into_iter())))
         }
         SourceConfig::Live => {
             let live = LiveReader::attach(&crate::probe::LoadOptions::default())
@@ -263,7 +304,6 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<Source, AgentErr
                     missing.join(", ")
                 );
             }
-            let live = live.into_async().map_err(AgentError::Runtime)?;
             Ok(Source::Live(Box::new(live)))
         }
     }
@@ -274,24 +314,57 @@ fn hostname() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// What needs privilege or may fail early: the bound socket and the open source. `run`
+/// prepares it before the runtime's threads exist, then drops capabilities.
+struct Prepared {
+    listener: std::net::TcpListener,
+    metrics: Arc<Metrics>,
+    source: Source,
+}
+
+fn prepare(cfg: &Config) -> Result<Prepared, AgentError> {
+    let bind_err = |source| AgentError::Bind {
+        addr: cfg.listen,
+        source,
+    };
+    let listener = std::net::TcpListener::bind(cfg.listen).map_err(bind_err)?;
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    let metrics = Arc::new(Metrics::new());
+    let source = open_source(&cfg.source, &metrics)?;
+    Ok(Prepared {
+        listener,
+        metrics,
+        source,
+    })
+}
+
 /// Starts the agent: binds, opens the source and the spool, spawns the tasks.
 pub async fn start(
     cfg: Config,
     config_file: Option<PathBuf>,
     flags: FileConfig,
 ) -> Result<Handle, AgentError> {
-    let metrics = Arc::new(Metrics::new());
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| AgentError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| AgentError::Bind {
+    let prepared = prepare(&cfg)?;
+    start_prepared(prepared, cfg, config_file, flags).await
+}
+
+async fn start_prepared(
+    prepared: Prepared,
+    cfg: Config,
+    config_file: Option<PathBuf>,
+    flags: FileConfig,
+) -> Result<Handle, AgentError> {
+    let Prepared {
+        listener,
+        metrics,
+        source,
+    } = prepared;
+    let bind_err = |source| AgentError::Bind {
         addr: cfg.listen,
         source,
-    })?;
-    let source = open_source(&cfg.source, &metrics)?;
+    };
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
     let state = Arc::new(State::new(metrics.clone()));
     let open_spool = |what: &str| -> Option<Spool> {
         let dir = cfg.spool.as_ref()?;
@@ -309,6 +382,7 @@ pub async fn start(
         cfg.alertmanager_urls.clone(),
         open_spool("Alertmanager deliveries"),
         metrics.clone(),
+        cfg.max_pending,
     );
     let (tx, rx) = mpsc::channel(1024);
     let pusher = tokio::spawn(pusher.run(rx));
@@ -360,7 +434,8 @@ struct Worker {
 
 impl Worker {
     async fn emit(&mut self, inc: Incident) {
-        self.metrics.incident(&inc);
+        let step = alert::step(self.state.severity_of(&inc.id.0), &inc);
+        self.metrics.incident(&inc, step == alert::Step::Escalated);
         self.state.remember(&inc);
         let json = serde_json::to_vec(&inc).unwrap_or_default();
         if self.spool.is_none() {
@@ -377,17 +452,31 @@ impl Worker {
         } else if self.cfg.spool.is_some() {
             self.metrics.spool_error("open");
         }
+        let pending =
+            (step != alert::Step::None && !self.cfg.alertmanager_urls.is_empty()).then(|| {
+                Pending {
+                    id: alert::delivery_id(&inc, step),
+                    alert: alert_for(&inc, &self.instance),
+                    delivered_to: Vec::new(),
+                }
+            });
+        // The delivery is durable before the JSON line goes out, as the incident is: a crash
+        // after the line was logged cannot lose the alert (the pusher would write it only
+        // later). One already waiting or sent (a restart re-deriving it) is left alone.
+        if let (Some(p), Some(s)) = (&pending, &self.spool) {
+            if !s.is_sent(&p.id) && !s.has_pending(&p.id) {
+                if let Err(e) = s.put_pending(p) {
+                    self.metrics.spool_error("pending");
+                    eprintln!("itewatch agent: {e}; delivery of {} kept in memory", p.id);
+                }
+            }
+        }
         if self.cfg.stdout {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(&json).and_then(|()| out.write_all(b"\n"));
             let _ = out.flush();
         }
-        if inc.revision == 0 && !self.cfg.alertmanager_urls.is_empty() {
-            let p = Pending {
-                id: inc.id.0.clone(),
-                alert: alert_for(&inc, &self.instance),
-                delivered_to: Vec::new(),
-            };
+        if let Some(p) = pending {
             let _ = self.tx.send(Msg::New(p)).await;
         }
     }
@@ -406,9 +495,16 @@ impl Worker {
                 if new.alertmanager_urls != self.cfg.alertmanager_urls {
                     let _ = self.tx.send(Msg::Urls(new.alertmanager_urls.clone())).await;
                 }
+                if new.max_pending != self.cfg.max_pending {
+                    let _ = self.tx.send(Msg::MaxPending(new.max_pending)).await;
+                }
+                if new.rate != self.cfg.rate {
+                    eprintln!("itewatch agent: reload: rate changes only on restart");
+                }
                 if let Some(s) = &mut self.spool {
                     s.set_max_bytes(new.spool_max_bytes);
                 }
+                self.cfg.max_pending = new.max_pending;
                 self.cfg.alertmanager_urls = new.alertmanager_urls;
                 self.cfg.spool_max_bytes = new.spool_max_bytes;
                 self.cfg.stdout = new.stdout;
@@ -427,20 +523,54 @@ impl Worker {
         let mut corr = Some(Correlator::new(CorrelatorConfig::default()));
         // Live: loss markers, device identities and BPF stats once a second, and at once.
         let mut last_periodic: Option<std::time::Instant> = None;
+        let paced_since = std::time::Instant::now();
+        let mut fed: u64 = 0;
+        let mut last_ts = KTime(0);
+        if let Source::Live(r) = source {
+            source = match r.into_async() {
+                Ok(a) => Source::LiveAsync(Box::new(a)),
+                Err(b) => {
+                    let (r, e) = *b;
+                    eprintln!("itewatch agent: ring buffer fd: {e}; polling it every 100 ms");
+                    Source::Live(Box::new(r))
+                }
+            };
+        }
         loop {
             let mut out = Vec::new();
             let mut tick = Duration::from_millis(100);
+            let mut finished = false;
             match &mut source {
                 Source::Finite(it) => {
                     if let Some(c) = corr.as_mut() {
+                        let want = match self.cfg.rate {
+                            Some(rate) => paced_budget(rate, paced_since.elapsed(), fed, CHUNK),
+                            None => CHUNK,
+                        };
                         let mut n = 0;
-                        for r in it.by_ref().take(CHUNK) {
+                        for r in it.by_ref().take(want) {
                             self.metrics.observe(&r);
+                            if let Some(t) = r.ts() {
+                                last_ts = last_ts.max(t);
+                            }
                             out.extend(c.push_owned(r));
                             n += 1;
                         }
-                        if n < CHUNK {
+                        fed += n as u64;
+                        if n > 0 {
+                            self.metrics.snapshot(&c.snapshot(), last_ts);
+                        }
+                        if self.cfg.rate.is_some() && n == want {
+                            // Paced: come back when the next records are due (at once
+                            // when behind by a whole chunk).
+                            tick = if want == CHUNK {
+                                Duration::ZERO
+                            } else {
+                                PACE_TICK
+                            };
+                        } else if n < want {
                             // End of the stream: close what is open, report what is left.
+                            finished = true;
                             if let Some(c) = corr.take() {
                                 let snap = c.snapshot();
                                 let sum = c.finish();
@@ -452,8 +582,10 @@ impl Worker {
                         }
                     }
                 }
-                Source::Live(live) => {
-                    let reader = live.get_mut();
+                Source::Live(_) | Source::LiveAsync(_) => {
+                    let Some(reader) = source.live_reader() else {
+                        break;
+                    };
                     let mut recs = Vec::new();
                     if reader.drain(CHUNK, &mut recs) == CHUNK {
                         tick = Duration::ZERO;
@@ -479,6 +611,12 @@ impl Worker {
             for inc in out {
                 self.emit(inc).await;
             }
+            if finished {
+                eprintln!(
+                    "itewatch agent: end of the source: {fed} records, {} incidents; serving until stopped",
+                    self.state.incident_count()
+                );
+            }
             tokio::select! {
                 _ = stop.changed() => break,
                 r = reload.recv() => if r.is_some() { self.reload().await },
@@ -499,12 +637,22 @@ impl Worker {
 /// readiness is cleared before the drain, so events that arrive during it wake the loop again.
 async fn ring_readable(source: &mut Source) {
     match source {
-        Source::Live(live) => match live.readable_mut().await {
+        Source::LiveAsync(live) => match live.readable_mut().await {
             Ok(mut guard) => guard.clear_ready(),
             // Polling failed: fall back to the tick.
             Err(_) => std::future::pending().await,
         },
-        Source::Finite(_) => std::future::pending().await,
+        Source::Live(_) | Source::Finite(_) => std::future::pending().await,
+    }
+}
+
+impl Source {
+    fn live_reader(&mut self) -> Option<&mut LiveReader> {
+        match self {
+            Source::Live(r) => Some(r),
+            Source::LiveAsync(a) => Some(a.get_mut()),
+            Source::Finite(_) => None,
+        }
     }
 }
 
@@ -516,6 +664,10 @@ pub fn run(args: AgentArgs) -> Result<ExitCode, AgentError> {
         println!("itewatch agent: configuration is valid");
         return Ok(ExitCode::SUCCESS);
     }
+    // Bind and open the source (attach the probes) while this is the only thread, then drop
+    // the capabilities not needed any more: the runtime's threads inherit the reduced sets.
+    let prepared = prepare(&cfg)?;
+    privileges::drop_after_start(&cfg.source);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -526,7 +678,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode, AgentError> {
         let mut term = signal(SignalKind::terminate()).map_err(AgentError::Runtime)?;
         let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Runtime)?;
         let mut hup = signal(SignalKind::hangup()).map_err(AgentError::Runtime)?;
-        let h = start(cfg, args.config.clone(), flags).await?;
+        let h = start_prepared(prepared, cfg, args.config.clone(), flags).await?;
         eprintln!("itewatch agent: serving http://{}/metrics", h.addr);
         loop {
             tokio::select! {
@@ -539,4 +691,21 @@ pub fn run(args: AgentArgs) -> Result<ExitCode, AgentError> {
         h.stop().await;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paced_budget_follows_the_rate_and_the_chunk() {
+        let ms = Duration::from_millis;
+        assert_eq!(paced_budget(100_000, ms(0), 0, CHUNK), 0);
+        assert_eq!(paced_budget(100_000, ms(10), 0, CHUNK), 1000);
+        assert_eq!(paced_budget(100_000, ms(10), 600, CHUNK), 400);
+        // Ahead of the rate: nothing now. Far behind: one chunk at a time.
+        assert_eq!(paced_budget(100_000, ms(10), 5000, CHUNK), 0);
+        assert_eq!(paced_budget(100_000, ms(10_000), 0, CHUNK), CHUNK);
+        assert_eq!(paced_budget(u64::MAX, Duration::MAX, 0, CHUNK), CHUNK);
+    }
 }

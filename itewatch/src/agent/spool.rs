@@ -10,7 +10,8 @@
 //! `rename` over the final name, `fsync` of the directory. A crash leaves either the old or
 //! the new content, never a torn file; leftover temporaries are removed at open. The
 //! `incidents/` files are bounded in total size: past `max_bytes` the oldest (by modification
-//! time, then name) are deleted. Pending deliveries are never rotated away.
+//! time, then name) are deleted. Pending deliveries are not rotated with them: their bound
+//! is a count, kept by the pusher (`max_pending`, the oldest dropped, logged and counted).
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -190,18 +191,41 @@ impl Spool {
         }
     }
 
-    /// Deliveries still to do, in id order. Unreadable files are skipped and named in the
-    /// returned errors.
+    /// Whether a delivery of `id` is waiting.
+    pub fn has_pending(&self, id: &str) -> bool {
+        safe_id(id)
+            && self
+                .root
+                .join("pending")
+                .join(format!("{id}.json"))
+                .exists()
+    }
+
+    /// Gives up a delivery (the pending bound): its file goes, no sent marker is written.
+    pub fn drop_pending(&self, id: &str) -> Result<(), SpoolError> {
+        let p = self.root.join("pending").join(format!("{id}.json"));
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(err("remove", &p)(e)),
+        }
+    }
+
+    /// Deliveries still to do, oldest first (modification time, then id). Unreadable files
+    /// are skipped and named in the returned errors.
     pub fn pending(&self) -> (Vec<Pending>, Vec<SpoolError>) {
         let dir = self.root.join("pending");
         let mut out = Vec::new();
         let mut errs = Vec::new();
-        let mut names: Vec<PathBuf> = fs::read_dir(&dir)
+        let mut names: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(&dir)
             .into_iter()
             .flatten()
             .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
+            .map(|e| {
+                let t = e.metadata().and_then(|m| m.modified());
+                (t.unwrap_or(std::time::UNIX_EPOCH), e.path())
+            })
+            .filter(|(_, p)| {
                 p.extension().is_some_and(|x| x == "json")
                     && !p
                         .file_name()
@@ -209,7 +233,7 @@ impl Spool {
             })
             .collect();
         names.sort();
-        for p in names {
+        for (_, p) in names {
             let parsed = fs::read(&p).map_err(err("read", &p)).and_then(|b| {
                 serde_json::from_slice::<Pending>(&b).map_err(|e| SpoolError {
                     op: "decode",

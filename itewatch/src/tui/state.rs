@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use crate::correlate::incident::{Incident, IncidentId, SubmissionView};
 use crate::correlate::{Config, Correlator, DeviceView, Snapshot};
-use crate::event::{Descriptor, KTime, Payload, Record, Sid};
+use crate::event::{Descriptor, DeviceInfo, KTime, Payload, Record, Sid};
 use crate::trace::ProbeStatus;
 
 use super::input::Action;
@@ -19,6 +19,8 @@ pub const RECENT: usize = 24;
 /// Outstanding submissions tracked for latencies and descriptor kinds (beyond: not tracked,
 /// counted in `untracked`).
 const MAX_PENDING: usize = 16_384;
+/// Device snapshots kept for the exported report's inventory (as `itewatch report` keeps).
+const MAX_DEVICE_INFOS: usize = 65_536;
 
 /// The panels of the main screen, in Tab order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,6 +183,10 @@ pub struct App {
     pub dev_stats: BTreeMap<Sid, DevStats>,
     /// SIDs whose sysfs snapshot said ATS is enabled.
     pub ats: BTreeSet<Sid>,
+    /// The latest sysfs snapshot of each device, by (segment, SID): the export's inventory.
+    pub device_infos: BTreeMap<(u16, u16), DeviceInfo>,
+    /// Timestamp of the first record that had one (the export's capture start).
+    pub first_ts: Option<KTime>,
     iommu_names: HashMap<u64, String>,
     pending: HashMap<u32, Pending>,
     /// Descriptor kinds by submission (tid, start): kept until the correlator, which lags by
@@ -218,6 +224,8 @@ impl App {
             histograms: BTreeMap::new(),
             dev_stats: BTreeMap::new(),
             ats: BTreeSet::new(),
+            device_infos: BTreeMap::new(),
+            first_ts: None,
             iommu_names: HashMap::new(),
             pending: HashMap::new(),
             kinds: HashMap::new(),
@@ -243,6 +251,9 @@ impl App {
     /// Takes in one record (before it goes to the correlator): latencies per IOMMU and device,
     /// descriptor kinds, loss counts. Cheap: no allocation in the steady state.
     pub fn observe(&mut self, rec: &Record) {
+        if self.first_ts.is_none() {
+            self.first_ts = rec.ts();
+        }
         match rec {
             Record::Event(e) => {
                 self.events += 1;
@@ -314,6 +325,12 @@ impl App {
             Record::Device(d) => {
                 if d.ats == Some(true) {
                     self.ats.insert(d.bdf.sid());
+                }
+                let key = (d.bdf.segment_or_zero(), d.bdf.sid().0);
+                if self.device_infos.len() < MAX_DEVICE_INFOS
+                    || self.device_infos.contains_key(&key)
+                {
+                    self.device_infos.insert(key, d.clone());
                 }
                 if let Some(i) = &d.iommu {
                     if !self.header.iommus.contains(i) {

@@ -12,6 +12,7 @@
 //! object, not root, no BTF, no kprobes), the reason is shown on one screen and the view runs
 //! on the bundled VM trace instead (or a simulated scenario when that is absent).
 
+pub mod bench;
 pub mod export;
 pub mod input;
 pub mod lanes;

@@ -329,7 +329,9 @@ pub fn summarize_fixes(incidents: &[Incident]) -> Vec<FixSummary> {
     v
 }
 
-fn inventory_from_incidents(
+/// The inventory of the devices `incidents` are about, completed from device snapshots
+/// (keyed by segment and SID). Also used by the live view's export.
+pub(crate) fn inventory_from_incidents(
     incidents: &[Incident],
     snapshots: &BTreeMap<(u16, u16), DeviceInfo>,
 ) -> Vec<InventoryDevice> {

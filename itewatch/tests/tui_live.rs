@@ -152,35 +152,158 @@ fn cannot_trace_screen() {
     assert!(text.contains("--replay"));
 }
 
+/// The checked-in JSON Schema of the report document (docs/report-schema.json; the
+/// report_document tests keep it equal to the one the types generate).
+fn report_schema() -> jsonschema::Validator {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/report-schema.json");
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    jsonschema::validator_for(&schema).unwrap()
+}
+
+/// Validates an exported file against the schema and reads it back with the document reader.
+fn read_export(path: &std::path::Path) -> (serde_json::Value, itewatch::document::ReportDocument) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let errors: Vec<String> = report_schema()
+        .iter_errors(&v)
+        .map(|e| format!("{e} at {}", e.instance_path))
+        .collect();
+    assert!(errors.is_empty(), "{}: {errors:#?}", path.display());
+    let doc = itewatch::document::parse(&text).unwrap();
+    (v, doc)
+}
+
+fn w1_origin() -> tui::export::Origin {
+    tui::export::Origin {
+        source: itewatch::trace::Source::Simulated {
+            scenario: "w1-driver-inflight".into(),
+            seed: 3,
+        },
+        path: None,
+        error: None,
+    }
+}
+
 #[test]
-fn export_writes_the_report_document() {
+fn export_writes_the_versioned_report_document() {
     let mut app = scenario("w1-driver-inflight", 3, None);
     app.apply(Action::FocusNext);
     app.apply(Action::FocusNext);
     let inc = app.selected_incident().unwrap().clone();
     let dir = tempfile::tempdir().unwrap();
-    let src = itewatch::trace::Source::Simulated {
-        scenario: "w1-driver-inflight".into(),
-        seed: 3,
-    };
-    let path =
-        tui::export::export(&app, &src, tui::export::Selection::One(&inc), dir.path()).unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    assert_eq!(v["schema"], itewatch::report::SCHEMA);
-    assert_eq!(v["incidents"].as_array().unwrap().len(), 1);
-    assert_eq!(v["incidents"][0]["id"], inc.id.to_string());
-    let all = tui::export::export(&app, &src, tui::export::Selection::All, dir.path()).unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(all).unwrap()).unwrap();
+    let path = tui::export::export(
+        &app,
+        &w1_origin(),
+        tui::export::Selection::One(&inc),
+        dir.path(),
+    )
+    .unwrap();
     assert_eq!(
-        v["incidents"].as_array().unwrap().len(),
-        app.all_incidents().len()
+        path.file_name().unwrap().to_string_lossy(),
+        format!("itewatch-incident-{}.json", inc.id)
     );
+    let (v, doc) = read_export(&path);
+    assert_eq!(v["schema_version"], itewatch::document::SCHEMA_VERSION);
+    assert_eq!(doc.incidents, vec![inc.clone()]);
+    assert_eq!(v["source"]["kind"], "trace");
+    assert_eq!(v["source"]["origin"], "simulated");
+    assert_eq!(v["source"]["scenario"], "w1-driver-inflight");
+    assert_eq!(v["source"]["complete"], true, "the stream ended");
+    assert_eq!(v["host"]["hostname"], serde_json::Value::Null);
+    // Only this incident's fixes and devices.
+    let fixes: Vec<&str> = inc.fixes.iter().map(|f| f.commit.as_str()).collect();
+    assert!(!doc.fixes.is_empty());
+    for f in &doc.fixes {
+        assert!(fixes.contains(&f.commit.as_str()), "{}", f.commit);
+        assert_eq!(f.incidents, vec![inc.id.clone()]);
+    }
+    assert_eq!(doc.inventory.len(), 1);
+    assert_eq!(
+        doc.inventory[0].bdf,
+        inc.device.bdf.map(|b| b.to_string()),
+        "{:?}",
+        doc.inventory
+    );
+    // No temporary file is left behind.
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
+
+#[test]
+fn export_all_at_the_end_of_a_stream_equals_itewatch_report() {
+    // The view's "all" export and `itewatch report --format json` of the same stream carry
+    // the same incidents, fixes and inventory.
+    for (name, seed) in [
+        ("w1-driver-inflight", 3),
+        ("w2-notifier-after-disconnect", 5),
+        ("hang-no-hotplug", 0),
+    ] {
+        let sim = generate(name, seed).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let trace = dir.path().join("t.itw");
+        itewatch::simulate::write_trace(&sim, &trace).unwrap();
+        let report = itewatch::document::from_trace_file(&trace, Config::default()).unwrap();
+        let app = tui::play(header(name), sim.records, None);
+        let origin = tui::export::Origin {
+            source: itewatch::trace::Source::Simulated {
+                scenario: name.into(),
+                seed,
+            },
+            path: Some(trace.clone()),
+            error: None,
+        };
+        let path =
+            tui::export::export(&app, &origin, tui::export::Selection::All, dir.path()).unwrap();
+        let (_, doc) = read_export(&path);
+        assert!(!doc.incidents.is_empty(), "{name}");
+        assert_eq!(doc.incidents, report.incidents, "{name}");
+        assert_eq!(doc.fixes, report.fixes, "{name}");
+        assert_eq!(doc.inventory, report.inventory, "{name}");
+        assert_eq!(doc.source, report.source, "{name}");
+        assert_eq!(doc.loss, report.loss, "{name}");
+    }
+}
+
+#[test]
+fn export_mid_stream_says_the_capture_is_not_complete() {
+    let sim = generate("w1-driver-inflight", 3).unwrap();
+    let mid = sim.records[sim.records.len() / 2].ts().unwrap();
+    let app = tui::play(header("w1"), sim.records, Some(mid));
+    assert!(!app.ended);
+    let dir = tempfile::tempdir().unwrap();
+    let path =
+        tui::export::export(&app, &w1_origin(), tui::export::Selection::All, dir.path()).unwrap();
+    let (v, doc) = read_export(&path);
+    assert_eq!(v["source"]["complete"], false);
+    assert!(!doc.loss.complete);
+    assert_eq!(doc.capture.end_ns, Some(app.snapshot.now.0));
+    assert!(doc.capture.start_ns.is_some_and(|s| s <= mid.0));
+}
+
+#[test]
+fn export_into_a_missing_directory_is_an_error_not_a_panic() {
+    let app = scenario("w1-driver-inflight", 3, None);
+    let dir = tempfile::tempdir().unwrap();
+    let err = tui::export::export(
+        &app,
+        &w1_origin(),
+        tui::export::Selection::All,
+        &dir.path().join("no/such/dir"),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("cannot write"), "{err}");
 }
 
 // ----- end to end: the real binary in a real terminal (tmux) --------------------------------
 
+/// A tmux server of the test's own (its socket in the test's temporary directory), so that
+/// tests neither see nor touch anybody else's sessions; dropped, it kills that server.
 struct Tmux {
-    session: String,
+    socket: std::path::PathBuf,
 }
 
 impl Tmux {
@@ -191,8 +314,10 @@ impl Tmux {
             .is_ok_and(|o| o.status.success())
     }
 
-    fn run(args: &[&str]) -> String {
+    fn run(&self, args: &[&str]) -> String {
         let o = std::process::Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
             .args(args)
             .output()
             .expect("tmux runs");
@@ -204,13 +329,18 @@ impl Tmux {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// Starts `cmd` in a 120×40 pane of a new server whose socket is in `dir`.
     fn start(cmd: &str, dir: &std::path::Path) -> Tmux {
-        let session = format!("itewatch-e2e-{}", std::process::id());
-        Self::run(&[
+        let t = Tmux {
+            socket: dir.join("tmux.sock"),
+        };
+        t.run(&[
+            "-f",
+            "/dev/null",
             "new-session",
             "-d",
             "-s",
-            &session,
+            "e2e",
             "-x",
             "120",
             "-y",
@@ -219,21 +349,21 @@ impl Tmux {
             dir.to_str().unwrap(),
             cmd,
         ]);
-        Tmux { session }
+        t
     }
 
     fn screen(&self) -> String {
-        Self::run(&["capture-pane", "-p", "-t", &self.session])
+        self.run(&["capture-pane", "-p", "-t", "e2e"])
     }
 
     fn keys(&self, keys: &[&str]) {
-        let mut args = vec!["send-keys", "-t", &self.session];
+        let mut args = vec!["send-keys", "-t", "e2e"];
         args.extend_from_slice(keys);
-        Self::run(&args);
+        self.run(&args);
     }
 
     fn display(&self, fmt: &str) -> String {
-        Self::run(&["display-message", "-p", "-t", &self.session, fmt])
+        self.run(&["display-message", "-p", "-t", "e2e", fmt])
             .trim()
             .to_string()
     }
@@ -258,8 +388,51 @@ impl Tmux {
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = std::process::Command::new("tmux")
-            .args(["kill-session", "-t", &self.session])
+            .arg("-S")
+            .arg(&self.socket)
+            .arg("kill-server")
             .output();
+    }
+}
+
+/// The shell command that runs `itewatch ARGS` in the pane: it writes itewatch's pid to
+/// `DIR/pid` (the shell execs it), and after it exits its status to `DIR/exit` and the tty
+/// settings to `DIR/stty`, then prints SHELL-BACK and stays on the screen. `env` goes before
+/// the binary (`env VAR=value`); in `args`, `"$0"` is DIR. Its stderr goes to `DIR/stderr`, or
+/// with `stderr_to_pane` to the terminal.
+fn pane_command(dir: &std::path::Path, env: &str, args: &str, stderr_to_pane: bool) -> String {
+    let bin = env!("CARGO_BIN_EXE_itewatch");
+    let d = dir.display();
+    let redirect = if stderr_to_pane {
+        String::new()
+    } else {
+        format!(" 2> '{d}/stderr'")
+    };
+    format!(
+        "sh -c 'echo $$ > \"$0/pid\"; exec {env} \"$1\" {args}' '{d}' '{bin}'{redirect}; \
+         echo $? > '{d}/exit'; stty -a > '{d}/stty'; printf 'SHELL-BACK\\n'; sleep 60"
+    )
+}
+
+/// After itewatch exited: its status, and the terminal back to normal (main screen, cursor
+/// shown, cooked mode with echo and signals).
+fn assert_terminal_restored(t: &Tmux, dir: &std::path::Path, want_exit: &str) {
+    t.wait_for("SHELL-BACK");
+    let exit = std::fs::read_to_string(dir.join("exit")).unwrap();
+    let stderr = std::fs::read_to_string(dir.join("stderr")).unwrap_or_else(|_| t.screen());
+    assert_eq!(exit.trim(), want_exit, "stderr: {stderr}");
+    assert_eq!(
+        t.display("#{alternate_on}"),
+        "0",
+        "left the alternate screen"
+    );
+    assert_eq!(t.display("#{cursor_flag}"), "1", "cursor visible again");
+    let stty = std::fs::read_to_string(dir.join("stty")).unwrap();
+    for flag in ["icanon", "echo", "isig", "icrnl", "opost"] {
+        assert!(
+            stty.split_whitespace().any(|w| w == flag),
+            "tty flag {flag} not restored: {stty}"
+        );
     }
 }
 
@@ -270,12 +443,11 @@ fn e2e_navigate_export_quit_restores_the_terminal() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_itewatch");
-    // After itewatch exits, record its status and the tty settings, then stay on the screen.
-    let cmd = format!(
-        "'{bin}' live --simulate w1-driver-inflight --seed 3 --export-dir '{d}'; \
-         echo $? > '{d}/exit'; stty -a > '{d}/stty'; printf 'SHELL-BACK\\n'; sleep 60",
-        d = dir.path().display()
+    let cmd = pane_command(
+        dir.path(),
+        "",
+        r#"live --simulate w1-driver-inflight --seed 3 --export-dir "$0""#,
+        false,
     );
     let t = Tmux::start(&cmd, dir.path());
     t.wait_for("stream ended");
@@ -294,7 +466,7 @@ fn e2e_navigate_export_quit_restores_the_terminal() {
     t.keys(&["Escape"]);
     t.wait_for("In-flight invalidations");
     t.keys(&["q"]);
-    t.wait_for("SHELL-BACK");
+    assert_terminal_restored(&t, dir.path(), "0");
 
     // The exported report: one W1 incident, in the report document's schema.
     let exported: Vec<_> = std::fs::read_dir(dir.path())
@@ -308,27 +480,65 @@ fn e2e_navigate_export_quit_restores_the_terminal() {
         })
         .collect();
     assert_eq!(exported.len(), 1, "{exported:?}");
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&exported[0]).unwrap()).unwrap();
-    assert_eq!(v["schema"], itewatch::report::SCHEMA);
+    let (v, doc) = read_export(&exported[0]);
+    assert_eq!(v["schema_version"], itewatch::document::SCHEMA_VERSION);
+    assert_eq!(doc.incidents.len(), 1);
     assert_eq!(v["incidents"][0]["kind"], "inflight-across-disconnect");
     assert_eq!(v["incidents"][0]["window"], "W1");
     assert_eq!(v["source"]["scenario"], "w1-driver-inflight");
+    assert_eq!(v["source"]["seed"], 3);
+}
 
-    // The terminal is restored: exit 0, main screen, cursor shown, cooked mode with echo.
-    let exit = std::fs::read_to_string(dir.path().join("exit")).unwrap();
-    assert_eq!(exit.trim(), "0");
-    assert_eq!(
-        t.display("#{alternate_on}"),
-        "0",
-        "left the alternate screen"
-    );
-    assert_eq!(t.display("#{cursor_flag}"), "1", "cursor visible again");
-    let stty = std::fs::read_to_string(dir.path().join("stty")).unwrap();
-    for flag in ["icanon", "echo", "isig"] {
-        assert!(
-            stty.split_whitespace().any(|w| w == flag),
-            "tty flag {flag} not restored: {stty}"
-        );
+/// SIGTERM, SIGHUP and SIGINT end the view the way `q` does: the loop returns, the guards drop
+/// (terminal, and live the BPF stats fd and the probes), exit status 0.
+#[test]
+fn e2e_signals_restore_the_terminal() {
+    if !Tmux::available() {
+        eprintln!("SKIPPED: tmux is not installed (scripts/setup.sh installs it)");
+        return;
     }
+    for (name, sig) in [
+        ("sigterm", libc::SIGTERM),
+        ("sighup", libc::SIGHUP),
+        ("sigint", libc::SIGINT),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        // The endless stream: the view is still running when the signal arrives.
+        let cmd = pane_command(dir.path(), "", "live --simulate soak --speed 0.01", false);
+        let t = Tmux::start(&cmd, dir.path());
+        t.wait_for("▶ running");
+        assert_eq!(t.display("#{alternate_on}"), "1", "{name}");
+        let pid: libc::pid_t = std::fs::read_to_string(dir.path().join("pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: kill(2) with a pid this test's pane started (the shell exec'd itewatch).
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "{name}");
+        assert_terminal_restored(&t, dir.path(), "0");
+    }
+}
+
+/// A panic: the hook restores the terminal before the message prints, so the message is on
+/// the main screen after the exit (printed on the alternate screen, it would vanish with it).
+/// The panic is injected by a test-only environment variable (the view has no panic to
+/// trigger otherwise).
+#[test]
+fn e2e_panic_restores_the_terminal() {
+    if !Tmux::available() {
+        eprintln!("SKIPPED: tmux is not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = pane_command(
+        dir.path(),
+        "env ITEWATCH_TEST_PANIC_AFTER_FRAMES=3",
+        "live --simulate soak --speed 0.01",
+        true,
+    );
+    let t = Tmux::start(&cmd, dir.path());
+    assert_terminal_restored(&t, dir.path(), "101");
+    let screen = t.screen();
+    assert!(screen.contains("injected panic"), "{screen}");
+    assert!(!screen.contains("In-flight invalidations"), "{screen}");
 }

@@ -1,11 +1,20 @@
-//! The `e` key: writes the selected incident (or all of them) as the JSON report
-//! (`report::Report`, schema `itewatch-report/0`), the same document `itewatch report
-//! --format json` prints, so scripts read both alike.
+//! The `e` key: writes the selected incident (or all of them) as the versioned report document
+//! ([`ReportDocument`], docs/report-format.md, schema docs/report-schema.json), the same
+//! document `itewatch report --format json` prints, so scripts and `itewatch::document::parse`
+//! read both alike.
+//!
+//! The document is built from what the view holds now: the latest revision of each incident,
+//! the header (host, kernel, IOMMU units, probes), the loss counters and the device snapshots
+//! the stream carried (for the inventory). A view that has not reached the end of its stream
+//! says so: `source.complete` and `loss.complete` are false.
 
 use std::path::{Path, PathBuf};
 
 use crate::correlate::incident::Incident;
-use crate::report::{self, Format, Report, ReportError, ReportSummary, TraceStatus};
+use crate::document::{
+    self, Capture, DocSource, DocumentError, Format, Host, IommuUnit, Loss, Probe, ReportDocument,
+    Tool,
+};
 use crate::trace::Source;
 
 use super::state::App;
@@ -16,26 +25,105 @@ pub enum Selection<'a> {
     All,
 }
 
+/// Where the view's stream comes from, as the document's `source` names it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Origin {
+    /// Live, or the simulated scenario (of `--simulate`, or the one a replayed trace recorded).
+    pub source: Source,
+    /// The trace file played (`--replay`, or the bundled VM trace).
+    pub path: Option<PathBuf>,
+    /// Damage that stopped reading the trace file (every record before it was played).
+    pub error: Option<String>,
+}
+
+fn opt(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
 /// The report document for `sel`, from what the view holds now.
-pub fn document(app: &App, source: &Source, sel: Selection<'_>) -> Report {
+pub fn document(app: &App, origin: &Origin, sel: Selection<'_>) -> ReportDocument {
     let incidents = match sel {
         Selection::One(i) => vec![i.clone()],
         Selection::All => app.all_incidents(),
     };
-    Report {
-        schema: report::SCHEMA,
-        source: source.clone(),
-        trace: TraceStatus {
-            complete: app.ended,
-            records: app.snapshot.stats.records,
-            error: None,
+    let (kind, scenario, seed, simulated) = match &origin.source {
+        Source::Live => ("live", None, None, false),
+        Source::Simulated { scenario, seed } => {
+            ("simulated", Some(scenario.clone()), Some(*seed), true)
+        }
+    };
+    let stats = &app.snapshot.stats;
+    let h = &app.header;
+    let ats_seen = stats.dev_tlb_descriptors > 0 || !app.ats.is_empty();
+    let end_ns = (app.snapshot.now.0 > 0).then_some(app.snapshot.now.0);
+    let start_ns = app.first_ts.map(|t| t.0);
+    ReportDocument {
+        schema_version: document::SCHEMA_VERSION.into(),
+        tool: Tool {
+            name: "itewatch".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
         },
+        source: DocSource::Trace {
+            path: origin.path.as_ref().map(|p| p.display().to_string()),
+            origin: kind.into(),
+            scenario,
+            seed,
+            complete: app.ended && origin.error.is_none(),
+            records: stats.records,
+            error: origin.error.clone(),
+        },
+        host: Host {
+            // A simulation has no host; the header then says "(simulated ..)".
+            hostname: if simulated { None } else { opt(&h.host) },
+            kernel_release: if simulated { None } else { opt(&h.kernel) },
+            kernel_cmdline: None,
+            cpu_model: None,
+            iommu_units: h
+                .iommus
+                .iter()
+                .map(|name| IommuUnit {
+                    name: name.clone(),
+                    version: None,
+                    address: None,
+                    cap: None,
+                    ecap: None,
+                    device_tlb: None,
+                    scalable_mode_supported: None,
+                    caching_mode: None,
+                })
+                .collect(),
+            scalable_mode: None,
+            ats_in_use: ats_seen.then_some(true),
+        },
+        probes: h
+            .probes
+            .iter()
+            .map(|p| Probe {
+                name: p.name.clone(),
+                state: p.state.clone(),
+                mechanism: p.mechanism.clone(),
+                detail: p.detail.clone(),
+            })
+            .collect(),
+        capture: Capture {
+            start_ns,
+            end_ns,
+            duration_ns: start_ns.zip(end_ns).map(|(s, e)| e.saturating_sub(s)),
+            started_unix_s: None,
+            clock: "CLOCK_MONOTONIC".into(),
+        },
+        loss: Loss {
+            lost_ringbuf_full: app.lost_ringbuf,
+            missed: app.missed,
+            undecodable: app.undecodable,
+            return_without_entry: 0,
+            lost_markers: stats.lost_markers,
+            complete: app.ended && origin.error.is_none(),
+            unparsed_lines: 0,
+        },
+        inventory: document::inventory_from_incidents(&incidents, &app.device_infos),
+        fixes: document::summarize_fixes(&incidents),
         incidents,
-        summary: ReportSummary {
-            end: app.snapshot.now,
-            stats: app.snapshot.stats.clone(),
-            unreturned: app.snapshot.inflight.clone(),
-        },
     }
 }
 
@@ -50,18 +138,21 @@ pub fn file_name(sel: &Selection<'_>, n: usize) -> String {
 /// Writes the document into `dir`; returns the path written.
 pub fn export(
     app: &App,
-    source: &Source,
+    origin: &Origin,
     sel: Selection<'_>,
     dir: &Path,
-) -> Result<PathBuf, ReportError> {
+) -> Result<PathBuf, DocumentError> {
     let n = app.all_incidents().len();
     let path = dir.join(file_name(&sel, n));
-    let doc = document(app, source, sel);
+    let doc = document(app, origin, sel);
     let mut bytes = Vec::new();
-    report::write(&doc, Format::Json, &mut bytes)?;
+    document::write(&doc, Format::Json, &mut bytes)?;
     // Write to a temporary name and rename: a reader never sees half a report.
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, &bytes)?;
-    std::fs::rename(&tmp, &path)?;
+    if let Err(e) = std::fs::rename(&tmp, &path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.into());
+    }
     Ok(std::path::absolute(&path).unwrap_or(path))
 }

@@ -12,6 +12,7 @@
 //! object, not root, no BTF, no kprobes), the reason is shown on one screen and the view runs
 //! on the bundled VM trace instead (or a simulated scenario when that is absent).
 
+pub mod bench;
 pub mod export;
 pub mod input;
 pub mod lanes;
@@ -129,6 +130,9 @@ pub fn bundled_trace() -> Option<(PathBuf, String)> {
     found.into_iter().next().map(|(_, t, n)| (t, n))
 }
 
+/// How the header's warning starts when a replayed trace is damaged (the rest is the error).
+const DAMAGED: &str = "trace damaged, played up to: ";
+
 /// The recorded BPF cost in a trace's end frame.
 fn recorded_cost(end: &crate::trace::TraceEnd) -> Option<BpfCost> {
     if end.programs.is_empty() {
@@ -186,7 +190,7 @@ fn open_replay(path: &Path, speed: f64, label: String) -> Result<Opened, LiveErr
         header.host = format!("(simulated {scenario} seed {seed})");
     }
     if let Some(d) = damaged {
-        header.warning = Some(format!("trace damaged, played up to: {d}"));
+        header.warning = Some(format!("{DAMAGED}{d}"));
     }
     let p = Playback::new(Box::new(recs.into_iter()), speed);
     let recorded = end.as_ref().and_then(recorded_cost);
@@ -462,7 +466,20 @@ pub fn run(args: LiveArgs) -> Result<ExitCode, LiveError> {
         (None, Some(s)) => (open_simulated(s, args.seed, args.speed)?, None),
         (None, None) => open_live(&args)?,
     };
-    let trace_source = opened.trace_source.clone();
+    let origin = export::Origin {
+        source: opened.trace_source.clone(),
+        path: match (&args.replay, &unavailable) {
+            (Some(f), _) => Some(f.clone()),
+            (None, Some(_)) => bundled_trace().map(|(p, _)| p),
+            (None, None) => None,
+        },
+        error: opened
+            .header
+            .warning
+            .as_deref()
+            .and_then(|w| w.strip_prefix(DAMAGED))
+            .map(str::to_string),
+    };
     let mut engine = Engine::new(opened, Config::default());
     if let Source::Live(_) = engine.src {
         // The first device snapshot: names for the SIDs before any event.
@@ -470,7 +487,7 @@ pub fn run(args: LiveArgs) -> Result<ExitCode, LiveError> {
     }
     term::install_signal_handlers();
     if interactive {
-        run_tui(&args, engine, unavailable.as_ref(), &trace_source)
+        run_tui(&args, engine, unavailable.as_ref(), &origin)
     } else {
         run_headless(&args, engine, unavailable.as_ref())
     }
@@ -563,7 +580,7 @@ fn run_tui(
     args: &LiveArgs,
     mut e: Engine,
     unavailable: Option<&Unavailable>,
-    trace_source: &TraceSource,
+    origin: &export::Origin,
 ) -> Result<ExitCode, LiveError> {
     let started = Instant::now();
     let _guard = term::TerminalGuard::enter()?;
@@ -584,6 +601,10 @@ fn run_tui(
     let mut last_rate = (Instant::now(), 0u64);
     let mut frames = 0u64;
     let live = matches!(e.src, Source::Live(_));
+    // Fault injection for the end-to-end test of the panic path (docs/tui.md, "Tests").
+    let panic_after: Option<u64> = std::env::var("ITEWATCH_TEST_PANIC_AFTER_FRAMES")
+        .ok()
+        .and_then(|v| v.parse().ok());
     loop {
         if term::terminate_requested() || deadline.is_some_and(|d| Instant::now() >= d) {
             break;
@@ -607,6 +628,9 @@ fn run_tui(
             }
             terminal.draw(|f| ui::draw(f, &e.app))?;
             frames += 1;
+            if panic_after == Some(frames) {
+                panic!("ITEWATCH_TEST_PANIC_AFTER_FRAMES: injected panic after {frames} frames");
+            }
             next_frame += frame;
             if next_frame < now {
                 next_frame = now + frame;
@@ -633,11 +657,10 @@ fn run_tui(
                                     format!("{} incidents", e.app.all_incidents().len())
                                 }
                             };
-                            let msg =
-                                match export::export(&e.app, trace_source, sel, &args.export_dir) {
-                                    Ok(p) => format!("exported {what} to {}", p.display()),
-                                    Err(err) => format!("export failed: {err}"),
-                                };
+                            let msg = match export::export(&e.app, origin, sel, &args.export_dir) {
+                                Ok(p) => format!("exported {what} to {}", p.display()),
+                                Err(err) => format!("export failed: {err}"),
+                            };
                             e.app.status = Some(msg);
                         }
                         a => e.app.apply(a),

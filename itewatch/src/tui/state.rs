@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use crate::correlate::incident::{Incident, IncidentId, SubmissionView};
 use crate::correlate::{Config, Correlator, DeviceView, Snapshot};
-use crate::event::{Descriptor, KTime, Payload, Record, Sid};
+use crate::event::{Descriptor, DeviceInfo, KTime, Payload, Record, Sid};
 use crate::trace::ProbeStatus;
 
 use super::input::Action;
@@ -19,6 +19,8 @@ pub const RECENT: usize = 24;
 /// Outstanding submissions tracked for latencies and descriptor kinds (beyond: not tracked,
 /// counted in `untracked`).
 const MAX_PENDING: usize = 16_384;
+/// Device snapshots kept for the exported report's inventory (as `itewatch report` keeps).
+const MAX_DEVICE_INFOS: usize = 65_536;
 
 /// The panels of the main screen, in Tab order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,6 +183,10 @@ pub struct App {
     pub dev_stats: BTreeMap<Sid, DevStats>,
     /// SIDs whose sysfs snapshot said ATS is enabled.
     pub ats: BTreeSet<Sid>,
+    /// The latest sysfs snapshot of each device, by (segment, SID): the export's inventory.
+    pub device_infos: BTreeMap<(u16, u16), DeviceInfo>,
+    /// Timestamp of the first record that had one (the export's capture start).
+    pub first_ts: Option<KTime>,
     iommu_names: HashMap<u64, String>,
     pending: HashMap<u32, Pending>,
     /// Descriptor kinds by submission (tid, start): kept until the correlator, which lags by
@@ -218,6 +224,8 @@ impl App {
             histograms: BTreeMap::new(),
             dev_stats: BTreeMap::new(),
             ats: BTreeSet::new(),
+            device_infos: BTreeMap::new(),
+            first_ts: None,
             iommu_names: HashMap::new(),
             pending: HashMap::new(),
             kinds: HashMap::new(),
@@ -243,6 +251,9 @@ impl App {
     /// Takes in one record (before it goes to the correlator): latencies per IOMMU and device,
     /// descriptor kinds, loss counts. Cheap: no allocation in the steady state.
     pub fn observe(&mut self, rec: &Record) {
+        if self.first_ts.is_none() {
+            self.first_ts = rec.ts();
+        }
         match rec {
             Record::Event(e) => {
                 self.events += 1;
@@ -314,6 +325,12 @@ impl App {
             Record::Device(d) => {
                 if d.ats == Some(true) {
                     self.ats.insert(d.bdf.sid());
+                }
+                let key = (d.bdf.segment_or_zero(), d.bdf.sid().0);
+                if self.device_infos.len() < MAX_DEVICE_INFOS
+                    || self.device_infos.contains_key(&key)
+                {
+                    self.device_infos.insert(key, d.clone());
                 }
                 if let Some(i) = &d.iommu {
                     if !self.header.iommus.contains(i) {
@@ -658,6 +675,222 @@ impl App {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::correlate::incident::IncidentKind;
+
+    /// The app after playing `name` with `seed`, to the end or up to `stop_at`.
+    fn played(name: &str, seed: u64, stop_at: Option<KTime>) -> App {
+        let sim = crate::simulate::generate(name, seed).unwrap();
+        super::super::play(HeaderInfo::default(), sim.records, stop_at)
+    }
+
+    fn filtered(app: &mut App, f: &str) {
+        app.apply(Action::StartFilter);
+        for c in f.chars() {
+            app.apply(Action::FilterInput(c));
+        }
+        app.apply(Action::FilterCommit);
+    }
+
+    fn device_bdfs(app: &App) -> Vec<String> {
+        app.device_rows()
+            .iter()
+            .map(|d| d.device.bdf.map(|b| b.to_string()).unwrap_or_default())
+            .collect()
+    }
+
+    /// W1 on seed 3: virtio-pci 01:00.0 slot 1, nvme 02:00.0 slot 2, mlx5_core 03:00.0 slot 3
+    /// (the incidents' device), ixgbe 80:00.0 on dmar1 without a slot.
+    #[test]
+    fn filter_by_bdf_sid_driver_slot_and_iommu() {
+        let mut app = played("w1-driver-inflight", 3, None);
+        assert_eq!(device_bdfs(&app).len(), 4);
+        assert_eq!(app.incident_rows().len(), 2);
+        for (f, devices, incidents) in [
+            ("0000:03:00.0", vec!["0000:03:00.0"], 2),
+            ("03:00.0", vec!["0000:03:00.0"], 2),
+            ("sid=0x0300", vec!["0000:03:00.0"], 2),
+            ("SID=0X0300", vec!["0000:03:00.0"], 2),
+            ("mlx5", vec!["0000:03:00.0"], 2),
+            ("MLX5_core", vec!["0000:03:00.0"], 2),
+            ("slot 2", vec!["0000:02:00.0"], 0),
+            ("slot2", vec!["0000:02:00.0"], 0),
+            ("slot 3", vec!["0000:03:00.0"], 2),
+            ("80:00.0", vec!["0000:80:00.0"], 0),
+            ("dmar1", vec!["0000:80:00.0"], 0),
+            ("nvme", vec!["0000:02:00.0"], 0),
+            ("no-such-device", vec![], 0),
+        ] {
+            filtered(&mut app, f);
+            assert_eq!(app.filter, f);
+            assert_eq!(device_bdfs(&app), devices, "filter {f:?}");
+            assert_eq!(app.incident_rows().len(), incidents, "filter {f:?}");
+            // Esc clears it, and every row is back.
+            app.apply(Action::Back);
+            assert_eq!(app.filter, "");
+            assert_eq!(device_bdfs(&app).len(), 4);
+        }
+        // Editing: backspace, and cancel clears.
+        app.apply(Action::StartFilter);
+        app.apply(Action::FilterInput('n'));
+        app.apply(Action::FilterInput('x'));
+        app.apply(Action::FilterBackspace);
+        assert_eq!(app.filter, "n");
+        assert!(app.filter_editing);
+        app.apply(Action::FilterCancel);
+        assert_eq!(app.filter, "");
+        assert!(!app.filter_editing);
+    }
+
+    #[test]
+    fn filter_applies_to_in_flight_submissions() {
+        // During the W1 submission to the mlx5 device (03:00.0) that is being removed: it is
+        // in flight (aborted after 7 ms), next to benign traffic to other devices. The
+        // correlator shows it once its reorder window (10 ms) has passed the submission and
+        // before it has passed the return.
+        let all = played("w1-driver-inflight", 3, None);
+        let w1 = all
+            .all_incidents()
+            .into_iter()
+            .find(|i| i.kind == IncidentKind::InflightAcrossDisconnect)
+            .unwrap();
+        let mlx5 = Sid(0x0300);
+        let mut app = played(
+            "w1-driver-inflight",
+            3,
+            Some(KTime(w1.start.0 + 12_000_000)),
+        );
+        let has_mlx5 = |app: &App| {
+            app.inflight_rows()
+                .iter()
+                .any(|r| r.sub.dev_tlb_sids.contains(&mlx5))
+        };
+        assert!(has_mlx5(&app), "the W1 submission is in flight");
+        let (task, cpu) = app
+            .inflight_rows()
+            .iter()
+            .find(|r| r.sub.dev_tlb_sids.contains(&mlx5))
+            .map(|r| (r.sub.task.clone(), r.sub.cpu))
+            .unwrap();
+        // Device filters keep exactly the submissions to that device.
+        for f in ["0000:03:00.0", "03:00.0", "sid=0x0300", "mlx5", "slot 3"] {
+            filtered(&mut app, f);
+            let rows = app.inflight_rows();
+            assert!(!rows.is_empty(), "filter {f:?}");
+            assert!(
+                rows.iter().all(|r| r.sub.dev_tlb_sids.contains(&mlx5)),
+                "filter {f:?}"
+            );
+            drop(rows);
+            app.apply(Action::Back);
+        }
+        // The task and CPU are in the haystack too.
+        for f in [task.clone(), format!("cpu{cpu}")] {
+            filtered(&mut app, &f);
+            assert!(has_mlx5(&app), "filter {f:?}");
+            app.apply(Action::Back);
+        }
+        for f in ["0000:02:00.0", "slot 2", "dmar1", "no-such-device"] {
+            filtered(&mut app, f);
+            assert!(!has_mlx5(&app), "filter {f:?}");
+            app.apply(Action::Back);
+        }
+    }
+
+    fn focus(app: &mut App, p: Panel) {
+        while app.focus != p {
+            app.apply(Action::FocusNext);
+        }
+    }
+
+    #[test]
+    fn s_cycles_each_panels_sort_orders() {
+        let mut app = played("w1-driver-inflight", 3, None);
+        // Devices: bdf, state (not present first), latency (last, longest first), count.
+        focus(&mut app, Panel::Devices);
+        app.apply(Action::Down);
+        let last = |app: &App, d: &DeviceView| {
+            d.device
+                .sid
+                .and_then(|s| app.dev_stats.get(&s))
+                .and_then(|s| s.recent.back().copied())
+        };
+        let count = |app: &App, d: &DeviceView| {
+            d.device
+                .sid
+                .and_then(|s| app.dev_stats.get(&s))
+                .map(|s| s.count)
+        };
+        let rows = app.device_rows();
+        assert!(rows.is_sorted_by_key(|d| d.device.bdf), "bdf");
+        app.apply(Action::CycleSort);
+        assert_eq!(app.views[1].sort, 1);
+        assert_eq!(
+            app.views[1].selected, 0,
+            "a new order selects the first row"
+        );
+        let rows = app.device_rows();
+        assert_eq!(device_state(rows[0]), "released");
+        assert!(rows.is_sorted_by_key(|d| device_state(d) == "present"));
+        app.apply(Action::CycleSort);
+        let rows = app.device_rows();
+        assert_eq!(rows[0].device.bdf.unwrap().to_string(), "0000:03:00.0");
+        assert!(rows.is_sorted_by_key(|d| std::cmp::Reverse(last(&app, d))));
+        app.apply(Action::CycleSort);
+        let rows = app.device_rows();
+        assert!(rows.is_sorted_by_key(|d| std::cmp::Reverse(count(&app, d))));
+        assert_eq!(rows[0].device.bdf.unwrap().to_string(), "0000:01:00.0");
+        app.apply(Action::CycleSort);
+        assert_eq!(app.views[1].sort, 0, "wraps to bdf");
+
+        // Incidents: time, severity (worst first), kind. The sort belongs to the panel.
+        focus(&mut app, Panel::Incidents);
+        assert_eq!(app.views[2].sort, 0);
+        let rows = app.incident_rows();
+        assert!(rows.is_sorted_by_key(|i| (i.start, i.id.clone())));
+        app.apply(Action::CycleSort);
+        let rows = app.incident_rows();
+        assert!(rows.is_sorted_by_key(|i| std::cmp::Reverse(i.severity)));
+        app.apply(Action::CycleSort);
+        let rows = app.incident_rows();
+        assert!(rows.is_sorted_by_key(|i| i.kind));
+        assert_eq!(rows[0].kind, IncidentKind::InflightAcrossDisconnect);
+        assert_eq!(app.views[1].sort, 0, "the devices panel kept its order");
+    }
+
+    #[test]
+    fn in_flight_sorts_by_age_iommu_and_cpu() {
+        // The soak stream has several submissions in flight at some moments; find one with
+        // at least two on different CPUs.
+        let recs: Vec<Record> = crate::simulate::LongStream::new(1, 60_000).collect();
+        let mut app = None;
+        for r in recs.iter().rev().step_by(97) {
+            let Some(t) = r.ts() else { continue };
+            let a = super::super::play(HeaderInfo::default(), recs.clone(), Some(t));
+            let rows = a.inflight_rows();
+            let cpus: BTreeSet<u32> = rows.iter().map(|r| r.sub.cpu).collect();
+            let units: BTreeSet<&str> = rows.iter().map(|r| r.sub.iommu.as_str()).collect();
+            if cpus.len() >= 2 && units.len() >= 2 {
+                drop(rows);
+                app = Some(a);
+                break;
+            }
+        }
+        let mut app = app.expect("a moment with submissions in flight on two CPUs and units");
+        assert_eq!(app.focus, Panel::InFlight);
+        let rows = app.inflight_rows();
+        assert!(
+            rows.is_sorted_by_key(|r| std::cmp::Reverse(r.age_ns)),
+            "age"
+        );
+        app.apply(Action::CycleSort);
+        let rows = app.inflight_rows();
+        assert!(rows.is_sorted_by_key(|r| r.sub.iommu.clone()), "iommu");
+        app.apply(Action::CycleSort);
+        let rows = app.inflight_rows();
+        assert!(rows.is_sorted_by_key(|r| (r.sub.cpu, r.sub.start)), "cpu");
+        app.apply(Action::CycleSort);
+        assert_eq!(app.views[0].sort, 0);
+    }
 
     #[test]
     fn descriptor_kinds_label() {

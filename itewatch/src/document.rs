@@ -26,7 +26,7 @@ use crate::analyze::{self, Analysis};
 use crate::correlate::incident::{Fix, FixStatus, Incident, IncidentId};
 use crate::correlate::{Config, Correlator};
 use crate::event::{Bdf, DeviceInfo, Record};
-use crate::trace::{Source, TraceError, TraceReader};
+use crate::trace::{Source, TraceError, TraceHeader, TraceReader};
 
 /// `Bdf` serialises as a string (`ssss:bb:dd.f`, `????:` for an unknown segment).
 impl JsonSchema for Bdf {
@@ -456,15 +456,7 @@ pub fn from_trace<R: Read>(
             records,
             error,
         },
-        host: Host {
-            hostname: opt(&header.host.hostname),
-            kernel_release: opt(&header.host.kernel_release),
-            kernel_cmdline: opt(&header.host.kernel_cmdline),
-            cpu_model: None,
-            iommu_units: Vec::new(),
-            scalable_mode: None,
-            ats_in_use: ats_seen.then_some(true),
-        },
+        host: host_from_header(&header, ats_seen),
         probes: header
             .probes
             .iter()
@@ -494,6 +486,44 @@ pub fn from_trace<R: Read>(
         inventory: inventory_from_incidents(&incidents, &snapshots),
         fixes: summarize_fixes(&incidents),
         incidents,
+    }
+}
+
+/// The document's host section from a trace header: `host` always, `hardware` when the
+/// recorder wrote it (older traces: unknown, never guessed).
+fn host_from_header(header: &TraceHeader, ats_seen: bool) -> Host {
+    let hw = header.hardware.as_ref();
+    let hex = |s: &Option<String>| s.as_deref().and_then(|x| u64::from_str_radix(x, 16).ok());
+    Host {
+        hostname: opt(&header.host.hostname),
+        kernel_release: opt(&header.host.kernel_release),
+        kernel_cmdline: opt(&header.host.kernel_cmdline),
+        cpu_model: hw.and_then(|h| h.cpu_model.clone()),
+        iommu_units: hw
+            .map(|h| {
+                h.iommu_units
+                    .iter()
+                    .filter(|u| u.kind == "intel-iommu")
+                    .map(|u| {
+                        IommuUnit::from_regs(
+                            u.name.clone(),
+                            u.version.clone(),
+                            hex(&u.address),
+                            hex(&u.cap),
+                            hex(&u.ecap),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        scalable_mode: hw.and_then(|h| h.scalable_mode),
+        // Device-TLB traffic or an ATS-enabled device in the trace says yes; otherwise what
+        // the recorder read from the devices' config space.
+        ats_in_use: if ats_seen {
+            Some(true)
+        } else {
+            hw.and_then(|h| h.ats_in_use)
+        },
     }
 }
 
@@ -532,21 +562,13 @@ pub fn from_analysis(a: Analysis, path: Option<&str>) -> ReportDocument {
                 IommuUnit::from_regs(u.name.clone(), u.version.clone(), u.address, u.cap, u.ecap)
             })
             .collect();
-        let cmd = b.kernel_cmdline.as_deref().unwrap_or("");
-        let sm_off = cmd.contains("sm_off") || cmd.contains("intel_iommu=off");
         let smts: Vec<Option<bool>> = host
             .iommu_units
             .iter()
             .map(|u| u.scalable_mode_supported)
             .collect();
-        host.scalable_mode = if sm_off || smts.contains(&Some(false)) {
-            Some(false)
-        } else if cmd.contains("sm_on") && !smts.is_empty() && smts.iter().all(|s| *s == Some(true))
-        {
-            Some(true)
-        } else {
-            None
-        };
+        // A log does not show the kernel config default: only the command line decides.
+        host.scalable_mode = crate::host::scalable_mode(b.kernel_cmdline.as_deref(), None, &smts).0;
         inventory = b
             .devices
             .iter()

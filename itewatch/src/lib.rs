@@ -13,6 +13,7 @@ pub mod correlate;
 pub mod doctor;
 pub mod document;
 pub mod event;
+pub mod host;
 pub mod kallsyms;
 pub mod live;
 pub mod probe;

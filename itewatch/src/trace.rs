@@ -56,6 +56,48 @@ pub struct HostInfo {
     pub kernel_cmdline: String,
 }
 
+/// Hardware facts recorded with a trace: the CPU and the VT-d units with their capability
+/// registers, and whether scalable mode and ATS are in use (`crate::host::collect_host`).
+/// An optional header key added within format version 1: traces written before it have no
+/// `hardware` key and read as `None`; older readers ignore it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostHardware {
+    /// `/proc/cpuinfo` "model name" of the first CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<String>,
+    /// `/sys/class/iommu/*`, sorted by name.
+    #[serde(default)]
+    pub iommu_units: Vec<HostIommu>,
+    /// Scalable mode in use on every VT-d unit; absent when it cannot be told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scalable_mode: Option<bool>,
+    /// What `scalable_mode` rests on (command line, kernel config default, ECAP.SMTS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scalable_mode_basis: Option<String>,
+    /// Some PCI device has ATS enabled; `false` only when every device's ATS state was
+    /// readable; absent when unknown (reading the capability needs root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ats_in_use: Option<bool>,
+}
+
+/// One IOMMU unit as sysfs shows it. Registers are hex strings (no `0x`): a 64-bit CAP does
+/// not survive a JSON reader that keeps numbers as doubles.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostIommu {
+    /// `dmarN`.
+    pub name: String,
+    /// `intel-iommu`, `amd-iommu` or `other`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecap: Option<String>,
+}
+
 /// How one probe ended up attached.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeStatus {
@@ -82,6 +124,9 @@ pub struct TraceHeader {
     pub source: Source,
     #[serde(default)]
     pub host: HostInfo,
+    /// CPU, VT-d units, scalable mode, ATS (absent in traces written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<HostHardware>,
     #[serde(default)]
     pub probes: Vec<ProbeStatus>,
     /// Wall-clock time (Unix seconds) when recording started, if known.
@@ -101,6 +146,7 @@ impl TraceHeader {
             clock: "CLOCK_MONOTONIC".to_string(),
             source,
             host: HostInfo::default(),
+            hardware: None,
             probes: Vec::new(),
             started_unix_s: None,
             started_mono_ns: None,
@@ -565,5 +611,71 @@ mod tests {
             TraceReader::new(&b""[..]),
             Err(TraceError::BadMagic)
         ));
+    }
+
+    /// Builds a trace file by hand around a header JSON, as an older build wrote it.
+    fn with_header_json(json: &str) -> Vec<u8> {
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        b.extend_from_slice(json.as_bytes());
+        b
+    }
+
+    #[test]
+    fn a_header_without_hardware_still_reads() {
+        // The header as traces were written before `hardware` existed (no key at all).
+        let json = format!(
+            r#"{{"format_version":1,"abi_version":{},"tool_version":"0.1.0","clock":"CLOCK_MONOTONIC","source":{{"kind":"live"}},"host":{{"hostname":"h","kernel_release":"6.1.0","kernel_cmdline":"ro"}},"probes":[]}}"#,
+            itewatch_common::ABI_VERSION
+        );
+        let bytes = with_header_json(&json);
+        let mut r = TraceReader::new(&bytes[..]).unwrap();
+        assert_eq!(r.header().hardware, None);
+        assert_eq!(r.header().host.kernel_release, "6.1.0");
+        assert!(r.next_record().unwrap().is_none());
+    }
+
+    #[test]
+    fn hardware_round_trips_and_stays_optional_in_json() {
+        let mut h = TraceHeader::new(Source::Live);
+        let json = serde_json::to_string(&h).unwrap();
+        assert!(!json.contains("hardware"), "{json}");
+        h.hardware = Some(HostHardware {
+            cpu_model: Some("Intel(R) Xeon(R) Platinum 8480+".into()),
+            iommu_units: vec![HostIommu {
+                name: "dmar0".into(),
+                kind: "intel-iommu".into(),
+                version: Some("4:0".into()),
+                address: Some("ee7fc000".into()),
+                cap: Some("9ed008c40780466".into()),
+                ecap: Some("3ee9e86f050df".into()),
+            }],
+            scalable_mode: Some(true),
+            scalable_mode_basis: Some("intel_iommu=sm_on".into()),
+            ats_in_use: None,
+        });
+        let mut buf = Vec::new();
+        TraceWriter::new(&mut buf, &h).unwrap().finish().unwrap();
+        let r = TraceReader::new(&buf[..]).unwrap();
+        assert_eq!(r.header(), &h);
+    }
+
+    #[test]
+    fn the_committed_vm_traces_predate_hardware_and_read() {
+        for k in ["6.1", "6.12"] {
+            let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data/vm")
+                .join(k)
+                .join("trace.itw");
+            let mut r = TraceReader::open(&p).unwrap();
+            assert_eq!(r.header().hardware, None, "{k}");
+            assert!(!r.header().host.kernel_release.is_empty(), "{k}");
+            let mut n = 0;
+            while let Some(_rec) = r.next_record().unwrap() {
+                n += 1;
+            }
+            assert!(n > 0 && r.finished().is_some(), "{k}");
+        }
     }
 }

@@ -161,6 +161,14 @@ fn every_corpus_log_gives_its_expected_incidents() {
                 ));
             }
         }
+        if let Some(n) = want.get("unparsed_max").and_then(|c| c.as_u64()) {
+            if a.unparsed_count > n {
+                problems.push(format!(
+                    "{} unparsed lines reported, want <= {n}: {:?}",
+                    a.unparsed_count, a.unparsed
+                ));
+            }
+        }
         // Every diagnosis cites real lines and says why.
         let text = String::from_utf8_lossy(&data);
         let nlines = text.lines().count() as u64;

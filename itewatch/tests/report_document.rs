@@ -115,6 +115,63 @@ fn trace_reports_validate_and_carry_host_probes_and_fixes() {
 }
 
 #[test]
+fn a_trace_with_recorded_hardware_fills_the_host_section() {
+    use itewatch::trace::{HostHardware, HostIommu, TraceReader, TraceWriter};
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("w2.itw");
+    let sim = itewatch::simulate::generate("w2-notifier-after-disconnect", 2).unwrap();
+    itewatch::simulate::write_trace(&sim, &plain).unwrap();
+    // Without `hardware` (as every trace before it): CPU and units unknown, not invented.
+    let doc = document::from_trace_file(&plain, Config::default()).unwrap();
+    assert_eq!(doc.host.cpu_model, None);
+    assert!(doc.host.iommu_units.is_empty());
+    assert_eq!(doc.host.scalable_mode, None);
+    // Rewrite it with the recorder's hardware facts in the header.
+    let mut r = TraceReader::open(&plain).unwrap();
+    let mut header = r.header().clone();
+    header.hardware = Some(HostHardware {
+        cpu_model: Some("Intel(R) Xeon(R) Platinum 8480+".into()),
+        iommu_units: vec![HostIommu {
+            name: "dmar7".into(),
+            kind: "intel-iommu".into(),
+            version: Some("4:0".into()),
+            address: Some("ee7fc000".into()),
+            cap: Some("9ed008c40780466".into()),
+            ecap: Some("3ee9e86f050df".into()),
+        }],
+        scalable_mode: Some(true),
+        scalable_mode_basis: Some("intel_iommu=sm_on on the command line".into()),
+        ats_in_use: Some(true),
+    });
+    let with_hw = dir.path().join("w2-hw.itw");
+    let mut w = TraceWriter::create(&with_hw, &header).unwrap();
+    while let Some(rec) = r.next_record().unwrap() {
+        w.write_record(&rec).unwrap();
+    }
+    w.finish().unwrap();
+    let doc = document::from_trace_file(&with_hw, Config::default()).unwrap();
+    check(&validator(), &doc, "w2 with hardware");
+    assert_eq!(
+        doc.host.cpu_model.as_deref(),
+        Some("Intel(R) Xeon(R) Platinum 8480+")
+    );
+    assert_eq!(doc.host.scalable_mode, Some(true));
+    assert_eq!(doc.host.ats_in_use, Some(true));
+    let u = &doc.host.iommu_units[0];
+    assert_eq!(u.name, "dmar7");
+    assert_eq!(u.cap.as_deref(), Some("9ed008c40780466"));
+    assert_eq!(u.device_tlb, Some(true));
+    assert_eq!(u.scalable_mode_supported, Some(true));
+    assert_eq!(u.address, Some(0xee7f_c000));
+    let text = document::render_text(&doc);
+    assert!(
+        text.contains("cpu Intel(R) Xeon(R) Platinum 8480+"),
+        "{text}"
+    );
+    assert!(text.contains("dmar7 ver 4:0 cap 9ed008c40780466"), "{text}");
+}
+
+#[test]
 fn a_cut_trace_names_its_byte_offset_and_keeps_what_was_read() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("w2.itw");

@@ -187,7 +187,32 @@ const KEYWORDS: &[&str] = &[
     "general protection",
     "Kernel Offset",
     "Invalidation",
+    "atchdog",
 ];
+
+/// Messages whose end a wrapping console or collector may cut off, with the least of each
+/// that must be left to tell (a shorter tail is too ambiguous to call).
+const CUT_TAILS: &[(&str, usize)] = &[
+    ("VT-d detected Invalidation Time-out Error: SID", 8),
+    ("Invalidation Time-out Error (ITE) cleared", 12),
+    ("handling fault status reg", 8),
+    ("Watchdog detected hard LOCKUP on cpu", 8),
+    ("soft lockup - CPU#", 9),
+];
+
+/// The phrase whose beginning `t` ends with (the line was cut inside it), if any. Only lines
+/// naming DMAR or a watchdog are asked, so the cost stays off ordinary lines.
+fn cut_tail(t: &str) -> Option<&'static str> {
+    if !(t.contains("DMAR") || t.contains("atchdog")) {
+        return None;
+    }
+    CUT_TAILS.iter().find_map(|(phrase, min)| {
+        (*min..phrase.len())
+            .rev()
+            .any(|k| phrase.get(..k).is_some_and(|p| t.ends_with(p)))
+            .then_some(*phrase)
+    })
+}
 
 fn prefilter() -> Option<&'static AhoCorasick> {
     static P: OnceLock<Option<AhoCorasick>> = OnceLock::new();
@@ -371,15 +396,14 @@ fn bracket_comm(t: &str) -> (Option<String>, Option<u32>) {
     let Some(open) = t.rfind('[') else {
         return (None, None);
     };
-    let inner = t
-        .get(open + 1..)
-        .unwrap_or("")
-        .trim_end()
-        .trim_end_matches(']');
+    let rest = t.get(open + 1..).unwrap_or("").trim_end();
+    // Without its `]` the line was cut: the comm before `:` is whole, the PID may not be.
+    let closed = rest.ends_with(']');
+    let inner = rest.trim_end_matches(']');
     match inner.rsplit_once(':') {
         Some((c, p)) => (
             Some(c.chars().take(64).collect()),
-            p.trim().parse::<u32>().ok(),
+            p.trim().parse::<u32>().ok().filter(|_| closed),
         ),
         None => (None, None),
     }
@@ -498,6 +522,10 @@ pub fn classify(text: &str) -> Option<Fact> {
     }
     if t.contains("reg_base_addr") {
         return parse_dmar_unit(t);
+    }
+
+    if let Some(phrase) = cut_tail(t) {
+        return Some(Fact::Mangled { keyword: phrase });
     }
 
     // pciehp.

@@ -155,6 +155,24 @@ pub struct Rec<'a> {
     pub text: Cow<'a, str>,
 }
 
+impl Rec<'_> {
+    /// The same record owning its text (held while the analyzer waits for a wrapped line's
+    /// continuation).
+    pub fn into_owned(self) -> Rec<'static> {
+        Rec {
+            line: self.line,
+            dialect: self.dialect,
+            mono_ns: self.mono_ns,
+            wall_s: self.wall_s,
+            caller: self.caller,
+            host: self.host.map(|h| Cow::Owned(h.into_owned())),
+            not_kernel: self.not_kernel,
+            boot: self.boot,
+            text: Cow::Owned(self.text.into_owned()),
+        }
+    }
+}
+
 /// Turns raw lines into records; holds the little cross-line state dialects need
 /// (quoted-printable soft breaks).
 #[derive(Default)]

@@ -351,6 +351,8 @@ struct Core {
     out: Analysis,
     boot: BootState,
     boot_index: u32,
+    /// A record that looks cut short, waiting one record for its continuation.
+    pending: Option<(Rec<'static>, Option<Fact>)>,
 }
 
 impl Analyzer {
@@ -362,6 +364,7 @@ impl Analyzer {
                 out: Analysis::default(),
                 boot: BootState::default(),
                 boot_index: 0,
+                pending: None,
             },
         }
     }
@@ -381,13 +384,16 @@ impl Analyzer {
                 return;
             }
         }
-        self.norm.feed(line_no, raw, &mut |rec| core.on_record(rec));
+        self.norm.feed(line_no, raw, &mut |rec| core.accept(rec));
     }
 
     /// Ends the input and diagnoses what is left.
     pub fn finish(mut self, bytes: u64) -> Analysis {
         let core = &mut self.core;
-        self.norm.finish(&mut |rec| core.on_record(rec));
+        self.norm.finish(&mut |rec| core.accept(rec));
+        if let Some((rec, fact)) = self.core.pending.take() {
+            self.core.on_record(rec, fact, None);
+        }
         self.core.end_boot();
         let mut out = self.core.out;
         out.bytes = bytes;
@@ -490,7 +496,33 @@ impl Core {
         }
     }
 
-    fn on_record(&mut self, rec: Rec<'_>) {
+    /// Takes the next record, joining it to the one before when that one was cut short by a
+    /// wrapping console or collector and this one is its continuation.
+    fn accept(&mut self, rec: Rec<'_>) {
+        let fact = if rec.not_kernel {
+            None
+        } else {
+            facts::classify(&rec.text)
+        };
+        if let Some((held, held_fact)) = self.pending.take() {
+            if let Some((joined, joined_fact)) =
+                join_wrapped(&held, held_fact.as_ref(), &rec, fact.as_ref())
+            {
+                self.on_record(joined, Some(joined_fact), Some(rec.line));
+                return;
+            }
+            self.on_record(held, held_fact, None);
+        }
+        if looks_cut(&rec.text, fact.as_ref()) {
+            self.pending = Some((rec.into_owned(), fact));
+            return;
+        }
+        self.on_record(rec, fact, None);
+    }
+
+    /// One record with what it says (`fact`, from [`facts::classify`]); `joined` names the
+    /// continuation line that was joined onto it.
+    fn on_record(&mut self, rec: Rec<'_>, fact: Option<Fact>, joined: Option<u64>) {
         self.out.records += 1;
         *self
             .out
@@ -516,11 +548,6 @@ impl Core {
                 return;
             }
         }
-        let fact = if rec.not_kernel {
-            None
-        } else {
-            facts::classify(&rec.text)
-        };
         if let Some(ns) = rec.mono_ns {
             if let Some(last) = self.boot.last_mono {
                 if ns.saturating_add(5 * SEC) < last && rec.dialect != Dialect::JournalJson {
@@ -575,6 +602,11 @@ impl Core {
             fact: name,
             text: cut(&rec.text, MAX_TEXT),
         };
+        if let Some(n) = joined {
+            let mut r = lr("wrapped-line");
+            r.text = cut(&format!("lines {}+{n}: {}", rec.line, rec.text), MAX_TEXT);
+            b.note("wrapped-line-joined", &r);
+        }
         let key = rec.caller;
         match fact {
             Fact::IteDetected { sid } => {
@@ -800,6 +832,115 @@ impl Core {
             }
         }
     }
+}
+
+/// Whether a record looks cut short where a wrapping console or a collector split it: a
+/// known message cut inside its fixed text (`Mangled`), or one that ends in its value where
+/// the value may go on (`SID 18` + `00`, `[irq/57-pci` + `ehp:1422]`).
+fn looks_cut(text: &str, fact: Option<&Fact>) -> bool {
+    let ends_hex = || {
+        text.trim_end()
+            .as_bytes()
+            .last()
+            .is_some_and(u8::is_ascii_hexdigit)
+    };
+    match fact {
+        Some(Fact::Mangled { .. }) => true,
+        Some(Fact::IteDetected { .. } | Fact::IceDetected { .. } | Fact::FaultStatus { .. }) => {
+            ends_hex()
+        }
+        Some(Fact::ReportHeader {
+            kind: ReportKind::HardLockup | ReportKind::SoftLockup,
+            cpu,
+            ..
+        }) => {
+            // The lockup header's CPU number or `[comm:pid]` may be on the next line.
+            cpu.is_none() || text.rfind('[') > text.rfind(']')
+        }
+        // `QI HEAD: .. qw0 = 0x1` + `80000100003, qw1 = ..`: the descriptor's SID is in qw0.
+        Some(Fact::QiDesc { .. }) => !text.contains("qw1"),
+        // `Slot(108): Link Do` + `wn`.
+        Some(Fact::Slot { what, .. }) => *what == SlotWhat::Other,
+        _ => false,
+    }
+}
+
+/// The longest continuation taken: a wrap carries the rest of one message, not a new one.
+const MAX_CONTINUATION: usize = 512;
+
+/// Joins `next` onto the cut-short `held` when `next` is its continuation: a line with no
+/// prefix of its own (a console wrap), or a record with the same stamp and caller that says
+/// nothing by itself (a collector split). The join must read as the message `held` was cut
+/// from; otherwise both stand as they are.
+fn join_wrapped(
+    held: &Rec<'static>,
+    held_fact: Option<&Fact>,
+    next: &Rec<'_>,
+    next_fact: Option<&Fact>,
+) -> Option<(Rec<'static>, Fact)> {
+    let bare = next.dialect == Dialect::Bare && next.boot == BootMark::None;
+    let same_record_stamp = next.dialect == held.dialect
+        && next.caller == held.caller
+        && next.boot == BootMark::None
+        && ((next.mono_ns.is_some() && next.mono_ns == held.mono_ns)
+            || (next.mono_ns.is_none()
+                && next.wall_s.is_some()
+                && next.wall_s == held.wall_s
+                && next.host == held.host));
+    let tail = next.text.trim_end();
+    if !(bare || same_record_stamp)
+        || tail.is_empty()
+        || tail.len() > MAX_CONTINUATION
+        || !matches!(next_fact, None | Some(Fact::Mangled { .. }))
+    {
+        return None;
+    }
+    let head = held.text.trim_end_matches(['\r', '\n']);
+    let held_fact = held_fact?;
+    let candidates: Vec<String> = match held_fact {
+        // Cut inside the fixed text: a console wrap splits anywhere (join as is); a collector
+        // split drops the space at the cut (join with one).
+        Fact::Mangled { .. } => vec![format!("{head}{tail}"), format!("{head} {tail}")],
+        // Cut inside the value: the continuation must start with the rest of it.
+        Fact::IteDetected { .. } | Fact::IceDetected { .. } | Fact::FaultStatus { .. } => {
+            let word = tail.split_whitespace().next().unwrap_or("");
+            if word.is_empty()
+                || !word.bytes().all(|c| c.is_ascii_hexdigit())
+                || (!bare && word.len() != tail.len())
+            {
+                return None;
+            }
+            vec![format!("{}{tail}", head.trim_end())]
+        }
+        Fact::ReportHeader { .. } | Fact::QiDesc { .. } | Fact::Slot { .. } => {
+            vec![format!("{head}{tail}"), format!("{head} {tail}")]
+        }
+        _ => return None,
+    };
+    for c in candidates {
+        let Some(f) = facts::classify(&c) else {
+            continue;
+        };
+        let fits = match (held_fact, &f) {
+            (_, Fact::Mangled { .. }) => false,
+            (Fact::Mangled { .. }, _) => true,
+            (
+                Fact::ReportHeader {
+                    cpu: c0, pid: p0, ..
+                },
+                Fact::ReportHeader { cpu, pid, .. },
+            ) => (c0.is_none() && cpu.is_some()) || (p0.is_none() && pid.is_some()),
+            (Fact::Slot { .. }, Fact::Slot { what, .. }) => *what != SlotWhat::Other,
+            (Fact::QiDesc { .. }, Fact::QiDesc { qw0, .. }) => qw0.is_some(),
+            (a, b) => std::mem::discriminant(a) == std::mem::discriminant(b),
+        };
+        if fits {
+            let mut rec = held.clone();
+            rec.text = std::borrow::Cow::Owned(c);
+            return Some((rec, f));
+        }
+    }
+    None
 }
 
 fn push_ite(b: &mut BootState, r: LineRef, what: IteWhat) {
@@ -2090,5 +2231,135 @@ mod tests {
         data.extend_from_slice(b"\n[ 1.000000] DMAR: QI HEAD: \n");
         let a = analyze_bytes(&data, Options::default());
         assert!(a.incidents.len() <= 1);
+    }
+
+    fn ite_sids(a: &Analysis) -> Vec<Option<Sid>> {
+        a.incidents
+            .iter()
+            .filter(|i| i.kind == IncidentKind::IteReported)
+            .map(|i| i.device.sid)
+            .collect()
+    }
+
+    #[test]
+    fn an_ite_line_wrapped_inside_its_text_is_joined() {
+        // An 80-column console cut "SID" in two; the continuation has no prefix.
+        let a = run("\
+Mar 14 11:41:01.123456 node17 kernel: DMAR: VT-d detected Invalidation Time-out Error: SI
+D 1800
+Mar 14 11:41:01.123460 node17 kernel: DMAR: Invalidation Time-out Error (ITE) cleared
+");
+        assert_eq!(ite_sids(&a), [Some(Sid(0x1800))]);
+        assert_eq!(a.unparsed_count, 0, "{:?}", a.unparsed);
+        let n = a
+            .notes
+            .iter()
+            .find(|n| n.kind == "wrapped-line-joined")
+            .unwrap();
+        assert_eq!(n.count, 1);
+        assert!(
+            n.examples[0].text.starts_with("lines 1+2: "),
+            "{:?}",
+            n.examples
+        );
+        let ev = a.incidents[0].evidence.as_ref().unwrap();
+        let l = ev.lines.iter().find(|l| l.fact == "ite-detected").unwrap();
+        assert_eq!(l.line, 1);
+        assert!(l.text.ends_with("Error: SID 1800"), "{}", l.text);
+    }
+
+    #[test]
+    fn an_ite_value_cut_by_a_wrap_is_not_read_short() {
+        // `SID 18` alone would name the wrong device.
+        let a = run("[ 4212.019021] DMAR: VT-d detected Invalidation Time-out Error: SID 18\n00\n[ 4212.019030] DMAR: Invalidation Time-out Error (ITE) cleared\n");
+        assert_eq!(ite_sids(&a), [Some(Sid(0x1800))]);
+    }
+
+    #[test]
+    fn an_ite_split_into_two_records_with_one_stamp_is_joined() {
+        for (first, second) in [
+            (
+                "DMAR: VT-d detected Invalidation Time-out Error:",
+                "SID 6500",
+            ),
+            (
+                "DMAR: VT-d detected Invalidation Time-out Error: SID",
+                "6500",
+            ),
+            (
+                "DMAR: VT-d detected Invalidation Time-out Error: SID 65",
+                "00",
+            ),
+        ] {
+            let log = format!(
+                "Mar 14 11:41:02 h kernel: [ 3922.010311] {first}\nMar 14 11:41:02 h kernel: {second}\nMar 14 11:41:02 h kernel: [ 3922.010324] DMAR: Invalidation Time-out Error (ITE) cleared\n"
+            );
+            let a = run(&log);
+            assert_eq!(ite_sids(&a), [Some(Sid(0x6500))], "{first} | {second}");
+            assert_eq!(a.unparsed_count, 0, "{first} | {second}: {:?}", a.unparsed);
+        }
+    }
+
+    #[test]
+    fn a_cut_line_without_its_continuation_stays_unparsed() {
+        // The next record is a message of its own (another stamp): nothing to join.
+        let a = run("[  10.000000] DMAR: VT-d detected Invalidation Time-out Error: SI\n[  11.000000] D 1800\n");
+        assert!(ite_sids(&a).is_empty());
+        assert_eq!(a.unparsed_count, 1);
+        assert!(a.notes.iter().all(|n| n.kind != "wrapped-line-joined"));
+        // A whole ITE line followed by an unrelated bare line keeps its SID and the line.
+        let a = run("[  10.000000] DMAR: VT-d detected Invalidation Time-out Error: SID 1800\nHardware name: QEMU\n");
+        assert_eq!(ite_sids(&a), [Some(Sid(0x1800))]);
+        // A cut line at the very end is still read (as unparsed).
+        let a = run("[  10.000000] DMAR: VT-d detected Invalidation Time-o");
+        assert_eq!(a.unparsed_count, 1);
+    }
+
+    #[test]
+    fn a_wrapped_dma_fault_status_is_a_note_not_an_ite() {
+        let a = run("[  811.402001] DMAR: DRHD: handling fault status re\ng 2\n");
+        assert!(a.incidents.is_empty());
+        assert!(a.notes.iter().any(|n| n.kind == "dma-fault"));
+        assert_eq!(a.unparsed_count, 0);
+    }
+
+    #[test]
+    fn wrapped_lockup_headers_keep_their_cpu_and_task() {
+        let a = run("\
+[ 5131.771019] NMI watchdog: Watchdog detected hard LOCKUP on cp
+u 38
+[ 5131.771075] CPU: 38 PID: 1187 Comm: irq/121-pciehp Not tainted 5.15.0 #1
+[ 5131.771082] RIP: 0010:qi_submit_sync+0x2d4/0x4b0
+[ 5131.771090] Call Trace:
+[ 5131.771143]  qi_flush_dev_iotlb+0x9e/0xc0
+[ 5131.771154]  iommu_bus_notifier+0x7c/0x90
+[ 5131.771162]  pciehp_unconfigure_device+0x8f/0x150
+[ 5131.771166]  pciehp_handle_presence_or_link_change+0xd8/0x320
+[ 5131.771168]  pciehp_ist+0x189/0x1a0
+[ 5131.771178]  </TASK>
+");
+        let i = a
+            .incidents
+            .iter()
+            .find(|i| i.kind == IncidentKind::FlushToGoneDevice)
+            .expect("the removal-path hang");
+        let ev = i.evidence.as_ref().unwrap();
+        assert!(
+            ev.lines
+                .iter()
+                .any(|l| l.fact == "hard-lockup" && l.text.ends_with("on cpu 38")),
+            "{:?}",
+            ev.lines
+        );
+        // A soft-lockup header cut inside `[comm:pid]` names no PID it did not see.
+        match facts::classify(
+            "watchdog: BUG: soft lockup - CPU#61 stuck for 22s! [irq/88-pciehp:13",
+        ) {
+            Some(Fact::ReportHeader { comm, pid, .. }) => {
+                assert_eq!(comm.as_deref(), Some("irq/88-pciehp"));
+                assert_eq!(pid, None);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -113,7 +113,9 @@ async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         }
     }
     let mut header = TraceHeader::new(Source::Live);
-    header.host = host_info();
+    // Host, CPU model, VT-d units, scalable mode, ATS in use: into the header, so every report
+    // of the trace names the machine it came from.
+    crate::host::collect_host(std::path::Path::new("/")).apply(&mut header);
     header.probes = reader.plan().to_vec();
     header.started_mono_ns = Some(monotonic_ns());
     header.started_unix_s = std::time::SystemTime::now()

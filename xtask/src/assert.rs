@@ -260,6 +260,19 @@ pub fn sink_checks(out: &Path, disks: &[Disk]) -> Vec<Check> {
     let devtlb = m("itewatch_devtlb_invalidations_total", &[]).unwrap_or(0.0);
     let lost = m("itewatch_lost_events_total", &[]).unwrap_or(0.0);
     let attached = m("itewatch_probe_attached", &[("probe", "qi_submit_sync")]);
+    // Least privilege on a real kernel: after attaching, the agent keeps only CAP_BPF (6.1
+    // refuses every bpf(2) command without it), and all its numbers below were read after
+    // that drop.
+    let agent_log = fs::read_to_string(out.join("agent.err")).unwrap_or_default();
+    let kept = agent_log.lines().find_map(|l| {
+        l.split_once("capabilities kept: ")
+            .map(|(_, k)| k.trim().to_string())
+    });
+    c.push(Check::new(
+        "agent: capabilities dropped to CAP_BPF after attaching",
+        kept.as_deref() == Some("CAP_BPF"),
+        format!("kept {kept:?}"),
+    ));
     c.push(Check::new(
         "agent: live metrics of the DMA traffic",
         subs > 0.0 && devtlb > 0.0 && lost == 0.0 && attached == Some(1.0),
@@ -464,6 +477,41 @@ pub fn trace_checks(kernel: &Kernel, out: &Path, disks: &[Disk]) -> Vec<Check> {
         "trace from the booted kernel",
         t.header.host.kernel_release == kernel.release,
         format!("header kernel_release {:?}", t.header.host.kernel_release),
+    ));
+
+    // Host facts in the header, as the guest's sysfs shows them (iommu.txt).
+    let iommu_txt = fs::read_to_string(out.join("iommu.txt")).unwrap_or_default();
+    let hw = t.header.hardware.clone().unwrap_or_default();
+    let units_ok = !hw.iommu_units.is_empty()
+        && hw.iommu_units.iter().all(|u| {
+            iommu_txt.contains(&u.name)
+                && u.kind == "intel-iommu"
+                && u.cap.as_deref().is_some_and(|c| iommu_txt.contains(c))
+                && u.ecap.as_deref().is_some_and(|e| iommu_txt.contains(e))
+        });
+    c.push(Check::new(
+        "trace header: CPU model, VT-d units, ATS in use",
+        hw.cpu_model.as_deref().is_some_and(|m| !m.is_empty())
+            && units_ok
+            && hw.ats_in_use == Some(true),
+        format!(
+            "cpu {:?}; units {}; scalable mode {:?} ({}); ATS in use {:?}",
+            hw.cpu_model,
+            hw.iommu_units
+                .iter()
+                .map(|u| format!(
+                    "{} {} cap {} ecap {}",
+                    u.name,
+                    u.kind,
+                    u.cap.as_deref().unwrap_or("?"),
+                    u.ecap.as_deref().unwrap_or("?")
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
+            hw.scalable_mode,
+            hw.scalable_mode_basis.as_deref().unwrap_or("-"),
+            hw.ats_in_use
+        ),
     ));
 
     // Probes.

@@ -9,22 +9,26 @@ here=$(cd "$(dirname "$0")" && pwd)
 bin=${1:-target/release/itewatch}
 bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
 s=itewatch-shots-$$
-trap 'tmux kill-session -t "$s" 2>/dev/null || true' EXIT
+# A tmux server of its own (its socket in a temporary directory): never touches the user's
+# sessions, and leaves nothing behind.
+sockdir=$(mktemp -d)
+t() { tmux -S "$sockdir/tmux.sock" -f /dev/null "$@"; }
+trap 't kill-server 2>/dev/null || true; rm -rf "$sockdir"' EXIT
 
 shot() { # shot NAME TITLE
-    tmux capture-pane -e -p -t "$s" | python3 "$here/ansi2svg.py" "$2" > "$here/$1.svg"
+    t capture-pane -e -p -t "$s" | python3 "$here/ansi2svg.py" "$2" > "$here/$1.svg"
     echo "wrote $here/$1.svg"
 }
 start() { # start COMMAND...
-    tmux kill-session -t "$s" 2>/dev/null || true
-    tmux new-session -d -s "$s" -x 120 -y 40 "$*; sleep 60"
+    t kill-session -t "$s" 2>/dev/null || true
+    t new-session -d -s "$s" -x 120 -y 40 "$*; sleep 60"
     sleep "${WAIT:-2}"
 }
 
 # Main view at the end of a simulated W1 race, and its incident detail (the CPU lanes).
 start "$bin" live --simulate w1-driver-inflight --seed 3
 shot main "itewatch live --simulate w1-driver-inflight --seed 3"
-tmux send-keys -t "$s" Tab Tab Enter; sleep 0.5
+t send-keys -t "$s" Tab Tab Enter; sleep 0.5
 shot detail-w1 "Enter on the W1 incident: per-CPU lanes, explanation, upstream fixes"
 
 # A hung invalidation, about 1.2 s into the hang (played in real time).
@@ -32,11 +36,11 @@ WAIT=1.3 start "$bin" live --simulate hang-no-hotplug --seed 0
 shot hung "itewatch live --simulate hang-no-hotplug: a hung invalidation"
 
 # The help screen.
-tmux send-keys -t "$s" '?'; sleep 0.3
+t send-keys -t "$s" '?'; sleep 0.3
 shot help "? : keys"
 
 # This machine cannot trace: the one-screen explanation, then the bundled VM trace.
 WAIT=6 start "$bin" live
 shot cannot-trace "itewatch live on a host without VT-d / kprobes / BPF object"
-tmux send-keys -t "$s" Enter; sleep 2
+t send-keys -t "$s" Enter; sleep 2
 shot bundled-vm-trace "Enter: the trace recorded in the VM test (Linux 6.1), replayed"

@@ -653,6 +653,8 @@ impl World {
         if to <= from || devs.is_empty() {
             return;
         }
+        // About two records per submission: grow once, not record by record.
+        self.recs.reserve(2 * n);
         for _ in 0..n {
             let t = self.rng.range(from, to - 1);
             let i = devs[self.rng.below(devs.len() as u64) as usize];
@@ -936,25 +938,43 @@ impl World {
     /// Sorts by time, then lets records of different threads that are close in time arrive
     /// out of order (per-CPU ring buffers), and returns the stream.
     pub fn finish(mut self) -> Vec<Record> {
-        self.recs.sort_by_key(|(ts, o, _)| (*ts, *o));
-        let mut v: Vec<(u64, Record)> = self.recs.into_iter().map(|(t, _, r)| (t, r)).collect();
-        let tid = |r: &Record| match r {
+        // The order is worked out on (time, order, index) keys, then each record is moved
+        // once: a `Record` is a few hundred bytes, and sorting and shuffling the records
+        // themselves was most of the cost of a long stream. `(ts, order)` is unique, so an
+        // unstable sort gives the stable order.
+        let recs = std::mem::take(&mut self.recs);
+        let mut keys: Vec<(u64, u64, usize)> = recs
+            .iter()
+            .enumerate()
+            .map(|(i, (ts, o, _))| (*ts, *o, i))
+            .collect();
+        keys.sort_unstable_by_key(|&(ts, o, _)| (u128::from(ts) << 64) | u128::from(o));
+        let tid = |i: usize| match &recs[i].2 {
             Record::Event(e) => Some((e.meta.tid, e.meta.cpu)),
             _ => None,
         };
         let mut i = 0;
-        while i + 1 < v.len() {
-            if let (Some(a), Some(b)) = (tid(&v[i].1), tid(&v[i + 1].1)) {
-                if a.0 != b.0 && a.1 != b.1 && v[i + 1].0 - v[i].0 < 30 * US && self.rng.chance(30)
+        while i + 1 < keys.len() {
+            if let (Some(a), Some(b)) = (tid(keys[i].2), tid(keys[i + 1].2)) {
+                if a.0 != b.0
+                    && a.1 != b.1
+                    && keys[i + 1].0 - keys[i].0 < 30 * US
+                    && self.rng.chance(30)
                 {
-                    v.swap(i, i + 1);
+                    keys.swap(i, i + 1);
                     i += 2;
                     continue;
                 }
             }
             i += 1;
         }
-        v.into_iter().map(|(_, r)| r).collect()
+        let mut slots: Vec<Option<Record>> = recs.into_iter().map(|(_, _, r)| Some(r)).collect();
+        let mut out = Vec::with_capacity(keys.len());
+        out.extend(
+            keys.iter()
+                .filter_map(|&(_, _, i)| slots.get_mut(i).and_then(Option::take)),
+        );
+        out
     }
 }
 

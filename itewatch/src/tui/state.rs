@@ -4,9 +4,10 @@
 //!
 //! Each panel owns its selection and sort state ([`TableView`]); the filter applies to all.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::correlate::incident::{Incident, IncidentId, SubmissionView};
+use crate::correlate::state::FastMap;
 use crate::correlate::{Config, Correlator, DeviceView, Snapshot};
 use crate::event::{Descriptor, DeviceInfo, KTime, Payload, Record, Sid};
 use crate::trace::ProbeStatus;
@@ -136,7 +137,35 @@ struct Pending {
     start: KTime,
     iommu: u64,
     kinds: DescKinds,
-    sids: Vec<Sid>,
+    sids: Sids,
+}
+
+/// The device-TLB SIDs of one submission: inline up to four (almost every submission), so that
+/// taking in a submission allocates nothing; more spill to the heap.
+#[derive(Clone, Debug, Default)]
+struct Sids {
+    inline: [Sid; 4],
+    len: u8,
+    more: Vec<Sid>,
+}
+
+impl Sids {
+    fn push(&mut self, sid: Sid) {
+        match self.inline.get_mut(usize::from(self.len)) {
+            Some(slot) => {
+                *slot = sid;
+                self.len += 1;
+            }
+            None => self.more.push(sid),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = Sid> + '_ {
+        self.inline[..usize::from(self.len)]
+            .iter()
+            .chain(&self.more)
+            .copied()
+    }
 }
 
 /// Device-TLB invalidation latencies of one device (by SID).
@@ -187,11 +216,11 @@ pub struct App {
     pub device_infos: BTreeMap<(u16, u16), DeviceInfo>,
     /// Timestamp of the first record that had one (the export's capture start).
     pub first_ts: Option<KTime>,
-    iommu_names: HashMap<u64, String>,
-    pending: HashMap<u32, Pending>,
+    iommu_names: FastMap<u64, String>,
+    pending: FastMap<u32, Pending>,
     /// Descriptor kinds by submission (tid, start): kept until the correlator, which lags by
     /// its reorder window, no longer shows the submission in flight.
-    kinds: HashMap<(u32, KTime), DescKinds>,
+    kinds: FastMap<(u32, KTime), DescKinds>,
     pub untracked: u64,
     pub events: u64,
     pub lost_ringbuf: u64,
@@ -226,9 +255,9 @@ impl App {
             ats: BTreeSet::new(),
             device_infos: BTreeMap::new(),
             first_ts: None,
-            iommu_names: HashMap::new(),
-            pending: HashMap::new(),
-            kinds: HashMap::new(),
+            iommu_names: FastMap::default(),
+            pending: FastMap::default(),
+            kinds: FastMap::default(),
             untracked: 0,
             events: 0,
             lost_ringbuf: 0,
@@ -268,7 +297,7 @@ impl App {
                             start: e.meta.ts,
                             iommu: s.iommu.ptr,
                             kinds: DescKinds::default(),
-                            sids: Vec::new(),
+                            sids: Sids::default(),
                         };
                         for d in s.descriptors() {
                             p.kinds.add(&d);
@@ -300,7 +329,7 @@ impl App {
                                     }
                                 }
                             }
-                            for sid in p.sids {
+                            for sid in p.sids.iter() {
                                 let d = self.dev_stats.entry(sid).or_default();
                                 d.count += 1;
                                 d.max_ns = d.max_ns.max(lat);

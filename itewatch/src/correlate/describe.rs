@@ -196,12 +196,16 @@ pub fn explain(f: &Facts<'_>) -> String {
             "W2 (case 2): {n} for {dev} {} issued from the {} path after the device was marked \
              disconnected or released; {out}. The kernel should have skipped it.{} {}",
             if f.submissions > 1 { "were" } else { "was" },
-            caller_words(f.caller),
             if f.hint == FixHint::DriverTeardown {
-                " It came from the driver's own teardown (its remove() unmapping DMA memory \
-                 inside pci_stop_bus_device, after the disconnect walk): the disconnect checks \
-                 of 4fc82cd907ac, 10e60d878139 and 42662d19839f guard only the IOMMU's release \
-                 paths, so no fix listed here skips it."
+                // The stack is the removal's, but the flush is the driver's own: say which.
+                "driver's own teardown (its remove() unmapping DMA memory inside \
+                 pci_stop_bus_device, after the disconnect walk)"
+            } else {
+                caller_words(f.caller)
+            },
+            if f.hint == FixHint::DriverTeardown {
+                " The disconnect checks of 4fc82cd907ac, 10e60d878139 and 42662d19839f guard \
+                 only the IOMMU's release paths, so no fix listed here skips it."
             } else {
                 ""
             },

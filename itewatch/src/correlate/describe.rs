@@ -193,15 +193,16 @@ pub fn explain(f: &Facts<'_>) -> String {
             caller_words(f.caller)
         ),
         IncidentKind::FlushToGoneDevice => format!(
-            "W2 (case 2): {n} for {dev} {} issued from the {} path after the device was marked \
+            "W2 (case 2): {n} for {dev} {} issued from {} after the device was marked \
              disconnected or released; {out}. The kernel should have skipped it.{} {}",
             if f.submissions > 1 { "were" } else { "was" },
             if f.hint == FixHint::DriverTeardown {
                 // The stack is the removal's, but the flush is the driver's own: say which.
-                "driver's own teardown (its remove() unmapping DMA memory inside \
+                "the driver's own teardown (its remove() unmapping DMA memory inside \
                  pci_stop_bus_device, after the disconnect walk)"
+                    .to_string()
             } else {
-                caller_words(f.caller)
+                format!("the {} path", caller_words(f.caller))
             },
             if f.hint == FixHint::DriverTeardown {
                 " The disconnect checks of 4fc82cd907ac, 10e60d878139 and 42662d19839f guard \

@@ -70,7 +70,8 @@ pub struct AgentArgs {
     /// Feed a trace file instead of the live probes.
     #[arg(long, value_name = "FILE", conflicts_with = "simulate")]
     pub replay: Option<PathBuf>,
-    /// Feed a simulated scenario instead of the live probes (`itewatch simulate --list`).
+    /// Feed a simulated scenario instead of the live probes (`itewatch simulate --list`;
+    /// `soak` and `storm` are endless streams, one incident per 40 chunks or per chunk).
     #[arg(long, value_name = "SCENARIO")]
     pub simulate: Option<String>,
     /// Seed of --simulate [default: 0].

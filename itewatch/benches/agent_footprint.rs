@@ -1,0 +1,229 @@
+//! Footprint of `itewatch agent` (docs/benchmarks.md, "Agent footprint").
+//!
+//! ```text
+//! cargo bench -p itewatch --bench agent_footprint [-- --secs 20 --rate 100000]
+//! ```
+//!
+//! Starts the agent binary of this build (the bench profile: optimised) twice and samples its
+//! `/proc/PID/stat` CPU ticks (user + system, all threads) and `/proc/PID/status` memory:
+//!
+//! 1. idle: a simulated scenario is played, then the agent only serves, scraped every 15 s as
+//!    Prometheus's default would (the figure a host pays when nothing happens);
+//! 2. loaded: `--simulate soak --rate N` (benign DMA traffic with an incident scenario every
+//!    40 chunks, paced at N records/s) with a spool, scraped every second; the achieved input
+//!    rate is read back from `itewatch_events_total`.
+//!
+//! CPU is per cent of one core over the measured window (after a warm-up); on a shared machine
+//! this is the agent's own CPU time, not wall time. Figures are printed, not asserted.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Kills the agent when dropped.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime of the process (all threads), in ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at state (field 3).
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn status_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn scrape(addr: SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    Some(buf)
+}
+
+fn events_total(addr: SocketAddr) -> Option<f64> {
+    scrape(addr)?
+        .lines()
+        .find(|l| l.starts_with("itewatch_events_total "))?
+        .rsplit_once(' ')?
+        .1
+        .parse()
+        .ok()
+}
+
+/// Starts the agent; returns it and its address once it serves, or the reason it did not.
+fn start(args: &[&str]) -> Result<(Agent, SocketAddr, std::sync::mpsc::Receiver<String>), String> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_itewatch"))
+        .args(["agent", "--listen", "127.0.0.1:0", "--no-stdout"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the agent: {e}"))?;
+    let err = child.stderr.take().ok_or("no stderr")?;
+    let agent = Agent(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let end = Instant::now() + Duration::from_secs(30);
+    while let Ok(l) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+        if let Some(a) = l
+            .strip_prefix("itewatch agent: serving http://")
+            .and_then(|r| r.strip_suffix("/metrics"))
+        {
+            let addr = a.parse().map_err(|e| format!("{a}: {e}"))?;
+            return Ok((agent, addr, rx));
+        }
+    }
+    Err("the agent did not start serving".into())
+}
+
+struct Sample {
+    cpu_pct: f64,
+    rss_kib: u64,
+    hwm_kib: u64,
+    events_per_s: Option<f64>,
+}
+
+/// Measures `secs` seconds, scraping every `scrape_every`.
+fn measure(agent: &Agent, addr: SocketAddr, secs: u64, scrape_every: Duration) -> Option<Sample> {
+    let pid = agent.0.id();
+    let e0 = events_total(addr);
+    let c0 = cpu_ticks(pid)?;
+    let t0 = Instant::now();
+    let mut next_scrape = t0;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        if Instant::now() >= next_scrape {
+            let _ = scrape(addr);
+            next_scrape += scrape_every;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let c1 = cpu_ticks(pid)?;
+    let wall = t0.elapsed().as_secs_f64();
+    let e1 = events_total(addr);
+    Some(Sample {
+        cpu_pct: (c1 - c0) as f64 / clk_tck() / wall * 100.0,
+        rss_kib: status_kib(pid, "VmRSS:")?,
+        hwm_kib: status_kib(pid, "VmHWM:")?,
+        events_per_s: match (e0, e1) {
+            (Some(a), Some(b)) => Some((b - a) / wall),
+            _ => None,
+        },
+    })
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn main() {
+    let mut secs: u64 = 20;
+    let mut rate: u64 = 100_000;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--secs" => secs = args.next().and_then(|v| v.parse().ok()).unwrap_or(secs),
+            "--rate" => rate = args.next().and_then(|v| v.parse().ok()).unwrap_or(rate),
+            _ => {} // `cargo bench` passes --bench
+        }
+    }
+    let warmup = Duration::from_secs(3);
+    println!("agent footprint: {secs} s windows after {warmup:?} warm-up");
+
+    // 1. Idle.
+    let (agent, addr, rx) = match start(&["--simulate", "w1-driver-inflight", "--seed", "1"]) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    let end = Instant::now() + Duration::from_secs(30);
+    while let Ok(l) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+        if l.contains("end of the source") {
+            break;
+        }
+    }
+    std::thread::sleep(warmup);
+    match measure(&agent, addr, secs, Duration::from_secs(15)) {
+        Some(s) => println!(
+            "idle (scraped every 15 s):        CPU {:6.2} % of a core   RSS {:6.1} MiB   peak RSS {:6.1} MiB",
+            s.cpu_pct,
+            mib(s.rss_kib),
+            mib(s.hwm_kib)
+        ),
+        None => eprintln!("idle: cannot read /proc for the agent"),
+    }
+    drop(agent);
+
+    // 2. Under load.
+    let spool = std::env::temp_dir().join(format!("itewatch-footprint-{}", std::process::id()));
+    let rate_s = rate.to_string();
+    let (agent, addr, _rx) = match start(&[
+        "--simulate",
+        "soak",
+        "--rate",
+        &rate_s,
+        "--spool",
+        spool.to_str().unwrap_or("/nonexistent"),
+    ]) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    std::thread::sleep(warmup);
+    match measure(&agent, addr, secs, Duration::from_secs(1)) {
+        Some(s) => println!(
+            "load ({rate} records/s asked, {} events/s fed, scraped every 1 s): CPU {:6.2} % of a core   RSS {:6.1} MiB   peak RSS {:6.1} MiB",
+            s.events_per_s
+                .map_or_else(|| "?".to_string(), |e| format!("{e:.0}")),
+            s.cpu_pct,
+            mib(s.rss_kib),
+            mib(s.hwm_kib)
+        ),
+        None => eprintln!("load: cannot read /proc for the agent"),
+    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&spool);
+}

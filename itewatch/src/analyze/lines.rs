@@ -496,13 +496,16 @@ fn strip_caller(t: &str) -> (Option<Caller>, &str) {
         return (None, t);
     };
     let inner = t.get(1..end).unwrap_or("").trim_start();
-    let (tag, num) = inner.split_at(inner.len().min(1));
-    let Ok(n) = num.parse::<u32>() else {
+    // By char, not byte: `[Ƅ]` (a multi-byte first char) is not a caller and must not split
+    // inside it.
+    let mut chars = inner.chars();
+    let tag = chars.next();
+    let Ok(n) = chars.as_str().parse::<u32>() else {
         return (None, t);
     };
     let c = match tag {
-        "T" => Caller::Task(n),
-        "C" => Caller::Cpu(n),
+        Some('T') => Caller::Task(n),
+        Some('C') => Caller::Cpu(n),
         _ => return (None, t),
     };
     (Some(c), t.get(end + 1..).unwrap_or(""))

@@ -2362,4 +2362,11 @@ u 38
             other => panic!("{other:?}"),
         }
     }
+
+    #[test]
+    fn a_multibyte_char_where_a_printk_caller_goes_does_not_panic() {
+        // Found by the fuzz bodies' random-bytes property: `[Ƅ` split inside the char.
+        let a = run("[ 1.000000] [\u{184}]x\n[\u{184}\u{fffd}] y\n[ 2.000000][ T12] DMAR: x\n");
+        assert_eq!(a.records, 3);
+    }
 }

@@ -376,15 +376,20 @@ impl Analyzer {
         if cut {
             core.unparsed(line_no, "longer than 16 KiB: the rest was skipped", raw);
         }
-        if std::str::from_utf8(raw).is_err() {
-            // Binary garbage (or a non-UTF-8 console): read what is readable.
-            let bad = raw.iter().filter(|b| **b < 0x09 || **b == 0x7f).count();
-            if bad > raw.len() / 4 {
-                core.unparsed(line_no, "binary data", raw);
-                return;
+        let text = match std::str::from_utf8(raw) {
+            Ok(s) => std::borrow::Cow::Borrowed(s),
+            Err(_) => {
+                // Binary garbage (or a non-UTF-8 console): read what is readable.
+                let bad = raw.iter().filter(|b| **b < 0x09 || **b == 0x7f).count();
+                if bad > raw.len() / 4 {
+                    core.unparsed(line_no, "binary data", raw);
+                    return;
+                }
+                String::from_utf8_lossy(raw)
             }
-        }
-        self.norm.feed(line_no, raw, &mut |rec| core.accept(rec));
+        };
+        self.norm
+            .feed_text(line_no, raw, text, &mut |rec| core.accept(rec));
     }
 
     /// Ends the input and diagnoses what is left.
@@ -524,11 +529,13 @@ impl Core {
     /// continuation line that was joined onto it.
     fn on_record(&mut self, rec: Rec<'_>, fact: Option<Fact>, joined: Option<u64>) {
         self.out.records += 1;
-        *self
-            .out
-            .dialects
-            .entry(rec.dialect.name().to_string())
-            .or_default() += 1;
+        // Look up before inserting: `entry` would allocate the key on every record.
+        match self.out.dialects.get_mut(rec.dialect.name()) {
+            Some(n) => *n += 1,
+            None => {
+                self.out.dialects.insert(rec.dialect.name().to_string(), 1);
+            }
+        }
         // Boot boundaries.
         if let BootMark::Explicit(id) = &rec.boot {
             let differs = match (&self.boot.info.id, id) {
@@ -826,9 +833,9 @@ impl Core {
                 b.close_block(&k);
             }
         }
-        if let Some(Fact::DriverSays { bdf, driver }) = facts::driver_says(&rec.text) {
-            if b.drivers.len() < MAX_DEVICES {
-                b.drivers.entry(bdf).or_insert(driver);
+        if let Some((bdf, driver)) = facts::driver_and_device(&rec.text) {
+            if b.drivers.len() < MAX_DEVICES && !b.drivers.contains_key(&bdf) {
+                b.drivers.insert(bdf, driver.to_string());
             }
         }
     }

@@ -907,7 +907,20 @@ fn join_wrapped(
     let candidates: Vec<String> = match held_fact {
         // Cut inside the fixed text: a console wrap splits anywhere (join as is); a collector
         // split drops the space at the cut (join with one).
-        Fact::Mangled { .. } => vec![format!("{head}{tail}"), format!("{head} {tail}")],
+        Fact::Mangled { .. } => {
+            // Where the kernel's format has a space after the cut (`SID %llx`, `reg %x`,
+            // `Error: SID`), the continuation lost it to trimming: put it back first.
+            let direct = format!("{head}{tail}");
+            let spaced = format!("{head} {tail}");
+            if ["SID", "reg", "Reason", ":"]
+                .iter()
+                .any(|w| head.ends_with(w))
+            {
+                vec![spaced, direct]
+            } else {
+                vec![direct, spaced]
+            }
+        }
         // Cut inside the value: the continuation must start with the rest of it.
         Fact::IteDetected { .. } | Fact::IceDetected { .. } | Fact::FaultStatus { .. } => {
             let word = tail.split_whitespace().next().unwrap_or("");
@@ -2303,6 +2316,15 @@ Mar 14 11:41:01.123460 node17 kernel: DMAR: Invalidation Time-out Error (ITE) cl
             );
             let a = run(&log);
             assert_eq!(ite_sids(&a), [Some(Sid(0x6500))], "{first} | {second}");
+            // The evidence reads as the kernel printed it.
+            let ev = a.incidents[0].evidence.as_ref().unwrap();
+            assert!(
+                ev.lines
+                    .iter()
+                    .any(|l| l.text.ends_with("Time-out Error: SID 6500")),
+                "{first} | {second}: {:?}",
+                ev.lines
+            );
             assert_eq!(a.unparsed_count, 0, "{first} | {second}: {:?}", a.unparsed);
         }
     }

@@ -490,8 +490,10 @@ pub fn from_trace<R: Read>(
 }
 
 /// The document's host section from a trace header: `host` always, `hardware` when the
-/// recorder wrote it (older traces: unknown, never guessed).
-fn host_from_header(header: &TraceHeader, ats_seen: bool) -> Host {
+/// recorder wrote it (older traces: unknown, never guessed). `ats_seen`: the events showed
+/// device-TLB invalidations or an ATS-enabled device. Public for the live and agent export
+/// paths, which hold a header built with `crate::host::collect_host`.
+pub fn host_from_header(header: &TraceHeader, ats_seen: bool) -> Host {
     let hw = header.hardware.as_ref();
     let hex = |s: &Option<String>| s.as_deref().and_then(|x| u64::from_str_radix(x, 16).ok());
     Host {

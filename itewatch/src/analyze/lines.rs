@@ -184,9 +184,14 @@ pub struct Normalizer {
 }
 
 fn is_qp_hint(s: &[u8]) -> bool {
-    memchr::memmem::find(s, b"=3D").is_some()
-        || s.ends_with(b"=20")
-        || memchr::memmem::find(s, b"quoted-printable").is_some()
+    // Built once: `memmem::find` builds a searcher per call, which cost more than the search
+    // on every line of a large log.
+    static EQ3D: std::sync::OnceLock<memchr::memmem::Finder<'static>> = std::sync::OnceLock::new();
+    static QP: std::sync::OnceLock<memchr::memmem::Finder<'static>> = std::sync::OnceLock::new();
+    let eq3d = EQ3D.get_or_init(|| memchr::memmem::Finder::new(b"=3D"));
+    let qp = QP.get_or_init(|| memchr::memmem::Finder::new(b"quoted-printable"));
+    (memchr::memchr(b'=', s).is_some() && (eq3d.find(s).is_some() || s.ends_with(b"=20")))
+        || qp.find(s).is_some()
 }
 
 /// Decodes `=XX` escapes; returns the text and whether it ended in a soft break (`=`).
@@ -253,13 +258,25 @@ impl Normalizer {
     /// Splits one raw line into records (usually one; several when serial output ran
     /// together). Calls `f` for each. A QP soft break holds the line until its continuation.
     pub fn feed(&mut self, line_no: u64, raw: &[u8], f: &mut dyn FnMut(Rec<'_>)) {
-        if !self.qp && is_qp_hint(raw) {
-            self.qp = true;
-        }
         let text: Cow<'_, str> = match std::str::from_utf8(raw) {
             Ok(s) => Cow::Borrowed(s),
             Err(_) => Cow::Owned(String::from_utf8_lossy(raw).into_owned()),
         };
+        self.feed_text(line_no, raw, text, f)
+    }
+
+    /// [`Normalizer::feed`] for a caller that has already decoded the line (`text` is `raw`
+    /// as UTF-8, lossily where it is not), so it is validated once.
+    pub fn feed_text(
+        &mut self,
+        line_no: u64,
+        raw: &[u8],
+        text: Cow<'_, str>,
+        f: &mut dyn FnMut(Rec<'_>),
+    ) {
+        if !self.qp && is_qp_hint(raw) {
+            self.qp = true;
+        }
         if self.qp {
             let (decoded, soft) = qp_decode(&text);
             let (start, mut joined) = match self.pending.take() {
@@ -447,11 +464,22 @@ fn ctime_bracket(t: &str) -> Option<(i64, &str)> {
 /// `host ident[pid]: ` → (host, is kernel, rest).
 fn host_ident(t: &str) -> Option<(&str, bool, &str)> {
     let (host, rest) = t.split_once(' ')?;
-    let colon = rest
-        .find(": ")
-        .or_else(|| rest.ends_with(':').then(|| rest.len() - 1))?;
+    // The ident ends at the first `: ` (or a `:` ending the line) and has no space: scan for
+    // the first space or colon instead of searching the whole message for `: `.
+    let b = rest.as_bytes();
+    let mut at = 0;
+    let colon = loop {
+        let i = at + memchr::memchr2(b' ', b':', b.get(at..)?)?;
+        if b[i] == b' ' {
+            return None;
+        }
+        if matches!(b.get(i + 1), None | Some(b' ')) {
+            break i;
+        }
+        at = i + 1;
+    };
     let ident = rest.get(..colon)?;
-    if ident.contains(' ') || ident.is_empty() || host.is_empty() {
+    if ident.is_empty() || host.is_empty() {
         return None;
     }
     let kernel = ident == "kernel";
@@ -496,13 +524,16 @@ fn strip_caller(t: &str) -> (Option<Caller>, &str) {
         return (None, t);
     };
     let inner = t.get(1..end).unwrap_or("").trim_start();
-    let (tag, num) = inner.split_at(inner.len().min(1));
-    let Ok(n) = num.parse::<u32>() else {
+    // By char, not byte: `[Ƅ]` (a multi-byte first char) is not a caller and must not split
+    // inside it.
+    let mut chars = inner.chars();
+    let tag = chars.next();
+    let Ok(n) = chars.as_str().parse::<u32>() else {
         return (None, t);
     };
     let c = match tag {
-        "T" => Caller::Task(n),
-        "C" => Caller::Cpu(n),
+        Some('T') => Caller::Task(n),
+        Some('C') => Caller::Cpu(n),
         _ => return (None, t),
     };
     (Some(c), t.get(end + 1..).unwrap_or(""))
@@ -522,9 +553,12 @@ fn emit<'a>(
 ) {
     let rest = strip_priority(rest);
     // kern.log carries the dmesg stamp after the syslog prefix.
-    let (mono_ns, rest) = match (mono_ns, dmesg_ts(rest.as_bytes(), 0)) {
-        (None, Some((ns, len))) => (Some(ns), rest.get(len..).unwrap_or("")),
-        _ => (mono_ns, rest),
+    let (mono_ns, rest) = match mono_ns {
+        None => match dmesg_ts(rest.as_bytes(), 0) {
+            Some((ns, len)) => (Some(ns), rest.get(len..).unwrap_or("")),
+            None => (None, rest),
+        },
+        Some(_) => (mono_ns, rest),
     };
     let (caller, rest) = strip_caller(rest.trim_start_matches(' '));
     f(Rec {
@@ -581,9 +615,15 @@ fn parse_record(line: u64, t: &str, f: &mut dyn FnMut(Rec<'_>)) {
         Some(b'[') => {
             if let Some((ns, len)) = dmesg_ts(b, 0) {
                 let rest = t.get(len..).unwrap_or("").trim_start_matches(' ');
-                // short-monotonic: `[  123.456789] host kernel: msg`.
-                if let Some((host, kernel, msg)) =
-                    host_ident(rest).filter(|(h, _, _)| !h.starts_with('['))
+                // short-monotonic: `[  123.456789] host kernel: msg`. Only the `kernel` ident
+                // matters here, so look for it right after the first word before parsing.
+                let maybe_journal = rest
+                    .split_once(' ')
+                    .is_some_and(|(_, r)| r.starts_with("kernel:"));
+                if let Some((host, kernel, msg)) = maybe_journal
+                    .then(|| host_ident(rest))
+                    .flatten()
+                    .filter(|(h, _, _)| !h.starts_with('['))
                 {
                     if kernel {
                         return emit(

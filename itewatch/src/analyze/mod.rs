@@ -376,15 +376,20 @@ impl Analyzer {
         if cut {
             core.unparsed(line_no, "longer than 16 KiB: the rest was skipped", raw);
         }
-        if std::str::from_utf8(raw).is_err() {
-            // Binary garbage (or a non-UTF-8 console): read what is readable.
-            let bad = raw.iter().filter(|b| **b < 0x09 || **b == 0x7f).count();
-            if bad > raw.len() / 4 {
-                core.unparsed(line_no, "binary data", raw);
-                return;
+        let text = match std::str::from_utf8(raw) {
+            Ok(s) => std::borrow::Cow::Borrowed(s),
+            Err(_) => {
+                // Binary garbage (or a non-UTF-8 console): read what is readable.
+                let bad = raw.iter().filter(|b| **b < 0x09 || **b == 0x7f).count();
+                if bad > raw.len() / 4 {
+                    core.unparsed(line_no, "binary data", raw);
+                    return;
+                }
+                String::from_utf8_lossy(raw)
             }
-        }
-        self.norm.feed(line_no, raw, &mut |rec| core.accept(rec));
+        };
+        self.norm
+            .feed_text(line_no, raw, text, &mut |rec| core.accept(rec));
     }
 
     /// Ends the input and diagnoses what is left.
@@ -524,11 +529,13 @@ impl Core {
     /// continuation line that was joined onto it.
     fn on_record(&mut self, rec: Rec<'_>, fact: Option<Fact>, joined: Option<u64>) {
         self.out.records += 1;
-        *self
-            .out
-            .dialects
-            .entry(rec.dialect.name().to_string())
-            .or_default() += 1;
+        // Look up before inserting: `entry` would allocate the key on every record.
+        match self.out.dialects.get_mut(rec.dialect.name()) {
+            Some(n) => *n += 1,
+            None => {
+                self.out.dialects.insert(rec.dialect.name().to_string(), 1);
+            }
+        }
         // Boot boundaries.
         if let BootMark::Explicit(id) = &rec.boot {
             let differs = match (&self.boot.info.id, id) {
@@ -826,9 +833,9 @@ impl Core {
                 b.close_block(&k);
             }
         }
-        if let Some(Fact::DriverSays { bdf, driver }) = facts::driver_says(&rec.text) {
-            if b.drivers.len() < MAX_DEVICES {
-                b.drivers.entry(bdf).or_insert(driver);
+        if let Some((bdf, driver)) = facts::driver_and_device(&rec.text) {
+            if b.drivers.len() < MAX_DEVICES && !b.drivers.contains_key(&bdf) {
+                b.drivers.insert(bdf, driver.to_string());
             }
         }
     }
@@ -900,7 +907,20 @@ fn join_wrapped(
     let candidates: Vec<String> = match held_fact {
         // Cut inside the fixed text: a console wrap splits anywhere (join as is); a collector
         // split drops the space at the cut (join with one).
-        Fact::Mangled { .. } => vec![format!("{head}{tail}"), format!("{head} {tail}")],
+        Fact::Mangled { .. } => {
+            // Where the kernel's format has a space after the cut (`SID %llx`, `reg %x`,
+            // `Error: SID`), the continuation lost it to trimming: put it back first.
+            let direct = format!("{head}{tail}");
+            let spaced = format!("{head} {tail}");
+            if ["SID", "reg", "Reason", ":"]
+                .iter()
+                .any(|w| head.ends_with(w))
+            {
+                vec![spaced, direct]
+            } else {
+                vec![direct, spaced]
+            }
+        }
         // Cut inside the value: the continuation must start with the rest of it.
         Fact::IteDetected { .. } | Fact::IceDetected { .. } | Fact::FaultStatus { .. } => {
             let word = tail.split_whitespace().next().unwrap_or("");
@@ -2296,6 +2316,15 @@ Mar 14 11:41:01.123460 node17 kernel: DMAR: Invalidation Time-out Error (ITE) cl
             );
             let a = run(&log);
             assert_eq!(ite_sids(&a), [Some(Sid(0x6500))], "{first} | {second}");
+            // The evidence reads as the kernel printed it.
+            let ev = a.incidents[0].evidence.as_ref().unwrap();
+            assert!(
+                ev.lines
+                    .iter()
+                    .any(|l| l.text.ends_with("Time-out Error: SID 6500")),
+                "{first} | {second}: {:?}",
+                ev.lines
+            );
             assert_eq!(a.unparsed_count, 0, "{first} | {second}: {:?}", a.unparsed);
         }
     }
@@ -2361,5 +2390,12 @@ u 38
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_multibyte_char_where_a_printk_caller_goes_does_not_panic() {
+        // Found by the fuzz bodies' random-bytes property: `[Ƅ` split inside the char.
+        let a = run("[ 1.000000] [\u{184}]x\n[\u{184}\u{fffd}] y\n[ 2.000000][ T12] DMAR: x\n");
+        assert_eq!(a.records, 3);
     }
 }

@@ -72,28 +72,16 @@ pub fn document(app: &App, origin: &Origin, sel: Selection<'_>) -> ReportDocumen
             records: stats.records,
             error: origin.error.clone(),
         },
-        host: Host {
-            // A simulation has no host; the header then says "(simulated ..)".
-            hostname: if simulated { None } else { opt(&h.host) },
-            kernel_release: if simulated { None } else { opt(&h.kernel) },
-            kernel_cmdline: None,
-            cpu_model: None,
-            iommu_units: h
-                .iommus
-                .iter()
-                .map(|name| IommuUnit {
-                    name: name.clone(),
-                    version: None,
-                    address: None,
-                    cap: None,
-                    ecap: None,
-                    device_tlb: None,
-                    scalable_mode_supported: None,
-                    caching_mode: None,
-                })
-                .collect(),
-            scalable_mode: None,
-            ats_in_use: ats_seen.then_some(true),
+        host: match &h.doc_host {
+            Some(host) => Host {
+                ats_in_use: if ats_seen {
+                    Some(true)
+                } else {
+                    host.ats_in_use
+                },
+                ..host.clone()
+            },
+            None => fallback_host(h, simulated, ats_seen),
         },
         probes: h
             .probes
@@ -124,6 +112,34 @@ pub fn document(app: &App, origin: &Origin, sel: Selection<'_>) -> ReportDocumen
         inventory: document::inventory_from_incidents(&incidents, &app.device_infos),
         fixes: document::summarize_fixes(&incidents),
         incidents,
+    }
+}
+
+/// The host section from the view's header alone (a simulation, or a source that carries no
+/// host facts).
+fn fallback_host(h: &super::state::HeaderInfo, simulated: bool, ats_seen: bool) -> Host {
+    Host {
+        // A simulation has no host; the header then says "(simulated ..)".
+        hostname: if simulated { None } else { opt(&h.host) },
+        kernel_release: if simulated { None } else { opt(&h.kernel) },
+        kernel_cmdline: None,
+        cpu_model: None,
+        iommu_units: h
+            .iommus
+            .iter()
+            .map(|name| IommuUnit {
+                name: name.clone(),
+                version: None,
+                address: None,
+                cap: None,
+                ecap: None,
+                device_tlb: None,
+                scalable_mode_supported: None,
+                caching_mode: None,
+            })
+            .collect(),
+        scalable_mode: None,
+        ats_in_use: ats_seen.then_some(true),
     }
 }
 

@@ -33,7 +33,7 @@ use crossterm::event::{self as cevent, Event as CEvent, KeyCode};
 use crate::correlate::{Config, Correlator};
 use crate::event::{KTime, Record};
 use crate::probe::{LoadOptions, ProbeError, Probes};
-use crate::record::{host_info, monotonic_ns};
+use crate::record::monotonic_ns;
 use crate::simulate::SimError;
 use crate::trace::{Source as TraceSource, TraceError, TraceReader};
 
@@ -182,12 +182,14 @@ fn open_replay(path: &Path, speed: f64, label: String) -> Result<Opened, LiveErr
         source: label,
         host: th.host.hostname.clone(),
         kernel: th.host.kernel_release.clone(),
-        iommus: BTreeSet::new(),
+        iommus: iommu_names(&th),
         probes: th.probes.clone(),
         warning: None,
+        doc_host: Some(crate::document::host_from_header(&th, false)),
     };
     if let TraceSource::Simulated { scenario, seed } = &th.source {
         header.host = format!("(simulated {scenario} seed {seed})");
+        header.doc_host = None;
     }
     if let Some(d) = damaged {
         header.warning = Some(format!("{DAMAGED}{d}"));
@@ -277,6 +279,14 @@ fn open_fallback(reason: &ProbeError, speed: f64) -> Result<(Opened, Unavailable
     ))
 }
 
+/// The IOMMU units a trace header names (none in traces older than its `hardware` key).
+fn iommu_names(th: &crate::trace::TraceHeader) -> BTreeSet<String> {
+    th.hardware
+        .as_ref()
+        .map(|h| h.iommu_units.iter().map(|u| u.name.clone()).collect())
+        .unwrap_or_default()
+}
+
 fn open_live(args: &LiveArgs) -> Result<(Opened, Option<Unavailable>), LiveError> {
     let load = LoadOptions {
         btf: args.btf.clone(),
@@ -295,18 +305,17 @@ fn open_live(args: &LiveArgs) -> Result<(Opened, Option<Unavailable>), LiveError
         let plan = serde_json::to_vec_pretty(live.plan()).map_err(io::Error::other)?;
         std::fs::write(path, plan)?;
     }
-    let host = host_info();
-    let iommus = crate::sysfs::Sysfs::live()
-        .iommu_units()
-        .map(|u| u.into_iter().map(|u| u.name).collect())
-        .unwrap_or_default();
+    // This host as a recorder would write it into a trace header: the export's host section.
+    let mut th = crate::trace::TraceHeader::new(TraceSource::Live);
+    crate::host::collect_host(Path::new("/")).apply(&mut th);
     let header = HeaderInfo {
         source: "live".into(),
-        host: host.hostname,
-        kernel: host.kernel_release,
-        iommus,
+        host: th.host.hostname.clone(),
+        kernel: th.host.kernel_release.clone(),
+        iommus: iommu_names(&th),
         probes: live.plan().to_vec(),
         warning: None,
+        doc_host: Some(crate::document::host_from_header(&th, false)),
     };
     Ok((
         Opened {

@@ -75,6 +75,10 @@ pub struct HeaderInfo {
     pub probes: Vec<ProbeStatus>,
     /// Shown in red under the header (e.g. why this is not live).
     pub warning: Option<String>,
+    /// The report document's host section (CPU model, VT-d units with their capabilities,
+    /// scalable mode) when the source knows it: a recorded trace's header, or this host when
+    /// live. Exports carry it; `None` for a simulation.
+    pub doc_host: Option<crate::document::Host>,
 }
 
 /// Rates and costs, computed by the loop (wall clock) and passed in.

@@ -5,22 +5,9 @@
 //! BENCH_RUNS the number of runs, default 3). Prints MiB/s on the thread's CPU time and on
 //! wall time (best run); the figures and the command live in docs/benchmarks.md.
 
-use std::time::{Duration, Instant};
-
-/// CPU time of this thread: on a shared machine, wall time also counts waiting for a CPU.
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID always exists on
-    // Linux.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
+mod common;
+use common::thread_cpu;
+use std::time::Instant;
 
 fn synthetic_log(target_bytes: usize) -> Vec<u8> {
     const NOISE: &[&str] = &[

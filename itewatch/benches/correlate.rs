@@ -10,6 +10,8 @@
 //! generation is not. Nothing but one chunk is ever in memory, so peak RSS shows the
 //! correlator's own state: run it with 10 M and with 100 M events and compare.
 
+mod common;
+use common::thread_cpu;
 use std::io::Cursor;
 use std::time::{Duration, Instant};
 
@@ -19,21 +21,6 @@ use itewatch::simulate::LongStream;
 use itewatch::trace::{Source, TraceHeader, TraceReader, TraceWriter};
 
 const CHUNK: usize = 65_536;
-
-/// CPU time of this thread: on a shared machine, wall time also counts waiting for a CPU.
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID is always supported
-    // on Linux.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
 
 fn vm_hwm_kib() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;

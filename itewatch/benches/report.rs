@@ -12,26 +12,14 @@
 //! report's own peak RSS, untouched by the generator's heap: if the report held the events, it
 //! would grow tenfold from 1 M to 10 M events.
 
-use std::time::{Duration, Instant};
+mod common;
+use common::thread_cpu;
+use std::time::Instant;
 
 use itewatch::correlate::Config;
 use itewatch::document::{self, DocSource};
 use itewatch::simulate::LongStream;
 use itewatch::trace::{Source, TraceHeader, TraceWriter};
-
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID always exists on
-    // Linux.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
 
 fn status_kib(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -13,25 +13,11 @@
 //! would use at that input rate. The same stream is then generated alone, so the cost of the
 //! simulator (which a live or replayed source does not have) is printed apart.
 
-use std::time::Duration;
+mod common;
+use common::thread_cpu;
 
 use itewatch::simulate::LongStream;
 use itewatch::tui::bench::{run, BenchOptions};
-
-/// CPU time of this thread: on a shared machine, wall time also counts waiting for a CPU.
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID is always supported
-    // on Linux.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
 
 fn main() {
     let mut o = BenchOptions::default();

@@ -294,6 +294,17 @@ fn opt(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
+impl From<&crate::trace::ProbeStatus> for Probe {
+    fn from(p: &crate::trace::ProbeStatus) -> Probe {
+        Probe {
+            name: p.name.clone(),
+            state: p.state.clone(),
+            mechanism: p.mechanism.clone(),
+            detail: p.detail.clone(),
+        }
+    }
+}
+
 /// Fixes across incidents, strongest status first per commit.
 pub fn summarize_fixes(incidents: &[Incident]) -> Vec<FixSummary> {
     let rank = |s: FixStatus| match s {
@@ -457,16 +468,7 @@ pub fn from_trace<R: Read>(
             error,
         },
         host: host_from_header(&header, ats_seen),
-        probes: header
-            .probes
-            .iter()
-            .map(|p| Probe {
-                name: p.name.clone(),
-                state: p.state.clone(),
-                mechanism: p.mechanism.clone(),
-                detail: p.detail.clone(),
-            })
-            .collect(),
+        probes: header.probes.iter().map(Probe::from).collect(),
         capture: Capture {
             start_ns: header.started_mono_ns.or(first_ts.map(|t| t.0)),
             end_ns,

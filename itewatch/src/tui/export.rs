@@ -83,16 +83,7 @@ pub fn document(app: &App, origin: &Origin, sel: Selection<'_>) -> ReportDocumen
             },
             None => fallback_host(h, simulated, ats_seen),
         },
-        probes: h
-            .probes
-            .iter()
-            .map(|p| Probe {
-                name: p.name.clone(),
-                state: p.state.clone(),
-                mechanism: p.mechanism.clone(),
-                detail: p.detail.clone(),
-            })
-            .collect(),
+        probes: h.probes.iter().map(Probe::from).collect(),
         capture: Capture {
             start_ns,
             end_ns,

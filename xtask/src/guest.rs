@@ -294,8 +294,9 @@ log "surprise: port Slot Control now $(hex16 $(rd16 $pcfg $sc)) status $(hex16 $
 sleep 2
 
 if [ -n "$AGENT_PID" ]; then
-    wget -q -O /out/metrics.txt http://127.0.0.1:9464/metrics || log "agent: GET /metrics failed"
-    wget -q -O /out/incidents.json http://127.0.0.1:9464/incidents || log "agent: GET /incidents failed"
+    # Bounded by `timeout`: Debian's busybox-static wget segfaults on its own -T option.
+    timeout 30 wget -q -O /out/metrics.txt http://127.0.0.1:9464/metrics || log "agent: GET /metrics failed"
+    timeout 30 wget -q -O /out/incidents.json http://127.0.0.1:9464/incidents || log "agent: GET /incidents failed"
     kill -TERM $AGENT_PID
     wait_pid_gone $AGENT_PID 60 || { kill -KILL $AGENT_PID; AGENT_PID=; fail "agent did not exit within 60 s of SIGTERM"; }
     AGENT_PID=

@@ -56,8 +56,9 @@ pub struct VmTestArgs {
     /// (the removal then never finishes and the run fails; see docs/vm-tests.md).
     #[arg(long)]
     pub surprise_inflight: bool,
-    /// Upper bound for one kernel's guest run, in seconds (boot to power-off).
-    #[arg(long, default_value_t = 300)]
+    /// Upper bound for one kernel's guest run, in seconds (boot to power-off). A run takes
+    /// about a minute; on a loaded machine, TCG slows attaching three tracers to minutes.
+    #[arg(long, default_value_t = 600)]
     pub timeout: u64,
     /// Cache directory for kernel packages and run directories.
     #[arg(long, value_name = "DIR")]

@@ -145,7 +145,11 @@ pub struct LiveReader {
     pending: Vec<Record>,
     /// Run-time stats when the reader started: what [`LiveReader::program_stats`] subtracts.
     stats_base: Vec<ProgramStats>,
-    _stats_fd: Option<OwnedFd>,
+    /// [`LiveReader::program_stats`] as read by the last `periodic` (one read per period, for
+    /// the loss marker and for the sinks' cost figures alike).
+    last_stats: Vec<ProgramStats>,
+    /// Held while the reader lives: closing it turns the kernel's BPF run-time stats off again.
+    stats_fd: Option<OwnedFd>,
 }
 
 impl LiveReader {
@@ -182,7 +186,8 @@ impl LiveReader {
             refresh_devices: false,
             pending,
             stats_base,
-            _stats_fd: stats_fd,
+            last_stats: Vec::new(),
+            stats_fd,
         })
     }
 
@@ -207,7 +212,7 @@ impl LiveReader {
 
     /// Whether the kernel's BPF run-time statistics are on (they need CAP_SYS_ADMIN).
     pub fn stats_enabled(&self) -> bool {
-        self._stats_fd.is_some()
+        self.stats_fd.is_some()
     }
 
     /// Per-program run counts, run time and misses since this reader started.
@@ -224,6 +229,11 @@ impl LiveReader {
                 s
             })
             .collect()
+    }
+
+    /// Per-program stats as of the last [`LiveReader::periodic`] (empty before the first).
+    pub fn last_program_stats(&self) -> &[ProgramStats] {
+        &self.last_stats
     }
 
     /// The BPF side's counters, summed over CPUs.
@@ -293,7 +303,8 @@ impl LiveReader {
     /// call), a `Lost` marker for what the loss counters gained, and the identities of devices
     /// that appeared or changed when a device snapshot is due. `now` (CLOCK_MONOTONIC) stamps the marker when no event came yet.
     pub fn periodic(&mut self, now: KTime, out: &mut Vec<Record>) {
-        let misses = self.program_stats().iter().map(|s| s.misses).sum();
+        self.last_stats = self.program_stats();
+        let misses = self.last_stats.iter().map(|s| s.misses).sum();
         let after = if self.last_ts.0 == 0 {
             now
         } else {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::event::{KTime, Record};
 use crate::live::{Item, LiveReader};
 use crate::probe::LoadOptions;
-use crate::trace::{HostInfo, Source, TraceEnd, TraceHeader, TraceWriter};
+use crate::trace::{Source, TraceEnd, TraceHeader, TraceWriter};
 
 pub use crate::live::monotonic_ns;
 
@@ -26,20 +26,6 @@ pub struct RecordOptions {
     pub load: LoadOptions,
     /// Also print each record as a text line on stdout.
     pub echo: bool,
-}
-
-/// Hostname, kernel release and command line of this host.
-pub fn host_info() -> HostInfo {
-    let read = |p: &str| {
-        std::fs::read_to_string(p)
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default()
-    };
-    HostInfo {
-        hostname: read("/proc/sys/kernel/hostname"),
-        kernel_release: read("/proc/sys/kernel/osrelease"),
-        kernel_cmdline: read("/proc/cmdline"),
-    }
 }
 
 /// Counts of a finished recording.

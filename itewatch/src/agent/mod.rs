@@ -595,7 +595,7 @@ impl Worker {
                     if last_periodic.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                         last_periodic = Some(std::time::Instant::now());
                         reader.periodic(now, &mut recs);
-                        for p in reader.program_stats() {
+                        for p in reader.last_program_stats() {
                             self.metrics.bpf_run_time(&p.program, p.run_time_ns);
                         }
                     }

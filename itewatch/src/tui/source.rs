@@ -149,7 +149,7 @@ impl Live {
     pub fn periodic(&mut self, wall_ns: u64, out: &mut Vec<Record>) {
         self.reader.periodic(KTime(wall_ns), out);
         if self.cost.is_some() {
-            let stats = self.reader.program_stats();
+            let stats = self.reader.last_program_stats().to_vec();
             self.cost = Some(bpf_cost(
                 &self.stats_prev,
                 &stats,

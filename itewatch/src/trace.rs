@@ -661,21 +661,29 @@ mod tests {
         assert_eq!(r.header(), &h);
     }
 
-    #[test]
-    fn the_committed_vm_traces_predate_hardware_and_read() {
-        for k in ["6.1", "6.12"] {
-            let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/data/vm")
-                .join(k)
-                .join("trace.itw");
-            let mut r = TraceReader::open(&p).unwrap();
-            assert_eq!(r.header().hardware, None, "{k}");
-            assert!(!r.header().host.kernel_release.is_empty(), "{k}");
-            let mut n = 0;
-            while let Some(_rec) = r.next_record().unwrap() {
-                n += 1;
-            }
-            assert!(n > 0 && r.finished().is_some(), "{k}");
+    fn read_all(p: &std::path::Path) -> TraceHeader {
+        let mut r = TraceReader::open(p).unwrap();
+        let mut n = 0;
+        while let Some(_rec) = r.next_record().unwrap() {
+            n += 1;
         }
+        assert!(n > 0 && r.finished().is_some(), "{}", p.display());
+        r.header().clone()
+    }
+
+    #[test]
+    fn the_committed_vm_traces_carry_hardware_and_an_older_one_still_reads() {
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        for k in ["6.1", "6.12"] {
+            let h = read_all(&data.join("vm").join(k).join("trace.itw"));
+            let hw = h.hardware.expect(k);
+            assert!(hw.iommu_units.iter().any(|u| u.ecap.is_some()), "{k}");
+            assert_eq!(hw.ats_in_use, Some(true), "{k}");
+            assert!(h.host.kernel_release.starts_with(k), "{k}");
+        }
+        // Recorded on 6.12 before the trace header had `hardware`.
+        let h = read_all(&data.join("compat/6.12-before-hardware.itw"));
+        assert_eq!(h.hardware, None);
+        assert!(h.host.kernel_release.starts_with("6.12"));
     }
 }

@@ -149,28 +149,34 @@ fn ms(ns: u64) -> String {
     }
 }
 
-fn outcome_words(o: Option<&Outcome>) -> String {
+/// What became of the worst member; `many` when the incident holds several submissions.
+fn outcome_words(o: Option<&Outcome>, many: bool) -> String {
+    let it = if many { "the worst invalidation" } else { "it" };
     match o {
         None => "nothing was in flight to attribute it to".into(),
+        Some(Outcome::Completed { latency_ns }) if many => {
+            format!("they completed, the slowest in {}", ms(*latency_ns))
+        }
         Some(Outcome::Completed { latency_ns }) => format!("it completed in {}", ms(*latency_ns)),
         Some(Outcome::CompletedLate { latency_ns }) => format!(
-            "it completed only after {} (time-out, then retry)",
+            "{it} completed only after {} (time-out, then retry)",
             ms(*latency_ns)
         ),
         Some(Outcome::Aborted { latency_ns, .. }) => format!(
-            "it was aborted with -ETIMEDOUT after {} (the kernel has 80a9b50c0b9e)",
+            "{it} was aborted with -ETIMEDOUT after {} (the kernel has 80a9b50c0b9e)",
             ms(*latency_ns)
         ),
         Some(Outcome::Failed { latency_ns, ret }) => {
-            format!("it failed with {ret} after {}", ms(*latency_ns))
+            format!("{it} failed with {ret} after {}", ms(*latency_ns))
         }
         Some(Outcome::InFlight { outstanding_ns }) => {
-            format!("it is still in flight after {}", ms(*outstanding_ns))
+            format!("{it} is still in flight after {}", ms(*outstanding_ns))
         }
         Some(Outcome::NotReturned { outstanding_ns }) => format!(
-            "it had not returned after {} when the stream ended",
+            "{it} had not returned after {} when the stream ended",
             ms(*outstanding_ns)
         ),
+        Some(Outcome::ReturnLost) if many => "the return of one invalidation was not seen".into(),
         Some(Outcome::ReturnLost) => "its return was not seen".into(),
     }
 }
@@ -178,24 +184,29 @@ fn outcome_words(o: Option<&Outcome>) -> String {
 /// Plain explanation of an incident.
 pub fn explain(f: &Facts<'_>) -> String {
     let dev = device_words(f.device);
-    let out = outcome_words(f.outcome);
-    let n = if f.submissions > 1 {
+    let many = f.submissions > 1;
+    let out = outcome_words(f.outcome, many);
+    let (was, them) = if many {
+        ("were", "them")
+    } else {
+        ("was", "it")
+    };
+    let n = if many {
         format!("{} device-TLB invalidations", f.submissions)
     } else {
         "a device-TLB invalidation".to_string()
     };
     let mut s = match f.kind {
         IncidentKind::InflightAcrossDisconnect => format!(
-            "W1 (case 1): {n} for {dev}, issued from the {} path, was in flight when the device \
-             was disconnected by hot-plug removal; {out}. The device stays findable by BDF until \
+            "W1 (case 1): {n} for {dev}, issued from the {} path, {was} in flight when the \
+             device was disconnected by hot-plug removal; {out}. The device stays findable by BDF until \
              its driver is unbound and BUS_NOTIFY_REMOVED_DEVICE runs, so the ITE handler must \
              notice it is gone (80a9b50c0b9e, 6.9+) or the CPU retries with IRQs off.",
             caller_words(f.caller)
         ),
         IncidentKind::FlushToGoneDevice => format!(
-            "W2 (case 2): {n} for {dev} {} issued from {} after the device was marked \
-             disconnected or released; {out}. The kernel should have skipped it.{} {}",
-            if f.submissions > 1 { "were" } else { "was" },
+            "W2 (case 2): {n} for {dev} {was} issued from {} after the device was marked \
+             disconnected or released; {out}. The kernel should have skipped {them}.{} {}",
             if f.hint == FixHint::DriverTeardown {
                 // The stack is the removal's, but the flush is the driver's own: say which.
                 "the driver's own teardown (its remove() unmapping DMA memory inside \
@@ -206,22 +217,26 @@ pub fn explain(f: &Facts<'_>) -> String {
             },
             if f.hint == FixHint::DriverTeardown {
                 " The disconnect checks of 4fc82cd907ac, 10e60d878139 and 42662d19839f guard \
-                 only the IOMMU's release paths, so no fix listed here skips it."
+                 only the IOMMU's release paths, so no fix listed here skips this flush."
             } else {
                 ""
             },
             if matches!(f.outcome, Some(Outcome::Completed { .. })) {
-                "It completed here (a device or QEMU still answered), but on real hardware with the \
-                 device gone it times out and the retry loop hangs the CPU: latent."
+                if many {
+                    "They completed here (a device or QEMU still answered), but on real hardware \
+                     with the device gone they time out and the retry loop hangs the CPU: latent."
+                } else {
+                    "It completed here (a device or QEMU still answered), but on real hardware \
+                     with the device gone it times out and the retry loop hangs the CPU: latent."
+                }
             } else {
                 "With the device gone nothing answers the ATS request."
             }
         ),
         IncidentKind::SafeRemovalFlushTimeout => format!(
-            "W3 (case 3): {n} for {dev} {} issued during a safe removal of its slot and {out}. \
-             The link went down or the device left while the removal's teardown flush was \
-             waiting for the device's answer.",
-            if f.submissions > 1 { "were" } else { "was" }
+            "W3 (case 3): {n} for {dev} {was} issued during a safe removal of its slot and \
+             {out}. The link went down or the device left while the removal's teardown flush \
+             was waiting for the device's answer."
         ),
         IncidentKind::HungInvalidation => format!(
             "A qi_submit_sync call from the {} path ({dev}): {out}. The CPU spins with IRQs \

@@ -542,3 +542,49 @@ fn e2e_panic_restores_the_terminal() {
     assert!(screen.contains("injected panic"), "{screen}");
     assert!(!screen.contains("In-flight invalidations"), "{screen}");
 }
+
+/// Whether process `pid` has ended (gone, or a zombie waiting for its reaper).
+fn exited(pid: libc::pid_t) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// The terminal goes away without SIGHUP reaching the view: the pane's shell, the session
+/// leader, gets the hang-up and the view (its child) gets nothing, as when an ssh session
+/// drops or a tmux server dies. The view must notice the dead terminal and exit; crossterm's
+/// reader alone spins on it at 100 % CPU forever, deaf even to SIGTERM (crossterm#793).
+#[test]
+fn e2e_a_vanished_terminal_ends_the_view() {
+    if !Tmux::available() {
+        eprintln!("SKIPPED: tmux is not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = pane_command(dir.path(), "", "live --simulate soak --speed 0.01", false);
+    let t = Tmux::start(&cmd, dir.path());
+    t.wait_for("▶ running");
+    let pid: libc::pid_t = std::fs::read_to_string(dir.path().join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    t.run(&["kill-server"]);
+    let t0 = std::time::Instant::now();
+    while !exited(pid) && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let gone = exited(pid);
+    if !gone {
+        // SAFETY: kill(2) on the pid this test's pane started, so that it does not outlive us.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    assert!(
+        gone,
+        "itewatch live still runs 10 s after its terminal went away"
+    );
+}

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crossterm::event::{self as cevent, Event as CEvent, KeyCode};
+use crossterm::event::{Event as CEvent, KeyCode};
 
 use crate::correlate::{Config, Correlator};
 use crate::event::{KTime, Record};
@@ -567,20 +567,20 @@ where
         if term::terminate_requested() {
             return Ok(false);
         }
-        if cevent::poll(Duration::from_millis(200))? {
-            if let CEvent::Key(k) = cevent::read()? {
-                match k.code {
-                    KeyCode::Enter | KeyCode::Char(' ') | KeyCode::Char('r') => return Ok(true),
-                    KeyCode::Char('q') | KeyCode::Esc => return Ok(false),
-                    KeyCode::Char('c')
-                        if k.modifiers
-                            .contains(crossterm::event::KeyModifiers::CONTROL) =>
-                    {
-                        return Ok(false)
-                    }
-                    _ => {}
+        match term::next_input(Duration::from_millis(200))? {
+            term::Input::Gone => return Ok(false),
+            term::Input::Event(CEvent::Key(k)) => match k.code {
+                KeyCode::Enter | KeyCode::Char(' ') | KeyCode::Char('r') => return Ok(true),
+                KeyCode::Char('q') | KeyCode::Esc => return Ok(false),
+                KeyCode::Char('c')
+                    if k.modifiers
+                        .contains(crossterm::event::KeyModifiers::CONTROL) =>
+                {
+                    return Ok(false)
                 }
-            }
+                _ => {}
+            },
+            term::Input::Event(_) | term::Input::Idle => {}
         }
     }
 }
@@ -614,6 +614,7 @@ fn run_tui(
     let panic_after: Option<u64> = std::env::var("ITEWATCH_TEST_PANIC_AFTER_FRAMES")
         .ok()
         .and_then(|v| v.parse().ok());
+    let mut hung_up = false;
     loop {
         if term::terminate_requested() || deadline.is_some_and(|d| Instant::now() >= d) {
             break;
@@ -649,8 +650,13 @@ fn run_tui(
         if live {
             timeout = timeout.min(Duration::from_millis(20));
         }
-        if cevent::poll(timeout)? {
-            match cevent::read()? {
+        match term::next_input(timeout)? {
+            term::Input::Gone => {
+                hung_up = true;
+                break;
+            }
+            term::Input::Idle => {}
+            term::Input::Event(ev) => match ev {
                 CEvent::Key(k) => {
                     let action = input::map_key(&e.app, k);
                     match action {
@@ -678,13 +684,17 @@ fn run_tui(
                 }
                 CEvent::Resize(..) => next_frame = Instant::now(),
                 _ => {}
-            }
+            },
         }
     }
     if let Some(p) = &args.stats_file {
         write_stats(p, &run_stats(started, frames, &e))?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if hung_up {
+        ExitCode::from(term::EXIT_HANGUP)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Until when the loop may pull records before it draws: the next frame; when that is already

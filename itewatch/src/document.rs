@@ -16,7 +16,7 @@
 //! final, a `summary` line), `text` (the default on a terminal) and `markdown`.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Write};
 use std::path::Path;
 
 use schemars::JsonSchema;
@@ -393,7 +393,7 @@ pub(crate) fn inventory_from_incidents(
 
 /// Builds the document from a trace, streaming: memory is bounded by the correlator's state
 /// and the latest revision of each incident (never by the number of events).
-pub fn from_trace<R: Read>(
+pub fn from_trace<R: BufRead>(
     mut reader: TraceReader<R>,
     path: Option<&Path>,
     cfg: Config,
@@ -431,7 +431,7 @@ pub fn from_trace<R: Read>(
                         snapshots.insert((d.bdf.segment_or_zero(), d.bdf.sid().0), d.clone());
                     }
                 }
-                let v = c.push(&r);
+                let v = c.push_owned(r);
                 take(v, &mut latest);
             }
             Ok(None) => break,

@@ -267,7 +267,7 @@ mod tests {
                 options: 0,
                 count: 2,
                 captured: 2,
-                raw,
+                raw: raw[..2].into(),
                 stack: None,
             }),
         };

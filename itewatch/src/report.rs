@@ -13,7 +13,7 @@
 //! `incidents[]` fields are those of [`crate::correlate::incident::Incident`] and are stable;
 //! the full report document (host, probes) grows around them (docs/correlator.md).
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Write};
 use std::path::Path;
 
 use serde::Serialize;
@@ -81,7 +81,7 @@ pub struct Report {
 }
 
 /// Correlates every record of a trace.
-pub fn build<R: Read>(mut reader: TraceReader<R>, cfg: Config) -> Report {
+pub fn build<R: BufRead>(mut reader: TraceReader<R>, cfg: Config) -> Report {
     let source = reader.header().source.clone();
     let mut c = Correlator::new(cfg);
     let mut revisions = Vec::new();

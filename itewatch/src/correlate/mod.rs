@@ -589,7 +589,7 @@ impl Correlator {
         let mut inf = Inflight {
             seq,
             meta: e.meta,
-            submit: *s,
+            submit: s.clone(),
             flush,
             caller,
             hint,
@@ -607,7 +607,6 @@ impl Correlator {
                 s.count, s.captured
             ));
         }
-        let iommu = s.iommu.name.to_string();
         for i in 0..inf.sids.len() {
             let sid = inf.sids[i];
             let key = (segment, sid);
@@ -617,7 +616,7 @@ impl Correlator {
                 continue;
             };
             if dev.iommu.is_none() {
-                dev.iommu = Some(iommu.clone());
+                dev.iommu = Some(s.iommu.name.to_string());
             }
             if detect::gone_at(&dev.lifecycle(), tid, ts) {
                 let parts = [u64::from(segment), u64::from(sid.0), ts.0, u64::from(tid)];

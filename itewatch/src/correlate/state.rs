@@ -214,7 +214,7 @@ impl Inflight {
     pub fn event(&self) -> Event {
         Event {
             meta: self.meta,
-            payload: Payload::Submit(self.submit),
+            payload: Payload::Submit(self.submit.clone()),
         }
     }
 

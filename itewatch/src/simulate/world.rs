@@ -473,16 +473,13 @@ impl World {
     }
 
     fn submit_payload(&self, iommu: usize, descs: &[RawDesc], stack: u32) -> Payload {
-        let mut raw = [RawDesc::default(); abi::MAX_BATCH];
-        for (i, d) in descs.iter().take(abi::MAX_BATCH).enumerate() {
-            raw[i] = *d;
-        }
+        let captured = descs.len().min(abi::MAX_BATCH);
         Payload::Submit(Submit {
             iommu: self.iommus[iommu],
             options: 0,
             count: descs.len() as u32,
-            captured: descs.len().min(abi::MAX_BATCH) as u32,
-            raw,
+            captured: captured as u32,
+            raw: descs[..captured].into(),
             stack: Some(StackId(stack)),
         })
     }

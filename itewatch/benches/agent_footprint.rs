@@ -11,7 +11,11 @@
 //!    Prometheus's default would (the figure a host pays when nothing happens);
 //! 2. loaded: `--simulate soak --rate N` (benign DMA traffic with an incident scenario every
 //!    40 chunks, paced at N records/s) with a spool, scraped every second; the achieved input
-//!    rate is read back from `itewatch_events_total`.
+//!    rate is read back from `itewatch_events_total`;
+//! 3. loaded from a file: the same stream written to a trace file first (not measured), then
+//!    `--replay FILE --rate N`. The simulated source builds its stream in chunks inside the
+//!    agent (~11 MiB of buffers); a replay reads through a 1 MiB buffer, like the live ring
+//!    buffer, so this is the closer figure for a live agent under that load.
 //!
 //! CPU is per cent of one core over the measured window (after a warm-up); on a shared machine
 //! this is the agent's own CPU time, not wall time. Figures are printed, not asserted.
@@ -226,4 +230,57 @@ fn main() {
     }
     drop(agent);
     let _ = std::fs::remove_dir_all(&spool);
+
+    // 3. Under load, from a trace file: enough records for the warm-up and the window.
+    let dir = std::env::temp_dir().join(format!("itewatch-footprint-trace-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let trace = dir.join("soak.itw");
+    let records = (rate as f64 * (secs as f64 + warmup.as_secs_f64() + 10.0)) as u64;
+    if let Err(e) = write_soak_trace(&trace, records) {
+        eprintln!("cannot write {}: {e}", trace.display());
+        std::process::exit(1);
+    }
+    let (agent, addr, _rx) = match start(&[
+        "--replay",
+        trace.to_str().unwrap_or("/nonexistent"),
+        "--rate",
+        &rate_s,
+        "--spool",
+        dir.join("spool").to_str().unwrap_or("/nonexistent"),
+    ]) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    std::thread::sleep(warmup);
+    match measure(&agent, addr, secs, Duration::from_secs(1)) {
+        Some(s) => println!(
+            "load from a trace file ({rate} records/s asked, {} events/s fed, scraped every 1 s): CPU {:6.2} % of a core   RSS {:6.1} MiB   peak RSS {:6.1} MiB",
+            s.events_per_s
+                .map_or_else(|| "?".to_string(), |e| format!("{e:.0}")),
+            s.cpu_pct,
+            mib(s.rss_kib),
+            mib(s.hwm_kib)
+        ),
+        None => eprintln!("load from a trace file: cannot read /proc for the agent"),
+    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The soak stream (as `--simulate soak` plays it) written to a trace file.
+fn write_soak_trace(path: &std::path::Path, records: u64) -> std::io::Result<()> {
+    use itewatch::trace::{Source, TraceHeader, TraceWriter};
+    let header = TraceHeader::new(Source::Simulated {
+        scenario: "soak".into(),
+        seed: 0,
+    });
+    let mut w = TraceWriter::create(path, &header)?;
+    for r in itewatch::simulate::LongStream::new(0, records) {
+        w.write_record(&r)?;
+    }
+    w.finish()?;
+    Ok(())
 }

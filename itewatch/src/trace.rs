@@ -155,7 +155,7 @@ impl TraceHeader {
 }
 
 /// Run-time statistics of one BPF program over a recording (kernel BPF stats,
-/// `BPF_ENABLE_STATS`); `run_time_ns` excludes the kprobe dispatch cost itself.
+/// `BPF_ENABLE_STATS`); `run_time_ns` excludes the kprobe or trampoline dispatch cost itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProgramStats {
     pub program: String,

@@ -144,7 +144,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "bpf_program_run",
-            "Kernel run time of each BPF program (excludes kprobe dispatch cost)",
+            "Kernel run time of each BPF program (excludes the kprobe or trampoline dispatch cost)",
             Unit::Seconds,
             m.bpf_run.clone(),
         );

@@ -279,18 +279,12 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<Source, AgentErr
                     probe.state == "attached" || probe.state == "fell-back",
                 );
             }
-            let mut recs = Vec::new();
-            for r in reader {
-                match r {
-                    Ok(r) => recs.push(r),
-                    // A cut-short trace still has its records up to the cut.
-                    Err(e) => {
-                        eprintln!("itewatch agent: {}: {e}", p.display());
-                        break;
-                    }
-                }
-            }
-            Ok(Source::Finite(Box::new(recs.into_iter())))
+            // Read as the stream goes: memory stays bounded whatever the trace's size. A
+            // cut-short or damaged trace still gives its records up to the cut.
+            let path = p.display().to_string();
+            let records = reader
+                .map_while(move |r| r.map_err(|e| eprintln!("itewatch agent: {path}: {e}")).ok());
+            Ok(Source::Finite(Box::new(records)))
         }
         SourceConfig::Live => {
             let live = LiveReader::attach(&crate::probe::LoadOptions::default())

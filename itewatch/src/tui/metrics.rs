@@ -154,7 +154,7 @@ pub fn rate_per_s(prev_total: u64, total: u64, dt_ns: u64) -> f64 {
 pub struct BpfCost {
     /// Program invocations in the interval.
     pub runs: u64,
-    /// Average BPF run time per invocation (excludes the kprobe dispatch itself).
+    /// Average BPF run time per invocation (excludes the kprobe or trampoline dispatch itself).
     pub ns_per_run: f64,
     /// Share of one CPU: run time / wall time × 100.
     pub cpu_percent: f64,

@@ -163,13 +163,15 @@ struct Opened {
 }
 
 fn open_replay(path: &Path, speed: f64, label: String) -> Result<Opened, LiveError> {
+    // Two passes, so that memory does not grow with the trace: the first checks every frame
+    // (damage, end frame with the recorded BPF cost) and keeps nothing, the second streams
+    // the records to the view and stops where the first found damage.
     let mut reader = TraceReader::open(path)?;
     let th = reader.header().clone();
-    let mut recs = Vec::new();
     let mut damaged = None;
     loop {
         match reader.next_record() {
-            Ok(Some(r)) => recs.push(r),
+            Ok(Some(_)) => {}
             Ok(None) => break,
             Err(e) => {
                 damaged = Some(e.to_string());
@@ -194,7 +196,8 @@ fn open_replay(path: &Path, speed: f64, label: String) -> Result<Opened, LiveErr
     if let Some(d) = damaged {
         header.warning = Some(format!("{DAMAGED}{d}"));
     }
-    let p = Playback::new(Box::new(recs.into_iter()), speed);
+    let records = TraceReader::open(path)?.map_while(Result::ok);
+    let p = Playback::new(Box::new(records), speed);
     let recorded = end.as_ref().and_then(recorded_cost);
     Ok(Opened {
         source: Source::Playback(Box::new(p)),
@@ -762,5 +765,51 @@ mod tests {
         // A frame ahead (woken by a key): pull until it.
         let next = t0 + Duration::from_millis(40);
         assert_eq!(pull_deadline(t0, next, frame), next);
+    }
+
+    /// A damaged replay: the header warns, and the view gets exactly the records before the
+    /// damage, streamed (the file is not held in memory).
+    #[test]
+    fn a_damaged_replay_plays_up_to_the_damage_and_says_so() {
+        let sim = crate::simulate::generate("w1-driver-inflight", 3).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.itw");
+        let mut w = crate::trace::TraceWriter::create(
+            &path,
+            &crate::trace::TraceHeader::new(TraceSource::Simulated {
+                scenario: "w1-driver-inflight".into(),
+                seed: 3,
+            }),
+        )
+        .unwrap();
+        for r in &sim.records {
+            w.write_record(r).unwrap();
+        }
+        w.finish().unwrap();
+        // Flip one byte two thirds of the way in: that frame's checksum fails.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() * 2 / 3;
+        bytes[at] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+
+        let mut before = Vec::new();
+        let mut r = TraceReader::open(&path).unwrap();
+        while let Ok(Some(rec)) = r.next_record() {
+            before.push(rec);
+        }
+        assert!(!before.is_empty() && before.len() < sim.records.len());
+
+        let o = open_replay(&path, 1.0, "t".into()).unwrap();
+        let warning = o.header.warning.clone().unwrap_or_default();
+        assert!(warning.starts_with(DAMAGED), "{warning}");
+        assert!(o.recorded.is_none(), "no end frame was reached");
+        let Source::Playback(mut p) = o.source else {
+            panic!("a replay plays back");
+        };
+        p.unpace();
+        let mut got = Vec::new();
+        p.poll(0, usize::MAX, &mut got);
+        assert!(p.done());
+        assert_eq!(got, before);
     }
 }

@@ -491,6 +491,57 @@ pub fn from_trace<R: BufRead>(
     }
 }
 
+/// A document of one incident, as the agent spools it: host and probes from the source's
+/// header (the live host's facts for a live agent), the incident's own time span as the
+/// capture, and what the correlator had counted as lost so far. A spool file is thus a whole
+/// report that can be attached to a ticket as it is.
+pub fn for_incident(
+    header: &TraceHeader,
+    path: Option<&str>,
+    inc: &Incident,
+    stats: &crate::correlate::Stats,
+) -> ReportDocument {
+    let (origin, scenario, seed) = match &header.source {
+        Source::Live => ("live".to_string(), None, None),
+        Source::Simulated { scenario, seed } => {
+            ("simulated".to_string(), Some(scenario.clone()), Some(*seed))
+        }
+    };
+    let incidents = vec![inc.clone()];
+    let ats_seen = inc.submissions.iter().any(|s| !s.dev_tlb_sids.is_empty());
+    ReportDocument {
+        schema_version: SCHEMA_VERSION.into(),
+        tool: tool(),
+        source: DocSource::Trace {
+            path: path.map(str::to_string),
+            origin,
+            scenario,
+            seed,
+            // The stream goes on after this incident.
+            complete: false,
+            records: stats.records,
+            error: None,
+        },
+        host: host_from_header(header, ats_seen),
+        probes: header.probes.iter().map(Probe::from).collect(),
+        capture: Capture {
+            start_ns: Some(inc.start.0),
+            end_ns: Some(inc.end.0),
+            duration_ns: Some(inc.end.0.saturating_sub(inc.start.0)),
+            started_unix_s: header.started_unix_s,
+            clock: header.clock.clone(),
+        },
+        loss: Loss {
+            lost_markers: stats.lost_markers,
+            complete: false,
+            ..Loss::default()
+        },
+        inventory: inventory_from_incidents(&incidents, &BTreeMap::new()),
+        fixes: summarize_fixes(&incidents),
+        incidents,
+    }
+}
+
 /// The document's host section from a trace header: `host` always, `hardware` when the
 /// recorder wrote it (older traces: unknown, never guessed). `ats_seen`: the events showed
 /// device-TLB invalidations or an ATS-enabled device. Public for the live and agent export

@@ -208,11 +208,36 @@ fn spool_holds_one_file_per_incident_and_an_unwritable_spool_keeps_the_agent_run
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(files.len(), n, "{files:?}");
+    // Each file is a whole report document of its one incident (attachable to a ticket),
+    // valid against the checked-in schema.
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/report-schema.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let schema = jsonschema::validator_for(&schema).unwrap();
     for f in &files {
-        let j: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(spool.join("incidents").join(f)).unwrap())
-                .unwrap();
-        assert_eq!(format!("{}.json", j["id"].as_str().unwrap()), *f);
+        let text = std::fs::read_to_string(spool.join("incidents").join(f)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let errors: Vec<String> = schema.iter_errors(&v).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{f}: {errors:#?}");
+        let doc = itewatch::document::parse(&text).unwrap();
+        assert_eq!(doc.incidents.len(), 1, "{f}");
+        assert_eq!(format!("{}.json", doc.incidents[0].id), *f);
+        assert!(!doc.fixes.is_empty(), "{f}");
+        assert_eq!(doc.inventory.len(), 1, "{f}");
+        assert_eq!(doc.capture.start_ns, Some(doc.incidents[0].start.0));
+        match &doc.source {
+            itewatch::document::DocSource::Trace {
+                origin, scenario, ..
+            } => {
+                assert_eq!(origin, "simulated");
+                assert!(scenario.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
     }
     rt.block_on(h.stop());
 

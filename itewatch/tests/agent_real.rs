@@ -823,9 +823,12 @@ fn check_spool(spool: &Path) -> SpoolView {
         };
         let v: Value = serde_json::from_slice(&bytes)
             .unwrap_or_else(|e| panic!("incidents/{n} does not parse: {e}"));
-        let id = v["id"].as_str().unwrap().to_string();
+        // A whole report document of one incident.
+        let inc = &v["incidents"][0];
+        assert_eq!(v["incidents"].as_array().map(Vec::len), Some(1), "{n}");
+        let id = inc["id"].as_str().unwrap().to_string();
         assert_eq!(format!("{id}.json"), n);
-        incidents.insert(id, v["revision"].as_u64().unwrap());
+        incidents.insert(id, inc["revision"].as_u64().unwrap());
     }
     let mut pending = BTreeMap::new();
     for n in names(&spool.join("pending")) {

@@ -308,11 +308,20 @@ pub fn sink_checks(out: &Path, disks: &[Disk]) -> Vec<Check> {
     let mut unreadable = Vec::new();
     if let Ok(rd) = fs::read_dir(out.join("spool/incidents")) {
         for e in rd.flatten() {
-            match fs::read_to_string(e.path())
+            // Each spool file is a report document of one incident, with the guest's kernel
+            // and the probes as attached.
+            let doc = fs::read_to_string(e.path())
                 .ok()
                 .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            {
-                Some(v) => spooled.push(v),
+                .filter(|v| {
+                    v["incidents"].as_array().map(Vec::len) == Some(1)
+                        && v["host"]["kernel_release"]
+                            .as_str()
+                            .is_some_and(|k| !k.is_empty())
+                        && v["probes"].as_array().is_some_and(|p| !p.is_empty())
+                });
+            match doc {
+                Some(v) => spooled.push(v["incidents"][0].clone()),
                 None => unreadable.push(e.file_name().to_string_lossy().into_owned()),
             }
         }

@@ -27,6 +27,7 @@ use crate::correlate::incident::Incident;
 use crate::correlate::{Config as CorrelatorConfig, Correlator};
 use crate::event::{KTime, Record};
 use crate::live::{monotonic_ns, LiveReader};
+use crate::trace::{Source as TraceSource, TraceHeader};
 use alert::{alert_for, Msg, Pusher};
 use config::{Config, ConfigError, FileConfig, SourceConfig};
 use metrics::Metrics;
@@ -251,7 +252,21 @@ impl Handle {
     }
 }
 
-fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<Source, AgentError> {
+/// What a spooled incident document says about where it came from: the source's header
+/// (host facts and probes for a live agent) and the trace's path for a replay.
+struct DocContext {
+    header: TraceHeader,
+    path: Option<String>,
+}
+
+fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<(Source, DocContext), AgentError> {
+    let simulated = |scenario: &str, seed: u64| DocContext {
+        header: TraceHeader::new(TraceSource::Simulated {
+            scenario: scenario.to_string(),
+            seed,
+        }),
+        path: None,
+    };
     match src {
         SourceConfig::Simulate { scenario, seed }
             if scenario == config::SOAK || scenario == config::STORM =>
@@ -260,12 +275,15 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<Source, AgentErr
             if scenario == config::STORM {
                 s.incident_every = 1;
             }
-            Ok(Source::Finite(Box::new(s)))
+            Ok((Source::Finite(Box::new(s)), simulated(scenario, *seed)))
         }
         SourceConfig::Simulate { scenario, seed } => {
             let sim = crate::simulate::generate(scenario, *seed)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-            Ok(Source::Finite(Box::new(sim.records.into_iter())))
+            Ok((
+                Source::Finite(Box::new(sim.records.into_iter())),
+                simulated(scenario, *seed),
+            ))
         }
         SourceConfig::Replay(p) => {
             let rerr = |source| AgentError::Replay {
@@ -273,6 +291,10 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<Source, AgentErr
                 source,
             };
             let reader = crate::trace::TraceReader::open(p).map_err(rerr)?;
+            let doc = DocContext {
+                header: reader.header().clone(),
+                path: Some(p.display().to_string()),
+            };
             for probe in &reader.header().probes {
                 metrics.probe(
                     &probe.name,
@@ -284,7 +306,7 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<Source, AgentErr
             let path = p.display().to_string();
             let records = reader
                 .map_while(move |r| r.map_err(|e| eprintln!("itewatch agent: {path}: {e}")).ok());
-            Ok(Source::Finite(Box::new(records)))
+            Ok((Source::Finite(Box::new(records)), doc))
         }
         SourceConfig::Live => {
             let live = LiveReader::attach(&crate::probe::LoadOptions::default())
@@ -299,7 +321,16 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<Source, AgentErr
                     missing.join(", ")
                 );
             }
-            Ok(Source::Live(Box::new(live)))
+            // Host facts are read here, before the capabilities are dropped: a device's ATS
+            // state needs them.
+            let mut header = TraceHeader::new(TraceSource::Live);
+            crate::host::collect_host(std::path::Path::new("/")).apply(&mut header);
+            header.probes = live.plan().to_vec();
+            header.started_mono_ns = Some(monotonic_ns());
+            Ok((
+                Source::Live(Box::new(live)),
+                DocContext { header, path: None },
+            ))
         }
     }
 }
@@ -315,6 +346,7 @@ struct Prepared {
     listener: std::net::TcpListener,
     metrics: Arc<Metrics>,
     source: Source,
+    doc: DocContext,
 }
 
 fn prepare(cfg: &Config) -> Result<Prepared, AgentError> {
@@ -325,11 +357,12 @@ fn prepare(cfg: &Config) -> Result<Prepared, AgentError> {
     let listener = std::net::TcpListener::bind(cfg.listen).map_err(bind_err)?;
     listener.set_nonblocking(true).map_err(bind_err)?;
     let metrics = Arc::new(Metrics::new());
-    let source = open_source(&cfg.source, &metrics)?;
+    let (source, doc) = open_source(&cfg.source, &metrics)?;
     Ok(Prepared {
         listener,
         metrics,
         source,
+        doc,
     })
 }
 
@@ -353,6 +386,7 @@ async fn start_prepared(
         listener,
         metrics,
         source,
+        doc,
     } = prepared;
     let bind_err = |source| AgentError::Bind {
         addr: cfg.listen,
@@ -393,6 +427,7 @@ async fn start_prepared(
         spool,
         tx,
         instance: hostname(),
+        doc,
     };
     let main = tokio::spawn(async move {
         worker.run(source, stop_rx, reload_rx).await;
@@ -425,13 +460,15 @@ struct Worker {
     spool: Option<Spool>,
     tx: mpsc::Sender<Msg>,
     instance: String,
+    doc: DocContext,
 }
 
 impl Worker {
-    async fn emit(&mut self, inc: Incident) {
+    async fn emit(&mut self, inc: Incident, stats: &crate::correlate::Stats) {
         let step = alert::step(self.state.severity_of(&inc.id.0), &inc);
         self.metrics.incident(&inc, step == alert::Step::Escalated);
         self.state.remember(&inc);
+        // stdout gets the bare incident as one JSON line; the spool a whole document.
         let json = serde_json::to_vec(&inc).unwrap_or_default();
         if self.spool.is_none() {
             // An unwritable spool is retried at each incident, so it recovers when fixed.
@@ -440,7 +477,14 @@ impl Worker {
             }
         }
         if let Some(s) = &self.spool {
-            if let Err(e) = s.put_incident(&inc.id.0, &json) {
+            let doc = crate::document::for_incident(
+                &self.doc.header,
+                self.doc.path.as_deref(),
+                &inc,
+                stats,
+            );
+            let bytes = serde_json::to_vec_pretty(&doc).unwrap_or_default();
+            if let Err(e) = s.put_incident(&inc.id.0, &bytes) {
                 self.metrics.spool_error(e.op);
                 eprintln!("itewatch agent: {e}; incident {} kept in memory", inc.id);
             }
@@ -521,6 +565,7 @@ impl Worker {
         let paced_since = std::time::Instant::now();
         let mut fed: u64 = 0;
         let mut last_ts = KTime(0);
+        let mut stats = crate::correlate::Stats::default();
         if let Source::Live(r) = source {
             source = match r.into_async() {
                 Ok(a) => Source::LiveAsync(Box::new(a)),
@@ -554,6 +599,7 @@ impl Worker {
                         fed += n as u64;
                         if n > 0 {
                             self.metrics.snapshot(&c.snapshot(), last_ts);
+                            stats.clone_from(c.stats());
                         }
                         if self.cfg.rate.is_some() && n == want {
                             // Paced: come back when the next records are due (at once
@@ -571,6 +617,7 @@ impl Worker {
                                 let sum = c.finish();
                                 out.extend(sum.incidents);
                                 self.metrics.snapshot(&snap, sum.end);
+                                stats = sum.stats;
                             }
                         } else {
                             tick = Duration::ZERO;
@@ -600,11 +647,12 @@ impl Worker {
                         }
                         out.extend(c.advance(now));
                         self.metrics.snapshot(&c.snapshot(), now);
+                        stats.clone_from(c.stats());
                     }
                 }
             }
             for inc in out {
-                self.emit(inc).await;
+                self.emit(inc, &stats).await;
             }
             if finished {
                 eprintln!(

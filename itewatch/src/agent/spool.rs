@@ -1,7 +1,7 @@
 //! The spool: what the agent keeps on disk so that nothing is lost across a crash or restart.
 //!
 //! ```text
-//! SPOOL/incidents/<id>.json   latest revision of each incident (the JSON incident format)
+//! SPOOL/incidents/<id>.json   latest revision of each incident, as a one-incident report document
 //! SPOOL/pending/<id>.json     Alertmanager deliveries not yet done ({alert, delivered_to})
 //! SPOOL/sent/<id>             an incident delivered to every URL (empty marker)
 //! ```

@@ -376,7 +376,77 @@ pub fn sink_checks(out: &Path, disks: &[Disk]) -> Vec<Check> {
              recorded {want}"
         ),
     ));
+    c.push(tui_check(out, &reference));
     c
+}
+
+/// The interactive view on the guest's second serial port (a real tty): it drew its panels
+/// with the probes attached, showed the recorded trace's incidents, and left the alternate
+/// screen on SIGTERM with status 0.
+fn tui_check(out: &Path, reference: &std::collections::BTreeSet<String>) -> Check {
+    let name = "interactive view on a tty (ttyS1): panels, probes, incidents, restored";
+    let Ok(bytes) = fs::read(out.join("tui.screen")) else {
+        return Check::fail(name, "no tui.screen (QEMU's second serial port)");
+    };
+    let raw = String::from_utf8_lossy(&bytes);
+    let screen = screen_words(&raw);
+    let rc = fs::read_to_string(out.join("tui.rc")).unwrap_or_default();
+    let stats: serde_json::Value = fs::read_to_string(out.join("tui-stats.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let frames = stats["frames"].as_u64().unwrap_or(0);
+    let events = stats["events"].as_u64().unwrap_or(0);
+    let entered = raw.contains("\x1b[?1049h");
+    let left = raw.rfind("\x1b[?1049l") > raw.rfind("\x1b[?1049h");
+    let panels = screen.contains("In-flight invalidations") && screen.contains("Incidents (");
+    let probes = screen.contains(" attached");
+    let shown: Vec<&String> = reference
+        .iter()
+        .filter(|k| screen.contains(k.as_str()))
+        .collect();
+    Check::new(
+        name,
+        rc.trim() == "0"
+            && entered
+            && left
+            && panels
+            && probes
+            && frames >= 2
+            && events > 0
+            && shown.len() == reference.len(),
+        format!(
+            "exit {:?}; {} bytes; alternate screen entered {entered}, left {left}; panels \
+             {panels}; probes line {probes}; {frames} frames, {events} events; incidents \
+             shown {shown:?} of {reference:?}",
+            rc.trim(),
+            bytes.len()
+        ),
+    )
+}
+
+/// The text a terminal's byte stream draws, roughly: every control sequence (cursor moves
+/// over the blank cells ratatui skips, colours) becomes a space, and runs of spaces one.
+fn screen_words(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(ch) = chars.next() {
+        if ch == '\x1b' {
+            // CSI: ESC [ parameters final-byte.
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            out.push(' ');
+        } else {
+            out.push(ch);
+        }
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// "N events, M submissions (K device-TLB descriptors), lost L, missed X" of the live summary.

@@ -69,12 +69,13 @@ log() { echo "itewatch-vm: $*"; echo "$*" >> /out/guest.log; }
 REC_PID=
 AGENT_PID=
 LIVE_PID=
+TUI_PID=
 DMA_PIDS=
 
 finish() {
     verdict="$1"
     for p in $DMA_PIDS; do kill $p 2>/dev/null; done
-    for p in $AGENT_PID $LIVE_PID; do kill -TERM $p 2>/dev/null; done
+    for p in $AGENT_PID $LIVE_PID $TUI_PID; do kill -TERM $p 2>/dev/null; done
     if [ -n "$REC_PID" ] && kill -0 $REC_PID 2>/dev/null; then
         kill -INT $REC_PID
         wait_pid_gone $REC_PID 30 || { log "recorder did not exit on SIGINT"; kill -KILL $REC_PID; verdict="failure: recorder did not exit on SIGINT"; }
@@ -217,6 +218,17 @@ if [ $RECORD = 1 ]; then
     grep -q serving /out/agent.err || { cat /out/agent.err; AGENT_PID=; fail "agent exited before serving"; }
     wait_for '[ -s /out/live.ready ] || ! kill -0 $LIVE_PID 2>/dev/null' 180 || fail "live view not ready after 180 s"
     [ -s /out/live.ready ] || { cat /out/live.err; LIVE_PID=; fail "live view exited before it was ready"; }
+    # The interactive view, on the second serial port: a real tty (raw mode, the alternate
+    # screen, 120x40), whose bytes QEMU writes to a file on the host for the checks.
+    if [ -c /dev/ttyS1 ]; then
+        # The size is set on the fd the view inherits: a tty forgets it when its last fd closes.
+        TERM=xterm sh -c 'stty rows 40 cols 120; exec /bin/itewatch live --fps 2 --exit-after 900 --ready-file /out/tui.ready --stats-file /out/tui-stats.json' < /dev/ttyS1 > /dev/ttyS1 2> /out/tui.err &
+        TUI_PID=$!
+        wait_for '[ -s /out/tui.ready ] || ! kill -0 $TUI_PID 2>/dev/null' 180 || fail "interactive view not ready after 180 s"
+        [ -s /out/tui.ready ] || { cat /out/tui.err; TUI_PID=; fail "interactive view exited before it was ready"; }
+    else
+        log "no /dev/ttyS1: the interactive view is not run"
+    fi
 fi
 stage recording
 
@@ -307,6 +319,12 @@ if [ -n "$LIVE_PID" ]; then
     wait_pid_gone $LIVE_PID 60 || { kill -KILL $LIVE_PID; LIVE_PID=; fail "live view did not exit within 60 s of SIGTERM"; }
     LIVE_PID=
     echo $REC_RC > /out/live.rc
+fi
+if [ -n "$TUI_PID" ]; then
+    kill -TERM $TUI_PID
+    wait_pid_gone $TUI_PID 60 || { kill -KILL $TUI_PID; TUI_PID=; fail "interactive view did not exit within 60 s of SIGTERM"; }
+    TUI_PID=
+    echo $REC_RC > /out/tui.rc
 fi
 if [ -n "$REC_PID" ]; then
     kill -INT $REC_PID

@@ -35,6 +35,10 @@ impl Files {
     pub fn serial(&self) -> PathBuf {
         self.dir.join("serial.log")
     }
+    /// The guest's second serial port (ttyS1), where the interactive live view draws.
+    pub fn tui_screen(&self) -> PathBuf {
+        self.dir.join("tui.screen")
+    }
     pub fn qmp(&self) -> PathBuf {
         self.dir.join("qmp.sock")
     }
@@ -82,6 +86,7 @@ pub fn command(f: &Files) -> Command {
         .arg(&f.initrd)
         .args(["-append", KERNEL_CMDLINE])
         .args(["-serial", &format!("file:{}", d(f.serial()))])
+        .args(["-serial", &format!("file:{}", d(f.tui_screen()))])
         .args(["-qmp", &format!("unix:{},server=on,wait=off", d(f.qmp()))]);
     c
 }
@@ -105,6 +110,7 @@ impl Guest {
     pub fn spawn(f: &Files) -> Result<Guest> {
         let _ = fs::remove_file(f.qmp());
         let _ = fs::remove_file(f.serial());
+        let _ = fs::remove_file(f.tui_screen());
         let log = File::create(f.dir.join("qemu.log"))?;
         let mut cmd = command(f);
         fs::write(f.dir.join("qemu.cmdline"), format!("{cmd:?}\n"))?;

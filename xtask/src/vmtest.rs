@@ -244,6 +244,10 @@ fn run_kernel(
     let out = dir.join("out");
     // Even a killed guest may have synced its outputs before hanging.
     let unpacked = unpack_out(&files, &out);
+    // The interactive view's screen (the guest's ttyS1), beside the guest's own outputs.
+    if files.tui_screen().exists() && out.is_dir() {
+        let _ = fs::copy(files.tui_screen(), out.join("tui.screen"));
+    }
     let verdict = driven.with_context(|| {
         format!(
             "guest outputs (if any) in {}; console tail:\n{}",

@@ -29,6 +29,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use crossterm::event::{Event as CEvent, KeyCode};
+use crossterm::ExecutableCommand;
 
 use crate::correlate::{Config, Correlator};
 use crate::event::{KTime, Record};
@@ -597,8 +598,22 @@ fn run_tui(
     let started = Instant::now();
     let _guard = term::TerminalGuard::enter()?;
     let backend = ratatui::backend::CrosstermBackend::new(io::stdout());
-    let mut terminal = ratatui::Terminal::new(backend)?;
-    terminal.clear()?;
+    // A terminal that reports no size (a serial line nobody set up with `stty rows/cols`)
+    // would get nothing drawn: draw 80x24 there instead.
+    let mut terminal = match crossterm::terminal::size() {
+        Ok((w, h)) if w > 0 && h > 0 => ratatui::Terminal::new(backend)?,
+        _ => ratatui::Terminal::with_options(
+            backend,
+            ratatui::TerminalOptions {
+                viewport: ratatui::Viewport::Fixed(ratatui::layout::Rect::new(0, 0, 80, 24)),
+            },
+        )?,
+    };
+    // Not `terminal.clear()`: it asks the terminal where the cursor is (ESC [6n) and fails
+    // after a timeout where nothing answers, as on a serial line (seen on the VM's ttyS1).
+    io::stdout().execute(crossterm::terminal::Clear(
+        crossterm::terminal::ClearType::All,
+    ))?;
     if let Some(u) = unavailable {
         if !confirm_fallback(&mut terminal, u)? {
             return Ok(ExitCode::SUCCESS);

@@ -816,34 +816,52 @@ pub fn write(
 }
 
 /// NDJSON: `{"record":"header",..}`, then `{"record":"incident",..incident..}` per incident,
-/// then `{"record":"summary",..}`.
+/// then `{"record":"summary",..}`. The header holds only what is known before the input is
+/// read (so that [`report_cli`] can stream incidents as they close); the summary holds the
+/// rest: the whole `source` (record count, completeness), `capture`, `loss`, `inventory`,
+/// `fixes`.
 pub fn write_ndjson(doc: &ReportDocument, out: &mut dyn Write) -> Result<(), DocumentError> {
-    let header = serde_json::json!({
-        "record": "header",
-        "schema_version": doc.schema_version,
-        "tool": doc.tool,
-        "source": doc.source,
-        "host": doc.host,
-        "probes": doc.probes,
-        "capture": doc.capture,
-    });
-    let mut line = serde_json::to_vec(&header)?;
-    line.push(b'\n');
-    out.write_all(&line)?;
+    out.write_all(&ndjson_header(doc)?)?;
     for i in &doc.incidents {
         out.write_all(&ndjson_incident(i)?)?;
     }
-    let summary = serde_json::json!({
+    out.write_all(&ndjson_summary(doc)?)?;
+    Ok(())
+}
+
+fn json_line(v: &serde_json::Value) -> Result<Vec<u8>, DocumentError> {
+    let mut line = serde_json::to_vec(v)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// The header line: schema, tool, where the input comes from (not yet how much of it was
+/// read), host, probes.
+fn ndjson_header(doc: &ReportDocument) -> Result<Vec<u8>, DocumentError> {
+    let mut source = serde_json::to_value(&doc.source)?;
+    if let Some(o) = source.as_object_mut() {
+        o.retain(|k, _| matches!(k.as_str(), "kind" | "path" | "origin" | "scenario" | "seed"));
+    }
+    json_line(&serde_json::json!({
+        "record": "header",
+        "schema_version": doc.schema_version,
+        "tool": doc.tool,
+        "source": source,
+        "host": doc.host,
+        "probes": doc.probes,
+    }))
+}
+
+fn ndjson_summary(doc: &ReportDocument) -> Result<Vec<u8>, DocumentError> {
+    json_line(&serde_json::json!({
         "record": "summary",
+        "source": doc.source,
+        "capture": doc.capture,
         "loss": doc.loss,
         "inventory": doc.inventory,
         "fixes": doc.fixes,
         "incidents": doc.incidents.len(),
-    });
-    let mut line = serde_json::to_vec(&summary)?;
-    line.push(b'\n');
-    out.write_all(&line)?;
-    Ok(())
+    }))
 }
 
 /// One NDJSON incident line.
@@ -1192,9 +1210,73 @@ pub fn report_cli(
     format: Format,
     out: &mut dyn Write,
 ) -> Result<ReportDocument, DocumentError> {
-    let doc = from_trace_file(path, Config::default())?;
-    write(&doc, format, out)?;
+    if format != Format::Ndjson {
+        let doc = from_trace_file(path, Config::default())?;
+        write(&doc, format, out)?;
+        return Ok(doc);
+    }
+    // NDJSON streams: the header at once, each incident's line when it closes (in the order
+    // they close), the summary at the end. A long trace's first findings come out early.
+    let reader = TraceReader::open(path)?;
+    let header = reader.header().clone();
+    out.write_all(&ndjson_header(&from_header_only(&header, Some(path)))?)?;
+    out.flush()?;
+    let mut failed: Option<DocumentError> = None;
+    let mut written = std::collections::BTreeSet::new();
+    let doc = from_trace(reader, Some(path), Config::default(), |i| {
+        if failed.is_some() || !written.insert(i.id.clone()) {
+            return;
+        }
+        if let Err(e) = ndjson_incident(i).and_then(|l| {
+            out.write_all(&l)?;
+            out.flush()?;
+            Ok(())
+        }) {
+            failed = Some(e);
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    out.write_all(&ndjson_summary(&doc)?)?;
     Ok(doc)
+}
+
+/// The document as far as a trace's header tells it, before any record is read: what the
+/// NDJSON header line needs.
+fn from_header_only(header: &TraceHeader, path: Option<&Path>) -> ReportDocument {
+    let (origin, scenario, seed) = match &header.source {
+        Source::Live => ("live".to_string(), None, None),
+        Source::Simulated { scenario, seed } => {
+            ("simulated".to_string(), Some(scenario.clone()), Some(*seed))
+        }
+    };
+    ReportDocument {
+        schema_version: SCHEMA_VERSION.into(),
+        tool: tool(),
+        source: DocSource::Trace {
+            path: path.map(|p| p.display().to_string()),
+            origin,
+            scenario,
+            seed,
+            complete: false,
+            records: 0,
+            error: None,
+        },
+        host: host_from_header(header, false),
+        probes: header.probes.iter().map(Probe::from).collect(),
+        capture: Capture {
+            start_ns: header.started_mono_ns,
+            end_ns: None,
+            duration_ns: None,
+            started_unix_s: header.started_unix_s,
+            clock: header.clock.clone(),
+        },
+        loss: Loss::default(),
+        inventory: Vec::new(),
+        incidents: Vec::new(),
+        fixes: Vec::new(),
+    }
 }
 
 /// Whether a fix list mentions a commit (for callers deciding exit codes or alerts).

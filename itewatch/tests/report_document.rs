@@ -221,3 +221,78 @@ fn default_format_is_a_document_for_files_text_for_terminals_ndjson_for_pipes() 
     assert_eq!(Format::default_for(false, true), Format::Text);
     assert_eq!(Format::default_for(false, false), Format::Ndjson);
 }
+
+/// `report --format ndjson` streams: a header with what is known before reading, each
+/// incident's verdict once (as it closes), then the summary with the rest. Together the lines
+/// say what the whole document says.
+#[test]
+fn streamed_ndjson_says_what_the_document_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut traces = vec![
+        root().join("tests/data/vm/6.1/trace.itw"),
+        root().join("tests/data/vm/6.12/trace.itw"),
+    ];
+    for (name, seed) in [("w1-driver-inflight", 3), ("hang-then-hotplug", 1)] {
+        let sim = itewatch::simulate::generate(name, seed).unwrap();
+        let p = dir.path().join(format!("{name}.itw"));
+        let mut w = itewatch::trace::TraceWriter::create(
+            &p,
+            &itewatch::trace::TraceHeader::new(itewatch::trace::Source::Simulated {
+                scenario: name.into(),
+                seed,
+            }),
+        )
+        .unwrap();
+        for r in &sim.records {
+            w.write_record(r).unwrap();
+        }
+        w.finish().unwrap();
+        traces.push(p);
+    }
+    for t in &traces {
+        let mut out = Vec::new();
+        let doc = document::report_cli(t, Format::Ndjson, &mut out).unwrap();
+        let lines: Vec<serde_json::Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let what = t.display();
+        assert_eq!(lines.len(), doc.incidents.len() + 2, "{what}");
+        let (header, summary) = (&lines[0], lines.last().unwrap());
+        assert_eq!(header["record"], "header");
+        assert_eq!(header["schema_version"], document::SCHEMA_VERSION);
+        assert!(
+            header.get("capture").is_none(),
+            "{what}: known only at the end"
+        );
+        assert!(header["source"].get("records").is_none(), "{what}");
+        assert_eq!(header["probes"], serde_json::to_value(&doc.probes).unwrap());
+        assert_eq!(summary["record"], "summary");
+        assert_eq!(
+            summary["source"],
+            serde_json::to_value(&doc.source).unwrap()
+        );
+        assert_eq!(
+            summary["capture"],
+            serde_json::to_value(&doc.capture).unwrap()
+        );
+        assert_eq!(summary["fixes"], serde_json::to_value(&doc.fixes).unwrap());
+        assert_eq!(summary["incidents"], doc.incidents.len());
+        // Each incident once, as its final revision (the order is the order they closed).
+        let mut streamed: Vec<serde_json::Value> = lines[1..lines.len() - 1].to_vec();
+        let mut want: Vec<serde_json::Value> = doc
+            .incidents
+            .iter()
+            .map(|i| {
+                let mut v = serde_json::to_value(i).unwrap();
+                v["record"] = "incident".into();
+                v
+            })
+            .collect();
+        let key = |v: &serde_json::Value| v["id"].as_str().unwrap_or_default().to_string();
+        streamed.sort_by_key(key);
+        want.sort_by_key(key);
+        assert_eq!(streamed, want, "{what}");
+    }
+}

@@ -588,3 +588,85 @@ fn e2e_a_vanished_terminal_ends_the_view() {
         "itewatch live still runs 10 s after its terminal went away"
     );
 }
+
+/// A terminal that reports no size (a serial line nobody ran `stty rows/cols` on, as the VM's
+/// ttyS1 was at first): the view draws 80×24 instead of nothing. A pty opened with no window
+/// size stands in for it.
+#[test]
+fn a_terminal_without_a_size_gets_80x24() {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two new fds into `master` and `slave`; the null name, termios and
+    // winsize pointers leave the name unwritten and the size 0×0.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just opened by openpty and are owned by nothing else.
+    let (mut master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_itewatch"))
+        .args(["live", "--simulate", "w1-driver-inflight", "--seed", "3"])
+        .args(["--exit-after", "2", "--fps", "4"])
+        .env("TERM", "xterm")
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(slave);
+    // Read the screen while it runs (a full pty would block the view); EIO once it is gone.
+    let reader = std::thread::spawn(move || {
+        let mut screen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            screen.extend_from_slice(&buf[..n]);
+        }
+        screen
+    });
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{status}: {err}");
+    let screen = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
+    assert!(
+        screen.contains("In-flight invalidations"),
+        "nothing drawn: {screen:?}"
+    );
+    // Every cursor move (ESC [ row ; col H) stays inside 24 rows and 80 columns.
+    let mut moves = 0;
+    for part in screen.split("\x1b[").skip(1) {
+        let Some(end) = part.find(|c: char| c.is_ascii_alphabetic()) else {
+            continue;
+        };
+        if part.as_bytes()[end] != b'H' {
+            continue;
+        }
+        let mut it = part[..end]
+            .split(';')
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        let (row, col) = (it.next().unwrap_or(1), it.next().unwrap_or(1));
+        assert!(row <= 24 && col <= 80, "cursor moved to {row};{col}");
+        moves += 1;
+    }
+    assert!(moves > 20, "{moves} cursor moves");
+}

@@ -202,33 +202,9 @@ fn main() {
     // 2. Under load.
     let spool = std::env::temp_dir().join(format!("itewatch-footprint-{}", std::process::id()));
     let rate_s = rate.to_string();
-    let (agent, addr, _rx) = match start(&[
-        "--simulate",
-        "soak",
-        "--rate",
-        &rate_s,
-        "--spool",
-        spool.to_str().unwrap_or("/nonexistent"),
-    ]) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(1);
-        }
-    };
-    std::thread::sleep(warmup);
-    match measure(&agent, addr, secs, Duration::from_secs(1)) {
-        Some(s) => println!(
-            "load ({rate} records/s asked, {} events/s fed, scraped every 1 s): CPU {:6.2} % of a core   RSS {:6.1} MiB   peak RSS {:6.1} MiB",
-            s.events_per_s
-                .map_or_else(|| "?".to_string(), |e| format!("{e:.0}")),
-            s.cpu_pct,
-            mib(s.rss_kib),
-            mib(s.hwm_kib)
-        ),
-        None => eprintln!("load: cannot read /proc for the agent"),
-    }
-    drop(agent);
+    let spool_s = spool.to_str().unwrap_or("/nonexistent").to_string();
+    let args = ["--simulate", "soak", "--rate", &rate_s, "--spool", &spool_s];
+    loaded("load", &args, rate, secs, warmup);
     let _ = std::fs::remove_dir_all(&spool);
 
     // 3. Under load, from a trace file: enough records for the warm-up and the window.
@@ -240,14 +216,21 @@ fn main() {
         eprintln!("cannot write {}: {e}", trace.display());
         std::process::exit(1);
     }
-    let (agent, addr, _rx) = match start(&[
-        "--replay",
-        trace.to_str().unwrap_or("/nonexistent"),
-        "--rate",
-        &rate_s,
-        "--spool",
-        dir.join("spool").to_str().unwrap_or("/nonexistent"),
-    ]) {
+    let trace_s = trace.to_str().unwrap_or("/nonexistent").to_string();
+    let spool_s = dir
+        .join("spool")
+        .to_str()
+        .unwrap_or("/nonexistent")
+        .to_string();
+    let args = ["--replay", &trace_s, "--rate", &rate_s, "--spool", &spool_s];
+    loaded("load from a trace file", &args, rate, secs, warmup);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One loaded run: the agent with `args`, measured over `secs` after `warmup`, scraped every
+/// second.
+fn loaded(label: &str, args: &[&str], rate: u64, secs: u64, warmup: Duration) {
+    let (agent, addr, _rx) = match start(args) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("{e}");
@@ -257,17 +240,15 @@ fn main() {
     std::thread::sleep(warmup);
     match measure(&agent, addr, secs, Duration::from_secs(1)) {
         Some(s) => println!(
-            "load from a trace file ({rate} records/s asked, {} events/s fed, scraped every 1 s): CPU {:6.2} % of a core   RSS {:6.1} MiB   peak RSS {:6.1} MiB",
+            "{label} ({rate} records/s asked, {} events/s fed, scraped every 1 s): CPU {:6.2} % of a core   RSS {:6.1} MiB   peak RSS {:6.1} MiB",
             s.events_per_s
                 .map_or_else(|| "?".to_string(), |e| format!("{e:.0}")),
             s.cpu_pct,
             mib(s.rss_kib),
             mib(s.hwm_kib)
         ),
-        None => eprintln!("load from a trace file: cannot read /proc for the agent"),
+        None => eprintln!("{label}: cannot read /proc for the agent"),
     }
-    drop(agent);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The soak stream (as `--simulate soak` plays it) written to a trace file.

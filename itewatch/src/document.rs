@@ -447,48 +447,35 @@ pub fn from_trace<R: BufRead>(
     take(summary.incidents, &mut latest);
     let mut incidents: Vec<Incident> = latest.into_values().collect();
     incidents.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));
-    let (origin, scenario, seed) = match &header.source {
-        Source::Live => ("live".to_string(), None, None),
-        Source::Simulated { scenario, seed } => {
-            ("simulated".to_string(), Some(scenario.clone()), Some(*seed))
-        }
-    };
     let ats_seen = stats.dev_tlb_descriptors > 0 || snapshots.values().any(|d| d.ats == Some(true));
-    let end_ns = (summary.end.0 > 0).then_some(summary.end.0);
-    ReportDocument {
-        schema_version: SCHEMA_VERSION.into(),
-        tool: tool(),
-        source: DocSource::Trace {
-            path: path.map(|p| p.display().to_string()),
-            origin,
-            scenario,
-            seed,
-            complete: end.is_some(),
-            records,
-            error,
-        },
-        host: host_from_header(&header, ats_seen),
-        probes: header.probes.iter().map(Probe::from).collect(),
-        capture: Capture {
-            start_ns: header.started_mono_ns.or(first_ts.map(|t| t.0)),
-            end_ns,
-            duration_ns: end.as_ref().and_then(|e| e.duration_ns),
-            started_unix_s: header.started_unix_s,
-            clock: header.clock.clone(),
-        },
-        loss: Loss {
-            lost_ringbuf_full: end.as_ref().map_or(0, |e| e.lost_ringbuf_full),
-            missed: end.as_ref().map_or(0, |e| e.missed),
-            undecodable: end.as_ref().map_or(0, |e| e.undecodable),
-            return_without_entry: end.as_ref().map_or(0, |e| e.return_without_entry),
-            lost_markers: stats.lost_markers,
-            complete: end.is_some(),
-            unparsed_lines: 0,
-        },
-        inventory: inventory_from_incidents(&incidents, &snapshots),
-        fixes: summarize_fixes(&incidents),
-        incidents,
+    let mut doc = header_document(&header, path.map(|p| p.display().to_string()), ats_seen);
+    if let DocSource::Trace {
+        complete,
+        records: n,
+        error: e,
+        ..
+    } = &mut doc.source
+    {
+        *complete = end.is_some();
+        *n = records;
+        *e = error;
     }
+    doc.capture.start_ns = header.started_mono_ns.or(first_ts.map(|t| t.0));
+    doc.capture.end_ns = (summary.end.0 > 0).then_some(summary.end.0);
+    doc.capture.duration_ns = end.as_ref().and_then(|e| e.duration_ns);
+    doc.loss = Loss {
+        lost_ringbuf_full: end.as_ref().map_or(0, |e| e.lost_ringbuf_full),
+        missed: end.as_ref().map_or(0, |e| e.missed),
+        undecodable: end.as_ref().map_or(0, |e| e.undecodable),
+        return_without_entry: end.as_ref().map_or(0, |e| e.return_without_entry),
+        lost_markers: stats.lost_markers,
+        complete: end.is_some(),
+        unparsed_lines: 0,
+    };
+    doc.inventory = inventory_from_incidents(&incidents, &snapshots);
+    doc.fixes = summarize_fixes(&incidents);
+    doc.incidents = incidents;
+    doc
 }
 
 /// A document of one incident, as the agent spools it: host and probes from the source's
@@ -501,44 +488,30 @@ pub fn for_incident(
     inc: &Incident,
     stats: &crate::correlate::Stats,
 ) -> ReportDocument {
-    let (origin, scenario, seed) = match &header.source {
+    let incidents = vec![inc.clone()];
+    let ats_seen = inc.submissions.iter().any(|s| !s.dev_tlb_sids.is_empty());
+    // The stream goes on after this incident: `complete` stays false.
+    let mut doc = header_document(header, path.map(str::to_string), ats_seen);
+    if let DocSource::Trace { records, .. } = &mut doc.source {
+        *records = stats.records;
+    }
+    doc.capture.start_ns = Some(inc.start.0);
+    doc.capture.end_ns = Some(inc.end.0);
+    doc.capture.duration_ns = Some(inc.end.0.saturating_sub(inc.start.0));
+    doc.loss.lost_markers = stats.lost_markers;
+    doc.inventory = inventory_from_incidents(&incidents, &BTreeMap::new());
+    doc.fixes = summarize_fixes(&incidents);
+    doc.incidents = incidents;
+    doc
+}
+
+/// `origin`, `scenario` and `seed` of a trace's source, as the document names them.
+fn origin_of(source: &Source) -> (String, Option<String>, Option<u64>) {
+    match source {
         Source::Live => ("live".to_string(), None, None),
         Source::Simulated { scenario, seed } => {
             ("simulated".to_string(), Some(scenario.clone()), Some(*seed))
         }
-    };
-    let incidents = vec![inc.clone()];
-    let ats_seen = inc.submissions.iter().any(|s| !s.dev_tlb_sids.is_empty());
-    ReportDocument {
-        schema_version: SCHEMA_VERSION.into(),
-        tool: tool(),
-        source: DocSource::Trace {
-            path: path.map(str::to_string),
-            origin,
-            scenario,
-            seed,
-            // The stream goes on after this incident.
-            complete: false,
-            records: stats.records,
-            error: None,
-        },
-        host: host_from_header(header, ats_seen),
-        probes: header.probes.iter().map(Probe::from).collect(),
-        capture: Capture {
-            start_ns: Some(inc.start.0),
-            end_ns: Some(inc.end.0),
-            duration_ns: Some(inc.end.0.saturating_sub(inc.start.0)),
-            started_unix_s: header.started_unix_s,
-            clock: header.clock.clone(),
-        },
-        loss: Loss {
-            lost_markers: stats.lost_markers,
-            complete: false,
-            ..Loss::default()
-        },
-        inventory: inventory_from_incidents(&incidents, &BTreeMap::new()),
-        fixes: summarize_fixes(&incidents),
-        incidents,
     }
 }
 
@@ -1219,7 +1192,8 @@ pub fn report_cli(
     // they close), the summary at the end. A long trace's first findings come out early.
     let reader = TraceReader::open(path)?;
     let header = reader.header().clone();
-    out.write_all(&ndjson_header(&from_header_only(&header, Some(path)))?)?;
+    let start = header_document(&header, Some(path.display().to_string()), false);
+    out.write_all(&ndjson_header(&start)?)?;
     out.flush()?;
     let mut failed: Option<DocumentError> = None;
     let mut written = std::collections::BTreeSet::new();
@@ -1242,20 +1216,15 @@ pub fn report_cli(
     Ok(doc)
 }
 
-/// The document as far as a trace's header tells it, before any record is read: what the
-/// NDJSON header line needs.
-fn from_header_only(header: &TraceHeader, path: Option<&Path>) -> ReportDocument {
-    let (origin, scenario, seed) = match &header.source {
-        Source::Live => ("live".to_string(), None, None),
-        Source::Simulated { scenario, seed } => {
-            ("simulated".to_string(), Some(scenario.clone()), Some(*seed))
-        }
-    };
+/// The document as far as a trace's header tells it, before any record is read (the NDJSON
+/// header line); the other builders fill in the rest. `ats_seen`: as for [`host_from_header`].
+fn header_document(header: &TraceHeader, path: Option<String>, ats_seen: bool) -> ReportDocument {
+    let (origin, scenario, seed) = origin_of(&header.source);
     ReportDocument {
         schema_version: SCHEMA_VERSION.into(),
         tool: tool(),
         source: DocSource::Trace {
-            path: path.map(|p| p.display().to_string()),
+            path,
             origin,
             scenario,
             seed,
@@ -1263,7 +1232,7 @@ fn from_header_only(header: &TraceHeader, path: Option<&Path>) -> ReportDocument
             records: 0,
             error: None,
         },
-        host: host_from_header(header, false),
+        host: host_from_header(header, ats_seen),
         probes: header.probes.iter().map(Probe::from).collect(),
         capture: Capture {
             start_ns: header.started_mono_ns,

@@ -566,6 +566,7 @@ impl Worker {
         let mut fed: u64 = 0;
         let mut last_ts = KTime(0);
         let mut stats = crate::correlate::Stats::default();
+        let mut last_trim = std::time::Instant::now();
         if let Source::Live(r) = source {
             source = match r.into_async() {
                 Ok(a) => Source::LiveAsync(Box::new(a)),
@@ -654,6 +655,10 @@ impl Worker {
             for inc in out {
                 self.emit(inc, &stats).await;
             }
+            if last_trim.elapsed() >= TRIM_EVERY {
+                last_trim = std::time::Instant::now();
+                release_free_memory();
+            }
             if finished {
                 eprintln!(
                     "itewatch agent: end of the source: {fed} records, {} incidents; serving until stopped",
@@ -721,6 +726,23 @@ fn limit_malloc_arenas() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn limit_malloc_arenas() {}
+
+/// How often the agent hands free heap pages back to the kernel.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
+/// Gives the kernel back the free pages inside glibc's heap, not only at its top: under a
+/// steady stream the live heap is ~2.5 MiB (massif) while the heap's resident pages grew to
+/// 16 MiB, freed blocks pinned below a live one. Costs a walk of the free lists.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_free_memory() {
+    // SAFETY: malloc_trim only returns free memory of the allocator to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_memory() {}
 
 /// `itewatch agent`: parse the config, run until SIGTERM/SIGINT, reload on SIGHUP.
 pub fn run(args: AgentArgs) -> Result<ExitCode, AgentError> {

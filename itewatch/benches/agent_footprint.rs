@@ -20,6 +20,8 @@
 //! CPU is per cent of one core over the measured window (after a warm-up); on a shared machine
 //! this is the agent's own CPU time, not wall time. Figures are printed, not asserted.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -52,16 +54,6 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-fn status_kib(pid: u32, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 fn scrape(addr: SocketAddr) -> Option<String> {
@@ -146,8 +138,8 @@ fn measure(agent: &Agent, addr: SocketAddr, secs: u64, scrape_every: Duration) -
     let e1 = events_total(addr);
     Some(Sample {
         cpu_pct: (c1 - c0) as f64 / clk_tck() / wall * 100.0,
-        rss_kib: status_kib(pid, "VmRSS:")?,
-        hwm_kib: status_kib(pid, "VmHWM:")?,
+        rss_kib: common::status_kib(&pid.to_string(), "VmRSS:")?,
+        hwm_kib: common::status_kib(&pid.to_string(), "VmHWM:")?,
         events_per_s: match (e0, e1) {
             (Some(a), Some(b)) => Some((b - a) / wall),
             _ => None,

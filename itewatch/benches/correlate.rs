@@ -22,16 +22,6 @@ use itewatch::trace::{Source, TraceHeader, TraceReader, TraceWriter};
 
 const CHUNK: usize = 65_536;
 
-fn vm_hwm_kib() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 fn main() {
     let mut events: u64 = std::env::var("ITEWATCH_BENCH_EVENTS")
         .ok()
@@ -132,7 +122,7 @@ fn main() {
         "  wall (incl. generation) {:.2} s",
         wall.elapsed().as_secs_f64()
     );
-    match vm_hwm_kib() {
+    match common::status_kib("self", "VmHWM:") {
         Some(k) => println!("  peak RSS (VmHWM)     {:.1} MiB", k as f64 / 1024.0),
         None => println!("  peak RSS (VmHWM)     unavailable"),
     }

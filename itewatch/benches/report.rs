@@ -21,16 +21,6 @@ use itewatch::document::{self, DocSource};
 use itewatch::simulate::LongStream;
 use itewatch::trace::{Source, TraceHeader, TraceWriter};
 
-fn status_kib(key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// The child: report one trace file, print `cpu_s wall_s vmhwm_kib records incidents json_bytes`.
 fn report_child(path: &str) {
     let wall = Instant::now();
@@ -46,7 +36,7 @@ fn report_child(path: &str) {
     };
     println!(
         "{cpu} {wall} {} {records} {} {}",
-        status_kib("VmHWM:").unwrap_or(0),
+        common::status_kib("self", "VmHWM:").unwrap_or(0),
         doc.incidents.len(),
         json.len()
     );

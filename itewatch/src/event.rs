@@ -387,8 +387,7 @@ pub struct Submit {
     pub options: u64,
     /// `count` as passed by the caller.
     pub count: u32,
-    /// Number of descriptors captured (at most [`abi::MAX_BATCH`]); `raw` holds them.
-    pub captured: u32,
+    /// The descriptors captured: the first `count`, at most [`abi::MAX_BATCH`].
     pub raw: Descs,
     pub stack: Option<StackId>,
 }
@@ -396,7 +395,11 @@ pub struct Submit {
 impl Submit {
     /// The captured raw descriptors.
     pub fn raw_descs(&self) -> &[RawDesc] {
-        &self.raw[..self.raw.len().min(self.captured as usize)]
+        &self.raw
+    }
+    /// How many descriptors were captured.
+    pub fn captured(&self) -> u32 {
+        self.raw.len() as u32
     }
     /// The captured descriptors, decoded.
     pub fn descriptors(&self) -> impl Iterator<Item = Descriptor> + '_ {
@@ -408,7 +411,7 @@ impl Submit {
     }
     /// True when the batch was longer than what was captured.
     pub fn truncated(&self) -> bool {
-        self.captured < self.count
+        self.captured() < self.count
     }
 }
 
@@ -663,7 +666,6 @@ impl Event {
                     iommu: iommu_from_abi(e.iommu),
                     options: e.options,
                     count: e.count,
-                    captured,
                     raw: Descs::from_slice(&e.descs[..captured as usize]),
                     stack: stack_from_abi(e.stack_id),
                 })
@@ -775,7 +777,7 @@ impl Event {
                     iommu: iommu_to_abi(&s.iommu),
                     options: s.options,
                     count: s.count,
-                    captured: s.raw_descs().len() as u32,
+                    captured: s.captured(),
                     stack_id: stack_to_abi(s.stack),
                     _pad: 0,
                     descs,
@@ -1096,7 +1098,6 @@ mod tests {
                 iommu,
                 options: 0,
                 count: 2,
-                captured: 2,
                 raw: raw[..2].into(),
                 stack: Some(StackId(1)),
             }),

@@ -15,7 +15,7 @@
 use std::path::Path;
 
 use crate::sysfs::Sysfs;
-use crate::trace::{HostHardware, HostInfo, HostIommu, TraceHeader};
+use crate::trace::{HostHardware, HostInfo, HostIommu, ProbeStatus, Source, TraceHeader};
 
 /// What [`collect_host`] found: the header's `host` and `hardware`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -140,6 +140,17 @@ pub fn scalable_mode(
 
 /// Collects the host facts below `root` (`/` on a live system). Never fails: what cannot be
 /// read stays unknown.
+/// The trace header of a live capture on this host, as `record`, `agent` and `live` write or
+/// report it: this host's facts (read now: a device's ATS state needs the privileges that
+/// `agent` drops later), the probes as attached and the capture's monotonic start.
+pub fn live_header(probes: &[ProbeStatus], started_mono_ns: u64) -> TraceHeader {
+    let mut header = TraceHeader::new(Source::Live);
+    collect_host(Path::new("/")).apply(&mut header);
+    header.probes = probes.to_vec();
+    header.started_mono_ns = Some(started_mono_ns);
+    header
+}
+
 pub fn collect_host(root: &Path) -> CollectedHost {
     let info = HostInfo {
         hostname: read_trim(root, "proc/sys/kernel/hostname").unwrap_or_default(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::event::{KTime, Record};
 use crate::live::{Item, LiveReader};
 use crate::probe::LoadOptions;
-use crate::trace::{Source, TraceEnd, TraceHeader, TraceWriter};
+use crate::trace::{TraceEnd, TraceWriter};
 
 pub use crate::live::monotonic_ns;
 
@@ -98,12 +98,9 @@ async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
             );
         }
     }
-    let mut header = TraceHeader::new(Source::Live);
     // Host, CPU model, VT-d units, scalable mode, ATS in use: into the header, so every report
     // of the trace names the machine it came from.
-    crate::host::collect_host(std::path::Path::new("/")).apply(&mut header);
-    header.probes = reader.plan().to_vec();
-    header.started_mono_ns = Some(monotonic_ns());
+    let mut header = crate::host::live_header(reader.plan(), monotonic_ns());
     header.started_unix_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .ok()

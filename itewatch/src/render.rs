@@ -22,7 +22,7 @@ pub fn payload_json(p: &Payload) -> Value {
         Payload::Submit(s) => json!({
             "iommu": s.iommu.name.to_string(),
             "count": s.count,
-            "captured": s.captured,
+            "captured": s.captured(),
             "truncated": s.truncated(),
             "options": s.options,
             "descriptors": s.raw_descs().iter().map(|d| {
@@ -266,7 +266,6 @@ mod tests {
                 },
                 options: 0,
                 count: 2,
-                captured: 2,
                 raw: raw[..2].into(),
                 stack: None,
             }),

@@ -296,3 +296,94 @@ fn streamed_ndjson_says_what_the_document_says() {
         assert_eq!(streamed, want, "{what}");
     }
 }
+
+/// Streamed for real: fed through a FIFO that holds only the trace up to the record that
+/// closes its incident, `report --format ndjson` has already written that incident's line
+/// while the rest of the trace is still to come.
+#[test]
+fn ndjson_incidents_come_out_before_the_trace_ends() {
+    use std::io::Write;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    // The storm stream (an incident scenario per chunk): incidents close mid-stream.
+    let mut stream = itewatch::simulate::LongStream::new(1, 150_000);
+    stream.incident_every = 1;
+    let mut w = itewatch::trace::TraceWriter::new(
+        Vec::new(),
+        &itewatch::trace::TraceHeader::new(itewatch::trace::Source::Simulated {
+            scenario: "storm".into(),
+            seed: 1,
+        }),
+    )
+    .unwrap();
+    for rec in stream {
+        w.write_record(&rec).unwrap();
+    }
+    let bytes = w.finish().unwrap();
+    // The byte offset just after the record whose processing closes the first incident.
+    let mut r = itewatch::trace::TraceReader::new(&bytes[..]).unwrap();
+    let mut c = itewatch::correlate::Correlator::new(Config::default());
+    let mut cut = None;
+    while let Some(rec) = r.next_record().unwrap() {
+        if c.push_owned(rec).iter().any(|i| i.closed) {
+            cut = Some(r.offset() as usize);
+            break;
+        }
+    }
+    let cut = cut.expect("an incident closes before the trace ends");
+    assert!(cut + 1000 < bytes.len(), "records follow the verdict");
+
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("trace.itw");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+
+    /// Sends each complete line written to it.
+    struct Lines(mpsc::Sender<String>, Vec<u8>);
+    impl Write for Lines {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.1.extend_from_slice(b);
+            while let Some(n) = self.1.iter().position(|&c| c == b'\n') {
+                let line: Vec<u8> = self.1.drain(..=n).collect();
+                let _ = self
+                    .0
+                    .send(String::from_utf8_lossy(&line).trim().to_string());
+            }
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let (tx, rx) = mpsc::channel();
+    let path = fifo.clone();
+    let report = std::thread::spawn(move || {
+        let mut out = Lines(tx, Vec::new());
+        document::report_cli(&path, Format::Ndjson, &mut out).map(|d| d.incidents.len())
+    });
+    let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    w.write_all(&bytes[..cut]).unwrap();
+    w.flush().unwrap();
+    let kind = |line: &str| -> String {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        v["record"].as_str().unwrap_or_default().to_string()
+    };
+    let wait = Duration::from_secs(20);
+    assert_eq!(kind(&rx.recv_timeout(wait).unwrap()), "header");
+    let line = rx
+        .recv_timeout(wait)
+        .expect("the incident's line before the rest of the trace");
+    assert_eq!(kind(&line), "incident");
+    w.write_all(&bytes[cut..]).unwrap();
+    drop(w);
+    let incidents = report.join().unwrap().unwrap();
+    let rest: Vec<String> = rx.iter().collect();
+    assert_eq!(
+        rest.len(),
+        incidents,
+        "every other incident, then the summary"
+    );
+    assert_eq!(kind(rest.last().unwrap()), "summary");
+}

@@ -321,12 +321,8 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<(Source, DocCont
                     missing.join(", ")
                 );
             }
-            // Host facts are read here, before the capabilities are dropped: a device's ATS
-            // state needs them.
-            let mut header = TraceHeader::new(TraceSource::Live);
-            crate::host::collect_host(std::path::Path::new("/")).apply(&mut header);
-            header.probes = live.plan().to_vec();
-            header.started_mono_ns = Some(monotonic_ns());
+            // Before the capabilities are dropped: a device's ATS state needs them.
+            let header = crate::host::live_header(live.plan(), monotonic_ns());
             Ok((
                 Source::Live(Box::new(live)),
                 DocContext { header, path: None },
@@ -600,7 +596,6 @@ impl Worker {
                         fed += n as u64;
                         if n > 0 {
                             self.metrics.snapshot(&c.snapshot(), last_ts);
-                            stats.clone_from(c.stats());
                         }
                         if self.cfg.rate.is_some() && n == want {
                             // Paced: come back when the next records are due (at once
@@ -648,8 +643,14 @@ impl Worker {
                         }
                         out.extend(c.advance(now));
                         self.metrics.snapshot(&c.snapshot(), now);
-                        stats.clone_from(c.stats());
                     }
+                }
+            }
+            // The counts a spooled document carries; read only when there is one to write (at
+            // the end of a finite source they came with the summary).
+            if !out.is_empty() {
+                if let Some(c) = &corr {
+                    stats.clone_from(c.stats());
                 }
             }
             for inc in out {

@@ -344,7 +344,7 @@ pub fn detail(e: &Event) -> String {
                 }
             }
             if sub.truncated() {
-                let _ = write!(s, " (captured {} of {})", sub.captured, sub.count);
+                let _ = write!(s, " (captured {} of {})", sub.captured(), sub.count);
             }
         }
         Payload::SubmitReturn(r) => {

@@ -604,7 +604,8 @@ impl Correlator {
         if s.truncated() {
             inf.partial.insert(format!(
                 "batch of {} descriptors, {} captured",
-                s.count, s.captured
+                s.count,
+                s.captured()
             ));
         }
         for i in 0..inf.sids.len() {

@@ -478,7 +478,6 @@ impl World {
             iommu: self.iommus[iommu],
             options: 0,
             count: descs.len() as u32,
-            captured: captured as u32,
             raw: descs[..captured].into(),
             stack: Some(StackId(stack)),
         })

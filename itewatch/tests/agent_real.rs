@@ -966,9 +966,20 @@ fn sigkill_during_an_incident_storm_loses_nothing_the_agent_logged() {
     wait_for(30, "every pending delivery made", || {
         check_spool(&spool).1.is_empty()
     });
+    let final_stderr = agent.stderr.lock().unwrap().clone();
     drop(agent);
     let got = rx.keys.lock().unwrap().clone();
     let distinct: BTreeSet<(String, String)> = got.iter().cloned().collect();
+    if distinct.len() != got.len() {
+        let mut seen = BTreeSet::new();
+        for k in &got {
+            if !seen.insert(k.clone()) {
+                let w: Vec<_> = waiting.iter().filter(|(_, v)| v.0 == k.0).collect();
+                eprintln!("DUP {k:?}; waiting with that incident: {w:?}");
+                eprintln!("final agent stderr:\n{final_stderr}");
+            }
+        }
+    }
     assert_eq!(distinct.len(), got.len(), "an alert was delivered twice");
     assert_eq!(distinct, waiting.values().cloned().collect());
     assert!(opened.iter().all(|id| waiting.contains_key(id)));

@@ -50,6 +50,11 @@ pub struct FileConfig {
     pub seed: Option<u64>,
     pub rate: Option<u64>,
     pub max_pending: Option<u64>,
+    /// Files or terminals that get a compact JSON line for every incident revision, written
+    /// synchronously by whichever agent thread still runs (agent/lastgasp.rs).
+    pub last_gasp: Option<Vec<PathBuf>>,
+    /// Critical revisions also go to the kernel log (/dev/kmsg, KERN_CRIT).
+    pub kmsg: Option<bool>,
 }
 
 /// Where records come from.
@@ -81,6 +86,10 @@ pub struct Config {
     /// Bound on the Alertmanager deliveries waiting (in the spool and in memory); past it the
     /// oldest are dropped, logged and counted.
     pub max_pending: usize,
+    /// The last-gasp channels (see `FileConfig::last_gasp`).
+    pub last_gasp: Vec<PathBuf>,
+    /// Critical revisions to /dev/kmsg.
+    pub kmsg: bool,
 }
 
 impl FileConfig {
@@ -108,6 +117,8 @@ impl FileConfig {
             seed: over.seed.or(self.seed),
             rate: over.rate.or(self.rate),
             max_pending: over.max_pending.or(self.max_pending),
+            last_gasp: over.last_gasp.or(self.last_gasp),
+            kmsg: over.kmsg.or(self.kmsg),
         }
     }
 
@@ -172,6 +183,8 @@ impl FileConfig {
             source,
             rate: self.rate,
             max_pending: usize::try_from(max_pending).unwrap_or(usize::MAX),
+            last_gasp: self.last_gasp.unwrap_or_default(),
+            kmsg: self.kmsg.unwrap_or(false),
         })
     }
 }

@@ -8,13 +8,16 @@
 pub mod alert;
 pub mod config;
 pub mod http;
+pub mod lastgasp;
 pub mod metrics;
 pub mod privileges;
+pub mod sentinel;
 pub mod spool;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -30,13 +33,15 @@ use crate::live::{monotonic_ns, LiveReader};
 use crate::trace::{Source as TraceSource, TraceHeader};
 use alert::{alert_for, Msg, Pusher};
 use config::{Config, ConfigError, FileConfig, SourceConfig};
+use lastgasp::LastGasp;
 use metrics::Metrics;
+use sentinel::{Pipe, Sentinels, Shared};
 use spool::{Pending, Spool};
 
 /// Incidents kept in memory for `/incidents` (the spool keeps more).
 const MAX_INCIDENTS_IN_MEMORY: usize = 1000;
 /// Records fed to the correlator between two yields (replay / simulate).
-const CHUNK: usize = 8192;
+const CHUNK: usize = sentinel::CHUNK;
 /// Wake-up interval of a paced (`--rate`) source.
 const PACE_TICK: Duration = Duration::from_millis(10);
 
@@ -87,6 +92,15 @@ pub struct AgentArgs {
     /// [default: 10000].
     #[arg(long)]
     pub max_pending: Option<u64>,
+    /// Also write a compact JSON line for every incident revision to this file or terminal
+    /// (e.g. a serial port), synchronously, from whichever agent thread still runs; repeat
+    /// for several. The channel meant to outlive a host stuck in the ITE loop (docs/agent.md).
+    #[arg(long = "last-gasp", value_name = "PATH")]
+    pub last_gasp: Vec<PathBuf>,
+    /// Also write critical incident revisions to the kernel log (/dev/kmsg, KERN_CRIT), which
+    /// serial consoles, netconsole and pstore carry off a dying host.
+    #[arg(long)]
+    pub kmsg: bool,
     /// Validate the configuration and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -107,6 +121,8 @@ impl AgentArgs {
             seed: self.seed,
             rate: self.rate,
             max_pending: self.max_pending,
+            last_gasp: (!self.last_gasp.is_empty()).then(|| self.last_gasp.clone()),
+            kmsg: self.kmsg.then_some(true),
         }
     }
 }
@@ -221,10 +237,30 @@ enum Source {
     /// A trace, a scenario or the endless soak stream, paced by `Config::rate` if set.
     Finite(Box<dyn Iterator<Item = Record> + Send>),
     /// The live probes, attached before the runtime starts (so that the capabilities can be
-    /// dropped while there is one thread), drained at the tick until registered.
+    /// dropped while there is one thread).
     Live(Box<LiveReader>),
-    /// The same, registered with the runtime: the ring buffer's fd wakes the loop.
-    LiveAsync(Box<AsyncFd<LiveReader>>),
+}
+
+/// A duplicate of the ring buffer's fd, registered with the runtime so that events wake the
+/// main loop; the reader itself sits in the shared pipeline (agent/sentinel.rs).
+struct RingFd(OwnedFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl RingFd {
+    fn register(reader: &LiveReader) -> std::io::Result<AsyncFd<RingFd>> {
+        // SAFETY: `reader`'s fd is open (the reader owns its ring buffer map); we only
+        // duplicate it, and the OwnedFd closes the duplicate when dropped.
+        let dup = unsafe { std::os::fd::BorrowedFd::borrow_raw(reader.as_raw_fd()) }
+            .try_clone_to_owned()?;
+        // SAFETY: RingFd owns the duplicate for its whole life and always returns that fd.
+        unsafe { AsyncFd::register_with_interest(RingFd(dup), tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+    }
 }
 
 /// A running agent.
@@ -549,105 +585,73 @@ impl Worker {
         }
     }
 
-    async fn run(
+    async fn run(self, source: Source, stop: watch::Receiver<bool>, reload: mpsc::Receiver<()>) {
+        match source {
+            Source::Finite(it) => self.run_finite(it, stop, reload).await,
+            Source::Live(reader) => self.run_live(*reader, stop, reload).await,
+        }
+    }
+
+    /// A trace, a scenario or a soak stream: fed in chunks (paced if asked), never advanced
+    /// past its last record; at its end every open incident is closed.
+    async fn run_finite(
         mut self,
-        mut source: Source,
+        mut it: Box<dyn Iterator<Item = Record> + Send>,
         mut stop: watch::Receiver<bool>,
         mut reload: mpsc::Receiver<()>,
     ) {
         let mut corr = Some(Correlator::new(CorrelatorConfig::default()));
-        // Live: loss markers, device identities and BPF stats once a second, and at once.
-        let mut last_periodic: Option<std::time::Instant> = None;
         let paced_since = std::time::Instant::now();
         let mut fed: u64 = 0;
         let mut last_ts = KTime(0);
         let mut stats = crate::correlate::Stats::default();
         let mut last_trim = std::time::Instant::now();
-        if let Source::Live(r) = source {
-            source = match r.into_async() {
-                Ok(a) => Source::LiveAsync(Box::new(a)),
-                Err(b) => {
-                    let (r, e) = *b;
-                    eprintln!("itewatch agent: ring buffer fd: {e}; polling it every 100 ms");
-                    Source::Live(Box::new(r))
-                }
-            };
-        }
         loop {
             let mut out = Vec::new();
             let mut tick = Duration::from_millis(100);
             let mut finished = false;
-            match &mut source {
-                Source::Finite(it) => {
-                    if let Some(c) = corr.as_mut() {
-                        let want = match self.cfg.rate {
-                            Some(rate) => paced_budget(rate, paced_since.elapsed(), fed, CHUNK),
-                            None => CHUNK,
-                        };
-                        let mut n = 0;
-                        for r in it.by_ref().take(want) {
-                            self.metrics.observe(&r);
-                            if let Some(t) = r.ts() {
-                                last_ts = last_ts.max(t);
-                            }
-                            out.extend(c.push_owned(r));
-                            n += 1;
-                        }
-                        fed += n as u64;
-                        if n > 0 {
-                            self.metrics.snapshot(&c.snapshot(), last_ts);
-                        }
-                        if self.cfg.rate.is_some() && n == want {
-                            // Paced: come back when the next records are due (at once
-                            // when behind by a whole chunk).
-                            tick = if want == CHUNK {
-                                Duration::ZERO
-                            } else {
-                                PACE_TICK
-                            };
-                        } else if n < want {
-                            // End of the stream: close what is open, report what is left.
-                            finished = true;
-                            if let Some(c) = corr.take() {
-                                let snap = c.snapshot();
-                                let sum = c.finish();
-                                out.extend(sum.incidents);
-                                self.metrics.snapshot(&snap, sum.end);
-                                stats = sum.stats;
-                            }
-                        } else {
-                            tick = Duration::ZERO;
-                        }
+            if let Some(c) = corr.as_mut() {
+                let want = match self.cfg.rate {
+                    Some(rate) => paced_budget(rate, paced_since.elapsed(), fed, CHUNK),
+                    None => CHUNK,
+                };
+                let mut n = 0;
+                for r in it.by_ref().take(want) {
+                    self.metrics.observe(&r);
+                    if let Some(t) = r.ts() {
+                        last_ts = last_ts.max(t);
                     }
+                    out.extend(c.push_owned(r));
+                    n += 1;
                 }
-                Source::Live(_) | Source::LiveAsync(_) => {
-                    let Some(reader) = source.live_reader() else {
-                        break;
+                fed += n as u64;
+                if n > 0 {
+                    self.metrics.snapshot(&c.snapshot(), last_ts);
+                }
+                if self.cfg.rate.is_some() && n == want {
+                    // Paced: come back when the next records are due (at once when behind
+                    // by a whole chunk).
+                    tick = if want == CHUNK {
+                        Duration::ZERO
+                    } else {
+                        PACE_TICK
                     };
-                    let mut recs = Vec::new();
-                    if reader.drain(CHUNK, &mut recs) == CHUNK {
-                        tick = Duration::ZERO;
+                } else if n < want {
+                    // End of the stream: close what is open, report what is left.
+                    finished = true;
+                    if let Some(c) = corr.take() {
+                        let snap = c.snapshot();
+                        let sum = c.finish();
+                        out.extend(sum.incidents);
+                        self.metrics.snapshot(&snap, sum.end);
+                        stats = sum.stats;
                     }
-                    let now = KTime(monotonic_ns());
-                    if last_periodic.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                        last_periodic = Some(std::time::Instant::now());
-                        reader.periodic(now, &mut recs);
-                        for p in reader.last_program_stats() {
-                            self.metrics.bpf_run_time(&p.program, p.run_time_ns);
-                        }
-                    }
-                    if let Some(c) = corr.as_mut() {
-                        for r in recs {
-                            self.metrics.observe(&r);
-                            out.extend(c.push_owned(r));
-                        }
-                        out.extend(c.advance(now));
-                        self.metrics.snapshot(&c.snapshot(), now);
-                    }
+                } else {
+                    tick = Duration::ZERO;
                 }
             }
             // The counts a spooled document carries; read only when there is one to write (at
-            // the end of a finite source they came with the summary).
+            // the end of the source they came with the summary).
             if !out.is_empty() {
                 if let Some(c) = &corr {
                     stats.clone_from(c.stats());
@@ -670,38 +674,111 @@ impl Worker {
                 _ = stop.changed() => break,
                 r = reload.recv() => if r.is_some() { self.reload().await },
                 _ = tokio::time::sleep(tick) => {}
-                // Events wake the loop at once (an incident is persisted within
-                // milliseconds); the tick still advances the correlator's clock, so a
-                // hung invalidation is raised while nothing else happens.
-                _ = ring_readable(&mut source) => {}
             }
             if *stop.borrow() {
                 break;
             }
         }
     }
+
+    /// The live probes: the ring buffer's fd wakes the loop, a 100 ms tick advances the
+    /// correlator's clock while nothing happens (a hung submission is raised then), and
+    /// sentinels pinned to other CPUs take over the pipeline when this loop stops running
+    /// (agent/sentinel.rs). Every incident goes to the last-gasp channels first.
+    async fn run_live(
+        mut self,
+        reader: LiveReader,
+        mut stop: watch::Receiver<bool>,
+        mut reload: mpsc::Receiver<()>,
+    ) {
+        let registered = RingFd::register(&reader);
+        let shared = Shared::new(Pipe::new(
+            reader,
+            Correlator::new(CorrelatorConfig::default()),
+        ));
+        let mut readable = match registered {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("itewatch agent: ring buffer fd: {e}; polling it every 100 ms");
+                None
+            }
+        };
+        let (paths, kmsg) = (self.cfg.last_gasp.clone(), self.cfg.kmsg);
+        let open = |writer: &str| {
+            let (lg, errors) = LastGasp::open(writer, &paths, kmsg);
+            for e in errors {
+                eprintln!("itewatch agent: {e}");
+            }
+            lg
+        };
+        let mut lastgasp = open("main");
+        let (rescued_tx, rescued) = std::sync::mpsc::channel();
+        let cpus = sentinel::spread(&sentinel::allowed_cpus(), sentinel::MAX_SENTINELS);
+        let sentinels = Sentinels::spawn(shared.clone(), &cpus, open, rescued_tx);
+        eprintln!(
+            "itewatch agent: {} sentinel thread(s) on CPU {:?}",
+            sentinels.len(),
+            cpus
+        );
+        let mut stats = crate::correlate::Stats::default();
+        let mut last_trim = std::time::Instant::now();
+        loop {
+            let mut tick = Duration::from_millis(100);
+            let mut out = {
+                let mut pipe = shared.pipe.lock().unwrap_or_else(|e| e.into_inner());
+                let step = pipe.step(Some(&self.metrics));
+                shared.beat();
+                if step.more {
+                    tick = Duration::ZERO;
+                }
+                let now = monotonic_ns();
+                let rate = pipe.log_rate();
+                for inc in &step.incidents {
+                    lastgasp.write(inc, now, rate);
+                }
+                if !step.incidents.is_empty() {
+                    stats.clone_from(pipe.corr.stats());
+                }
+                step.incidents
+            };
+            // What sentinels produced while this loop did not run: already on their last-gasp
+            // channels, now spooled, printed and alerted.
+            out.extend(rescued.try_iter());
+            for inc in out {
+                self.emit(inc, &stats).await;
+            }
+            if last_trim.elapsed() >= TRIM_EVERY {
+                last_trim = std::time::Instant::now();
+                release_free_memory();
+            }
+            tokio::select! {
+                _ = stop.changed() => break,
+                r = reload.recv() => if r.is_some() { self.reload().await },
+                _ = tokio::time::sleep(tick) => {}
+                // Events wake the loop at once (an incident is persisted within
+                // milliseconds); the tick still advances the correlator's clock, so a
+                // hung invalidation is raised while nothing else happens.
+                _ = ring_readable(readable.as_mut()) => {}
+            }
+            if *stop.borrow() {
+                break;
+            }
+        }
+        drop(readable);
+        drop(sentinels);
+    }
 }
 
-/// Resolves when the live ring buffer has events waiting (never for a finite source). The
+/// Resolves when the live ring buffer has events waiting (never without a registered fd). The
 /// readiness is cleared before the drain, so events that arrive during it wake the loop again.
-async fn ring_readable(source: &mut Source) {
-    match source {
-        Source::LiveAsync(live) => match live.readable_mut().await {
+async fn ring_readable(fd: Option<&mut AsyncFd<RingFd>>) {
+    match fd {
+        Some(a) => match a.readable_mut().await {
             Ok(mut guard) => guard.clear_ready(),
             // Polling failed: fall back to the tick.
             Err(_) => std::future::pending().await,
         },
-        Source::Live(_) | Source::Finite(_) => std::future::pending().await,
-    }
-}
-
-impl Source {
-    fn live_reader(&mut self) -> Option<&mut LiveReader> {
-        match self {
-            Source::Live(r) => Some(r),
-            Source::LiveAsync(a) => Some(a.get_mut()),
-            Source::Finite(_) => None,
-        }
+        None => std::future::pending().await,
     }
 }
 

@@ -1,0 +1,348 @@
+//! The live pipeline (ring buffer → correlator) and the sentinels that keep it running when
+//! the agent's own threads are stuck behind a CPU spinning with interrupts off.
+//!
+//! Why: in the 6.1 lockup (docs/vm-tests.md) every agent thread whose last CPU was the
+//! spinning one stopped for good — runnable but never scheduled, or asleep with its timer or
+//! wake-up owed by that CPU — and records written there never woke a reader. Which CPU spins
+//! is not known in advance (the pciehp thread's, a driver's), so the agent keeps one small
+//! sentinel thread pinned to each of a few CPUs. Each sleeps on its own timer; when the main
+//! loop's heartbeat is older than [`STALE`], the first sentinel to get the pipeline drains the
+//! ring itself, advances the correlator to its own clock and writes what comes out to its
+//! last-gasp channel (agent/lastgasp.rs) at once. The incidents also go to the main loop,
+//! which spools, prints and alerts them if it ever runs again.
+//!
+//! What a sentinel cannot do: take the pipeline from a thread that stalled while holding it
+//! (it then says so on its channel, once), or serve HTTP.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::correlate::incident::Incident;
+use crate::correlate::Correlator;
+use crate::event::{KTime, Record};
+use crate::live::{monotonic_ns, LiveReader};
+
+use super::lastgasp::LastGasp;
+use super::metrics::Metrics;
+
+/// Records drained per step.
+pub const CHUNK: usize = 8192;
+/// A sentinel's sleep between two looks at the heartbeat.
+pub const PERIOD: Duration = Duration::from_millis(50);
+/// The main loop is presumed stuck when its last step is older than this (its own tick is
+/// 100 ms).
+pub const STALE: Duration = Duration::from_millis(300);
+/// Records a sentinel drained that the metrics have not counted yet, at most.
+const MAX_UNOBSERVED: usize = 1 << 16;
+/// Most sentinels, spread over the CPUs the agent may run on.
+pub const MAX_SENTINELS: usize = 8;
+
+/// The live source and the correlator it feeds: one drain step at a time, by whoever holds it.
+pub struct Pipe {
+    pub reader: LiveReader,
+    pub corr: Correlator,
+    last_periodic: Option<Instant>,
+    /// Records drained by a sentinel, for the metrics (which a sentinel does not touch: their
+    /// locks may be held by a stalled thread).
+    unobserved: VecDeque<Record>,
+    /// Records the metrics never saw because `unobserved` was full.
+    pub unobserved_dropped: u64,
+    /// Kernel log lines in the current second, and in the one before (lastgasp.rs keeps off
+    /// /dev/kmsg while the log floods).
+    log_window: (u64, u32, u32),
+}
+
+/// What one step did.
+pub struct Step {
+    pub incidents: Vec<Incident>,
+    /// The ring had more than one chunk waiting: step again at once.
+    pub more: bool,
+    /// Monotonic time the correlator was advanced to, if it was.
+    pub advanced_to: Option<KTime>,
+}
+
+impl Pipe {
+    pub fn new(reader: LiveReader, corr: Correlator) -> Pipe {
+        Pipe {
+            reader,
+            corr,
+            last_periodic: None,
+            unobserved: VecDeque::new(),
+            unobserved_dropped: 0,
+            log_window: (0, 0, 0),
+        }
+    }
+
+    /// Kernel log lines a second, by the last full second or the current one if higher.
+    pub fn log_rate(&self) -> u32 {
+        self.log_window.1.max(self.log_window.2)
+    }
+
+    fn count_log(&mut self, ts: KTime) {
+        let sec = ts.0 / 1_000_000_000;
+        let (cur, n, _) = self.log_window;
+        if sec == cur {
+            self.log_window.1 = n.saturating_add(1);
+        } else if sec > cur {
+            let prev = if sec == cur + 1 { n } else { 0 };
+            self.log_window = (sec, 1, prev);
+        }
+    }
+
+    /// Drains up to a chunk, adds the periodic records (losses, devices) once a second and
+    /// advances the correlator's clock — only when the ring came back drained, so a reader
+    /// that lags never declares hung a submission whose return is still waiting in the ring.
+    /// `metrics`: the main loop's; `None` from a sentinel.
+    pub fn step(&mut self, metrics: Option<&Metrics>) -> Step {
+        let mut recs = Vec::new();
+        let more = self.reader.drain(CHUNK, &mut recs) == CHUNK;
+        let now = KTime(monotonic_ns());
+        if self
+            .last_periodic
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.last_periodic = Some(Instant::now());
+            self.reader.periodic(now, &mut recs);
+            if let Some(m) = metrics {
+                for p in self.reader.last_program_stats() {
+                    m.bpf_run_time(&p.program, p.run_time_ns);
+                }
+            }
+        }
+        if let Some(m) = metrics {
+            for r in self.unobserved.drain(..) {
+                m.observe(&r);
+            }
+        }
+        let mut incidents = Vec::new();
+        for r in recs {
+            if let Record::Event(e) = &r {
+                if matches!(e.payload, crate::event::Payload::KernelLog(_)) {
+                    self.count_log(e.meta.ts);
+                }
+            }
+            match metrics {
+                Some(m) => m.observe(&r),
+                None if self.unobserved.len() < MAX_UNOBSERVED => {
+                    self.unobserved.push_back(r.clone())
+                }
+                None => self.unobserved_dropped += 1,
+            }
+            incidents.extend(self.corr.push_owned(r));
+        }
+        let advanced_to = (!more).then_some(now);
+        if let Some(now) = advanced_to {
+            incidents.extend(self.corr.advance(now));
+        }
+        if let Some(m) = metrics {
+            m.snapshot(&self.corr.snapshot(), now);
+        }
+        Step {
+            incidents,
+            more,
+            advanced_to,
+        }
+    }
+}
+
+/// What the main loop and the sentinels share.
+pub struct Shared {
+    pub pipe: Mutex<Pipe>,
+    /// Monotonic ns of the last completed step, by anyone.
+    pub heartbeat: AtomicU64,
+    pub stop: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(pipe: Pipe) -> Arc<Shared> {
+        Arc::new(Shared {
+            pipe: Mutex::new(pipe),
+            heartbeat: AtomicU64::new(monotonic_ns()),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    pub fn beat(&self) {
+        self.heartbeat.store(monotonic_ns(), Ordering::Relaxed);
+    }
+}
+
+/// Whether a heartbeat at `beat_ns` is stale at `now_ns` (pure).
+pub fn is_stale(beat_ns: u64, now_ns: u64) -> bool {
+    now_ns.saturating_sub(beat_ns) >= STALE.as_nanos() as u64
+}
+
+/// Up to `max` CPUs spread evenly over `allowed` (sorted), first and last included (pure).
+pub fn spread(allowed: &[usize], max: usize) -> Vec<usize> {
+    if allowed.len() <= max {
+        return allowed.to_vec();
+    }
+    if max <= 1 {
+        return allowed.iter().take(max).copied().collect();
+    }
+    let mut out: Vec<usize> = (0..max)
+        .map(|i| allowed[i * (allowed.len() - 1) / (max - 1)])
+        .collect();
+    out.dedup();
+    out
+}
+
+/// The CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it for this
+    // thread, and CPU_ISSET only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+/// Pins the calling thread to one CPU.
+fn pin_to(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: as above; sched_setaffinity(0, ..) applies to the calling thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The sentinel threads; stopped and joined on drop.
+pub struct Sentinels {
+    shared: Arc<Shared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Sentinels {
+    /// One sentinel per CPU in `cpus`, each with its own last-gasp descriptors (`open`, given
+    /// the writer's name), each sending what it produced to `rescued`.
+    pub fn spawn(
+        shared: Arc<Shared>,
+        cpus: &[usize],
+        open: impl Fn(&str) -> LastGasp,
+        rescued: mpsc::Sender<Incident>,
+    ) -> Sentinels {
+        let mut threads = Vec::new();
+        for &cpu in cpus {
+            let shared = shared.clone();
+            let mut lg = open(&format!("sentinel/{cpu}"));
+            let rescued = rescued.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("sentinel/{cpu}"))
+                .stack_size(256 << 10)
+                .spawn(move || {
+                    if let Err(e) = pin_to(cpu) {
+                        eprintln!("itewatch agent: sentinel on CPU {cpu}: cannot pin: {e}");
+                        return;
+                    }
+                    watch(&shared, &mut lg, &rescued);
+                });
+            match t {
+                Ok(t) => threads.push(t),
+                Err(e) => eprintln!("itewatch agent: cannot start a sentinel on CPU {cpu}: {e}"),
+            }
+        }
+        Sentinels { shared, threads }
+    }
+
+    pub fn len(&self) -> usize {
+        self.threads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.threads.is_empty()
+    }
+}
+
+impl Drop for Sentinels {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A sentinel's loop.
+fn watch(shared: &Shared, lg: &mut LastGasp, rescued: &mpsc::Sender<Incident>) {
+    let mut said_blocked = false;
+    while !shared.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(PERIOD);
+        if !is_stale(shared.heartbeat.load(Ordering::Relaxed), monotonic_ns()) {
+            said_blocked = false;
+            continue;
+        }
+        let mut pipe = match shared.pipe.try_lock() {
+            Ok(p) => p,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                // Held by another sentinel (fine) or by a stalled thread (nothing to do).
+                if !said_blocked
+                    && monotonic_ns().saturating_sub(shared.heartbeat.load(Ordering::Relaxed))
+                        >= 10 * STALE.as_nanos() as u64
+                {
+                    said_blocked = true;
+                    eprintln!("itewatch agent: the live pipeline has been held for over 3 s (a stalled CPU?)");
+                }
+                continue;
+            }
+        };
+        loop {
+            let step = pipe.step(None);
+            shared.beat();
+            let now = monotonic_ns();
+            let rate = pipe.log_rate();
+            for inc in step.incidents {
+                lg.write(&inc, now, rate);
+                let _ = rescued.send(inc);
+            }
+            if !step.more {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_goes_stale_after_the_bound() {
+        let ms = 1_000_000;
+        assert!(!is_stale(1_000 * ms, 1_000 * ms));
+        assert!(!is_stale(1_000 * ms, 1_299 * ms));
+        assert!(is_stale(1_000 * ms, 1_300 * ms));
+        // A beat from the future (another CPU's clock read just now) is not stale.
+        assert!(!is_stale(2_000 * ms, 1_000 * ms));
+    }
+
+    #[test]
+    fn sentinels_spread_over_the_allowed_cpus() {
+        assert_eq!(spread(&[0, 1], 8), vec![0, 1]);
+        assert_eq!(spread(&[3], 8), vec![3]);
+        let many: Vec<usize> = (0..64).collect();
+        let s = spread(&many, 8);
+        assert_eq!(s.len(), 8);
+        assert_eq!(s.first(), Some(&0));
+        assert_eq!(s.last(), Some(&63));
+        assert!(s.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(spread(&many, 1), vec![0]);
+        assert!(spread(&many, 0).is_empty());
+    }
+
+    #[test]
+    fn this_process_may_run_somewhere() {
+        assert!(!allowed_cpus().is_empty());
+    }
+}

@@ -97,13 +97,14 @@ impl Playback {
         }
     }
 
-    /// The time to tell the correlator (never past the last record played).
+    /// The time to tell the correlator: never past what the stream has shown. With the next
+    /// record in hand, stream time may run up to it (paced playback of a quiet stretch);
+    /// without it (the poll's budget ran out first) nothing beyond the last record played is
+    /// known: at `--speed 0` the stream time is unbounded, and advancing to it declared hung
+    /// every submission whose return was simply not pulled yet.
     pub fn clock(&self, wall_ns: u64) -> KTime {
-        match self.vnow(wall_ns) {
-            Some(now) if !self.done => now.min(match &self.next {
-                Some(r) => r.ts().unwrap_or(self.last_ts),
-                None => now,
-            }),
+        match (self.vnow(wall_ns), &self.next) {
+            (Some(now), Some(r)) if !self.done => now.min(r.ts().unwrap_or(self.last_ts)),
             _ => self.last_ts,
         }
     }
@@ -175,7 +176,8 @@ impl Source {
         }
     }
 
-    /// The time to give the correlator's `advance`.
+    /// The time to give the correlator's `advance` (live: only after a poll that drained the
+    /// ring, see `Engine::step`).
     pub fn clock(&self, wall_ns: u64) -> KTime {
         match self {
             Source::Live(_) => KTime(wall_ns),
@@ -229,6 +231,24 @@ mod tests {
             KTime(11_000),
             "the clock stops at the end"
         );
+    }
+
+    /// Regression: at --speed 0 a poll cut by its budget left the clock at u64::MAX (the
+    /// header showed t=18446744073.699551 and replays invented hangs).
+    #[test]
+    fn a_budget_cut_poll_leaves_the_clock_at_the_last_record() {
+        let recs: Vec<Record> = (0..10).map(|i| lost(i * 1_000_000_000)).collect();
+        let mut p = Playback::new(Box::new(recs.into_iter()), 0.0);
+        let mut out = Vec::new();
+        p.poll(0, 4, &mut out);
+        assert_eq!(p.clock(5), KTime(3_000_000_000));
+        let mut paced = Playback::new(Box::new((0..10).map(|i| lost(i * 1_000_000_000))), 1.0);
+        paced.poll(0, 3, &mut out);
+        // The next record (1 s) is in hand: stream time may run up to it.
+        assert_eq!(paced.clock(60_000_000_000), KTime(1_000_000_000));
+        paced.poll(60_000_000_000, 2, &mut out);
+        // The budget ran out before the next was pulled: the last played (2 s), not 60 s.
+        assert_eq!(paced.clock(60_000_000_000), KTime(2_000_000_000));
     }
 
     #[test]

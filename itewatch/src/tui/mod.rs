@@ -374,16 +374,17 @@ impl Engine {
             return;
         }
         let mut buf = std::mem::take(&mut self.buf);
-        let mut drained = false;
-        loop {
+        let drained = loop {
             self.src.poll(wall, CHUNK, &mut buf);
             let n = buf.len();
             self.feed(buf.drain(..));
-            drained = n < CHUNK;
-            if drained || self.src.done() || until.is_some_and(|d| Instant::now() >= d) {
-                break;
+            if n < CHUNK {
+                break true;
             }
-        }
+            if self.src.done() || until.is_some_and(|d| Instant::now() >= d) {
+                break false;
+            }
+        };
         self.buf = buf;
         // Advance only to what the source has delivered: a live ring whose drain the frame
         // deadline cut short still holds records older than `wall` (a return among them would

@@ -279,6 +279,8 @@ struct BootState {
     info: BootInfo,
     has_kernel_records: bool,
     last_mono: Option<u64>,
+    /// The earliest monotonic stamp this boot has shown.
+    first_mono: Option<u64>,
     first_wall: Option<i64>,
     last_ts: u64,
     mono: u64,
@@ -557,7 +559,17 @@ impl Core {
         }
         if let Some(ns) = rec.mono_ns {
             if let Some(last) = self.boot.last_mono {
-                if ns.saturating_add(5 * SEC) < last && rec.dialect != Dialect::JournalJson {
+                // A reboot starts its clock again: back to its first seconds, or below
+                // anything this boot has shown. A stamp that goes back but stays within this
+                // boot's time is another CPU's: a CPU spinning with interrupts off keeps
+                // printing with its clock frozen (seen on 6.1 under the emulated ITE: the
+                // spinning CPU's lines at 16.1 s among the other CPU's at 37 s).
+                let first = self.boot.first_mono.unwrap_or(0);
+                let rebooted = ns < 5 * SEC || ns.saturating_add(5 * SEC) < first;
+                if ns.saturating_add(5 * SEC) < last
+                    && rebooted
+                    && rec.dialect != Dialect::JournalJson
+                {
                     self.new_boot(None);
                 }
             }
@@ -584,6 +596,7 @@ impl Core {
         // else the previous line's.
         let ts = if let Some(ns) = rec.mono_ns {
             b.last_mono = Some(ns);
+            b.first_mono = Some(b.first_mono.map_or(ns, |f| f.min(ns)));
             b.mono += 1;
             ns
         } else if let Some(w) = rec.wall_s {
@@ -2243,6 +2256,25 @@ mod tests {
         assert_eq!(a.boots.len(), 2);
         assert_eq!(a.boots[1].kernel_release.as_deref(), Some("6.1.0"));
         assert_eq!(a.boots[1].first_line, 3);
+    }
+
+    /// Regression: the CPU spinning in qi_submit_sync prints with its clock frozen (6.1 under
+    /// the emulated ITE: its lines at 16.1 s among the other CPU's at 37 s); each drop was read
+    /// as a reboot, cutting the RCU stall report from the episode it belongs to.
+    #[test]
+    fn a_cpu_with_a_frozen_clock_is_not_a_reboot() {
+        let a = run("[    0.000000] Linux version 6.1.0 (x)
+[   16.139874] DMAR: VT-d detected Invalidation Time-out Error: SID 200
+[   37.215852] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:
+[   16.139874] NMI backtrace for cpu 0
+[   16.139874] DMAR: VT-d detected Invalidation Time-out Error: SID 200
+[   42.488116] DMAR: VT-d detected Invalidation Time-out Error: SID 200
+[   16.139874] DMAR: VT-d detected Invalidation Time-out Error: SID 200
+");
+        assert_eq!(a.boots.len(), 1);
+        // An excerpt that starts late and reboots without its banner still splits.
+        let b = run("[ 1000.000000] a\n[ 1001.000000] b\n[    0.500000] c\n[    1.000000] d\n");
+        assert_eq!(b.boots.len(), 2);
     }
 
     #[test]

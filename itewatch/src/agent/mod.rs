@@ -160,6 +160,8 @@ pub fn load_config(file: Option<&Path>, flags: FileConfig) -> Result<Config, Con
 pub struct State {
     pub metrics: Arc<Metrics>,
     incidents: Mutex<Incidents>,
+    /// Start (monotonic ns) of the oldest submission in flight; 0: none (live source only).
+    oldest_inflight_ns: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Default)]
@@ -173,7 +175,22 @@ impl State {
         State {
             metrics,
             incidents: Mutex::new(Incidents::default()),
+            oldest_inflight_ns: Arc::default(),
         }
+    }
+
+    /// How long the oldest submission has been in flight, when that is past the critical
+    /// hung bound (a CPU is presumably spinning in it with interrupts off).
+    pub fn stalled_for(&self) -> Option<Duration> {
+        let oldest = self
+            .oldest_inflight_ns
+            .load(std::sync::atomic::Ordering::Relaxed);
+        sentinel::stalled_for(
+            oldest,
+            monotonic_ns(),
+            CorrelatorConfig::default().hung_crit_ns,
+        )
+        .map(Duration::from_nanos)
     }
 
     fn remember(&self, inc: &Incident) {
@@ -692,10 +709,10 @@ impl Worker {
         mut reload: mpsc::Receiver<()>,
     ) {
         let registered = RingFd::register(&reader);
-        let shared = Shared::new(Pipe::new(
-            reader,
-            Correlator::new(CorrelatorConfig::default()),
-        ));
+        let shared = Shared::new(
+            Pipe::new(reader, Correlator::new(CorrelatorConfig::default())),
+            self.state.oldest_inflight_ns.clone(),
+        );
         let mut readable = match registered {
             Ok(a) => Some(a),
             Err(e) => {
@@ -727,7 +744,7 @@ impl Worker {
             let mut out = {
                 let mut pipe = shared.pipe.lock().unwrap_or_else(|e| e.into_inner());
                 let step = pipe.step(Some(&self.metrics));
-                shared.beat();
+                shared.beat(&step);
                 if step.more {
                     tick = Duration::ZERO;
                 }
@@ -849,9 +866,26 @@ pub fn run(args: AgentArgs) -> Result<ExitCode, AgentError> {
         eprintln!("itewatch agent: serving http://{}/metrics", h.addr);
         loop {
             tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                _ = hup.recv() => h.reload().await,
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                _ = hup.recv() => {
+                    h.reload().await;
+                    continue;
+                }
+            }
+            // Stopping detaches the probes: kernel text patching that waits for every CPU to
+            // answer an IPI. Behind a submission in flight this long, one CPU presumably
+            // spins with interrupts off and never answers: the detaching CPU would stop too
+            // (seen in the VM on 6.1). Keep running and keep watching instead.
+            match h.state.stalled_for() {
+                None => break,
+                Some(age) => eprintln!(
+                    "itewatch agent: not stopping: a submission has been in flight for {:.1} s \
+                     (a CPU spinning with interrupts off?); detaching the probes would wait for \
+                     that CPU for ever and stop this one too. Still watching; SIGKILL ends the \
+                     agent, and the kernel then detaches the probes itself.",
+                    age.as_secs_f64()
+                ),
             }
         }
         eprintln!("itewatch agent: stopping");

@@ -61,6 +61,8 @@ pub struct Step {
     pub more: bool,
     /// Monotonic time the correlator was advanced to, if it was.
     pub advanced_to: Option<KTime>,
+    /// Start of the oldest submission still in flight.
+    pub oldest_inflight: Option<KTime>,
 }
 
 impl Pipe {
@@ -136,13 +138,15 @@ impl Pipe {
         if let Some(now) = advanced_to {
             incidents.extend(self.corr.advance(now));
         }
+        let snap = self.corr.snapshot();
         if let Some(m) = metrics {
-            m.snapshot(&self.corr.snapshot(), now);
+            m.snapshot(&snap, now);
         }
         Step {
             incidents,
             more,
             advanced_to,
+            oldest_inflight: snap.inflight.iter().map(|s| s.start).min(),
         }
     }
 }
@@ -153,20 +157,36 @@ pub struct Shared {
     /// Monotonic ns of the last completed step, by anyone.
     pub heartbeat: AtomicU64,
     pub stop: AtomicBool,
+    /// Start (monotonic ns) of the oldest submission in flight after the last step; 0: none.
+    /// Shared with the agent's state: its stop guard reads it.
+    pub oldest_inflight_ns: Arc<AtomicU64>,
 }
 
 impl Shared {
-    pub fn new(pipe: Pipe) -> Arc<Shared> {
+    pub fn new(pipe: Pipe, oldest_inflight_ns: Arc<AtomicU64>) -> Arc<Shared> {
         Arc::new(Shared {
             pipe: Mutex::new(pipe),
             heartbeat: AtomicU64::new(monotonic_ns()),
             stop: AtomicBool::new(false),
+            oldest_inflight_ns,
         })
     }
 
-    pub fn beat(&self) {
+    /// A step completed.
+    pub fn beat(&self, step: &Step) {
         self.heartbeat.store(monotonic_ns(), Ordering::Relaxed);
+        self.oldest_inflight_ns
+            .store(step.oldest_inflight.map_or(0, |t| t.0), Ordering::Relaxed);
     }
+}
+
+/// How long the oldest submission has been in flight at `now_ns`, if at least `bound_ns`: then
+/// a CPU is presumably spinning in it with interrupts off, and detaching the probes (kernel
+/// text patching, which waits for every CPU to answer an IPI) would stop the detaching CPU
+/// too (pure).
+pub fn stalled_for(oldest_start_ns: u64, now_ns: u64, bound_ns: u64) -> Option<u64> {
+    let age = now_ns.saturating_sub(oldest_start_ns);
+    (oldest_start_ns != 0 && age >= bound_ns).then_some(age)
 }
 
 /// Whether a heartbeat at `beat_ns` is stale at `now_ns` (pure).
@@ -299,7 +319,7 @@ fn watch(shared: &Shared, lg: &mut LastGasp, rescued: &mpsc::Sender<Incident>) {
         };
         loop {
             let step = pipe.step(None);
-            shared.beat();
+            shared.beat(&step);
             let now = monotonic_ns();
             let rate = pipe.log_rate();
             for inc in step.incidents {
@@ -325,6 +345,14 @@ mod tests {
         assert!(is_stale(1_000 * ms, 1_300 * ms));
         // A beat from the future (another CPU's clock read just now) is not stale.
         assert!(!is_stale(2_000 * ms, 1_000 * ms));
+    }
+
+    #[test]
+    fn a_stop_is_refused_only_behind_a_long_submission() {
+        let s = 1_000_000_000;
+        assert_eq!(stalled_for(0, 100 * s, s), None, "nothing in flight");
+        assert_eq!(stalled_for(99 * s + 1, 100 * s, s), None);
+        assert_eq!(stalled_for(98 * s, 100 * s, s), Some(2 * s));
     }
 
     #[test]

@@ -297,7 +297,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("lines");
         let _ = std::fs::remove_file(&path);
-        let (mut lg, errors) = LastGasp::open("main", &[path.clone()], false);
+        let (mut lg, errors) = LastGasp::open("main", std::slice::from_ref(&path), false);
         assert!(errors.is_empty(), "{errors:?}");
         let mut inc = hung();
         lg.write(&inc, 1, 0);

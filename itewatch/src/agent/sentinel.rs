@@ -23,6 +23,7 @@ use crate::correlate::incident::Incident;
 use crate::correlate::Correlator;
 use crate::event::{KTime, Record};
 use crate::live::{monotonic_ns, LiveReader};
+use crate::trace::ProgramStats;
 
 use super::lastgasp::LastGasp;
 use super::metrics::Metrics;
@@ -39,9 +40,31 @@ const MAX_UNOBSERVED: usize = 1 << 16;
 /// Most sentinels, spread over the CPUs the agent may run on.
 pub const MAX_SENTINELS: usize = 8;
 
+/// What the pipeline drains: the live probes' ring ([`LiveReader`]), or a test's stand-in.
+pub trait Ring {
+    /// At most `budget` records into `out`; returns how many kernel records were taken.
+    fn drain(&mut self, budget: usize, out: &mut Vec<Record>) -> usize;
+    /// Loss markers and device records, about once a second.
+    fn periodic(&mut self, now: KTime, out: &mut Vec<Record>);
+    /// BPF run-time statistics read by the last `periodic`.
+    fn program_stats(&self) -> &[ProgramStats];
+}
+
+impl Ring for LiveReader {
+    fn drain(&mut self, budget: usize, out: &mut Vec<Record>) -> usize {
+        LiveReader::drain(self, budget, out)
+    }
+    fn periodic(&mut self, now: KTime, out: &mut Vec<Record>) {
+        LiveReader::periodic(self, now, out)
+    }
+    fn program_stats(&self) -> &[ProgramStats] {
+        self.last_program_stats()
+    }
+}
+
 /// The live source and the correlator it feeds: one drain step at a time, by whoever holds it.
-pub struct Pipe {
-    pub reader: LiveReader,
+pub struct Pipe<R = LiveReader> {
+    pub reader: R,
     pub corr: Correlator,
     last_periodic: Option<Instant>,
     /// Records drained by a sentinel, for the metrics (which a sentinel does not touch: their
@@ -65,8 +88,8 @@ pub struct Step {
     pub oldest_inflight: Option<KTime>,
 }
 
-impl Pipe {
-    pub fn new(reader: LiveReader, corr: Correlator) -> Pipe {
+impl<R: Ring> Pipe<R> {
+    pub fn new(reader: R, corr: Correlator) -> Pipe<R> {
         Pipe {
             reader,
             corr,
@@ -108,7 +131,7 @@ impl Pipe {
             self.last_periodic = Some(Instant::now());
             self.reader.periodic(now, &mut recs);
             if let Some(m) = metrics {
-                for p in self.reader.last_program_stats() {
+                for p in self.reader.program_stats() {
                     m.bpf_run_time(&p.program, p.run_time_ns);
                 }
             }
@@ -152,8 +175,8 @@ impl Pipe {
 }
 
 /// What the main loop and the sentinels share.
-pub struct Shared {
-    pub pipe: Mutex<Pipe>,
+pub struct Shared<R = LiveReader> {
+    pub pipe: Mutex<Pipe<R>>,
     /// Monotonic ns of the last completed step, by anyone.
     pub heartbeat: AtomicU64,
     pub stop: AtomicBool,
@@ -162,8 +185,8 @@ pub struct Shared {
     pub oldest_inflight_ns: Arc<AtomicU64>,
 }
 
-impl Shared {
-    pub fn new(pipe: Pipe, oldest_inflight_ns: Arc<AtomicU64>) -> Arc<Shared> {
+impl<R> Shared<R> {
+    pub fn new(pipe: Pipe<R>, oldest_inflight_ns: Arc<AtomicU64>) -> Arc<Shared<R>> {
         Arc::new(Shared {
             pipe: Mutex::new(pipe),
             heartbeat: AtomicU64::new(monotonic_ns()),
@@ -238,20 +261,20 @@ fn pin_to(cpu: usize) -> std::io::Result<()> {
 }
 
 /// The sentinel threads; stopped and joined on drop.
-pub struct Sentinels {
-    shared: Arc<Shared>,
+pub struct Sentinels<R = LiveReader> {
+    shared: Arc<Shared<R>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-impl Sentinels {
+impl<R: Ring + Send + 'static> Sentinels<R> {
     /// One sentinel per CPU in `cpus`, each with its own last-gasp descriptors (`open`, given
     /// the writer's name), each sending what it produced to `rescued`.
     pub fn spawn(
-        shared: Arc<Shared>,
+        shared: Arc<Shared<R>>,
         cpus: &[usize],
         open: impl Fn(&str) -> LastGasp,
         rescued: mpsc::Sender<Incident>,
-    ) -> Sentinels {
+    ) -> Sentinels<R> {
         let mut threads = Vec::new();
         for &cpu in cpus {
             let shared = shared.clone();
@@ -284,7 +307,7 @@ impl Sentinels {
     }
 }
 
-impl Drop for Sentinels {
+impl<R> Drop for Sentinels<R> {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
@@ -294,7 +317,7 @@ impl Drop for Sentinels {
 }
 
 /// A sentinel's loop.
-fn watch(shared: &Shared, lg: &mut LastGasp, rescued: &mpsc::Sender<Incident>) {
+fn watch<R: Ring>(shared: &Shared<R>, lg: &mut LastGasp, rescued: &mpsc::Sender<Incident>) {
     let mut said_blocked = false;
     while !shared.stop.load(Ordering::Relaxed) {
         std::thread::sleep(PERIOD);
@@ -372,5 +395,129 @@ mod tests {
     #[test]
     fn this_process_may_run_somewhere() {
         assert!(!allowed_cpus().is_empty());
+    }
+
+    /// A ring that hands out a simulated hang's records, then nothing (the spinning CPU's
+    /// submission never returns).
+    struct FakeRing(std::vec::IntoIter<Record>);
+
+    impl Ring for FakeRing {
+        fn drain(&mut self, budget: usize, out: &mut Vec<Record>) -> usize {
+            let before = out.len();
+            out.extend(self.0.by_ref().take(budget));
+            out.len() - before
+        }
+        fn periodic(&mut self, _now: KTime, _out: &mut Vec<Record>) {}
+        fn program_stats(&self) -> &[ProgramStats] {
+            &[]
+        }
+    }
+
+    /// A simulated hang cut right after its last submission (so nothing after it returns),
+    /// moved so that it ends now on the monotonic clock the sentinels advance the correlator
+    /// to.
+    fn hang_now() -> Vec<Record> {
+        use crate::event::Payload;
+        let sim = crate::simulate::generate("hang-no-hotplug", 0).unwrap();
+        let last_submit = sim
+            .records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Event(e) if matches!(e.payload, Payload::Submit(_)) => Some(e.meta.ts),
+                _ => None,
+            })
+            .max()
+            .unwrap();
+        let now = monotonic_ns();
+        sim.records
+            .into_iter()
+            .filter(|r| r.ts().is_none_or(|t| t <= last_submit))
+            .map(|mut r| {
+                if let Record::Event(e) = &mut r {
+                    e.meta.ts = KTime(now - (last_submit.0 - e.meta.ts.0));
+                }
+                r
+            })
+            .collect()
+    }
+
+    /// The main loop stopped (a stale heartbeat, as when its CPU spins with interrupts off):
+    /// a sentinel takes the pipeline over, drains and correlates, writes the critical hang to
+    /// its own last-gasp channel under its own name, and hands the incident to the main loop.
+    #[test]
+    fn a_sentinel_takes_over_a_stalled_main_loop() {
+        let dir = std::env::temp_dir().join(format!("itewatch-sentinel-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lines = dir.join("lastgasp");
+        let _ = std::fs::remove_file(&lines);
+        let pipe = Pipe::new(
+            FakeRing(hang_now().into_iter()),
+            Correlator::new(Default::default()),
+        );
+        let shared = Shared::new(pipe, Arc::default());
+        // The main loop's last beat was long ago.
+        shared.heartbeat.store(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        let cpu = allowed_cpus()[0];
+        let path = lines.clone();
+        let sentinels = Sentinels::spawn(
+            shared.clone(),
+            &[cpu],
+            move |w: &str| LastGasp::open(w, std::slice::from_ref(&path), false).0,
+            tx,
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut got = Vec::new();
+        while std::time::Instant::now() < deadline {
+            got.extend(rx.try_iter());
+            if got.iter().any(|i: &Incident| {
+                i.kind == crate::correlate::incident::IncidentKind::HungInvalidation
+                    && i.severity == crate::correlate::incident::Severity::Critical
+            }) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(sentinels);
+        let text = std::fs::read_to_string(&lines).unwrap_or_default();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            got.iter()
+                .any(|i| i.severity == crate::correlate::incident::Severity::Critical),
+            "no critical incident from the sentinel: {:?}",
+            got.iter().map(|i| (i.kind, i.severity)).collect::<Vec<_>>()
+        );
+        let writer = format!("\"writer\":\"sentinel/{cpu}\"");
+        assert!(
+            text.lines()
+                .any(|l| l.contains("\"severity\":\"critical\"") && l.contains(&writer)),
+            "the sentinel wrote no critical line: {text}"
+        );
+        assert_ne!(shared.oldest_inflight_ns.load(Ordering::Relaxed), 0);
+    }
+
+    /// While the main loop beats, sentinels leave the pipeline alone.
+    #[test]
+    fn sentinels_stay_out_of_a_healthy_main_loop() {
+        let pipe = Pipe::new(
+            FakeRing(hang_now().into_iter()),
+            Correlator::new(Default::default()),
+        );
+        let shared = Shared::new(pipe, Arc::default());
+        let (tx, rx) = mpsc::channel();
+        let sentinels = Sentinels::spawn(
+            shared.clone(),
+            &[allowed_cpus()[0]],
+            |w: &str| LastGasp::open(w, &[], false).0,
+            tx,
+        );
+        for _ in 0..20 {
+            shared.heartbeat.store(monotonic_ns(), Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        drop(sentinels);
+        assert_eq!(rx.try_iter().count(), 0);
+        let pipe = shared.pipe.lock().unwrap();
+        assert!(pipe.reader.0.len() > 0, "nothing was drained");
     }
 }

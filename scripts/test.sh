@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every test itewatch has: formatting, lints, unit/property/golden tests, and the VM kernel
-# matrix (real Debian 6.1 and 6.12 kernels under QEMU). Run scripts/setup.sh once first.
+# matrix (real Debian 6.1 and 6.12 kernels under QEMU; stock and with the emulated ITE). Run scripts/setup.sh once first.
 #
 #   scripts/test.sh            everything
 #   scripts/test.sh --no-vm    skip the VM matrix (no QEMU / kernel packages needed)
@@ -40,7 +40,7 @@ if [ -n "$fuzz" ]; then
 fi
 
 if [ -n "$vm" ]; then
-    step "VM kernel matrix (6.1, 6.12)"
+    step "VM kernel matrix (6.1, 6.12; scenarios removals and ite-surprise)"
     cargo xtask vm-test --kernel all
 fi
 step "all tests passed"

@@ -42,6 +42,15 @@ pub struct RunFacts {
     pub surprise_deleted: bool,
     /// QEMU start to exit.
     pub guest_s: f64,
+    /// ite-surprise: the agent's last-gasp lines (ttyS1) with the host time each arrived.
+    pub last_gasp: Vec<(f64, String)>,
+    /// ite-surprise: host times of the first ITE line, the RCU stall report and the first
+    /// itewatch kmsg line on the console; ITE lines seen; the console hit its cap.
+    pub first_ite_s: Option<f64>,
+    pub stall_s: Option<f64>,
+    pub kmsg_s: Option<f64>,
+    pub ite_lines: usize,
+    pub serial_capped: bool,
 }
 
 /// One hot-plug disk as the guest saw it before the removals (`/out/topology.txt`).

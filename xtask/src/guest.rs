@@ -9,6 +9,15 @@
 //! Then `/out` (trace, dmesg, doctor, topology) is written as a tar stream to the output disk
 //! and the verdict line `ITEWATCH-VM success` or `ITEWATCH-VM failure: <why>` is printed
 //! before power-off. Every wait is bounded.
+//!
+//! Scenario `ite-surprise` (`GuestPlan::ite`): the IOMMU times out device-TLB invalidations to
+//! absent devices. The script pins itself (and so its helpers) to CPU 1 and the surprise
+//! port's pciehp interrupt to CPU 0, so the CPU a retrying kernel hangs is known and the shell
+//! keeps running on the other; itewatch's processes may run on both CPUs. The agent writes its
+//! last-gasp lines to ttyS1 (interrupt on CPU 1) and critical ones to /dev/kmsg. There is no
+//! safe removal and no interactive view. After the cut: `surprise-removed` as usual when the
+//! removal completes; otherwise `removal-hung`, then `rcu-stall` once the kernel reports the
+//! stalled CPU, and the verdict `ITEWATCH-VM hung: ...` after /out was written.
 
 /// What the script needs to know about the VM layout.
 pub struct GuestPlan<'a> {
@@ -24,6 +33,8 @@ pub struct GuestPlan<'a> {
     /// Cut the surprise slot from the main shell while reads keep running (a request may be
     /// in flight): reproduces virtio-blk's hung surprise removal; the run is expected to fail.
     pub surprise_inflight: bool,
+    /// Scenario `ite-surprise`: the emulated invalidation time-out is on.
+    pub ite: bool,
 }
 
 pub const STAGE: &str = "ITEWATCH-STAGE";
@@ -44,11 +55,13 @@ OUT_DEV={out_dev}
 SAFE_SLOT={safe_slot}
 SURPRISE_SLOT={surprise_slot}
 INFLIGHT={inflight}
+ITE={ite}
 "#,
         out_dev = p.out_dev,
         safe_slot = p.safe_slot,
         surprise_slot = p.surprise_slot,
         inflight = u8::from(p.surprise_inflight),
+        ite = u8::from(p.ite),
     ));
     s.push_str(SCRIPT_BODY);
     s
@@ -105,6 +118,38 @@ fail() {
     # Blocked (D state) tasks with their kernel stacks, into dmesg: what a hang waits on.
     echo w > /proc/sysrq-trigger 2>/dev/null
     finish "failure: $*"
+}
+
+# ite-surprise on a kernel that retries for ever: the removal never completes and CPU 0 spins
+# with interrupts off. Wait (bounded) for the kernel's RCU stall report, let the agent's
+# sentinels write, then save /out from CPU 1 and restart.
+finish_hung() {
+    stage removal-hung $SUR_DEV
+    if wait_for 'dmesg | grep -q "rcu: INFO: rcu_.*detected stall"' 90; then
+        stage rcu-stall
+    else
+        log "no RCU stall report within 90 s"
+    fi
+    sleep 5
+    # itewatch is left running: a process that detaches fentry/fexit or kprobes patches kernel
+    # text, which waits for every CPU to answer an IPI; the spinning CPU never does, and the
+    # detaching CPU would spin too (seen: the guest's last CPU stopped after SIGTERM/SIGINT).
+    # What its sinks wrote so far is saved as it is. The agent knows this: asked to stop, it
+    # must refuse (its log says so) and keep watching; the recorder and the live view do not
+    # know it yet and are not asked.
+    [ -n "$AGENT_PID" ] && kill -TERM $AGENT_PID && sleep 2
+    log "hung: saving /out"
+    dmesg > /out/dmesg.txt
+    od_dev=$(ls /sys/bus/pci/devices/$OUT_DEV/virtio*/block 2>/dev/null | head -n 1)
+    # Not through the page cache and sync (their writeback can wait for work owed by the
+    # stuck CPU): one O_DIRECT write from this CPU, whose queue completes on this CPU.
+    tar cf /tmp/out.tar -C /out .
+    log "hung: writing $(wc -c < /tmp/out.tar) bytes to /dev/$od_dev (O_DIRECT)"
+    [ -n "$od_dev" ] && dd if=/tmp/out.tar of=/dev/$od_dev bs=64k oflag=direct conv=notrunc 2>/dev/null &&
+        log "hung: /out saved"
+    echo "ITEWATCH-VM hung: removal of $SUR_DEV did not complete"
+    echo b > /proc/sysrq-trigger
+    exec /bin/busybox poweroff -f
 }
 
 # wait_pid_gone PID SECONDS: waits for a child to exit (polls every 0.1 s); sets REC_RC.
@@ -199,10 +244,28 @@ cat /out/topology.txt
 ls /sys/class/iommu > /out/iommu.txt 2>&1
 grep -h . /sys/class/iommu/*/intel-iommu/* >> /out/iommu.txt 2>/dev/null
 
+# ite-surprise: choose the CPU that a retrying kernel hangs (CPU 0: the surprise port's pciehp
+# interrupt, so its irq thread) and keep this shell, its helpers and the last-gasp serial
+# port's interrupt (IRQ 3, ttyS1) on the other. itewatch runs on both (`taskset 3`).
+RUN=
+if [ $ITE = 1 ]; then
+    for i in $(ls /sys/bus/pci/devices/$SUR_PORT/msi_irqs 2>/dev/null); do
+        echo 1 > /proc/irq/$i/smp_affinity 2>/dev/null || log "cannot pin IRQ $i to CPU 0"
+        log "ite: $SUR_PORT IRQ $i on CPUs $(cat /proc/irq/$i/effective_affinity_list 2>/dev/null)"
+    done
+    # Terminal output is interrupt-driven: the console tty (ttyS0, IRQ 4: this shell's stage
+    # lines) and the last-gasp port (ttyS1, IRQ 3) must not wait for the CPU that hangs.
+    echo 2 > /proc/irq/4/smp_affinity 2>/dev/null || log "cannot pin IRQ 4 (ttyS0) to CPU 1"
+    echo 2 > /proc/irq/3/smp_affinity 2>/dev/null || log "cannot pin IRQ 3 (ttyS1) to CPU 1"
+    taskset -p 2 $$ >/dev/null || log "cannot pin the init shell to CPU 1"
+    RUN="taskset 3"
+    log "ite: init shell on CPUs $(taskset -p $$ 2>/dev/null)"
+fi
+
 if [ $RECORD = 1 ]; then
     /bin/itewatch doctor --json > /out/doctor.json 2> /out/doctor.err
     echo $? > /out/doctor.rc
-    /bin/itewatch record -o /out/trace.itw --ready-file /out/ready 2> /out/record.err &
+    $RUN /bin/itewatch record -o /out/trace.itw --ready-file /out/ready 2> /out/record.err &
     REC_PID=$!
     wait_for '[ -s /out/ready ] || ! kill -0 $REC_PID 2>/dev/null' 180 || fail "recorder not ready after 180 s"
     [ -s /out/ready ] || { cat /out/record.err; REC_PID=; fail "recorder exited before it was ready"; }
@@ -210,9 +273,15 @@ if [ $RECORD = 1 ]; then
     # headless live view (its text summary at exit).
     ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
     mkdir -p /out/spool
-    /bin/itewatch agent --listen 127.0.0.1:9464 --spool /out/spool > /out/agent.out 2> /out/agent.err &
+    if [ $ITE = 1 ]; then
+        # The last-gasp channel: a serial port whose interrupt is not on the CPU that hangs.
+        stty -F /dev/ttyS1 raw -echo 115200 2>/dev/null
+        $RUN /bin/itewatch agent --listen 127.0.0.1:9464 --spool /out/spool --last-gasp /dev/ttyS1 --kmsg > /out/agent.out 2> /out/agent.err &
+    else
+        /bin/itewatch agent --listen 127.0.0.1:9464 --spool /out/spool > /out/agent.out 2> /out/agent.err &
+    fi
     AGENT_PID=$!
-    /bin/itewatch live --no-tui --exit-after 900 --ready-file /out/live.ready --stats-file /out/live-stats.json > /out/live.txt 2> /out/live.err &
+    $RUN /bin/itewatch live --no-tui --exit-after 900 --ready-file /out/live.ready --stats-file /out/live-stats.json > /out/live.txt 2> /out/live.err &
     LIVE_PID=$!
     wait_for 'grep -q serving /out/agent.err || ! kill -0 $AGENT_PID 2>/dev/null' 180 || fail "agent not serving after 180 s"
     grep -q serving /out/agent.err || { cat /out/agent.err; AGENT_PID=; fail "agent exited before serving"; }
@@ -220,7 +289,9 @@ if [ $RECORD = 1 ]; then
     [ -s /out/live.ready ] || { cat /out/live.err; LIVE_PID=; fail "live view exited before it was ready"; }
     # The interactive view, on the second serial port: a real tty (raw mode, the alternate
     # screen, 120x40), whose bytes QEMU writes to a file on the host for the checks.
-    if [ -c /dev/ttyS1 ]; then
+    if [ $ITE = 1 ]; then
+        log "ite-surprise: ttyS1 carries the agent's last-gasp lines; no interactive view"
+    elif [ -c /dev/ttyS1 ]; then
         # The size is set on the fd the view inherits: a tty forgets it when its last fd closes.
         TERM=xterm sh -c 'stty rows 40 cols 120; exec /bin/itewatch live --fps 2 --exit-after 900 --ready-file /out/tui.ready --stats-file /out/tui-stats.json' < /dev/ttyS1 > /dev/ttyS1 2> /out/tui.err &
         TUI_PID=$!
@@ -273,7 +344,7 @@ sc=$((pcie+0x18))
 old=$(rd16 $pcfg $sc)
 new=$(( (old & ~0x20) | 0x0300 | 0x0400 ))
 
-dma $SAFE_DEV $SAFE_BLK & DMA_PIDS="$DMA_PIDS $!"
+[ $ITE = 1 ] || { dma $SAFE_DEV $SAFE_BLK & DMA_PIDS="$DMA_PIDS $!"; }
 if [ $INFLIGHT = 1 ]; then
     # Back-to-back reads: a request is nearly always outstanding.
     ( while [ -e /sys/bus/pci/devices/$SUR_DEV ]; do
@@ -285,9 +356,11 @@ fi
 sleep 1
 stage dma-running $SAFE_DEV
 
-# Safe removal: the host presses the attention button (QMP device_del); pciehp waits 5 s.
-wait_for '[ ! -e /sys/bus/pci/devices/$SAFE_DEV ]' 60 || fail "safe removal of $SAFE_DEV did not happen within 60 s"
-stage safe-removed $SAFE_DEV
+if [ $ITE = 0 ]; then
+    # Safe removal: the host presses the attention button (QMP device_del); pciehp waits 5 s.
+    wait_for '[ ! -e /sys/bus/pci/devices/$SAFE_DEV ]' 60 || fail "safe removal of $SAFE_DEV did not happen within 60 s"
+    stage safe-removed $SAFE_DEV
+fi
 sleep 1
 
 log "surprise: $SUR_PORT Slot Control $(hex16 $old) -> $(hex16 $new), slot status $(hex16 $(rd16 $pcfg $((pcie+0x1a))))"
@@ -299,7 +372,10 @@ else
     touch /tmp/cut-request
 fi
 wait_for '[ -e /tmp/cut-done ]' 20 || fail "surprise cut did not happen"
-wait_for '[ ! -e /sys/bus/pci/devices/$SUR_DEV ]' 20 || fail "surprise removal of $SUR_DEV did not complete within 20 s"
+if ! wait_for '[ ! -e /sys/bus/pci/devices/$SUR_DEV ]' 20; then
+    [ $ITE = 1 ] || fail "surprise removal of $SUR_DEV did not complete within 20 s"
+    finish_hung
+fi
 stage surprise-removed $SUR_DEV
 log "surprise: port Slot Control now $(hex16 $(rd16 $pcfg $sc)) status $(hex16 $(rd16 $pcfg $((pcie+0x1a))))"
 # Let late invalidations (the removal path) land before stopping.

@@ -17,6 +17,20 @@ pub struct Pinned {
     pub name: &'static str,
     pub package: &'static str,
     pub version: &'static str,
+    /// What this kernel's source says it does when a device-TLB invalidation to a removed
+    /// device times out (the `ite-surprise` scenario asserts it).
+    pub ite: IteResponse,
+}
+
+/// A kernel's response to an ITE for a device that is gone, from its drivers/iommu/intel/dmar.c.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IteResponse {
+    /// No 80a9b50c0b9e: `qi_check_fault` clears ITE, aborts the wait descriptor and returns
+    /// -EAGAIN; `qi_submit_sync` resubmits for ever with interrupts off (the thread's lockup).
+    RetriesForever,
+    /// 80a9b50c0b9e: the ITE's SID has no present device, so `qi_check_fault` returns
+    /// -ETIMEDOUT and `qi_submit_sync` gives up; the removal completes.
+    AbortsTimedOut,
 }
 
 pub const PINNED: [Pinned; 2] = [
@@ -24,11 +38,19 @@ pub const PINNED: [Pinned; 2] = [
         name: "6.1",
         package: "linux-image-6.1.0-47-amd64-unsigned",
         version: "6.1.170-3",
+        // Debian 6.1.170 source, drivers/iommu/intel/dmar.c: qi_check_fault reads no ITE SID
+        // (only qi_dump_fault prints it) and returns -EAGAIN after the abort loop (already in
+        // its fe89277c9ceb form: step 1, no `head |= 1`).
+        ite: IteResponse::RetriesForever,
     },
     Pinned {
         name: "6.12",
         package: "linux-image-6.12.117+deb12-amd64-unsigned",
         version: "6.12.117-1~deb12u1",
+        // 80a9b50c0b9e (mainline v6.9): qi_check_fault reads DMAR_IQER_REG_ITESID, finds no
+        // present device (device_rbtree_find + pci_device_is_present) and returns -ETIMEDOUT.
+        // Every 6.12 has it; Debian's 6.12.117 source package is no longer on the mirror.
+        ite: IteResponse::AbortsTimedOut,
     },
 ];
 

@@ -3,11 +3,14 @@
 //! `cargo xtask vm-test` boots real Debian kernels under QEMU with an emulated Intel IOMMU
 //! (device-IOTLB on) and PCIe hot-plug slots holding ATS-capable virtio disks, runs
 //! `itewatch record` in the guest while DMA, a safe removal and a surprise removal happen, and
-//! asserts on what the probes saw. docs/vm-tests.md describes the topology and the findings.
+//! asserts on what the probes saw (scenario `removals`); then the same guest with the IOMMU
+//! timing out device-TLB invalidations to absent devices (patched QEMU, qemu-ite/) and a
+//! surprise removal (scenario `ite-surprise`). docs/vm-tests.md describes both.
 
 mod assert;
 mod guest;
 mod initramfs;
+mod ite;
 mod kernels;
 mod qemu;
 mod qmp;
@@ -34,11 +37,24 @@ pub enum KernelChoice {
     All,
 }
 
+/// What one guest run does (docs/vm-tests.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScenarioChoice {
+    /// DMA, a safe and a surprise removal on QEMU's stock IOMMU (every invalidation completes).
+    Removals,
+    /// A surprise removal with the IOMMU timing out device-TLB invalidations to absent devices.
+    IteSurprise,
+    All,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct VmTestArgs {
     /// Which pinned Debian kernel(s) to boot.
     #[arg(long, value_enum, default_value = "all")]
     pub kernel: KernelChoice,
+    /// Which scenario(s) to run on each kernel.
+    #[arg(long, value_enum, default_value = "all")]
+    pub scenario: ScenarioChoice,
     /// Keep the per-run work directory (serial log, disks, initramfs) even on success.
     #[arg(long)]
     pub keep: bool,
@@ -56,6 +72,10 @@ pub struct VmTestArgs {
     /// (the removal then never finishes and the run fails; see docs/vm-tests.md).
     #[arg(long)]
     pub surprise_inflight: bool,
+    /// Use this build of QEMU with qemu-ite/*.patch for `ite-surprise` instead of the one
+    /// scripts/qemu-ite.sh builds and caches.
+    #[arg(long, value_name = "PATH")]
+    pub qemu_ite: Option<PathBuf>,
     /// Upper bound for one kernel's guest run, in seconds (boot to power-off). A run takes
     /// about a minute; on a loaded machine, TCG slows attaching three tracers to minutes.
     #[arg(long, default_value_t = 600)]

@@ -3,6 +3,7 @@
 //! the root bus) and a running guest: serial log watching with deadlines, kill on drop.
 
 use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,11 +32,44 @@ pub struct Files {
     pub initrd: PathBuf,
 }
 
+/// Which QEMU and which IOMMU model.
+#[derive(Clone, Debug)]
+pub struct QemuOpts {
+    /// The emulator: Debian's `qemu-system-x86_64`, or the build with qemu-ite/*.patch.
+    pub binary: PathBuf,
+    /// A build of our own: point it at the firmware of the installed packages.
+    pub firmware_dirs: bool,
+    /// `x-ite-on-absent-device=on`: device-TLB invalidations to absent devices time out.
+    pub ite: bool,
+}
+
+impl QemuOpts {
+    pub fn stock() -> QemuOpts {
+        QemuOpts {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            firmware_dirs: false,
+            ite: false,
+        }
+    }
+}
+
+/// The IOMMU of `ite-surprise` (qemu-ite/README.md): device-TLB invalidations to absent
+/// devices time out; the wait descriptor after one is aborted with ITE after 20 ms, within the
+/// PCIe completion time-out's default range (50 us to 50 ms), so a kernel that retries does so
+/// about 50 times a second rather than as fast as the emulator can run.
+pub const ITE_IOMMU: &str =
+    "intel-iommu,intremap=on,device-iotlb=on,x-ite-on-absent-device=on,x-ite-timeout-us=20000";
+
+/// The serial log is cut off (QEMU killed) past this size: a guest in the ITE retry loop
+/// prints about 230 KB/s on its console.
+pub const SERIAL_CAP_BYTES: u64 = 48 << 20;
+
 impl Files {
     pub fn serial(&self) -> PathBuf {
         self.dir.join("serial.log")
     }
-    /// The guest's second serial port (ttyS1), where the interactive live view draws.
+    /// The guest's second serial port (ttyS1): the interactive live view draws there, or (in
+    /// `ite-surprise`) the agent writes its last-gasp lines.
     pub fn tui_screen(&self) -> PathBuf {
         self.dir.join("tui.screen")
     }
@@ -50,15 +84,23 @@ impl Files {
     }
 }
 
-pub fn command(f: &Files) -> Command {
-    let mut c = Command::new("qemu-system-x86_64");
+pub fn command(f: &Files, q: &QemuOpts) -> Command {
+    let mut c = Command::new(&q.binary);
     let d = |p: PathBuf| p.to_string_lossy().into_owned();
+    if q.firmware_dirs {
+        c.args(["-L", "/usr/share/seabios", "-L", "/usr/share/qemu"]);
+    }
+    let iommu = if q.ite {
+        ITE_IOMMU
+    } else {
+        "intel-iommu,intremap=on,device-iotlb=on"
+    };
     c.args(["-accel", "tcg,thread=multi", "-cpu", "max"])
         .args(["-machine", "q35,kernel-irqchip=split", "-m", "1024", "-smp", "2"])
         .args(["-nodefaults", "-display", "none", "-no-reboot"])
         // Keep hot-plug of the root ports native (pciehp), not ACPI.
         .args(["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"])
-        .args(["-device", "intel-iommu,intremap=on,device-iotlb=on"])
+        .args(["-device", iommu])
         .args(["-device", "pcie-root-port,id=rp1,bus=pcie.0,addr=0x4,chassis=1,slot=1"])
         .args(["-device", "pcie-root-port,id=rp2,bus=pcie.0,addr=0x5,chassis=2,slot=2"])
         .args(["-drive", &format!("if=none,id=d1,file={},format=raw", d(f.disk(1)))])
@@ -103,34 +145,86 @@ pub fn make_disk(path: &Path, size_bytes: u64) -> Result<()> {
 pub struct Guest {
     child: Child,
     serial: PathBuf,
+    /// The console so far (read incrementally: a storm can make it tens of MB).
+    text: String,
+    read_bytes: u64,
     pub started: Instant,
 }
 
 impl Guest {
-    pub fn spawn(f: &Files) -> Result<Guest> {
+    pub fn spawn(f: &Files, q: &QemuOpts) -> Result<Guest> {
         let _ = fs::remove_file(f.qmp());
         let _ = fs::remove_file(f.serial());
         let _ = fs::remove_file(f.tui_screen());
         let log = File::create(f.dir.join("qemu.log"))?;
-        let mut cmd = command(f);
+        let mut cmd = command(f, q);
         fs::write(f.dir.join("qemu.cmdline"), format!("{cmd:?}\n"))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("starting qemu-system-x86_64 (install it: scripts/setup.sh)")?;
+            .with_context(|| {
+                format!(
+                    "starting {} (install it: scripts/setup.sh)",
+                    q.binary.display()
+                )
+            })?;
         Ok(Guest {
             child,
             serial: f.serial(),
+            text: String::new(),
+            read_bytes: 0,
             started: Instant::now(),
         })
     }
 
-    pub fn serial_text(&self) -> String {
-        fs::read(&self.serial)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+    /// Reads what the console printed since the last call; kills QEMU past
+    /// [`SERIAL_CAP_BYTES`]. Returns the offset in `console()` where the new text starts.
+    pub fn poll_serial(&mut self) -> usize {
+        let before = self.text.len();
+        if let Ok(mut f) = File::open(&self.serial) {
+            if f.seek(SeekFrom::Start(self.read_bytes)).is_ok() {
+                let mut buf = Vec::new();
+                if let Ok(n) = f.read_to_end(&mut buf) {
+                    // Keep a partial UTF-8 sequence at the end for the next read.
+                    let valid = match std::str::from_utf8(&buf) {
+                        Ok(_) => buf.len(),
+                        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                        Err(_) => buf.len(),
+                    };
+                    self.text.push_str(&String::from_utf8_lossy(&buf[..valid]));
+                    self.read_bytes += valid as u64;
+                    let _ = n;
+                }
+            }
+        }
+        if self.read_bytes > SERIAL_CAP_BYTES {
+            self.kill();
+        }
+        before
+    }
+
+    /// The console so far (call `poll_serial` first).
+    pub fn console(&self) -> &str {
+        &self.text
+    }
+
+    pub fn serial_text(&mut self) -> String {
+        self.poll_serial();
+        self.text.clone()
+    }
+
+    /// Whether the console reached its size cap (QEMU was then killed).
+    pub fn serial_capped(&self) -> bool {
+        self.read_bytes > SERIAL_CAP_BYTES
+    }
+
+    pub fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 
     /// Whether QEMU has exited (and with what status).
@@ -141,22 +235,26 @@ impl Guest {
     /// Waits until the serial log contains `needle` (returns the log), QEMU exits, or the
     /// deadline passes (both errors carry the log tail).
     pub fn wait_serial(&mut self, needle: &str, deadline: Instant) -> Result<String> {
+        let mut from = 0;
         loop {
-            let text = self.serial_text();
-            if text.contains(needle) {
-                return Ok(text);
+            self.poll_serial();
+            if self.text[from..].contains(needle) {
+                return Ok(self.text.clone());
             }
-            if let Some(st) = self.exited()? {
+            // Only the new text (and a needle's length before it) is searched next time.
+            from = floor_char_boundary(&self.text, self.text.len().saturating_sub(needle.len()));
+            let text = &self.text;
+            if let Some(st) = self.child.try_wait()? {
                 bail!(
                     "QEMU exited ({st}) before {needle:?} appeared on the console:\n{}",
-                    tail(&text, 40)
+                    tail(text, 40)
                 );
             }
             if Instant::now() >= deadline {
                 bail!(
                     "timed out after {:.0} s waiting for {needle:?} on the console:\n{}",
                     self.started.elapsed().as_secs_f64(),
-                    tail(&text, 40)
+                    tail(text, 40)
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -181,11 +279,15 @@ impl Guest {
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.kill();
     }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
 }
 
 /// The last `n` lines of a log.

@@ -13,9 +13,43 @@ use crate::assert::{self, Check, RunFacts};
 use crate::guest::{self, GuestPlan, STAGE, VERDICT};
 use crate::initramfs::Cpio;
 use crate::kernels::{self, Kernel, PINNED};
-use crate::qemu::{self, Files, Guest};
+use crate::qemu::{self, Files, Guest, QemuOpts};
 use crate::qmp::{self, Qmp};
-use crate::{KernelChoice, VmTestArgs};
+use crate::{KernelChoice, ScenarioChoice, VmTestArgs};
+
+/// One guest run's scenario (docs/vm-tests.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    Removals,
+    IteSurprise,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Removals => "removals",
+            Scenario::IteSurprise => "ite-surprise",
+        }
+    }
+}
+
+/// The patched QEMU (qemu-ite/), built once by scripts/qemu-ite.sh into a cache keyed by the
+/// patch's hash; building it here too keeps `cargo xtask vm-test` working from a fresh clone.
+fn qemu_ite(root: &Path) -> Result<PathBuf> {
+    let out = Command::new(root.join("scripts/qemu-ite.sh"))
+        .current_dir(root)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running scripts/qemu-ite.sh")?;
+    if !out.status.success() {
+        bail!("scripts/qemu-ite.sh failed ({})", out.status);
+    }
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if path.is_empty() {
+        bail!("scripts/qemu-ite.sh printed no path");
+    }
+    Ok(PathBuf::from(path))
+}
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -71,6 +105,19 @@ pub fn run(args: &VmTestArgs) -> Result<bool> {
             KernelChoice::V6_12 => p.name == "6.12",
         })
         .collect();
+    let scenarios: Vec<Scenario> = match args.scenario {
+        ScenarioChoice::Removals => vec![Scenario::Removals],
+        ScenarioChoice::IteSurprise => vec![Scenario::IteSurprise],
+        ScenarioChoice::All => vec![Scenario::Removals, Scenario::IteSurprise],
+    };
+    let ite_qemu = if scenarios.contains(&Scenario::IteSurprise) {
+        Some(match &args.qemu_ite {
+            Some(p) => p.clone(),
+            None => qemu_ite(&root)?,
+        })
+    } else {
+        None
+    };
     let itewatch = if args.no_record {
         None
     } else if let Some(p) = &args.itewatch {
@@ -80,11 +127,22 @@ pub fn run(args: &VmTestArgs) -> Result<bool> {
     };
     let mut all_ok = true;
     let mut summaries = Vec::new();
-    for p in chosen {
+    for (p, scenario) in chosen
+        .iter()
+        .flat_map(|p| scenarios.iter().map(move |s| (*p, *s)))
+    {
         let t0 = Instant::now();
         let kernel = kernels::prepare(&cache, p)?;
-        let dir = cache.join(format!("run-{}", p.name));
-        let outcome = run_kernel(&kernel, &dir, itewatch.as_deref(), args);
+        let dir = cache.join(format!("run-{}-{}", p.name, scenario.name()));
+        let qemu = match (scenario, &ite_qemu) {
+            (Scenario::IteSurprise, Some(bin)) => QemuOpts {
+                binary: bin.clone(),
+                firmware_dirs: true,
+                ite: true,
+            },
+            _ => QemuOpts::stock(),
+        };
+        let outcome = run_kernel(&kernel, scenario, &qemu, &dir, itewatch.as_deref(), args);
         let wall = t0.elapsed();
         let checks = match outcome {
             Ok(c) => c,
@@ -93,9 +151,10 @@ pub fn run(args: &VmTestArgs) -> Result<bool> {
         let ok = checks.iter().all(|c| c.ok);
         all_ok &= ok;
         println!(
-            "\n== kernel {} ({}) — {} in {:.1} s; run directory {}",
+            "\n== kernel {} ({}) {} — {} in {:.1} s; run directory {}",
             p.name,
             kernel.release,
+            scenario.name(),
             if ok { "PASS" } else { "FAIL" },
             wall.as_secs_f64(),
             dir.display()
@@ -112,7 +171,10 @@ pub fn run(args: &VmTestArgs) -> Result<bool> {
             println!("  serial log: {}", dir.join("serial.log").display());
         }
         if ok && args.save_traces && itewatch.is_some() {
-            save_traces(&root, p.name, &dir.join("out"))?;
+            match scenario {
+                Scenario::Removals => save_traces(&root, p.name, &dir.join("out"))?,
+                Scenario::IteSurprise => crate::ite::save_logs(&root, &kernel, &dir)?,
+            }
         }
         if ok && !args.keep {
             // Keep the guest's outputs and logs, drop the big files.
@@ -120,12 +182,12 @@ pub fn run(args: &VmTestArgs) -> Result<bool> {
                 let _ = fs::remove_file(dir.join(f));
             }
         }
-        summaries.push((p.name, ok, wall));
+        summaries.push((p.name, scenario.name(), ok, wall));
     }
     println!("\nvm-test summary:");
-    for (name, ok, wall) in &summaries {
+    for (name, scenario, ok, wall) in &summaries {
         println!(
-            "  {name:<5} {}  {:.1} s",
+            "  {name} {scenario} {} {:.1} s",
             if *ok { "PASS" } else { "FAIL" },
             wall.as_secs_f64()
         );
@@ -135,6 +197,7 @@ pub fn run(args: &VmTestArgs) -> Result<bool> {
 
 fn build_initramfs(
     kernel: &Kernel,
+    ite: bool,
     itewatch: Option<&Path>,
     args: &VmTestArgs,
     path: &Path,
@@ -183,9 +246,15 @@ fn build_initramfs(
         safe_slot: qemu::SAFE_SLOT,
         surprise_slot: qemu::SURPRISE_SLOT,
         surprise_inflight: args.surprise_inflight,
+        ite,
     });
     c.file("init", 0o755, script.as_bytes());
     fs::write(path, c.finish()).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Waits for a console marker; fails early on the guest's failure verdict.
+pub fn wait_marker_pub(g: &mut Guest, needle: &str, deadline: Instant) -> Result<String> {
+    wait_marker(g, needle, deadline)
 }
 
 /// Waits for a console marker; fails early on the guest's failure verdict.
@@ -196,10 +265,10 @@ fn wait_marker(g: &mut Guest, needle: &str, deadline: Instant) -> Result<String>
         match g.wait_serial(needle, step) {
             Ok(t) => return Ok(t),
             Err(e) => {
-                let text = g.serial_text();
+                let text = g.console();
                 if let Some(i) = text.find(&fail) {
                     let line = text[i..].lines().next().unwrap_or("");
-                    bail!("guest reported {line:?}:\n{}", qemu::tail(&text, 40));
+                    bail!("guest reported {line:?}:\n{}", qemu::tail(text, 40));
                 }
                 if Instant::now() >= deadline || g.exited()?.is_some() {
                     return Err(e);
@@ -211,6 +280,8 @@ fn wait_marker(g: &mut Guest, needle: &str, deadline: Instant) -> Result<String>
 
 fn run_kernel(
     kernel: &Kernel,
+    scenario: Scenario,
+    qemu: &QemuOpts,
     dir: &Path,
     itewatch: Option<&Path>,
     args: &VmTestArgs,
@@ -224,19 +295,26 @@ fn run_kernel(
         kernel: kernel.vmlinuz.clone(),
         initrd: dir.join("initramfs.cpio"),
     };
-    build_initramfs(kernel, itewatch, args, &files.initrd)?;
+    let ite = scenario == Scenario::IteSurprise;
+    build_initramfs(kernel, ite, itewatch, args, &files.initrd)?;
     qemu::make_disk(&files.disk(1), 8 << 20)?;
     qemu::make_disk(&files.disk(2), 8 << 20)?;
     qemu::make_disk(&files.out_disk(), 64 << 20)?;
 
     eprintln!(
-        "vm-test: booting {} ({}) under TCG",
-        kernel.pinned.name, kernel.release
+        "vm-test: booting {} ({}) under TCG: {}",
+        kernel.pinned.name,
+        kernel.release,
+        scenario.name()
     );
-    let mut g = Guest::spawn(&files)?;
+    let mut g = Guest::spawn(&files, qemu)?;
     let deadline = g.started + Duration::from_secs(args.timeout);
     let mut facts = RunFacts::default();
-    let driven = drive(&mut g, &files, &mut facts, deadline);
+    let driven = if ite {
+        crate::ite::drive(&mut g, &files, &mut facts, deadline)
+    } else {
+        drive(&mut g, &files, &mut facts, deadline)
+    };
     // Whatever happened, let the guest power off (it does after a failure too), then unpack
     // what it wrote: a failed run's dmesg and logs are the diagnosis.
     let exit = g.wait_exit(deadline.max(Instant::now()) + Duration::from_secs(20));
@@ -247,6 +325,20 @@ fn run_kernel(
     // The interactive view's screen (the guest's ttyS1), beside the guest's own outputs.
     if files.tui_screen().exists() && out.is_dir() {
         let _ = fs::copy(files.tui_screen(), out.join("tui.screen"));
+    }
+    if ite {
+        // The verdict is the kernel's behaviour, checked against what its source says: a
+        // guest that hangs by design is killed, not failed.
+        let _ = exit;
+        return Ok(crate::ite::check(
+            kernel,
+            &files,
+            &out,
+            &facts,
+            driven,
+            unpacked,
+            itewatch.is_some(),
+        ));
     }
     let verdict = driven.with_context(|| {
         format!(

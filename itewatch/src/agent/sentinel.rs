@@ -75,6 +75,8 @@ pub struct Pipe<R = LiveReader> {
     /// Kernel log lines in the current second, and in the one before (lastgasp.rs keeps off
     /// /dev/kmsg while the log floods).
     log_window: (u64, u32, u32),
+    /// The newest timestamp the ring has delivered.
+    delivered: KTime,
 }
 
 /// What one step did.
@@ -82,8 +84,9 @@ pub struct Step {
     pub incidents: Vec<Incident>,
     /// The ring had more than one chunk waiting: step again at once.
     pub more: bool,
-    /// Monotonic time the correlator was advanced to, if it was.
-    pub advanced_to: Option<KTime>,
+    /// Time the correlator was advanced to: the monotonic clock after a drain that emptied
+    /// the ring, else the newest record delivered.
+    pub advanced_to: KTime,
     /// Start of the oldest submission still in flight.
     pub oldest_inflight: Option<KTime>,
 }
@@ -97,6 +100,7 @@ impl<R: Ring> Pipe<R> {
             unobserved: VecDeque::new(),
             unobserved_dropped: 0,
             log_window: (0, 0, 0),
+            delivered: KTime(0),
         }
     }
 
@@ -117,9 +121,11 @@ impl<R: Ring> Pipe<R> {
     }
 
     /// Drains up to a chunk, adds the periodic records (losses, devices) once a second and
-    /// advances the correlator's clock — only when the ring came back drained, so a reader
-    /// that lags never declares hung a submission whose return is still waiting in the ring.
-    /// `metrics`: the main loop's; `None` from a sentinel.
+    /// advances the correlator's clock to what the ring has delivered: to the monotonic clock
+    /// when the drain emptied it, else only to the newest record delivered (the correlator's
+    /// reorder window covers the skew between CPUs). A reader that lags never declares hung a
+    /// submission whose return is still waiting in the ring, and one that never catches up (a
+    /// log storm) still sees time pass. `metrics`: the main loop's; `None` from a sentinel.
     pub fn step(&mut self, metrics: Option<&Metrics>) -> Step {
         let mut recs = Vec::new();
         let more = self.reader.drain(CHUNK, &mut recs) == CHUNK;
@@ -144,6 +150,7 @@ impl<R: Ring> Pipe<R> {
         let mut incidents = Vec::new();
         for r in recs {
             if let Record::Event(e) = &r {
+                self.delivered = self.delivered.max(e.meta.ts);
                 if matches!(e.payload, crate::event::Payload::KernelLog(_)) {
                     self.count_log(e.meta.ts);
                 }
@@ -157,10 +164,8 @@ impl<R: Ring> Pipe<R> {
             }
             incidents.extend(self.corr.push_owned(r));
         }
-        let advanced_to = (!more).then_some(now);
-        if let Some(now) = advanced_to {
-            incidents.extend(self.corr.advance(now));
-        }
+        let advanced_to = if more { self.delivered } else { now };
+        incidents.extend(self.corr.advance(advanced_to));
         let snap = self.corr.snapshot();
         if let Some(m) = metrics {
             m.snapshot(&snap, now);
@@ -494,6 +499,37 @@ mod tests {
             "the sentinel wrote no critical line: {text}"
         );
         assert_ne!(shared.oldest_inflight_ns.load(Ordering::Relaxed), 0);
+    }
+
+    /// Regression (issue: invented hangs; and the storm that never drains): a drain cut by its
+    /// budget advances the clock only to the newest record delivered; an emptied ring, to now.
+    #[test]
+    fn a_lagging_ring_advances_the_clock_only_to_what_it_delivered() {
+        let recs = hang_now();
+        let newest = recs.iter().filter_map(Record::ts).max().unwrap();
+        let n = recs.len();
+        // Pad past one chunk so the first drain is cut by its budget.
+        let mut padded: Vec<Record> = (0..CHUNK)
+            .map(|_| {
+                Record::Lost(crate::event::LostRecord {
+                    after: KTime(1),
+                    ringbuf_full: 0,
+                    missed: 0,
+                    undecodable: 0,
+                })
+            })
+            .collect();
+        padded.extend(recs);
+        let mut pipe = Pipe::new(
+            FakeRing(padded.into_iter()),
+            Correlator::new(Default::default()),
+        );
+        let first = pipe.step(None);
+        assert!(first.more);
+        assert!(first.advanced_to < KTime(monotonic_ns()));
+        let second = pipe.step(None);
+        assert!(!second.more, "{n} records left after one chunk");
+        assert!(second.advanced_to >= newest);
     }
 
     /// While the main loop beats, sentinels leave the pipeline alone.

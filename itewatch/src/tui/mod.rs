@@ -338,6 +338,8 @@ struct Engine {
     src: Source,
     buf: Vec<Record>,
     records: u64,
+    /// The newest record timestamp fed.
+    delivered: KTime,
 }
 
 impl Engine {
@@ -350,6 +352,7 @@ impl Engine {
             src: opened.source,
             buf: Vec::new(),
             records: 0,
+            delivered: KTime(0),
         }
     }
 
@@ -361,6 +364,9 @@ impl Engine {
         for r in recs {
             self.app.observe(&r);
             self.records += 1;
+            if let Some(t) = r.ts() {
+                self.delivered = self.delivered.max(t);
+            }
             revs.extend(c.push_owned(r));
         }
         self.app.on_revisions(revs);
@@ -388,12 +394,16 @@ impl Engine {
         self.buf = buf;
         // Advance only to what the source has delivered: a live ring whose drain the frame
         // deadline cut short still holds records older than `wall` (a return among them would
-        // be declared hung); a playback's clock stops at what it played.
-        let delivered = drained || matches!(self.src, Source::Playback(_));
+        // be declared hung), so then only to the newest record fed; a playback's clock stops
+        // at what it played.
+        let to = match &self.src {
+            Source::Live(_) if !drained => self.delivered,
+            src => src.clock(wall),
+        };
         if self.src.done() {
             self.finish();
-        } else if let (true, Some(c)) = (delivered, self.corr.as_mut()) {
-            let revs = c.advance(self.src.clock(wall));
+        } else if let Some(c) = self.corr.as_mut() {
+            let revs = c.advance(to);
             self.app.on_revisions(revs);
         }
     }

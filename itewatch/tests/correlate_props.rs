@@ -385,3 +385,40 @@ fn hung_is_raised_live_by_advance_and_escalates() {
         itewatch::correlate::incident::Severity::Critical
     );
 }
+
+/// Regression (issue: severity went critical → warning on `return-lost`, 15 times in 24 s of
+/// `agent --simulate soak`): over a long stream rich in incidents, no incident's revisions
+/// ever lower its severity.
+#[test]
+fn an_incidents_severity_never_goes_down() {
+    let mut stream = itewatch::simulate::LongStream::new(5, 1_500_000);
+    stream.incident_every = 2;
+    let mut c = Correlator::new(Config::default());
+    let mut seen: std::collections::BTreeMap<String, itewatch::correlate::incident::Severity> =
+        Default::default();
+    let mut revisions = 0u64;
+    let mut check = |inc: &Incident, seen: &mut std::collections::BTreeMap<_, _>| {
+        if let Some(before) = seen.insert(inc.id.0.clone(), inc.severity) {
+            assert!(
+                inc.severity >= before,
+                "incident {} ({}) went from {before} to {} at revision {}",
+                inc.id.0,
+                inc.kind,
+                inc.severity,
+                inc.revision
+            );
+        }
+    };
+    for r in stream {
+        for inc in c.push_owned(r) {
+            revisions += 1;
+            check(&inc, &mut seen);
+        }
+    }
+    for inc in c.finish().incidents {
+        revisions += 1;
+        check(&inc, &mut seen);
+    }
+    assert!(seen.len() > 100, "{} incidents", seen.len());
+    assert!(revisions > seen.len() as u64);
+}

@@ -920,6 +920,7 @@ impl Correlator {
             sid_zero: false,
             inferred: false,
             lockup_seen: false,
+            peak: None,
             attribution: None,
             related: BTreeSet::new(),
             last_activity: ts,
@@ -1643,6 +1644,7 @@ impl Correlator {
                 let inc = self.render(o, rev, false);
                 if let Some(o) = self.open.get_mut(&id) {
                     o.revision = Some(rev);
+                    o.peak = Some(inc.severity);
                     o.dirty = false;
                 }
                 self.stats.revisions += 1;
@@ -1675,7 +1677,9 @@ impl Correlator {
         submissions.sort_by_key(|s| (s.start, s.tid));
         let outcomes: Vec<Outcome> = submissions.iter().map(|s| s.outcome).collect();
         let outcome = outcomes.iter().copied().max_by_key(detect::outcome_rank);
-        let severity = detect::incident_severity(o.kind, &outcomes, cfg);
+        // Never below what an earlier revision said.
+        let severity = detect::incident_severity(o.kind, &outcomes, cfg)
+            .max(o.peak.unwrap_or(incident::Severity::Info));
         let window = o
             .kind
             .window()

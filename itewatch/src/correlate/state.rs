@@ -281,6 +281,9 @@ pub struct OpenIncident {
     pub sid_zero: bool,
     pub inferred: bool,
     pub lockup_seen: bool,
+    /// The highest severity a revision of this incident has had: an incident's severity never
+    /// goes down (a hung submission whose return was later lost stays critical).
+    pub peak: Option<super::incident::Severity>,
     pub attribution: Option<Attribution>,
     pub related: BTreeSet<IncidentId>,
     /// Last activity, for closing idle aggregate incidents.

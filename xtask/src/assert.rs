@@ -261,6 +261,7 @@ pub fn sink_checks(out: &Path, disks: &[Disk]) -> Vec<Check> {
         Err(e) => return vec![Check::fail("report of the recorded trace", e.to_string())],
     };
     let want = format!("{reference:?}");
+    c.push(expected_w2(out, disks));
 
     // The agent.
     let metrics = fs::read_to_string(out.join("metrics.txt")).unwrap_or_default();
@@ -387,6 +388,49 @@ pub fn sink_checks(out: &Path, disks: &[Disk]) -> Vec<Check> {
     ));
     c.push(tui_check(out, &reference));
     c
+}
+
+/// What the surprise removal must give, stated independently of the sinks compared with the
+/// report below (which would agree if everything found nothing): the recorded trace's report
+/// has a `flush-to-gone-device` on the surprise disk's BDF, window W2, whose submissions came
+/// from the removal path as their kernel stacks show (the device-TLB flushes of virtio-blk's
+/// teardown after the disconnect walk; both kernels, docs/vm-tests.md).
+fn expected_w2(out: &Path, disks: &[Disk]) -> Check {
+    let name = "report: W2 flush-to-gone-device on the surprise disk, caller from its stack";
+    let Some(d) = disks.iter().find(|d| d.role == "surprise") else {
+        return Check::fail(name, "no surprise disk in topology.txt");
+    };
+    let doc = match itewatch::document::from_trace_file(
+        &out.join("trace.itw"),
+        itewatch::correlate::Config::default(),
+    ) {
+        Ok(doc) => serde_json::to_value(&doc).unwrap_or_default(),
+        Err(e) => return Check::fail(name, e.to_string()),
+    };
+    let incidents = doc["incidents"].as_array().cloned().unwrap_or_default();
+    let hit = incidents.iter().find(|i| {
+        i["kind"] == "flush-to-gone-device"
+            && i["window"] == "W2"
+            && i["device"]["bdf"].as_str() == Some(d.dev.as_str())
+    });
+    let callers: Vec<String> = hit
+        .and_then(|i| i["submissions"].as_array())
+        .map(|subs| {
+            subs.iter()
+                .filter_map(|s| s["caller"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    Check::new(
+        name,
+        hit.is_some() && !callers.is_empty() && callers.iter().all(|c| c == "removal"),
+        format!(
+            "{} incidents; on {}: {:?}",
+            incidents.len(),
+            d.dev,
+            hit.map(|i| (i["severity"].clone(), callers.clone()))
+        ),
+    )
 }
 
 /// The interactive view on the guest's second serial port (a real tty): it drew its panels

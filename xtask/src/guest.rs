@@ -123,8 +123,22 @@ fail() {
 # ite-surprise on a kernel that retries for ever: the removal never completes and CPU 0 spins
 # with interrupts off. Wait (bounded) for the kernel's RCU stall report, let the agent's
 # sentinels write, then save /out from CPU 1 and restart.
+save_out() {
+    dmesg > /out/dmesg.txt
+    od_dev=$(ls /sys/bus/pci/devices/$OUT_DEV/virtio*/block 2>/dev/null | head -n 1)
+    # Not through the page cache and sync (their writeback can wait for work owed by the
+    # stuck CPU): one O_DIRECT write from this CPU, whose queue completes on this CPU.
+    tar cf /tmp/out.tar -C /out .
+    log "hung: writing $(wc -c < /tmp/out.tar) bytes to /dev/$od_dev (O_DIRECT)"
+    [ -n "$od_dev" ] && dd if=/tmp/out.tar of=/dev/$od_dev bs=64k oflag=direct conv=notrunc 2>/dev/null &&
+        log "hung: /out saved"
+}
+
 finish_hung() {
     stage removal-hung $SUR_DEV
+    # Once now: this CPU may stop too when it prints the kernel's stall report into a
+    # flooded console (seen with the time-out raised at once).
+    save_out
     if wait_for 'dmesg | grep -q "rcu: INFO: rcu_.*detected stall"' 90; then
         stage rcu-stall
     else
@@ -138,15 +152,9 @@ finish_hung() {
     # must refuse (its log says so) and keep watching; the recorder and the live view do not
     # know it yet and are not asked.
     [ -n "$AGENT_PID" ] && kill -TERM $AGENT_PID && sleep 2
+    [ -n "$AGENT_PID" ] && log "hung: agent memory $(grep -E '^(VmRSS|VmHWM)' /proc/$AGENT_PID/status | tr -s ' \t\n' ' ')"
     log "hung: saving /out"
-    dmesg > /out/dmesg.txt
-    od_dev=$(ls /sys/bus/pci/devices/$OUT_DEV/virtio*/block 2>/dev/null | head -n 1)
-    # Not through the page cache and sync (their writeback can wait for work owed by the
-    # stuck CPU): one O_DIRECT write from this CPU, whose queue completes on this CPU.
-    tar cf /tmp/out.tar -C /out .
-    log "hung: writing $(wc -c < /tmp/out.tar) bytes to /dev/$od_dev (O_DIRECT)"
-    [ -n "$od_dev" ] && dd if=/tmp/out.tar of=/dev/$od_dev bs=64k oflag=direct conv=notrunc 2>/dev/null &&
-        log "hung: /out saved"
+    save_out
     echo "ITEWATCH-VM hung: removal of $SUR_DEV did not complete"
     echo b > /proc/sysrq-trigger
     exec /bin/busybox poweroff -f

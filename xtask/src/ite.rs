@@ -453,6 +453,24 @@ fn retries_forever(
             .take(120)
             .collect::<String>(),
     ));
+    c.push(trace_during_hang(out, sid));
+    let mem = fs::read_to_string(out.join("guest.log"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("hung: agent memory ").map(str::to_string));
+    c.push(Check::new(
+        "agent: memory and output while the storm runs (reported)",
+        true,
+        format!(
+            "{}; {} last-gasp lines; {} stdout lines",
+            mem.unwrap_or_else(|| "memory not reported".into()),
+            facts.last_gasp.len(),
+            fs::read_to_string(out.join("agent.out"))
+                .unwrap_or_default()
+                .lines()
+                .count()
+        ),
+    ));
     // The spool, as the guest saved it from CPU 1 after the stall.
     let spooled = spooled_incidents(out);
     c.push(Check::new(
@@ -465,6 +483,59 @@ fn retries_forever(
         format!("{} spooled documents", spooled.len()),
     ));
     c
+}
+
+/// What the recorder wrote while the kernel retried (the trace as saved from CPU 1, without its
+/// end frame): the events the verdict rests on — the stuck submission to the removed SID, the
+/// surprise unconfigure and the disconnect walk — are there, and the log lines the storm
+/// brought, with what was lost, are counted.
+fn trace_during_hang(out: &Path, sid: u16) -> Check {
+    use itewatch::event::Payload;
+    let name = "record (during the hang): the stuck submission and the hot-plug events, losses";
+    let t = match crate::assert::read_trace(&out.join("trace.itw")) {
+        Ok(t) => t,
+        Err(e) => return Check::fail(name, e),
+    };
+    let mut open = std::collections::BTreeMap::new();
+    let (mut unconfigure, mut walk, mut logs) = (false, false, 0u64);
+    for ev in &t.events {
+        match &ev.payload {
+            Payload::Submit(s) => {
+                open.insert(ev.meta.tid, s.dev_tlb_sids().any(|x| x.0 == sid));
+            }
+            Payload::SubmitReturn(_) => {
+                open.remove(&ev.meta.tid);
+            }
+            Payload::Unconfigure(s) if s.presence == Some(false) => unconfigure = true,
+            Payload::DisconnectWalk(_) => walk = true,
+            Payload::KernelLog(_) => logs += 1,
+            _ => {}
+        }
+    }
+    let stuck = open.values().any(|has| *has);
+    let (full, missed, bad) = t.lost.iter().fold((0, 0, 0), |a, l| {
+        (a.0 + l.ringbuf_full, a.1 + l.missed, a.2 + l.undecodable)
+    });
+    let span = t
+        .events
+        .iter()
+        .map(|e| e.meta.ts.0)
+        .fold((u64::MAX, 0), |a, t| (a.0.min(t), a.1.max(t)));
+    Check::new(
+        name,
+        stuck && unconfigure && walk,
+        format!(
+            "stuck submission to SID {sid:x} {stuck}, surprise unconfigure {unconfigure}, \
+             disconnect walk {walk}; {} events over {:.1} s, {logs} kernel log lines; \
+             lost: ring buffer full {full}, missed {missed}, undecodable {bad}{}",
+            t.events.len(),
+            span.1.saturating_sub(span.0) as f64 / 1e9,
+            t.error
+                .as_deref()
+                .map(|e| format!("; trace ends: {e}"))
+                .unwrap_or_default()
+        ),
+    )
 }
 
 fn spooled_incidents(out: &Path) -> Vec<Value> {

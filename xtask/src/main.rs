@@ -76,6 +76,13 @@ pub struct VmTestArgs {
     /// scripts/qemu-ite.sh builds and caches.
     #[arg(long, value_name = "PATH")]
     pub qemu_ite: Option<PathBuf>,
+    /// `ite-surprise`: microseconds from the wait descriptor to ITE (0: at once, a printk
+    /// storm no hardware produces; docs/vm-tests.md).
+    #[arg(long, default_value_t = 20_000)]
+    pub ite_timeout_us: u32,
+    /// The guest's console is cut off (QEMU killed) past this many MiB.
+    #[arg(long, default_value_t = 48)]
+    pub serial_cap_mib: u64,
     /// Upper bound for one kernel's guest run, in seconds (boot to power-off). A run takes
     /// about a minute; on a loaded machine, TCG slows attaching three tracers to minutes.
     #[arg(long, default_value_t = 600)]

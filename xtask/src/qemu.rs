@@ -39,8 +39,12 @@ pub struct QemuOpts {
     pub binary: PathBuf,
     /// A build of our own: point it at the firmware of the installed packages.
     pub firmware_dirs: bool,
-    /// `x-ite-on-absent-device=on`: device-TLB invalidations to absent devices time out.
-    pub ite: bool,
+    /// The console is cut off (QEMU killed) past this size (a guest in the ITE retry loop
+    /// prints 10 KB/s with the matrix's 20 ms time-out, 700 KB/s with none).
+    pub serial_cap_bytes: u64,
+    /// `x-ite-on-absent-device=on`: device-TLB invalidations to absent devices time out,
+    /// after this many microseconds.
+    pub ite: Option<u32>,
 }
 
 impl QemuOpts {
@@ -48,21 +52,21 @@ impl QemuOpts {
         QemuOpts {
             binary: PathBuf::from("qemu-system-x86_64"),
             firmware_dirs: false,
-            ite: false,
+            serial_cap_bytes: 48 << 20,
+            ite: None,
         }
     }
 }
 
 /// The IOMMU of `ite-surprise` (qemu-ite/README.md): device-TLB invalidations to absent
-/// devices time out; the wait descriptor after one is aborted with ITE after 20 ms, within the
-/// PCIe completion time-out's default range (50 us to 50 ms), so a kernel that retries does so
-/// about 50 times a second rather than as fast as the emulator can run.
-pub const ITE_IOMMU: &str =
-    "intel-iommu,intremap=on,device-iotlb=on,x-ite-on-absent-device=on,x-ite-timeout-us=20000";
-
-/// The serial log is cut off (QEMU killed) past this size: a guest in the ITE retry loop
-/// prints about 230 KB/s on its console.
-pub const SERIAL_CAP_BYTES: u64 = 48 << 20;
+/// devices time out; the wait descriptor after one is aborted with ITE after `timeout_us`
+/// (the matrix: 20 ms, the top of the PCIe completion time-out's default range, so a kernel
+/// that retries does so about 50 times a second rather than as fast as the emulator runs).
+pub fn ite_iommu(timeout_us: u32) -> String {
+    format!(
+        "intel-iommu,intremap=on,device-iotlb=on,x-ite-on-absent-device=on,x-ite-timeout-us={timeout_us}"
+    )
+}
 
 impl Files {
     pub fn serial(&self) -> PathBuf {
@@ -90,17 +94,16 @@ pub fn command(f: &Files, q: &QemuOpts) -> Command {
     if q.firmware_dirs {
         c.args(["-L", "/usr/share/seabios", "-L", "/usr/share/qemu"]);
     }
-    let iommu = if q.ite {
-        ITE_IOMMU
-    } else {
-        "intel-iommu,intremap=on,device-iotlb=on"
+    let iommu = match q.ite {
+        Some(us) => ite_iommu(us),
+        None => "intel-iommu,intremap=on,device-iotlb=on".to_string(),
     };
     c.args(["-accel", "tcg,thread=multi", "-cpu", "max"])
         .args(["-machine", "q35,kernel-irqchip=split", "-m", "1024", "-smp", "2"])
         .args(["-nodefaults", "-display", "none", "-no-reboot"])
         // Keep hot-plug of the root ports native (pciehp), not ACPI.
         .args(["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"])
-        .args(["-device", iommu])
+        .args(["-device", &iommu])
         .args(["-device", "pcie-root-port,id=rp1,bus=pcie.0,addr=0x4,chassis=1,slot=1"])
         .args(["-device", "pcie-root-port,id=rp2,bus=pcie.0,addr=0x5,chassis=2,slot=2"])
         .args(["-drive", &format!("if=none,id=d1,file={},format=raw", d(f.disk(1)))])
@@ -148,6 +151,7 @@ pub struct Guest {
     /// The console so far (read incrementally: a storm can make it tens of MB).
     text: String,
     read_bytes: u64,
+    cap_bytes: u64,
     pub started: Instant,
 }
 
@@ -175,12 +179,12 @@ impl Guest {
             serial: f.serial(),
             text: String::new(),
             read_bytes: 0,
+            cap_bytes: q.serial_cap_bytes,
             started: Instant::now(),
         })
     }
 
-    /// Reads what the console printed since the last call; kills QEMU past
-    /// [`SERIAL_CAP_BYTES`]. Returns the offset in `console()` where the new text starts.
+    /// Reads what the console printed since the last call; kills QEMU past its cap. Returns the offset in `console()` where the new text starts.
     pub fn poll_serial(&mut self) -> usize {
         let before = self.text.len();
         if let Ok(mut f) = File::open(&self.serial) {
@@ -199,7 +203,7 @@ impl Guest {
                 }
             }
         }
-        if self.read_bytes > SERIAL_CAP_BYTES {
+        if self.read_bytes > self.cap_bytes {
             self.kill();
         }
         before
@@ -217,7 +221,7 @@ impl Guest {
 
     /// Whether the console reached its size cap (QEMU was then killed).
     pub fn serial_capped(&self) -> bool {
-        self.read_bytes > SERIAL_CAP_BYTES
+        self.read_bytes > self.cap_bytes
     }
 
     pub fn kill(&mut self) {

@@ -134,14 +134,16 @@ pub fn run(args: &VmTestArgs) -> Result<bool> {
         let t0 = Instant::now();
         let kernel = kernels::prepare(&cache, p)?;
         let dir = cache.join(format!("run-{}-{}", p.name, scenario.name()));
-        let qemu = match (scenario, &ite_qemu) {
+        let mut qemu = match (scenario, &ite_qemu) {
             (Scenario::IteSurprise, Some(bin)) => QemuOpts {
                 binary: bin.clone(),
                 firmware_dirs: true,
-                ite: true,
+                ite: Some(args.ite_timeout_us),
+                ..QemuOpts::stock()
             },
             _ => QemuOpts::stock(),
         };
+        qemu.serial_cap_bytes = args.serial_cap_mib << 20;
         let outcome = run_kernel(&kernel, scenario, &qemu, &dir, itewatch.as_deref(), args);
         let wall = t0.elapsed();
         let checks = match outcome {

@@ -397,7 +397,7 @@ fn an_incidents_severity_never_goes_down() {
     let mut seen: std::collections::BTreeMap<String, itewatch::correlate::incident::Severity> =
         Default::default();
     let mut revisions = 0u64;
-    let mut check = |inc: &Incident, seen: &mut std::collections::BTreeMap<_, _>| {
+    let check = |inc: &Incident, seen: &mut std::collections::BTreeMap<_, _>| {
         if let Some(before) = seen.insert(inc.id.0.clone(), inc.severity) {
             assert!(
                 inc.severity >= before,

@@ -18,8 +18,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// The live view: probes on this host; `--replay FILE` / `--simulate SCENARIO` drive it
-    /// without a kernel. Where tracing is impossible it says why and shows a bundled VM trace;
-    /// without a terminal it prints a plain-text summary.
+    /// without a kernel. Where tracing is impossible it says why and shows a recording from
+    /// the VM tests (embedded; not this host); without a terminal it prints a plain-text
+    /// summary, and exits 3 if that summary is of the VM recording.
     Live(itewatch::tui::LiveArgs),
     /// Record the probes' event stream to a trace file (needs root).
     Record(RecordArgs),

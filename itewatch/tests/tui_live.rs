@@ -670,3 +670,34 @@ fn a_terminal_without_a_size_gets_80x24() {
     }
     assert!(moves > 20, "{moves} cursor moves");
 }
+
+/// Regression (issue: the bundled demo trace was a build-time path, and a host that cannot be
+/// traced got the VM trace's W2 with exit 0, so a script booked it against the host): with
+/// tracing impossible (a BTF file that does not exist), `live --no-tui` run away from the
+/// source tree plays the recording embedded in the binary, says it is not this host, and exits
+/// with its own status.
+#[test]
+fn a_host_that_cannot_be_traced_gets_the_embedded_recording_and_exit_3() {
+    let dir = std::env::temp_dir();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_itewatch"))
+        .args([
+            "live",
+            "--no-tui",
+            "--btf",
+            "/nonexistent/itewatch-test-vmlinux",
+        ])
+        .env_remove("ITEWATCH_FALLBACK_TRACE")
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(itewatch::tui::EXIT_NOT_THIS_HOST.into()),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("cannot be traced live"), "{stdout}");
+    assert!(stdout.contains("flush-to-gone-device"), "{stdout}");
+    assert!(stdout.contains("NOT THIS HOST"), "{stdout}");
+}

@@ -106,29 +106,51 @@ pub enum LiveError {
 /// is due.
 const CHUNK: usize = 4_096;
 
-/// A trace recorded from a real kernel by the VM tests (`itewatch/tests/data/vm/<kernel>/`),
-/// found at a path fixed at build time; `ITEWATCH_FALLBACK_TRACE` overrides it. The oldest
-/// kernel comes first: it lacks the fixes, so its trace shows the race.
-pub fn bundled_trace() -> Option<(PathBuf, String)> {
+/// The trace shown where this host cannot be traced: recorded from Debian 6.1.170 by the VM
+/// tests (`itewatch/tests/data/vm/6.1/trace.itw`, 340 KB), embedded in the binary so that a
+/// copied binary has it too. The oldest kernel's: it lacks the fixes, so it shows the race.
+pub const BUNDLED_TRACE: &[u8] = include_bytes!("../../tests/data/vm/6.1/trace.itw");
+/// The kernel [`BUNDLED_TRACE`] was recorded on.
+pub const BUNDLED_KERNEL: &str = "6.1";
+
+/// Exit status of `live --no-tui` when this host could not be traced and a recording from the
+/// VM was shown instead: its incidents are not this host's.
+pub const EXIT_NOT_THIS_HOST: u8 = 3;
+
+/// A trace to replay: a file, or the one embedded in the binary.
+#[derive(Clone, Debug)]
+pub enum TraceInput {
+    File(PathBuf),
+    Bundled,
+}
+
+impl TraceInput {
+    fn open(&self) -> Result<TraceReader<Box<dyn io::BufRead>>, crate::trace::TraceError> {
+        match self {
+            TraceInput::File(p) => {
+                let f = std::fs::File::open(p)
+                    .map_err(|source| crate::trace::TraceError::Io { offset: 0, source })?;
+                TraceReader::new(
+                    Box::new(io::BufReader::with_capacity(1 << 20, f)) as Box<dyn io::BufRead>
+                )
+            }
+            TraceInput::Bundled => {
+                TraceReader::new(Box::new(BUNDLED_TRACE) as Box<dyn io::BufRead>)
+            }
+        }
+    }
+}
+
+/// The fallback trace: `ITEWATCH_FALLBACK_TRACE` if set (a file), else the embedded one; with
+/// the kernel it was recorded on.
+pub fn bundled_trace() -> Option<(TraceInput, String)> {
     if let Some(p) = std::env::var_os("ITEWATCH_FALLBACK_TRACE") {
         let p = PathBuf::from(p);
         return p
             .is_file()
-            .then(|| (p, "ITEWATCH_FALLBACK_TRACE".to_string()));
+            .then(|| (TraceInput::File(p), "ITEWATCH_FALLBACK_TRACE".to_string()));
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vm");
-    let mut found: Vec<(Vec<u32>, PathBuf, String)> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| {
-            let p = e.ok()?.path();
-            let t = p.join("trace.itw");
-            let name = p.file_name()?.to_string_lossy().into_owned();
-            let key = name.split('.').filter_map(|x| x.parse().ok()).collect();
-            t.is_file().then_some((key, t, name))
-        })
-        .collect();
-    found.sort();
-    found.into_iter().next().map(|(_, t, n)| (t, n))
+    Some((TraceInput::Bundled, BUNDLED_KERNEL.to_string()))
 }
 
 /// How the header's warning starts when a replayed trace is damaged (the rest is the error).
@@ -163,11 +185,11 @@ struct Opened {
     recorded: Option<BpfCost>,
 }
 
-fn open_replay(path: &Path, speed: f64, label: String) -> Result<Opened, LiveError> {
+fn open_replay(input: &TraceInput, speed: f64, label: String) -> Result<Opened, LiveError> {
     // Two passes, so that memory does not grow with the trace: the first checks every frame
     // (damage, end frame with the recorded BPF cost) and keeps nothing, the second streams
     // the records to the view and stops where the first found damage.
-    let mut reader = TraceReader::open(path)?;
+    let mut reader = input.open()?;
     let th = reader.header().clone();
     let mut damaged = None;
     loop {
@@ -197,7 +219,7 @@ fn open_replay(path: &Path, speed: f64, label: String) -> Result<Opened, LiveErr
     if let Some(d) = damaged {
         header.warning = Some(format!("{DAMAGED}{d}"));
     }
-    let records = TraceReader::open(path)?.map_while(Result::ok);
+    let records = input.open()?.map_while(Result::ok);
     let p = Playback::new(Box::new(records), speed);
     let recorded = end.as_ref().and_then(recorded_cost);
     Ok(Opened {
@@ -255,12 +277,14 @@ fn doctor_missing() -> Vec<(String, String)> {
 fn open_fallback(reason: &ProbeError, speed: f64) -> Result<(Opened, Unavailable), LiveError> {
     let missing = doctor_missing();
     let (opened, fallback) = match bundled_trace() {
-        Some((path, kernel)) => {
-            let label = format!("replay of the bundled VM trace ({kernel})");
-            let o = open_replay(&path, speed, label.clone())?;
+        Some((input, kernel)) => {
+            let label = format!("replay of the bundled VM trace ({kernel}), NOT THIS HOST");
+            let o = open_replay(&input, speed, label.clone())?;
             (
                 o,
-                format!("the trace recorded in the VM test on Linux {kernel}"),
+                format!(
+                    "a recording from the VM test on Linux {kernel}, not this host: its incidents are the VM's"
+                ),
             )
         }
         None => (
@@ -489,7 +513,11 @@ pub fn run(args: LiveArgs) -> Result<ExitCode, LiveError> {
     let interactive = !args.no_tui && io::stdout().is_terminal() && io::stdin().is_terminal();
     let (opened, unavailable) = match (&args.replay, &args.simulate) {
         (Some(f), _) => (
-            open_replay(f, args.speed, format!("replay {}", f.display()))?,
+            open_replay(
+                &TraceInput::File(f.clone()),
+                args.speed,
+                format!("replay {}", f.display()),
+            )?,
             None,
         ),
         (None, Some(s)) => (open_simulated(s, args.seed, args.speed)?, None),
@@ -499,7 +527,10 @@ pub fn run(args: LiveArgs) -> Result<ExitCode, LiveError> {
         source: opened.trace_source.clone(),
         path: match (&args.replay, &unavailable) {
             (Some(f), _) => Some(f.clone()),
-            (None, Some(_)) => bundled_trace().map(|(p, _)| p),
+            (None, Some(_)) => match bundled_trace() {
+                Some((TraceInput::File(p), _)) => Some(p),
+                _ => None,
+            },
             (None, None) => None,
         },
         error: opened
@@ -567,11 +598,22 @@ fn run_headless(
     }
     e.refresh_snapshot();
     write!(out, "{}", ui::summary_text(&e.app, &e.app.cfg))?;
+    if let Some(u) = unavailable {
+        // A script must not book the recording's incidents against this host.
+        writeln!(
+            out,
+            "NOT THIS HOST: the incidents above are from {}; exit status {EXIT_NOT_THIS_HOST}",
+            u.fallback
+        )?;
+    }
     out.flush()?;
     if let Some(p) = &args.stats_file {
         write_stats(p, &run_stats(started, 0, &e))?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(match unavailable {
+        Some(_) => ExitCode::from(EXIT_NOT_THIS_HOST),
+        None => ExitCode::SUCCESS,
+    })
 }
 
 /// Shows the "cannot trace" screen; true to go on with the fallback, false to quit.
@@ -875,7 +917,7 @@ mod tests {
         }
         assert!(!before.is_empty() && before.len() < sim.records.len());
 
-        let o = open_replay(&path, 1.0, "t".into()).unwrap();
+        let o = open_replay(&TraceInput::File(path.clone()), 1.0, "t".into()).unwrap();
         let warning = o.header.warning.clone().unwrap_or_default();
         assert!(warning.starts_with(DAMAGED), "{warning}");
         assert!(o.recorded.is_none(), "no end frame was reached");

@@ -114,7 +114,15 @@ fn route(
             "text/plain; version=0.0.4; charset=utf-8",
             state.metrics.encode_classic(),
         ),
-        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
+        "/healthz" => match state.metrics.blind() {
+            // Up but blind: a health check must not call this agent healthy.
+            Some(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{why}\n"),
+            ),
+            None => reply(StatusCode::OK, "text/plain", "ok\n"),
+        },
         "/incidents" => reply(StatusCode::OK, JSON, state.incidents_json()),
         p => match p.strip_prefix("/incidents/") {
             Some(id) => match state.incident_json(id) {
@@ -174,6 +182,32 @@ mod tests {
         assert_eq!(parse_http_url("http://am").unwrap().port, 80);
         assert!(parse_http_url("https://am").is_err());
         assert!(parse_http_url("am:9093").is_err());
+    }
+
+    /// Regression (issue: blind but "live"): with a required probe missing the agent is up
+    /// but cannot see what it is for; /healthz says so with 503 and the metric counts it.
+    #[test]
+    fn a_blind_agent_is_not_healthy() {
+        let metrics = Arc::new(super::super::metrics::Metrics::new());
+        let state = State::new(metrics.clone());
+        assert_eq!(
+            route(&state, &Method::GET, "/healthz", None).status(),
+            StatusCode::OK
+        );
+        metrics.probe("qi_submit_sync", false, true);
+        metrics.probe("pci_dev_set_disconnected", false, false);
+        metrics.set_required_missing(vec!["qi_submit_sync".into()]);
+        let r = route(&state, &Method::GET, "/healthz", None);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let text = metrics.encode_classic();
+        assert!(
+            text.contains("itewatch_required_probes_missing 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("itewatch_probe_attached{probe=\"qi_submit_sync\",required=\"true\"} 0"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct Metrics {
     escalations: Family<Labels, Counter>,
     lost: Family<Labels, Counter>,
     probe_attached: Family<Labels, Gauge>,
+    required_missing: Gauge,
+    /// The required probes that did not attach (live source): the agent is blind.
+    blind: Mutex<Vec<String>>,
     bpf_run: Family<Labels, Counter<f64, AtomicU64>>,
     spool_errors: Family<Labels, Counter>,
     pushes: Family<Labels, Counter>,
@@ -77,6 +80,8 @@ impl Metrics {
             escalations: Family::default(),
             lost: Family::default(),
             probe_attached: Family::default(),
+            required_missing: Gauge::default(),
+            blind: Mutex::new(Vec::new()),
             bpf_run: Family::default(),
             spool_errors: Family::default(),
             pushes: Family::default(),
@@ -139,8 +144,13 @@ impl Metrics {
         );
         r.register(
             "probe_attached",
-            "1 when the probe is attached, 0 when it is not",
+            "1 when the probe is attached, 0 when it is not; required=\"true\" for the probes a verdict needs",
             m.probe_attached.clone(),
+        );
+        r.register(
+            "required_probes_missing",
+            "Required probes that did not attach: above 0 the agent is blind and /healthz answers 503",
+            m.required_missing.clone(),
         );
         r.register_with_unit(
             "bpf_program_run",
@@ -277,10 +287,26 @@ impl Metrics {
             .set(oldest.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1e9));
     }
 
-    pub fn probe(&self, name: &str, attached: bool) {
+    /// One probe of the attach plan; `required`: a verdict needs it (probe.rs).
+    pub fn probe(&self, name: &str, attached: bool, required: bool) {
         self.probe_attached
-            .get_or_create(&vec![("probe", name.to_string())])
+            .get_or_create(&vec![
+                ("probe", name.to_string()),
+                ("required", required.to_string()),
+            ])
             .set(attached as i64);
+    }
+
+    /// The required probes that did not attach on this host (empty: not blind).
+    pub fn set_required_missing(&self, names: Vec<String>) {
+        self.required_missing.set(names.len() as i64);
+        *self.blind.lock().unwrap_or_else(|e| e.into_inner()) = names;
+    }
+
+    /// Why the agent cannot see what it is for, if it cannot (`/healthz`).
+    pub fn blind(&self) -> Option<String> {
+        let b = self.blind.lock().unwrap_or_else(|e| e.into_inner());
+        (!b.is_empty()).then(|| format!("blind: required probes missing: {}", b.join(", ")))
     }
 
     /// Cumulative run time of a BPF program as the kernel reports it.

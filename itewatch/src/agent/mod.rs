@@ -171,7 +171,7 @@ struct Incidents {
 }
 
 impl State {
-    fn new(metrics: Arc<Metrics>) -> State {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> State {
         State {
             metrics,
             incidents: Mutex::new(Incidents::default()),
@@ -348,10 +348,12 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<(Source, DocCont
                 header: reader.header().clone(),
                 path: Some(p.display().to_string()),
             };
+            let required: Vec<&str> = crate::probe::required_probes().collect();
             for probe in &reader.header().probes {
                 metrics.probe(
                     &probe.name,
                     probe.state == "attached" || probe.state == "fell-back",
+                    required.contains(&probe.name.as_str()),
                 );
             }
             // Read as the stream goes: memory stays bounded whatever the trace's size. A
@@ -364,10 +366,16 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<(Source, DocCont
         SourceConfig::Live => {
             let live = LiveReader::attach(&crate::probe::LoadOptions::default())
                 .map_err(AgentError::Probes)?;
+            let required: Vec<&str> = crate::probe::required_probes().collect();
             for p in live.plan() {
-                metrics.probe(&p.name, p.state == "attached" || p.state == "fell-back");
+                metrics.probe(
+                    &p.name,
+                    p.state == "attached" || p.state == "fell-back",
+                    required.contains(&p.name.as_str()),
+                );
             }
             let missing = live.missing_required();
+            metrics.set_required_missing(missing.clone());
             if !missing.is_empty() {
                 eprintln!(
                     "itewatch agent: required probes missing: {} (see `itewatch doctor`)",

@@ -42,7 +42,7 @@ impl JsonSchema for Bdf {
 }
 
 /// The version this build writes.
-pub const SCHEMA_VERSION: &str = "1.0";
+pub const SCHEMA_VERSION: &str = "1.1";
 /// The major version this build reads.
 pub const SCHEMA_MAJOR: u32 = 1;
 
@@ -236,6 +236,10 @@ pub struct Loss {
     pub lost_markers: u64,
     /// The source was read to its proper end (trace end frame; whole log).
     pub complete: bool,
+    /// Required probes the recording did not have (a live trace only): the report is blind to
+    /// what they see, and "no incident" says nothing about the race.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required_probes_missing: Vec<String>,
     /// Log lines the analyzer could not read.
     pub unparsed_lines: u64,
 }
@@ -471,6 +475,7 @@ pub fn from_trace<R: BufRead>(
         lost_markers: stats.lost_markers,
         complete: end.is_some(),
         unparsed_lines: 0,
+        required_probes_missing: std::mem::take(&mut doc.loss.required_probes_missing),
     };
     doc.inventory = inventory_from_incidents(&incidents, &snapshots);
     doc.fixes = summarize_fixes(&incidents);
@@ -954,6 +959,12 @@ pub fn render_text(doc: &ReportDocument) -> String {
         ));
     }
     let l = &doc.loss;
+    if !l.required_probes_missing.is_empty() {
+        s.push_str(&format!(
+            "BLIND: required probes missing: {}; this recording cannot show the race (no incident means nothing)\n",
+            l.required_probes_missing.join(", ")
+        ));
+    }
     if l.lost_ringbuf_full + l.missed + l.undecodable + l.lost_markers > 0 || !l.complete {
         s.push_str(&format!(
             "loss: {} ring-buffer full, {} missed, {} undecodable, {} markers{}\n",
@@ -1067,6 +1078,12 @@ pub fn render_markdown(doc: &ReportDocument) -> String {
     ));
     if let Some(c) = &h.kernel_cmdline {
         s.push_str(&format!("- command line: `{}`\n", md_escape(c)));
+    }
+    if !doc.loss.required_probes_missing.is_empty() {
+        s.push_str(&format!(
+            "- **BLIND**: required probes missing: {}; this recording cannot show the race (no incident means nothing)\n",
+            md_escape(&doc.loss.required_probes_missing.join(", "))
+        ));
     }
     if !h.iommu_units.is_empty() {
         s.push_str(
@@ -1218,6 +1235,25 @@ pub fn report_cli(
 
 /// The document as far as a trace's header tells it, before any record is read (the NDJSON
 /// header line); the other builders fill in the rest. `ats_seen`: as for [`host_from_header`].
+/// The required probes (probe.rs) a live recording did not attach. Simulated traces carry no
+/// probes and miss nothing.
+pub fn required_probes_missing(
+    source: &Source,
+    probes: &[crate::trace::ProbeStatus],
+) -> Vec<String> {
+    if !matches!(source, Source::Live) {
+        return Vec::new();
+    }
+    crate::probe::required_probes()
+        .filter(|n| {
+            !probes
+                .iter()
+                .any(|p| p.name == *n && (p.state == "attached" || p.state == "fell-back"))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
 fn header_document(header: &TraceHeader, path: Option<String>, ats_seen: bool) -> ReportDocument {
     let (origin, scenario, seed) = origin_of(&header.source);
     ReportDocument {
@@ -1234,6 +1270,10 @@ fn header_document(header: &TraceHeader, path: Option<String>, ats_seen: bool) -
         },
         host: host_from_header(header, ats_seen),
         probes: header.probes.iter().map(Probe::from).collect(),
+        loss: Loss {
+            required_probes_missing: required_probes_missing(&header.source, &header.probes),
+            ..Default::default()
+        },
         capture: Capture {
             start_ns: header.started_mono_ns,
             end_ns: None,
@@ -1241,7 +1281,7 @@ fn header_document(header: &TraceHeader, path: Option<String>, ats_seen: bool) -
             started_unix_s: header.started_unix_s,
             clock: header.clock.clone(),
         },
-        loss: Loss::default(),
+
         inventory: Vec::new(),
         incidents: Vec::new(),
         fixes: Vec::new(),

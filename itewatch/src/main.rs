@@ -103,6 +103,10 @@ struct RecordArgs {
     /// Also print every record on stdout.
     #[arg(long)]
     echo: bool,
+    /// Record even when probes every verdict needs did not attach (the trace then says it is
+    /// blind in every report of it); without this, `record` refuses.
+    #[arg(long)]
+    degraded: bool,
 }
 
 fn record(a: RecordArgs) -> anyhow::Result<ExitCode> {
@@ -116,6 +120,7 @@ fn record(a: RecordArgs) -> anyhow::Result<ExitCode> {
             ..Default::default()
         },
         echo: a.echo,
+        allow_degraded: a.degraded,
     };
     let s = itewatch::record::run(&opts)?;
     eprintln!(
@@ -124,7 +129,7 @@ fn record(a: RecordArgs) -> anyhow::Result<ExitCode> {
     );
     if !s.missing_required.is_empty() {
         eprintln!(
-            "itewatch: required probes missing: {}",
+            "itewatch: DEGRADED: required probes missing: {}; every report of this trace says it is blind",
             s.missing_required.join(", ")
         );
     }

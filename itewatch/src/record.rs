@@ -26,6 +26,8 @@ pub struct RecordOptions {
     pub load: LoadOptions,
     /// Also print each record as a text line on stdout.
     pub echo: bool,
+    /// Record although required probes did not attach (`--degraded`).
+    pub allow_degraded: bool,
 }
 
 /// Counts of a finished recording.
@@ -89,6 +91,13 @@ async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         eprintln!("itewatch: note: {n}");
     }
     let missing = reader.missing_required();
+    if !missing.is_empty() && !opts.allow_degraded {
+        anyhow::bail!(
+            "required probes missing: {}; a recording without them cannot show the race (see \
+             `itewatch doctor`). `--degraded` records anyway, and every report of it says it is blind",
+            missing.join(", ")
+        );
+    }
     for p in reader.plan() {
         if p.mechanism.is_none() {
             eprintln!(

@@ -387,3 +387,55 @@ fn ndjson_incidents_come_out_before_the_trace_ends() {
     );
     assert_eq!(kind(rest.last().unwrap()), "summary");
 }
+
+/// Regression (issue: blind but "live"): a live recording with only an optional probe
+/// attached reported "no incident" as if it had looked. Every report of it now says it is
+/// blind: a field in JSON, a BLIND line in text and markdown.
+#[test]
+fn a_recording_without_its_required_probes_is_reported_blind() {
+    use itewatch::trace::{ProbeStatus, Source, TraceHeader, TraceReader, TraceWriter};
+    let mut header = TraceHeader::new(Source::Live);
+    header.probes = vec![ProbeStatus {
+        name: "printk:console".into(),
+        state: "attached".into(),
+        mechanism: Some("tracepoint".into()),
+        detail: None,
+    }];
+    let bytes = TraceWriter::new(Vec::new(), &header)
+        .unwrap()
+        .finish()
+        .unwrap();
+    let doc = document::from_trace(
+        TraceReader::new(&bytes[..]).unwrap(),
+        None,
+        Config::default(),
+        |_| {},
+    );
+    assert!(doc.incidents.is_empty());
+    assert!(
+        doc.loss
+            .required_probes_missing
+            .iter()
+            .any(|p| p == "qi_submit_sync"),
+        "{:?}",
+        doc.loss.required_probes_missing
+    );
+    assert!(document::render_text(&doc).contains("BLIND: required probes missing"));
+    assert!(document::render_markdown(&doc).contains("**BLIND**"));
+    // A simulated trace carries no probes and is not blind.
+    let sim = TraceHeader::new(Source::Simulated {
+        scenario: "benign".into(),
+        seed: 0,
+    });
+    let bytes = TraceWriter::new(Vec::new(), &sim)
+        .unwrap()
+        .finish()
+        .unwrap();
+    let doc = document::from_trace(
+        TraceReader::new(&bytes[..]).unwrap(),
+        None,
+        Config::default(),
+        |_| {},
+    );
+    assert!(doc.loss.required_probes_missing.is_empty());
+}

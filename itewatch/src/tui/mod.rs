@@ -274,7 +274,10 @@ fn doctor_missing() -> Vec<(String, String)> {
 }
 
 /// The fallback when live tracing is impossible.
-fn open_fallback(reason: &ProbeError, speed: f64) -> Result<(Opened, Unavailable), LiveError> {
+fn open_fallback(
+    reason: &dyn std::fmt::Display,
+    speed: f64,
+) -> Result<(Opened, Unavailable), LiveError> {
     let missing = doctor_missing();
     let (opened, fallback) = match bundled_trace() {
         Some((input, kernel)) => {
@@ -328,6 +331,15 @@ fn open_live(args: &LiveArgs) -> Result<(Opened, Option<Unavailable>), LiveError
             return Ok((o, Some(u)));
         }
     };
+    // Some probe attached, but not those a verdict needs (e.g. only the printk tracepoint, or
+    // an AMD host where pci_walk_bus attaches): a green running screen would be blind.
+    let missing = probes.missing_required();
+    if !missing.is_empty() {
+        let why = format!("required probes missing: {}", missing.join(", "));
+        drop(probes);
+        let (o, u) = open_fallback(&why, args.speed)?;
+        return Ok((o, Some(u)));
+    }
     let live = Live::new(probes, monotonic_ns())?;
     if let Some(path) = &args.ready_file {
         let plan = serde_json::to_vec_pretty(live.plan()).map_err(io::Error::other)?;

@@ -279,6 +279,8 @@ pub enum DocumentError {
     Trace(#[from] TraceError),
     #[error("cannot read {path}: {source}")]
     Open { path: String, source: io::Error },
+    #[error(transparent)]
+    Input(#[from] analyze::input::InputError),
     #[error("cannot write the report: {0}")]
     Io(#[from] io::Error),
     #[error("cannot encode the report: {0}")]
@@ -1169,26 +1171,10 @@ pub fn analyze_cli(
     format: Format,
     out: &mut dyn Write,
 ) -> Result<ReportDocument, DocumentError> {
-    let (a, name) = match input {
-        None => (
-            analyze::analyze_read(io::stdin().lock(), analyze::Options::default()),
-            None,
-        ),
-        Some(p) if p.as_os_str() == "-" => (
-            analyze::analyze_read(io::stdin().lock(), analyze::Options::default()),
-            None,
-        ),
-        Some(p) => {
-            let f = std::fs::File::open(p).map_err(|source| DocumentError::Open {
-                path: p.display().to_string(),
-                source,
-            })?;
-            (
-                analyze::analyze_read(f, analyze::Options::default()),
-                Some(p.display().to_string()),
-            )
-        }
-    };
+    // Compressed logs are unpacked; a directory, a trace, binary data or nothing at all is
+    // refused with its name (analyze/input.rs), never reported as "no incident".
+    let (reader, name) = analyze::input::open(input)?;
+    let a = analyze::analyze_read(reader, analyze::Options::default());
     let doc = from_analysis(a, name.as_deref());
     write(&doc, format, out)?;
     Ok(doc)

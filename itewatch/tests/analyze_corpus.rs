@@ -195,3 +195,87 @@ fn every_corpus_log_gives_its_expected_incidents() {
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
+
+/// Runs `itewatch analyze FILE --format json`: (exit code, stdout, stderr).
+fn analyze_cli(path: &Path) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_itewatch"))
+        .arg("analyze")
+        .arg(path)
+        .args(["--format", "json"])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn kinds_of(json: &str) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let mut k: Vec<String> = v["incidents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["kind"].as_str().unwrap().to_string())
+        .collect();
+    k.sort();
+    k
+}
+
+/// Regression (issue: `analyze` said "no incident", exit 0, for input it could not read): a
+/// gzip, xz or zstd copy of a log gives the plain log's verdict; a directory, an itewatch
+/// trace, binary data and empty input are refused by name with a non-zero exit.
+#[test]
+fn compressed_logs_are_read_and_what_is_not_a_log_is_refused() {
+    use std::io::Write;
+    let plain = dir().join("w2-ethan-zhao-hardlockup.dmesg");
+    let text = std::fs::read(&plain).unwrap();
+    let (code, out, _) = analyze_cli(&plain);
+    assert_eq!(code, Some(0));
+    let want = kinds_of(&out);
+    assert!(!want.is_empty());
+
+    let tmp = std::env::temp_dir().join(format!("itewatch-analyze-input-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&text).unwrap();
+    let mut xz = Vec::new();
+    lzma_rs::xz_compress(&mut &text[..], &mut xz).unwrap();
+    let zst =
+        ruzstd::encoding::compress_to_vec(&text[..], ruzstd::encoding::CompressionLevel::Fastest);
+    // Names that say nothing: the packing is told from the bytes.
+    for (name, bytes) in [("a.log", gz.finish().unwrap()), ("b.log", xz), ("c", zst)] {
+        let p = tmp.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let (code, out, err) = analyze_cli(&p);
+        assert_eq!(code, Some(0), "{name}: {err}");
+        assert_eq!(kinds_of(&out), want, "{name}");
+    }
+
+    let empty = tmp.join("empty.log");
+    std::fs::write(&empty, b"").unwrap();
+    let binary = tmp.join("core");
+    std::fs::write(&binary, b"\x7fELF\x02\x01\x01\0\0\0\0\0").unwrap();
+    let trace = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vm/6.1/trace.itw");
+    for (p, says) in [
+        (tmp.clone(), "is a directory"),
+        (empty, "is empty"),
+        (binary, "is binary data"),
+        (trace, "is an itewatch trace"),
+    ] {
+        let (code, out, err) = analyze_cli(&p);
+        assert_ne!(code, Some(0), "{}: {out}", p.display());
+        assert!(
+            err.contains(says) && err.contains(&*p.file_name().unwrap().to_string_lossy()),
+            "{}: {err}",
+            p.display()
+        );
+        assert!(
+            !out.contains("\"incidents\""),
+            "no report for {}",
+            p.display()
+        );
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

@@ -13,6 +13,7 @@
 //! diagnosed and dropped one at a time.
 
 pub mod facts;
+pub mod input;
 pub mod lines;
 
 use std::collections::BTreeMap;

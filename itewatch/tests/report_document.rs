@@ -401,16 +401,20 @@ fn a_recording_without_its_required_probes_is_reported_blind() {
         mechanism: Some("tracepoint".into()),
         detail: None,
     }];
-    let bytes = TraceWriter::new(Vec::new(), &header)
-        .unwrap()
-        .finish()
-        .unwrap();
-    let doc = document::from_trace(
-        TraceReader::new(&bytes[..]).unwrap(),
-        None,
-        Config::default(),
-        |_| {},
-    );
+    // The report of a trace holding only `header`.
+    let report = |header: &TraceHeader| {
+        let bytes = TraceWriter::new(Vec::new(), header)
+            .unwrap()
+            .finish()
+            .unwrap();
+        document::from_trace(
+            TraceReader::new(&bytes[..]).unwrap(),
+            None,
+            Config::default(),
+            |_| {},
+        )
+    };
+    let doc = report(&header);
     assert!(doc.incidents.is_empty());
     assert!(
         doc.loss
@@ -427,15 +431,5 @@ fn a_recording_without_its_required_probes_is_reported_blind() {
         scenario: "benign".into(),
         seed: 0,
     });
-    let bytes = TraceWriter::new(Vec::new(), &sim)
-        .unwrap()
-        .finish()
-        .unwrap();
-    let doc = document::from_trace(
-        TraceReader::new(&bytes[..]).unwrap(),
-        None,
-        Config::default(),
-        |_| {},
-    );
-    assert!(doc.loss.required_probes_missing.is_empty());
+    assert!(report(&sim).loss.required_probes_missing.is_empty());
 }

@@ -80,13 +80,7 @@ pub fn open(path: Option<&Path>) -> Result<(Box<dyn BufRead>, Option<String>), I
     };
     let shown = name.clone().unwrap_or_else(|| "standard input".into());
     let mut r = BufReader::with_capacity(1 << 16, raw);
-    let prefix = r
-        .fill_buf()
-        .map_err(|source| InputError::Read {
-            name: shown.clone(),
-            source,
-        })?
-        .to_vec();
+    let prefix = peek(&mut r, &shown)?;
     let unpacked: Box<dyn BufRead> = match packing(&prefix) {
         Packing::Plain => Box::new(r),
         Packing::Gzip => Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(r))),
@@ -112,13 +106,7 @@ pub fn open(path: Option<&Path>) -> Result<(Box<dyn BufRead>, Option<String>), I
         }
     };
     let mut unpacked = BufReader::with_capacity(1 << 16, unpacked);
-    let head = unpacked
-        .fill_buf()
-        .map_err(|source| InputError::Read {
-            name: shown.clone(),
-            source,
-        })?
-        .to_vec();
+    let head = peek(&mut unpacked, &shown)?;
     if head.is_empty() {
         return Err(InputError::Empty { name: shown });
     }
@@ -127,6 +115,16 @@ pub fn open(path: Option<&Path>) -> Result<(Box<dyn BufRead>, Option<String>), I
         Some(what) => Err(InputError::Binary { name: shown, what }),
         None => Ok((Box::new(unpacked), name)),
     }
+}
+
+/// The first bytes of `r` without consuming them.
+fn peek(r: &mut impl BufRead, name: &str) -> Result<Vec<u8>, InputError> {
+    r.fill_buf()
+        .map(<[u8]>::to_vec)
+        .map_err(|source| InputError::Read {
+            name: name.to_string(),
+            source,
+        })
 }
 
 #[cfg(test)]

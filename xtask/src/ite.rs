@@ -635,9 +635,10 @@ fn aborts(out: &Path, facts: &RunFacts, d: &Disk, sid: u16) -> Vec<Check> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     let spooled = spooled_incidents(out);
+    let aborted_ite = |i: &Value| is_ite(i) && i["outcome"]["state"] == "aborted";
     c.push(Check::new(
-        "agent: ite-reported on the removed device (stdout and spool)",
-        agent_lines.iter().any(is_ite) && spooled.iter().any(is_ite),
+        "agent: ite-reported on the removed device, aborted (stdout and spool)",
+        agent_lines.iter().any(aborted_ite) && spooled.iter().any(aborted_ite),
         format!(
             "{} stdout lines, {} spooled",
             agent_lines.len(),
@@ -646,16 +647,19 @@ fn aborts(out: &Path, facts: &RunFacts, d: &Disk, sid: u16) -> Vec<Check> {
     ));
     let lg = last_gasp(facts);
     c.push(Check::new(
-        "agent last-gasp (ttyS1): ite-reported on the removed device",
-        lg.iter()
-            .any(|(_, v)| v["kind"] == "ite-reported" && v["bdf"].as_str() == Some(bdf)),
+        "agent last-gasp (ttyS1): ite-reported on the removed device, aborted",
+        lg.iter().any(|(_, v)| {
+            v["kind"] == "ite-reported"
+                && v["bdf"].as_str() == Some(bdf)
+                && v["outcome"]["state"] == "aborted"
+        }),
         format!("{} lines", lg.len()),
     ));
     let live = fs::read_to_string(out.join("live.txt")).unwrap_or_default();
     c.push(Check::new(
-        "live view: ite-reported on the removed device",
+        "live view: ite-reported on the removed device, aborted",
         live.lines()
-            .any(|l| l.contains("ite-reported") && l.contains(bdf)),
+            .any(|l| l.contains("ite-reported") && l.contains(bdf) && l.contains("aborted")),
         live.lines()
             .filter(|l| l.contains("ite-reported"))
             .collect::<Vec<_>>()

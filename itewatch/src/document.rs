@@ -1219,8 +1219,6 @@ pub fn report_cli(
     Ok(doc)
 }
 
-/// The document as far as a trace's header tells it, before any record is read (the NDJSON
-/// header line); the other builders fill in the rest. `ats_seen`: as for [`host_from_header`].
 /// The required probes (probe.rs) a live recording did not attach. Simulated traces carry no
 /// probes and miss nothing.
 pub fn required_probes_missing(
@@ -1231,15 +1229,13 @@ pub fn required_probes_missing(
         return Vec::new();
     }
     crate::probe::required_probes()
-        .filter(|n| {
-            !probes
-                .iter()
-                .any(|p| p.name == *n && (p.state == "attached" || p.state == "fell-back"))
-        })
+        .filter(|n| !probes.iter().any(|p| p.name == *n && p.attached()))
         .map(str::to_string)
         .collect()
 }
 
+/// The document as far as a trace's header tells it, before any record is read (the NDJSON
+/// header line); the other builders fill in the rest. `ats_seen`: as for [`host_from_header`].
 fn header_document(header: &TraceHeader, path: Option<String>, ats_seen: bool) -> ReportDocument {
     let (origin, scenario, seed) = origin_of(&header.source);
     ReportDocument {

@@ -234,6 +234,11 @@ pub fn required_probes() -> impl Iterator<Item = &'static str> {
     SPECS.iter().filter(|s| s.required).map(|s| s.name)
 }
 
+/// Whether `name` is one of [`required_probes`].
+pub fn is_required(name: &str) -> bool {
+    required_probes().any(|r| r == name)
+}
+
 /// Options for [`Probes::attach`].
 #[derive(Clone, Debug)]
 pub struct LoadOptions {

@@ -113,6 +113,13 @@ pub struct ProbeStatus {
     pub detail: Option<String>,
 }
 
+impl ProbeStatus {
+    /// Attached, directly or by its fallback mechanism.
+    pub fn attached(&self) -> bool {
+        self.state == "attached" || self.state == "fell-back"
+    }
+}
+
 /// The JSON header at the start of every trace.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceHeader {

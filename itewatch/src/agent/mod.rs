@@ -348,12 +348,11 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<(Source, DocCont
                 header: reader.header().clone(),
                 path: Some(p.display().to_string()),
             };
-            let required: Vec<&str> = crate::probe::required_probes().collect();
             for probe in &reader.header().probes {
                 metrics.probe(
                     &probe.name,
-                    probe.state == "attached" || probe.state == "fell-back",
-                    required.contains(&probe.name.as_str()),
+                    probe.attached(),
+                    crate::probe::is_required(&probe.name),
                 );
             }
             // Read as the stream goes: memory stays bounded whatever the trace's size. A
@@ -366,13 +365,8 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<(Source, DocCont
         SourceConfig::Live => {
             let live = LiveReader::attach(&crate::probe::LoadOptions::default())
                 .map_err(AgentError::Probes)?;
-            let required: Vec<&str> = crate::probe::required_probes().collect();
             for p in live.plan() {
-                metrics.probe(
-                    &p.name,
-                    p.state == "attached" || p.state == "fell-back",
-                    required.contains(&p.name.as_str()),
-                );
+                metrics.probe(&p.name, p.attached(), crate::probe::is_required(&p.name));
             }
             let missing = live.missing_required();
             metrics.set_required_missing(missing.clone());
@@ -577,6 +571,22 @@ impl Worker {
         }
     }
 
+    /// Spools, prints and alerts `out`, then hands free heap pages back once in a while.
+    async fn emit_all(
+        &mut self,
+        out: Vec<Incident>,
+        stats: &crate::correlate::Stats,
+        last_trim: &mut std::time::Instant,
+    ) {
+        for inc in out {
+            self.emit(inc, stats).await;
+        }
+        if last_trim.elapsed() >= TRIM_EVERY {
+            *last_trim = std::time::Instant::now();
+            release_free_memory();
+        }
+    }
+
     async fn reload(&mut self) {
         match load_config(self.config_file.as_deref(), self.flags.clone()) {
             Ok(new) => {
@@ -682,13 +692,7 @@ impl Worker {
                     stats.clone_from(c.stats());
                 }
             }
-            for inc in out {
-                self.emit(inc, &stats).await;
-            }
-            if last_trim.elapsed() >= TRIM_EVERY {
-                last_trim = std::time::Instant::now();
-                release_free_memory();
-            }
+            self.emit_all(out, &stats, &mut last_trim).await;
             if finished {
                 eprintln!(
                     "itewatch agent: end of the source: {fed} records, {} incidents; serving until stopped",
@@ -769,13 +773,7 @@ impl Worker {
             // What sentinels produced while this loop did not run: already on their last-gasp
             // channels, now spooled, printed and alerted.
             out.extend(rescued.try_iter());
-            for inc in out {
-                self.emit(inc, &stats).await;
-            }
-            if last_trim.elapsed() >= TRIM_EVERY {
-                last_trim = std::time::Instant::now();
-                release_free_memory();
-            }
+            self.emit_all(out, &stats, &mut last_trim).await;
             tokio::select! {
                 _ = stop.changed() => break,
                 r = reload.recv() => if r.is_some() { self.reload().await },

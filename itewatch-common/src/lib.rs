@@ -305,9 +305,12 @@ pub enum Counter {
     ReturnWithoutEntry = 2,
     /// The per-thread start map was full.
     StartMapFull = 3,
+    /// A kernel stack could not be taken (stack map full, or a different stack already holds
+    /// its hash bucket): the event went out with [`STACK_NONE`].
+    StackFailed = 4,
 }
 
-pub const COUNTER_SLOTS: u32 = 4;
+pub const COUNTER_SLOTS: u32 = 5;
 
 /// Struct member offsets (bytes) from the running kernel's BTF, resolved at load time by
 /// userspace and written into the BPF programs' `CONFIG` global. `OFFSET_NONE` = not available.

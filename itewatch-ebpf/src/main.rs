@@ -41,8 +41,10 @@ static CONFIG: Config = Config::DEFAULT;
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
-/// Kernel stacks of submissions, flushes and removal events. Ids are never reused
-/// (no BPF_F_REUSE_STACKID), so userspace can symbolize each id once.
+/// Kernel stacks of submissions that carry a device-TLB descriptor and of the hot-plug and
+/// removal events. A taken id is never overwritten (no BPF_F_REUSE_STACKID): userspace reads
+/// each id once, and deletes the ids it has read once an eighth of the map is taken, so it stays
+/// bounded on a host that runs for months (see `live::StackTable`). The loader may resize it.
 #[map]
 static STACKS: StackTrace = StackTrace::with_max_entries(2048, 0);
 
@@ -162,13 +164,25 @@ fn header(kind: EventKind) -> Header {
 }
 
 /// Kernel stack of the current call, stored in `STACKS`; `STACK_NONE` if it could not be
-/// taken (map full, or a hash collision with a different stack: ids are not reused).
+/// taken (map full, or a hash collision with a different stack: ids are not reused), which is
+/// counted (`Counter::StackFailed`).
 #[inline(always)]
 fn stack_id<C: StackIdContext>(ctx: &C) -> i32 {
     match ctx.get_stackid(&STACKS, 0) {
         Ok(id) => id as i32,
-        Err(_) => STACK_NONE,
+        Err(_) => {
+            bump(Counter::StackFailed);
+            STACK_NONE
+        }
     }
+}
+
+/// Whether a descriptor's first quadword is a device-TLB invalidation (type 0x3, or 0x8
+/// PASID-based; the type's low 4 bits, as dmar.c's `QI_DIOTLB_TYPE` / `QI_DEIOTLB_TYPE`).
+#[inline(always)]
+fn is_dev_tlb(qw0: u64) -> bool {
+    let t = qw0 & 0xf;
+    t == 0x3 || t == 0x8
 }
 
 /// `pci_domain_nr(bus)`: `bus->domain_nr` (CONFIG_PCI_DOMAINS_GENERIC) or, on x86,
@@ -261,6 +275,7 @@ fn on_submit<C: StackIdContext>(ctx: &C, iommu: u64, desc: u64, count: u32, opti
     };
     let stride = cfg!(qi_desc_size) as u64;
     let mut captured = 0u32;
+    let mut dev_tlb = false;
     // SAFETY: `e` points to a reserved, exclusively owned SubmitEvent in the ring buffer;
     // every field is written before submit.
     unsafe {
@@ -269,13 +284,13 @@ fn on_submit<C: StackIdContext>(ctx: &C, iommu: u64, desc: u64, count: u32, opti
         addr_of_mut!((*e).options).write(options);
         addr_of_mut!((*e).count).write(count);
         addr_of_mut!((*e)._pad).write(0);
-        addr_of_mut!((*e).stack_id).write(stack_id(ctx));
         // Bounded loop: MAX_BATCH iterations at most (verifier: constant trip count).
         for i in 0..MAX_BATCH {
             let slot = addr_of_mut!((*e).descs[i]);
             if (i as u32) < want {
                 match bpf_probe_read_kernel((desc + i as u64 * stride) as *const Desc) {
                     Ok(d) => {
+                        dev_tlb |= is_dev_tlb(d.qw0);
                         slot.write(d);
                         captured += 1;
                     }
@@ -290,6 +305,11 @@ fn on_submit<C: StackIdContext>(ctx: &C, iommu: u64, desc: u64, count: u32, opti
             }
         }
         addr_of_mut!((*e).captured).write(captured);
+        // The caller path matters only where a device-TLB invalidation is sent (it names the
+        // code path that sent it to a removed device); every other submission (IOTLB,
+        // context, wait-only) goes without a stack: no unwind, no map entry.
+        let stack = if dev_tlb { stack_id(ctx) } else { STACK_NONE };
+        addr_of_mut!((*e).stack_id).write(stack);
     }
     entry.submit(0);
     0
@@ -334,8 +354,7 @@ fn on_submit_return(ret: i64) -> u32 {
 //                               u16 qdep, u64 addr, unsigned int size_order)
 
 #[inline(always)]
-fn emit_flush<C: StackIdContext>(
-    ctx: &C,
+fn emit_flush(
     iommu: u64,
     sid: u16,
     pfsid: u16,
@@ -354,7 +373,9 @@ fn emit_flush<C: StackIdContext>(
         has_pasid: pasid.is_some() as u16,
         pasid: pasid.unwrap_or(0),
         mask,
-        stack_id: stack_id(ctx),
+        // The submission this flush makes (`qi_submit_sync` inside it, on the same thread)
+        // carries the same stack one frame deeper: a second walk would only fill the map.
+        stack_id: STACK_NONE,
         _pad: 0,
     };
     emit(&ev);
@@ -368,7 +389,7 @@ pub fn qi_flush_dev_iotlb_fentry(ctx: FEntryContext) -> u32 {
     let qdep = ctx.arg::<u64>(3) as u16;
     let addr: u64 = ctx.arg(4);
     let mask = ctx.arg::<u64>(5) as u32;
-    emit_flush(&ctx, iommu, sid, pfsid, qdep, None, addr, mask);
+    emit_flush(iommu, sid, pfsid, qdep, None, addr, mask);
     0
 }
 
@@ -383,7 +404,7 @@ pub fn qi_flush_dev_iotlb_pasid_fentry(ctx: FEntryContext) -> u32 {
     // A trampoline sees every argument, also the 7th (size_order) that a kprobe would have to
     // read from the stack.
     let size_order = ctx.arg::<u64>(6) as u32;
-    emit_flush(&ctx, iommu, sid, pfsid, qdep, Some(pasid), addr, size_order);
+    emit_flush(iommu, sid, pfsid, qdep, Some(pasid), addr, size_order);
     0
 }
 
@@ -395,7 +416,7 @@ pub fn qi_flush_dev_iotlb(ctx: ProbeContext) -> u32 {
     let qdep = ctx.arg::<u64>(3).unwrap_or(0) as u16;
     let addr: u64 = ctx.arg(4).unwrap_or(0);
     let mask = ctx.arg::<u64>(5).unwrap_or(0) as u32;
-    emit_flush(&ctx, iommu, sid, pfsid, qdep, None, addr, mask);
+    emit_flush(iommu, sid, pfsid, qdep, None, addr, mask);
     0
 }
 
@@ -408,7 +429,7 @@ pub fn qi_flush_dev_iotlb_pasid(ctx: ProbeContext) -> u32 {
     let qdep = ctx.arg::<u64>(4).unwrap_or(0) as u16;
     let addr: u64 = ctx.arg(5).unwrap_or(0);
     // The 7th argument (size_order) is on the stack on x86-64 and not read.
-    emit_flush(&ctx, iommu, sid, pfsid, qdep, Some(pasid), addr, 0);
+    emit_flush(iommu, sid, pfsid, qdep, Some(pasid), addr, 0);
     0
 }
 

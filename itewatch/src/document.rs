@@ -42,7 +42,7 @@ impl JsonSchema for Bdf {
 }
 
 /// The version this build writes.
-pub const SCHEMA_VERSION: &str = "1.1";
+pub const SCHEMA_VERSION: &str = "1.2";
 /// The major version this build reads.
 pub const SCHEMA_MAJOR: u32 = 1;
 
@@ -242,6 +242,15 @@ pub struct Loss {
     pub required_probes_missing: Vec<String>,
     /// Log lines the analyzer could not read.
     pub unparsed_lines: u64,
+    /// Submissions with a device-TLB descriptor that came without a kernel stack (the probe
+    /// could not take one): their caller path, and so the fix that applies, is unknown.
+    /// Schema 1.2; absent when zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dev_tlb_without_stack: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A device an incident is about.
@@ -478,6 +487,7 @@ pub fn from_trace<R: BufRead>(
         complete: end.is_some(),
         unparsed_lines: 0,
         required_probes_missing: std::mem::take(&mut doc.loss.required_probes_missing),
+        dev_tlb_without_stack: stats.dev_tlb_without_stack,
     };
     doc.inventory = inventory_from_incidents(&incidents, &snapshots);
     doc.fixes = summarize_fixes(&incidents);
@@ -506,6 +516,7 @@ pub fn for_incident(
     doc.capture.end_ns = Some(inc.end.0);
     doc.capture.duration_ns = Some(inc.end.0.saturating_sub(inc.start.0));
     doc.loss.lost_markers = stats.lost_markers;
+    doc.loss.dev_tlb_without_stack = stats.dev_tlb_without_stack;
     doc.inventory = inventory_from_incidents(&incidents, &BTreeMap::new());
     doc.fixes = summarize_fixes(&incidents);
     doc.incidents = incidents;
@@ -981,6 +992,12 @@ pub fn render_text(doc: &ReportDocument) -> String {
             }
         ));
     }
+    if l.dev_tlb_without_stack > 0 {
+        s.push_str(&format!(
+            "stacks: {} device-TLB submissions came without a kernel stack (caller path unknown for them)\n",
+            l.dev_tlb_without_stack
+        ));
+    }
     if doc.incidents.is_empty() {
         s.push_str("\nno incident\n");
     }
@@ -1085,6 +1102,12 @@ pub fn render_markdown(doc: &ReportDocument) -> String {
         s.push_str(&format!(
             "- **BLIND**: required probes missing: {}; this recording cannot show the race (no incident means nothing)\n",
             md_escape(&doc.loss.required_probes_missing.join(", "))
+        ));
+    }
+    if doc.loss.dev_tlb_without_stack > 0 {
+        s.push_str(&format!(
+            "- stacks: {} device-TLB submissions came without a kernel stack (caller path unknown for them)\n",
+            doc.loss.dev_tlb_without_stack
         ));
     }
     if !h.iommu_units.is_empty() {

@@ -898,9 +898,28 @@ pub enum CallerPath {
     Unknown,
 }
 
+/// The frames of a kernel stack that belong to the context that made the call: up to and
+/// including the first interrupt or exception entry (`asm_common_interrupt`,
+/// `asm_sysvec_*`, `asm_exc_*`) or softirq entry (`handle_softirqs`, `__do_softirq`). What
+/// lies below such an entry is whatever the interrupt happened to interrupt, not a caller:
+/// a DMA unmap in a disk's completion interrupt that lands on pciehp's thread is not a
+/// removal.
+pub fn own_context<S: AsRef<str>>(frames: &[S]) -> &[S] {
+    let end = frames.iter().position(|f| {
+        let sym = f.as_ref().split('+').next().unwrap_or("");
+        sym.starts_with("asm_") || matches!(sym, "handle_softirqs" | "__do_softirq" | "do_softirq")
+    });
+    match end {
+        Some(i) => &frames[..=i],
+        None => frames,
+    }
+}
+
 impl CallerPath {
-    /// Classifies a symbolized kernel stack (innermost frame first; `+0x..` offsets allowed).
+    /// Classifies a symbolized kernel stack (innermost frame first; `+0x..` offsets allowed)
+    /// by the frames of its own context ([`own_context`]).
     pub fn classify<S: AsRef<str>>(frames: &[S]) -> CallerPath {
+        let frames = own_context(frames);
         if frames.is_empty() {
             return CallerPath::Unknown;
         }
@@ -1214,5 +1233,31 @@ mod tests {
             CallerPath::classify(&["qi_submit_sync", "fq_flush_timeout.cold+0x2"]),
             CallerPath::FlushQueue
         );
+    }
+
+    #[test]
+    fn an_interrupted_removal_is_not_the_caller() {
+        // A disk's completion interrupt unmapping DMA while pciehp's thread runs (the shape
+        // of the 6.1 VM stacks): the frames below the interrupt entry are pciehp's, but the
+        // call is the driver's unmap.
+        let frames = [
+            "qi_submit_sync+0x5",
+            "qi_flush_iotlb+0x89",
+            "iommu_flush_iotlb_psi+0x124",
+            "intel_iommu_tlb_sync+0xa3",
+            "__iommu_dma_unmap+0x23f",
+            "iommu_dma_unmap_page+0x44",
+            "vring_unmap_one_split+0x42 [virtio_ring]",
+            "vring_interrupt+0x60 [virtio_ring]",
+            "__handle_irq_event_percpu+0x46",
+            "common_interrupt+0x7d",
+            "asm_common_interrupt+0x22",
+            "pciehp_unconfigure_device+0x30",
+            "pciehp_ist+0x120",
+        ];
+        assert_eq!(own_context(&frames).len(), 11);
+        assert_eq!(CallerPath::classify(&frames), CallerPath::DriverUnmap);
+        // Without an entry frame, the whole stack is the caller's.
+        assert_eq!(own_context(&frames[..9]).len(), 9);
     }
 }

@@ -100,6 +100,10 @@ struct RecordArgs {
     /// Ring buffer size in KiB (a power of two).
     #[arg(long, default_value_t = 4096)]
     ringbuf_kib: u32,
+    /// Entries of the kernel stack map (read ids are deleted once an eighth are taken, so this
+    /// bounds memory, not the number of distinct stacks).
+    #[arg(long, default_value_t = itewatch::probe::DEFAULT_STACK_ENTRIES, value_name = "N")]
+    stack_map_entries: u32,
     /// Also print every record on stdout.
     #[arg(long)]
     echo: bool,
@@ -117,6 +121,7 @@ fn record(a: RecordArgs) -> anyhow::Result<ExitCode> {
         load: itewatch::probe::LoadOptions {
             btf: a.btf,
             ringbuf_bytes: a.ringbuf_kib.saturating_mul(1024),
+            stack_entries: a.stack_map_entries,
             ..Default::default()
         },
         echo: a.echo,
@@ -124,8 +129,8 @@ fn record(a: RecordArgs) -> anyhow::Result<ExitCode> {
     };
     let s = itewatch::record::run(&opts)?;
     eprintln!(
-        "itewatch: {} events, {} stacks, {} lost (ring buffer full), {} undecodable, {} returns without entry",
-        s.end.events, s.stacks, s.end.lost_ringbuf_full, s.end.undecodable, s.end.return_without_entry
+        "itewatch: {} events, {} stacks, {} lost (ring buffer full), {} undecodable, {} returns without entry, {} stacks not taken",
+        s.end.events, s.stacks, s.end.lost_ringbuf_full, s.end.undecodable, s.end.return_without_entry, s.end.stack_failed
     );
     if !s.missing_required.is_empty() {
         eprintln!(

@@ -122,6 +122,21 @@ const fn tracepoint(program: &'static str, target: &'static str) -> Attempt {
     }
 }
 
+/// The kernel functions the probes enter (fentry, kprobe): the first frame of a stack they
+/// take is one of these, and any frame before it is the tracer's own (BPF program,
+/// trampoline).
+pub fn probed_functions() -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = SPECS
+        .iter()
+        .flat_map(|s| s.attempts)
+        .filter(|a| matches!(a.mechanism, Mechanism::Fentry | Mechanism::Kprobe))
+        .map(|a| a.target)
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
 /// One probe of the plan and the ways to attach it.
 struct Spec {
     /// Name in the plan (and in docs/kernel-support.md).
@@ -248,7 +263,14 @@ pub struct LoadOptions {
     pub ringbuf_bytes: u32,
     /// Root of the host filesystem for kallsyms and tracefs (tests).
     pub host_root: PathBuf,
+    /// Entries of the kernel stack map. The reader deletes the ids it has read once an eighth of
+    /// them are taken (see `live::StackTable`), so this bounds memory, not how many distinct
+    /// stacks a long run can see.
+    pub stack_entries: u32,
 }
+
+/// Default size of the kernel stack map (entries of 127 frames: about 2 MiB).
+pub const DEFAULT_STACK_ENTRIES: u32 = 2048;
 
 impl Default for LoadOptions {
     fn default() -> Self {
@@ -256,6 +278,7 @@ impl Default for LoadOptions {
             btf: None,
             ringbuf_bytes: 4 << 20,
             host_root: PathBuf::from("/"),
+            stack_entries: DEFAULT_STACK_ENTRIES,
         }
     }
 }
@@ -269,6 +292,10 @@ pub struct Probes {
     /// Notes from load time (offsets that BTF did not give, kallsyms state).
     pub notes: Vec<String>,
     pub kallsyms: Option<Kallsyms>,
+    /// Root of the host filesystem it was attached on (kallsyms is read again from there).
+    pub host_root: PathBuf,
+    /// Entries of the kernel stack map.
+    pub stack_entries: u32,
 }
 
 fn is_privileged() -> bool {
@@ -386,6 +413,7 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", opts.ringbuf_bytes)
+            .map_max_entries("STACKS", opts.stack_entries.max(2))
             .load(BPF_OBJECT)
             .map_err(|e| ProbeError::Load(Box::new(e)))?;
         let traceable = Tracefs::find(&opts.host_root)
@@ -455,6 +483,8 @@ impl Probes {
             config,
             notes,
             kallsyms,
+            host_root: opts.host_root.clone(),
+            stack_entries: opts.stack_entries.max(2),
         })
     }
 
@@ -632,6 +662,8 @@ pub struct CounterTotals {
     pub read_failed: u64,
     pub return_without_entry: u64,
     pub start_map_full: u64,
+    /// Kernel stacks that could not be taken (stack map full, or hash bucket taken).
+    pub stack_failed: u64,
 }
 
 pub struct Counters {
@@ -656,6 +688,7 @@ impl Counters {
             read_failed: sum(Counter::ReadFailed),
             return_without_entry: sum(Counter::ReturnWithoutEntry),
             start_map_full: sum(Counter::StartMapFull),
+            stack_failed: sum(Counter::StackFailed),
         }
     }
 }

@@ -1,8 +1,9 @@
 //! `itewatch record`: live probes → trace file.
 //!
 //! The loop drains the ring buffer (through [`LiveReader`], the reader every live sink shares)
-//! as it becomes readable, writes each kernel record exactly as it came out of the kernel, and
-//! once a second writes the reader's loss markers and device identities and flushes the file,
+//! as it becomes readable and every 250 ms (a CPU spinning with interrupts off never sends the
+//! ring buffer's wake-up), writes each kernel record exactly as it came out of the kernel, and
+//! at each tick writes the reader's loss markers and device identities and flushes the file,
 //! so a host that locks up leaves a readable trace behind.
 
 use std::io::Write;
@@ -146,7 +147,7 @@ async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let sleep_until = async {
         match deadline {
@@ -165,6 +166,11 @@ async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
                 }
             }
             _ = tick.tick() => {
+                // Drain here too, not only on readiness: the ring buffer's wake-up is an
+                // irq_work on the CPU that submitted the record, and a CPU spinning with
+                // interrupts off (the stuck `qi_submit_sync` this tool exists for) never
+                // runs it. Its records are in the ring all the same.
+                while reader.get_mut().drain_with(BUDGET, |it| w.item(it))? == BUDGET {}
                 let mut recs = Vec::new();
                 reader.get_mut().periodic(KTime(monotonic_ns()), &mut recs);
                 w.records(recs)?;
@@ -185,10 +191,12 @@ async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
     let end = w.writer.end_mut();
     end.read_failed = totals.read_failed;
     end.return_without_entry = totals.return_without_entry;
+    end.stack_failed = totals.stack_failed;
+    end.stack_clearings = reader.stack_clearings();
     end.duration_ns = Some(monotonic_ns().saturating_sub(started));
     end.programs = reader.program_stats();
     let end = end.clone();
-    let stacks = reader.stacks_seen() as u64;
+    let stacks = reader.stacks_seen();
     w.writer.finish().context("finishing the trace")?;
     Ok(RecordSummary {
         end,

@@ -188,6 +188,13 @@ pub struct TraceEnd {
     /// Return probes that found no entry (entry missed, or tracer started mid-call).
     #[serde(default)]
     pub return_without_entry: u64,
+    /// Kernel stacks the probes could not take (stack map full, or hash bucket taken).
+    #[serde(default)]
+    pub stack_failed: u64,
+    /// Times the reader deleted the stack ids it had read from the kernel map (to keep it
+    /// from filling; `live::StackTable`).
+    #[serde(default)]
+    pub stack_clearings: u64,
     /// Recording length in CLOCK_MONOTONIC nanoseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ns: Option<u64>,

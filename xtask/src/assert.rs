@@ -544,7 +544,23 @@ pub struct TraceData {
     pub events: Vec<Event>,
     pub lost: Vec<LostRecord>,
     pub stacks: BTreeMap<u32, Vec<String>>,
+    pub census: StackCensus,
     pub error: Option<String>,
+}
+
+/// The submissions' stacks as a trace reader sees them (each id as last recorded before the
+/// event).
+#[derive(Default, Debug)]
+pub struct StackCensus {
+    pub records: u64,
+    pub dev_tlb: u64,
+    pub dev_tlb_with_stack: u64,
+    /// First frame in `qi_submit_sync` (no tracer frames before it).
+    pub starts_in_submit: u64,
+    /// A frame saying the stack is unknown or unreadable.
+    pub unknown: u64,
+    /// Submissions without a device-TLB descriptor that carry a stack (the probe takes none).
+    pub other_with_stack: u64,
 }
 
 pub fn read_trace(path: &Path) -> Result<TraceData, String> {
@@ -555,13 +571,32 @@ pub fn read_trace(path: &Path) -> Result<TraceData, String> {
         events: Vec::new(),
         lost: Vec::new(),
         stacks: BTreeMap::new(),
+        census: StackCensus::default(),
         error: None,
     };
     for rec in r.by_ref() {
         match rec {
-            Ok(Record::Event(e)) => t.events.push(e),
+            Ok(Record::Event(e)) => {
+                if let Payload::Submit(s) = &e.payload {
+                    let c = &mut t.census;
+                    let frames = s.stack.and_then(|id| t.stacks.get(&id.0));
+                    if s.dev_tlb_sids().next().is_none() {
+                        c.other_with_stack += s.stack.is_some() as u64;
+                    } else {
+                        c.dev_tlb += 1;
+                        if let Some(f) = frames {
+                            c.dev_tlb_with_stack += 1;
+                            let first = f.first().map(String::as_str).unwrap_or("");
+                            c.starts_in_submit += first.starts_with("qi_submit_sync+") as u64;
+                            c.unknown += first.starts_with('<') as u64;
+                        }
+                    }
+                }
+                t.events.push(e)
+            }
             Ok(Record::Lost(l)) => t.lost.push(l),
             Ok(Record::Stack(s)) => {
+                t.census.records += 1;
                 t.stacks.insert(s.id.0, s.frames);
             }
             Ok(Record::Device(_)) => {}
@@ -603,6 +638,30 @@ pub fn trace_checks(kernel: &Kernel, out: &Path, disks: &[Disk]) -> Vec<Check> {
                 .as_deref()
                 .map(|e| format!("; error: {e}"))
                 .unwrap_or_default()
+        ),
+    ));
+    // Stacks (`record --stack-map-entries 128`: the reader deletes read ids every 16, so a
+    // run exercises the deletions on the real map).
+    let (n, end) = (&t.census, t.end.clone().unwrap_or_default());
+    c.push(Check::new(
+        "kernel stacks: device-TLB submissions only, from qi_submit_sync, map kept bounded",
+        n.dev_tlb > 0
+            && n.other_with_stack == 0
+            && n.starts_in_submit == n.dev_tlb_with_stack - n.unknown
+            && n.dev_tlb - n.dev_tlb_with_stack <= end.stack_failed
+            && n.unknown * 20 <= n.dev_tlb
+            && end.stack_clearings > 0,
+        format!(
+            "{} device-TLB submissions, {} with a stack ({} from qi_submit_sync, {} unknown), \
+             {} other submissions with one; {} stack records, {} not taken, {} clearings",
+            n.dev_tlb,
+            n.dev_tlb_with_stack,
+            n.starts_in_submit,
+            n.unknown,
+            n.other_with_stack,
+            n.records,
+            end.stack_failed,
+            end.stack_clearings
         ),
     ));
     c.push(Check::new(

@@ -273,7 +273,7 @@ fi
 if [ $RECORD = 1 ]; then
     /bin/itewatch doctor --json > /out/doctor.json 2> /out/doctor.err
     echo $? > /out/doctor.rc
-    $RUN /bin/itewatch record -o /out/trace.itw --ready-file /out/ready 2> /out/record.err &
+    $RUN /bin/itewatch record -o /out/trace.itw --ready-file /out/ready --stack-map-entries 128 2> /out/record.err &
     REC_PID=$!
     wait_for '[ -s /out/ready ] || ! kill -0 $REC_PID 2>/dev/null' 180 || fail "recorder not ready after 180 s"
     [ -s /out/ready ] || { cat /out/record.err; REC_PID=; fail "recorder exited before it was ready"; }

@@ -2048,6 +2048,7 @@ fn build_incident(
         end: KTime(end),
         outcome,
         submissions: Vec::new(),
+        submissions_omitted: 0,
         timeline,
         timeline_omitted: evidence.lines_omitted,
         partial: !partial_reasons.is_empty(),

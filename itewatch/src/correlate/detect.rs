@@ -206,6 +206,7 @@ pub enum FixHint {
 
 /// Classifies a stack for [`FixHint`] (innermost first, `+0x..` offsets allowed).
 pub fn fix_hint<S: AsRef<str>>(frames: &[S]) -> FixHint {
+    let frames = crate::event::own_context(frames);
     let has = |name: &str| {
         frames.iter().any(|f| {
             let sym = f.as_ref().split('+').next().unwrap_or("");

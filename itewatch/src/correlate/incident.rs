@@ -249,6 +249,10 @@ impl DeviceState {
     }
 }
 
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
 /// The device an incident is about.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct IncidentDevice {
@@ -448,6 +452,11 @@ pub struct Incident {
     /// The worst outcome among `submissions` (null for an ITE with nothing attributed).
     pub outcome: Option<Outcome>,
     pub submissions: Vec<SubmissionView>,
+    /// Finished submissions left out of `submissions` to keep it within the configured
+    /// length (`max_members`); their outcomes still count in `outcome` and `severity`.
+    /// Schema 1.2; absent when zero.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub submissions_omitted: u32,
     /// Ordered events that make up the incident.
     pub timeline: Vec<TimelineEntry>,
     /// Timeline entries left out to keep within the configured length.

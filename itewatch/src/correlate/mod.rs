@@ -69,6 +69,13 @@ pub struct Config {
     pub max_history: usize,
     pub max_lost_markers: usize,
     pub max_walks: usize,
+    /// Member submissions listed per incident; past it the oldest finished ones are left out
+    /// (counted in `submissions_omitted`; their worst outcomes still count).
+    pub max_members: usize,
+    /// A revision that changes nothing a reader acts on (kind, severity, outcome class,
+    /// window, attribution, device, removal, partial, related, closed) waits until this much
+    /// stream time has passed since the last one; the final revision always goes out.
+    pub coalesce_ns: u64,
 }
 
 impl Default for Config {
@@ -91,6 +98,66 @@ impl Default for Config {
             max_history: 16,
             max_lost_markers: 1024,
             max_walks: 64,
+            max_members: 256,
+            coalesce_ns: 1000 * MS,
+        }
+    }
+}
+
+/// What a reader acts on in a revision (docs/correlator.md): a revision that changes none of
+/// it waits for `coalesce_ns`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Material {
+    kind: IncidentKind,
+    severity: incident::Severity,
+    outcome: Option<&'static str>,
+    window: Option<Window>,
+    attribution: Option<incident::Attribution>,
+    device: incident::IncidentDevice,
+    removal: Option<incident::RemovalKind>,
+    partial: bool,
+    related: Vec<IncidentId>,
+    closed: bool,
+}
+
+impl Material {
+    /// What `i` says that a reader acts on.
+    pub fn of(i: &Incident) -> Material {
+        Material::with_omitted(i, None)
+    }
+
+    /// The outcome that counts is the worst *finished* one (members left out of the list
+    /// included: `omitted`), or in flight when none has finished: an aggregate incident's
+    /// worst outcome otherwise flips to "in flight" with every member that comes, and back;
+    /// a member that stays in flight too long changes the severity instead.
+    pub(crate) fn with_omitted(i: &Incident, omitted: Option<Outcome>) -> Material {
+        let finished = i
+            .submissions
+            .iter()
+            .map(|s| s.outcome)
+            .chain(omitted)
+            .filter(|o| o.is_final())
+            .max_by_key(detect::outcome_rank);
+        let outcome = finished.or(i.outcome).map(|o| match o {
+            Outcome::InFlight { .. } => "in-flight",
+            Outcome::Completed { .. } => "completed",
+            Outcome::CompletedLate { .. } => "completed-late",
+            Outcome::Aborted { .. } => "aborted",
+            Outcome::Failed { .. } => "failed",
+            Outcome::NotReturned { .. } => "not-returned",
+            Outcome::ReturnLost => "return-lost",
+        });
+        Material {
+            kind: i.kind,
+            severity: i.severity,
+            outcome,
+            window: i.window,
+            attribution: i.attribution.clone(),
+            device: i.device.clone(),
+            removal: i.removal,
+            partial: i.partial,
+            related: i.related.clone(),
+            closed: i.closed,
         }
     }
 }
@@ -126,6 +193,11 @@ pub struct Stats {
     pub returns_lost: u64,
     /// Exact duplicates of the submission in flight on a thread, ignored.
     pub duplicates: u64,
+    /// Submissions carrying a device-TLB descriptor that came without a kernel stack (the
+    /// probe could not take one: stack map full, or a hash collision): their caller path is
+    /// unknown.
+    #[serde(default)]
+    pub dev_tlb_without_stack: u64,
     /// Records older than what had already been processed (beyond the reorder window).
     pub late_records: u64,
     /// Submissions still outstanding when the stream ended.
@@ -134,6 +206,10 @@ pub struct Stats {
     pub incidents: BTreeMap<String, u64>,
     /// Incident revisions emitted.
     pub revisions: u64,
+    /// Revisions held back because nothing a reader acts on had changed (coalesced into a
+    /// later one).
+    #[serde(default)]
+    pub revisions_coalesced: u64,
     pub evicted: Evictions,
 }
 
@@ -221,6 +297,9 @@ pub struct Correlator {
     by_key: BTreeMap<(IncidentKind, Option<DevKey>), IncidentId>,
     last_ite: Option<IncidentId>,
     pending: BTreeSet<IncidentId>,
+    /// Revisions held back by coalescing, and the earliest time one of them is due.
+    held: BTreeSet<IncidentId>,
+    next_release: u64,
     lost: LostLog,
     stats: Stats,
     next_deadline: u64,
@@ -246,6 +325,8 @@ impl Correlator {
             by_key: BTreeMap::new(),
             last_ite: None,
             pending: BTreeSet::new(),
+            held: BTreeSet::new(),
+            next_release: u64::MAX,
             lost: LostLog::default(),
             stats: Stats::default(),
             next_deadline: u64::MAX,
@@ -580,6 +661,11 @@ impl Correlator {
             None if self.ist_thread(tid).is_some() => (CallerPath::Removal, FixHint::None),
             None => (CallerPath::Unknown, FixHint::None),
         };
+        let no_stack =
+            s.stack.is_none() && flush_stack.is_none() && s.dev_tlb_sids().next().is_some();
+        if no_stack {
+            self.stats.dev_tlb_without_stack += 1;
+        }
         let segment = s.iommu.segment.unwrap_or(0);
         let mut sids = Sids::default();
         for sid in s.dev_tlb_sids() {
@@ -601,6 +687,10 @@ impl Correlator {
             slow_checked: false,
             partial: BTreeSet::new(),
         };
+        if no_stack {
+            inf.partial
+                .insert("no kernel stack was taken for it: its caller path is unknown".to_string());
+        }
         if s.truncated() {
             inf.partial.insert(format!(
                 "batch of {} descriptors, {} captured",
@@ -735,11 +825,12 @@ impl Correlator {
         let view = inf.view(outcome, end_ts, ret);
         let ret_entry = ret_event.map(|ev| describe::entry(ev, None));
         let now = end_ts.unwrap_or(self.clock);
+        let max_members = self.cfg.max_members;
         for id in inf.incidents.clone() {
             let Some(o) = self.open.get_mut(&id) else {
                 continue;
             };
-            o.members.insert(inf.seq, view.clone());
+            o.put_member(inf.seq, view.clone(), max_members);
             o.partial.extend(inf.partial.iter().cloned());
             if let Some(en) = &ret_entry {
                 push_timeline(o, now, inf.seq, en.clone(), self.cfg.max_timeline);
@@ -925,6 +1016,8 @@ impl Correlator {
             related: BTreeSet::new(),
             last_activity: ts,
             dirty: true,
+            omitted: state::Omitted::default(),
+            emitted: None,
         }
     }
 
@@ -932,6 +1025,7 @@ impl Correlator {
     /// re-links the incidents the submission is part of.
     fn add_member(&mut self, id: &IncidentId, inf: &mut Inflight) {
         let max_tl = self.cfg.max_timeline;
+        let max_members = self.cfg.max_members;
         let outstanding = self.clock.saturating_sub(inf.start());
         let Some(o) = self.open.get_mut(id) else {
             return;
@@ -939,7 +1033,7 @@ impl Correlator {
         if o.members.contains_key(&inf.seq) {
             return;
         }
-        o.members.insert(
+        o.put_member(
             inf.seq,
             inf.view(
                 Outcome::InFlight {
@@ -948,6 +1042,7 @@ impl Correlator {
                 None,
                 None,
             ),
+            max_members,
         );
         if let Some(f) = &inf.flush {
             push_timeline(
@@ -1455,7 +1550,7 @@ impl Correlator {
                 );
                 for id in &inf.incidents {
                     if let Some(o) = self.open.get_mut(id) {
-                        o.members.insert(inf.seq, view.clone());
+                        o.put_member(inf.seq, view.clone(), cfg.max_members);
                         o.end = o.end.max(now);
                         self.pending.insert(id.clone());
                     }
@@ -1634,18 +1729,40 @@ impl Correlator {
     // ----- emission -------------------------------------------------------------------------
 
     fn flush_pending(&mut self) {
+        self.release_held();
         if self.pending.is_empty() {
             return;
         }
         let ids = std::mem::take(&mut self.pending);
+        let clock = self.clock;
         for id in ids {
             if let Some(o) = self.open.get(&id) {
                 let rev = o.revision.map_or(0, |r| r + 1);
                 let inc = self.render(o, rev, false);
+                let key = Material::with_omitted(&inc, o.omitted.worst);
+                let due = match &o.emitted {
+                    None => true,
+                    Some((k, _)) if *k != key => true,
+                    Some((_, at)) => clock.0 >= at.0.saturating_add(self.cfg.coalesce_ns),
+                };
+                if !due {
+                    // Held back: it goes out with the next change that matters, when the
+                    // coalescing time has passed (a later record or `advance`), or at close.
+                    if let Some((_, at)) = &o.emitted {
+                        self.next_release = self
+                            .next_release
+                            .min(at.0.saturating_add(self.cfg.coalesce_ns));
+                    }
+                    self.stats.revisions_coalesced += 1;
+                    self.held.insert(id);
+                    continue;
+                }
+                self.held.remove(&id);
                 if let Some(o) = self.open.get_mut(&id) {
                     o.revision = Some(rev);
                     o.peak = Some(inc.severity);
                     o.dirty = false;
+                    o.emitted = Some((key, clock));
                 }
                 self.stats.revisions += 1;
                 self.out.push(inc);
@@ -1653,9 +1770,43 @@ impl Correlator {
         }
     }
 
+    /// Held-back revisions whose coalescing time has passed become pending again.
+    fn release_held(&mut self) {
+        if self.held.is_empty() || self.clock.0 < self.next_release {
+            return;
+        }
+        self.next_release = u64::MAX;
+        let (clock, wait) = (self.clock, self.cfg.coalesce_ns);
+        let open = &self.open;
+        let due: Vec<IncidentId> = self
+            .held
+            .iter()
+            .filter(|id| {
+                open.get(*id).is_none_or(|o| {
+                    o.emitted
+                        .as_ref()
+                        .is_none_or(|(_, at)| clock.0 >= at.0.saturating_add(wait))
+                })
+            })
+            .cloned()
+            .collect();
+        for id in due {
+            self.held.remove(&id);
+            if self.open.contains_key(&id) {
+                self.pending.insert(id);
+            }
+        }
+        for id in &self.held {
+            if let Some((_, at)) = self.open.get(id).and_then(|o| o.emitted.as_ref()) {
+                self.next_release = self.next_release.min(at.0.saturating_add(wait));
+            }
+        }
+    }
+
     /// Closes an incident: emits its final revision.
     fn close(&mut self, id: &IncidentId) {
         self.pending.remove(id);
+        self.held.remove(id);
         let Some(o) = self.open.remove(id) else {
             return;
         };
@@ -1675,7 +1826,8 @@ impl Correlator {
         let cfg = &self.cfg;
         let mut submissions: Vec<SubmissionView> = o.members.values().cloned().collect();
         submissions.sort_by_key(|s| (s.start, s.tid));
-        let outcomes: Vec<Outcome> = submissions.iter().map(|s| s.outcome).collect();
+        let mut outcomes: Vec<Outcome> = submissions.iter().map(|s| s.outcome).collect();
+        outcomes.extend(o.omitted.outcomes());
         let outcome = outcomes.iter().copied().max_by_key(detect::outcome_rank);
         // Never below what an earlier revision said.
         let severity = detect::incident_severity(o.kind, &outcomes, cfg)
@@ -1729,7 +1881,7 @@ impl Correlator {
             caller: o.caller,
             hint: o.hint,
             removal: o.removal,
-            submissions: submissions.len(),
+            submissions: submissions.len() + o.omitted.count as usize,
             reports: o.reports,
             sid_zero: o.sid_zero,
             inferred: o.inferred,
@@ -1751,6 +1903,7 @@ impl Correlator {
             explanation: describe::explain(&facts),
             fixes: describe::fixes_for(&facts),
             submissions,
+            submissions_omitted: o.omitted.count,
             timeline: timeline.into_iter().map(|x| x.2).collect(),
             timeline_omitted: omitted,
             partial: !partial.is_empty(),

@@ -290,6 +290,61 @@ pub struct OpenIncident {
     pub last_activity: KTime,
     /// Changed since the last emission.
     pub dirty: bool,
+    /// Finished members left out of `members` to keep it bounded.
+    pub omitted: Omitted,
+    /// What the last emitted revision said that a reader acts on, and when it went out.
+    pub emitted: Option<(super::Material, KTime)>,
+}
+
+/// Members left out of an incident's list: how many, and the outcomes that still decide
+/// its outcome and severity (the worst one, and the longest).
+#[derive(Clone, Debug, Default)]
+pub struct Omitted {
+    pub count: u32,
+    pub worst: Option<Outcome>,
+    pub longest: Option<Outcome>,
+}
+
+impl Omitted {
+    pub fn add(&mut self, o: Outcome) {
+        self.count = self.count.saturating_add(1);
+        if self
+            .worst
+            .is_none_or(|w| super::detect::outcome_rank(&o) > super::detect::outcome_rank(&w))
+        {
+            self.worst = Some(o);
+        }
+        if self
+            .longest
+            .is_none_or(|l| o.duration_ns().unwrap_or(0) > l.duration_ns().unwrap_or(0))
+        {
+            self.longest = Some(o);
+        }
+    }
+
+    pub fn outcomes(&self) -> impl Iterator<Item = Outcome> + '_ {
+        self.worst.into_iter().chain(self.longest)
+    }
+}
+
+impl OpenIncident {
+    /// Adds or updates a member; past `max` members the oldest finished one is left out.
+    pub fn put_member(&mut self, seq: u64, view: SubmissionView, max: usize) {
+        self.members.insert(seq, view);
+        while self.members.len() > max.max(1) {
+            let Some(oldest) = self
+                .members
+                .iter()
+                .find(|(_, m)| m.outcome.is_final())
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
+            if let Some(m) = self.members.remove(&oldest) {
+                self.omitted.add(m.outcome);
+            }
+        }
+    }
 }
 
 /// Records held back until nothing older can still arrive (per-CPU ring buffers interleave

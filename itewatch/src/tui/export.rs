@@ -100,6 +100,7 @@ pub fn document(app: &App, origin: &Origin, sel: Selection<'_>) -> ReportDocumen
             complete: app.ended && origin.error.is_none(),
             unparsed_lines: 0,
             required_probes_missing: document::required_probes_missing(&origin.source, &h.probes),
+            dev_tlb_without_stack: stats.dev_tlb_without_stack,
         },
         inventory: document::inventory_from_incidents(&incidents, &app.device_infos),
         fixes: document::summarize_fixes(&incidents),

@@ -18,7 +18,10 @@
 //!    buffer, so this is the closer figure for a live agent under that load.
 //!
 //! CPU is per cent of one core over the measured window (after a warm-up); on a shared machine
-//! this is the agent's own CPU time, not wall time. Figures are printed, not asserted.
+//! this is the agent's own CPU time, not wall time. For the loaded runs it also prints the
+//! time from the drain that produced an incident's first revision to that revision being
+//! fsynced in the spool (`itewatch_incident_durable_seconds`, as bucket upper bounds). Figures
+//! are printed, not asserted.
 
 mod common;
 
@@ -192,7 +195,9 @@ fn main() {
     drop(agent);
 
     // 2. Under load.
-    let spool = std::env::temp_dir().join(format!("itewatch-footprint-{}", std::process::id()));
+    // On the build's disk (not a tmpfs), so the spool's fsyncs cost what they cost.
+    let spool = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("itewatch-footprint-{}", std::process::id()));
     let rate_s = rate.to_string();
     let spool_s = spool.to_str().unwrap_or("/nonexistent").to_string();
     let args = ["--simulate", "soak", "--rate", &rate_s, "--spool", &spool_s];
@@ -200,7 +205,8 @@ fn main() {
     let _ = std::fs::remove_dir_all(&spool);
 
     // 3. Under load, from a trace file: enough records for the warm-up and the window.
-    let dir = std::env::temp_dir().join(format!("itewatch-footprint-trace-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("itewatch-footprint-trace-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let trace = dir.join("soak.itw");
     let records = (rate as f64 * (secs as f64 + warmup.as_secs_f64() + 10.0)) as u64;
@@ -241,6 +247,53 @@ fn loaded(label: &str, args: &[&str], rate: u64, secs: u64, warmup: Duration) {
         ),
         None => eprintln!("{label}: cannot read /proc for the agent"),
     }
+    match scrape(addr).and_then(|m| durable_quantiles(&m)) {
+        Some((n, p50, p99, max)) => println!(
+            "{label}: onset -> incident durable in the spool (fsynced): {n} incidents, p50 <= {}, p99 <= {}, slowest <= {}",
+            ms(p50),
+            ms(p99),
+            ms(max)
+        ),
+        None => eprintln!("{label}: no itewatch_incident_durable_seconds in /metrics"),
+    }
+}
+
+fn ms(secs: f64) -> String {
+    if secs.is_infinite() {
+        "more than the largest bucket".into()
+    } else {
+        format!("{:.1} ms", secs * 1e3)
+    }
+}
+
+/// (count, p50, p99, bucket of the slowest) of the agent's onset-to-durable histogram, each as
+/// the upper bound of the bucket it falls in.
+fn durable_quantiles(metrics: &str) -> Option<(u64, f64, f64, f64)> {
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    for l in metrics.lines() {
+        let Some(rest) = l.strip_prefix("itewatch_incident_durable_seconds_bucket{le=\"") else {
+            continue;
+        };
+        let (le, n) = rest.split_once("\"} ")?;
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        buckets.push((le, n.trim().parse().ok()?));
+    }
+    let count = buckets.last()?.1;
+    if count == 0 {
+        return None;
+    }
+    let q = |f: f64| {
+        let want = (count as f64 * f).ceil() as u64;
+        buckets
+            .iter()
+            .find(|(_, n)| *n >= want)
+            .map_or(f64::INFINITY, |b| b.0)
+    };
+    Some((count, q(0.5), q(0.99), q(1.0)))
 }
 
 /// The soak stream (as `--simulate soak` plays it) written to a trace file.

@@ -13,9 +13,9 @@ pub mod metrics;
 pub mod privileges;
 pub mod sentinel;
 pub mod spool;
+pub mod writer;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -145,6 +145,8 @@ pub enum AgentError {
     },
     #[error("cannot start the runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("cannot start the writer thread: {source}")]
+    Writer { source: std::io::Error },
 }
 
 /// The file layer (if any) under the flags, validated.
@@ -465,6 +467,14 @@ async fn start_prepared(
         cfg.max_pending,
     );
     let (tx, rx) = mpsc::channel(1024);
+    let writer = writer::Writer::spawn(writer::Sinks {
+        spool,
+        spool_dir: cfg.spool.clone(),
+        spool_max_bytes: cfg.spool_max_bytes,
+        metrics: metrics.clone(),
+        pusher: tx.clone(),
+    })
+    .map_err(|source| AgentError::Writer { source })?;
     let pusher = tokio::spawn(pusher.run(rx));
     let server = tokio::spawn(http::serve(listener, state.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -475,7 +485,7 @@ async fn start_prepared(
         flags,
         state: state.clone(),
         metrics,
-        spool,
+        writer,
         tx,
         instance: hostname(),
         doc,
@@ -508,40 +518,40 @@ struct Worker {
     flags: FileConfig,
     state: Arc<State>,
     metrics: Arc<Metrics>,
-    spool: Option<Spool>,
+    /// Spool, stdout and deliveries, off this task (agent/writer.rs). Dropped with the
+    /// worker, which finishes every queued job first.
+    writer: writer::Writer,
     tx: mpsc::Sender<Msg>,
     instance: String,
     doc: DocContext,
 }
 
 impl Worker {
-    async fn emit(&mut self, inc: Incident, stats: &crate::correlate::Stats) {
+    async fn emit(
+        &mut self,
+        inc: Incident,
+        stats: &crate::correlate::Stats,
+        onset: std::time::Instant,
+    ) {
         let step = alert::step(self.state.severity_of(&inc.id.0), &inc);
         self.metrics.incident(&inc, step == alert::Step::Escalated);
         self.state.remember(&inc);
         // stdout gets the bare incident as one JSON line; the spool a whole document.
-        let json = serde_json::to_vec(&inc).unwrap_or_default();
-        if self.spool.is_none() {
-            // An unwritable spool is retried at each incident, so it recovers when fixed.
-            if let Some(dir) = &self.cfg.spool {
-                self.spool = Spool::open(dir, self.cfg.spool_max_bytes).ok();
-            }
-        }
-        if let Some(s) = &self.spool {
-            let doc = crate::document::for_incident(
+        let line = self
+            .cfg
+            .stdout
+            .then(|| serde_json::to_vec(&inc).unwrap_or_default());
+        let doc = if self.cfg.spool.is_some() {
+            let d = crate::document::for_incident(
                 &self.doc.header,
                 self.doc.path.as_deref(),
                 &inc,
                 stats,
             );
-            let bytes = serde_json::to_vec_pretty(&doc).unwrap_or_default();
-            if let Err(e) = s.put_incident(&inc.id.0, &bytes) {
-                self.metrics.spool_error(e.op);
-                eprintln!("itewatch agent: {e}; incident {} kept in memory", inc.id);
-            }
-        } else if self.cfg.spool.is_some() {
-            self.metrics.spool_error("open");
-        }
+            serde_json::to_vec_pretty(&d).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let pending =
             (step != alert::Step::None && !self.cfg.alertmanager_urls.is_empty()).then(|| {
                 Pending {
@@ -550,36 +560,26 @@ impl Worker {
                     delivered_to: Vec::new(),
                 }
             });
-        // The delivery is durable before the JSON line goes out, as the incident is: a crash
-        // after the line was logged cannot lose the alert (the pusher would write it only
-        // later). One already waiting or sent (a restart re-deriving it) is left alone.
-        if let (Some(p), Some(s)) = (&pending, &self.spool) {
-            if !s.is_sent(&p.id) && !s.has_pending(&p.id) {
-                if let Err(e) = s.put_pending(p) {
-                    self.metrics.spool_error("pending");
-                    eprintln!("itewatch agent: {e}; delivery of {} kept in memory", p.id);
-                }
-            }
-        }
-        if self.cfg.stdout {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(&json).and_then(|()| out.write_all(b"\n"));
-            let _ = out.flush();
-        }
-        if let Some(p) = pending {
-            let _ = self.tx.send(Msg::New(p)).await;
-        }
+        self.writer.send(writer::Job::Incident {
+            id: inc.id.0.clone(),
+            doc,
+            line,
+            pending,
+            onset: (inc.revision == 0).then_some(onset),
+        });
     }
 
-    /// Spools, prints and alerts `out`, then hands free heap pages back once in a while.
+    /// Spools, prints and alerts `out` (from a drain or chunk that began at `onset`), then
+    /// hands free heap pages back once in a while.
     async fn emit_all(
         &mut self,
         out: Vec<Incident>,
         stats: &crate::correlate::Stats,
         last_trim: &mut std::time::Instant,
+        onset: std::time::Instant,
     ) {
         for inc in out {
-            self.emit(inc, stats).await;
+            self.emit(inc, stats, onset).await;
         }
         if last_trim.elapsed() >= TRIM_EVERY {
             *last_trim = std::time::Instant::now();
@@ -607,8 +607,8 @@ impl Worker {
                 if new.rate != self.cfg.rate {
                     eprintln!("itewatch agent: reload: rate changes only on restart");
                 }
-                if let Some(s) = &mut self.spool {
-                    s.set_max_bytes(new.spool_max_bytes);
+                if new.spool_max_bytes != self.cfg.spool_max_bytes {
+                    self.writer.send(writer::Job::MaxBytes(new.spool_max_bytes));
                 }
                 self.cfg.max_pending = new.max_pending;
                 self.cfg.alertmanager_urls = new.alertmanager_urls;
@@ -645,6 +645,8 @@ impl Worker {
             let mut out = Vec::new();
             let mut tick = Duration::from_millis(100);
             let mut finished = false;
+            let mut snapshot_due = false;
+            let onset = std::time::Instant::now();
             if let Some(c) = corr.as_mut() {
                 let want = match self.cfg.rate {
                     Some(rate) => paced_budget(rate, paced_since.elapsed(), fed, CHUNK),
@@ -660,9 +662,7 @@ impl Worker {
                     n += 1;
                 }
                 fed += n as u64;
-                if n > 0 {
-                    self.metrics.snapshot(&c.snapshot(), last_ts);
-                }
+                snapshot_due = n > 0;
                 if self.cfg.rate.is_some() && n == want {
                     // Paced: come back when the next records are due (at once when behind
                     // by a whole chunk).
@@ -692,7 +692,11 @@ impl Worker {
                     stats.clone_from(c.stats());
                 }
             }
-            self.emit_all(out, &stats, &mut last_trim).await;
+            self.emit_all(out, &stats, &mut last_trim, onset).await;
+            // The gauges after the incidents: they are on their way to disk first.
+            if let (true, Some(c)) = (snapshot_due, &corr) {
+                self.metrics.snapshot(&c.snapshot(), last_ts);
+            }
             if finished {
                 eprintln!(
                     "itewatch agent: end of the source: {fed} records, {} incidents; serving until stopped",
@@ -753,6 +757,7 @@ impl Worker {
         let mut last_trim = std::time::Instant::now();
         loop {
             let mut tick = Duration::from_millis(100);
+            let onset = std::time::Instant::now();
             let mut out = {
                 let mut pipe = shared.pipe.lock().unwrap_or_else(|e| e.into_inner());
                 let step = pipe.step(Some(&self.metrics));
@@ -773,7 +778,7 @@ impl Worker {
             // What sentinels produced while this loop did not run: already on their last-gasp
             // channels, now spooled, printed and alerted.
             out.extend(rescued.try_iter());
-            self.emit_all(out, &stats, &mut last_trim).await;
+            self.emit_all(out, &stats, &mut last_trim, onset).await;
             tokio::select! {
                 _ = stop.changed() => break,
                 r = reload.recv() => if r.is_some() { self.reload().await },

@@ -275,12 +275,14 @@ pub struct FixSummary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DocumentError {
-    #[error("cannot read the trace: {0}")]
-    Trace(#[from] TraceError),
     #[error("cannot read {path}: {source}")]
-    Open { path: String, source: io::Error },
+    Trace { path: String, source: TraceError },
     #[error(transparent)]
     Input(#[from] analyze::input::InputError),
+    /// Writing the output file (`-o FILE`) failed; the file is as it was.
+    #[error(transparent)]
+    Write(#[from] crate::output::WriteError),
+    /// Writing to standard output failed.
     #[error("cannot write the report: {0}")]
     Io(#[from] io::Error),
     #[error("cannot encode the report: {0}")]
@@ -564,12 +566,15 @@ pub fn host_from_header(header: &TraceHeader, ats_seen: bool) -> Host {
 
 /// Opens a trace file and builds its document.
 pub fn from_trace_file(path: &Path, cfg: Config) -> Result<ReportDocument, DocumentError> {
-    Ok(from_trace(
-        TraceReader::open(path)?,
-        Some(path),
-        cfg,
-        |_| {},
-    ))
+    Ok(from_trace(open_trace(path)?, Some(path), cfg, |_| {}))
+}
+
+/// Opens a trace; an error names the file.
+fn open_trace(path: &Path) -> Result<TraceReader<io::BufReader<std::fs::File>>, DocumentError> {
+    TraceReader::open(path).map_err(|source| DocumentError::Trace {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// Builds the document from a kernel log analysis.
@@ -1193,7 +1198,7 @@ pub fn report_cli(
     }
     // NDJSON streams: the header at once, each incident's line when it closes (in the order
     // they close), the summary at the end. A long trace's first findings come out early.
-    let reader = TraceReader::open(path)?;
+    let reader = open_trace(path)?;
     let header = reader.header().clone();
     let start = header_document(&header, Some(path.display().to_string()), false);
     out.write_all(&ndjson_header(&start)?)?;
@@ -1276,7 +1281,9 @@ pub fn mentions(fixes: &[Fix], commit: &str) -> bool {
 }
 
 /// Runs `produce` against the CLI's destination: `-o FILE` (a JSON document unless told
-/// otherwise) or stdout (text on a terminal, NDJSON on a pipe, unless told otherwise).
+/// otherwise; the file is replaced only once the whole report is written, so a failure leaves
+/// an existing file as it was), `-o -` (the same, on stdout) or stdout (text on a terminal,
+/// NDJSON on a pipe, unless told otherwise).
 pub fn cli_output(
     output: Option<&Path>,
     format: Option<Format>,
@@ -1284,19 +1291,17 @@ pub fn cli_output(
 ) -> Result<ReportDocument, DocumentError> {
     use std::io::IsTerminal;
     match output {
-        Some(p) => {
-            let f = std::fs::File::create(p).map_err(|source| DocumentError::Open {
-                path: p.display().to_string(),
-                source,
-            })?;
-            let mut w = io::BufWriter::new(f);
-            let doc = produce(format.unwrap_or(Format::Json), &mut w)?;
-            w.flush()?;
-            Ok(doc)
-        }
-        None => {
+        Some(p) if !crate::output::is_stdout(p) => crate::output::write_file(p, |w| {
+            // Everything `produce` writes goes to this file: an I/O error is a write of it.
+            produce(format.unwrap_or(Format::Json), w).map_err(|e| match e {
+                DocumentError::Io(source) => crate::output::WriteError::new(p, source).into(),
+                e => e,
+            })
+        }),
+        _ => {
             let stdout = io::stdout();
-            let fmt = format.unwrap_or_else(|| Format::default_for(false, stdout.is_terminal()));
+            let fmt = format
+                .unwrap_or_else(|| Format::default_for(output.is_some(), stdout.is_terminal()));
             let mut w = io::BufWriter::new(stdout.lock());
             let doc = produce(fmt, &mut w)?;
             w.flush()?;

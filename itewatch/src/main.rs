@@ -39,7 +39,7 @@ enum Cmd {
         /// Seed: same seed, same trace.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Trace file to write.
+        /// Trace file to write (replaced only once it is whole; `-`: stdout).
         #[arg(short = 'o', long = "output", required_unless_present = "list")]
         output: Option<PathBuf>,
         /// List the scenarios.
@@ -54,7 +54,8 @@ enum Cmd {
         /// text on a terminal, ndjson on a pipe.
         #[arg(long)]
         format: Option<itewatch::document::Format>,
-        /// Write the report to this file (one JSON document by default).
+        /// Write the report to this file (one JSON document by default), replacing it only
+        /// once the report is whole; `-`: the same on stdout.
         #[arg(short = 'o', long = "output")]
         output: Option<PathBuf>,
     },
@@ -67,7 +68,8 @@ enum Cmd {
         /// text on a terminal, ndjson on a pipe.
         #[arg(long)]
         format: Option<itewatch::document::Format>,
-        /// Write the report to this file (one JSON document by default).
+        /// Write the report to this file (one JSON document by default), replacing it only
+        /// once the report is whole; `-`: the same on stdout.
         #[arg(short = 'o', long = "output")]
         output: Option<PathBuf>,
     },
@@ -85,7 +87,8 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct RecordArgs {
-    /// Output trace file.
+    /// Output trace file: written as `FILE.<pid>-<n>.partial` (kept if the recording fails
+    /// or the host dies) and renamed to FILE when the recording ends; `-`: stdout.
     #[arg(short, long)]
     output: PathBuf,
     /// Stop after this many seconds (default: until Ctrl-C / SIGTERM).

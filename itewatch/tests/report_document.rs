@@ -433,3 +433,56 @@ fn a_recording_without_its_required_probes_is_reported_blind() {
     });
     assert!(report(&sim).loss.required_probes_missing.is_empty());
 }
+
+// Regression: `report -o FILE` truncated FILE before the trace was read, so a report that
+// failed destroyed the previous one; and the failure said "cannot read" the file it was
+// writing.
+#[test]
+fn a_failed_report_leaves_an_existing_output_file_untouched() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("report.json");
+    std::fs::write(&out, "the previous report").unwrap();
+    let missing = d.path().join("no-such-trace.itw");
+    let e = document::cli_output(Some(&out), None, |f, w| {
+        document::report_cli(&missing, f, w)
+    })
+    .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.starts_with("cannot read ") && text.contains("no-such-trace.itw"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "the previous report"
+    );
+    // Rendering that fails half-way: what was written never reaches the file.
+    let e = document::cli_output(Some(&out), None, |_, w| {
+        w.write_all(b"{ half a report").unwrap();
+        Err(document::DocumentError::Version("9.0".into()))
+    })
+    .unwrap_err();
+    assert!(matches!(e, document::DocumentError::Version(_)), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "the previous report"
+    );
+    let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+    assert_eq!(names.len(), 1, "no temporary file is left behind");
+}
+
+#[test]
+fn a_report_that_cannot_be_written_says_writing_and_names_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let trace = d.path().join("w1.itw");
+    let sim = itewatch::simulate::generate("w1-driver-inflight", 1).unwrap();
+    itewatch::simulate::write_trace(&sim, &trace).unwrap();
+    let out = d.path().join("no-such-dir").join("report.json");
+    let e = document::cli_output(Some(&out), None, |f, w| document::report_cli(&trace, f, w))
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.starts_with("cannot write ") && text.contains("no-such-dir/report.json"),
+        "{text}"
+    );
+}

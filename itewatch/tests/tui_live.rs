@@ -489,6 +489,31 @@ fn e2e_navigate_export_quit_restores_the_terminal() {
     assert_eq!(v["source"]["seed"], 3);
 }
 
+/// Regression: a bad `--export-dir` was found only when `e` was pressed, after the session it
+/// was meant to save. Now the view refuses to start, naming the directory.
+#[test]
+fn e2e_an_unwritable_export_dir_is_refused_at_start() {
+    if !Tmux::available() {
+        eprintln!("SKIPPED: tmux is not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = pane_command(
+        dir.path(),
+        "",
+        r#"live --simulate w1-driver-inflight --export-dir "$0/no-such-dir""#,
+        false,
+    );
+    let t = Tmux::start(&cmd, dir.path());
+    assert_terminal_restored(&t, dir.path(), "1");
+    let stderr = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+    assert!(
+        stderr.contains("--export-dir") && stderr.contains("no-such-dir"),
+        "{stderr}"
+    );
+    assert!(!t.screen().contains("In-flight invalidations"));
+}
+
 /// SIGTERM, SIGHUP and SIGINT end the view the way `q` does: the loop returns, the guards drop
 /// (terminal, and live the BPF stats fd and the probes), exit status 0.
 #[test]

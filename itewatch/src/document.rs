@@ -13,7 +13,8 @@
 //!
 //! Output: a whole JSON document (`json`, the default for `-o FILE`), NDJSON (`ndjson`, the
 //! default when stdout is a pipe: a `header` line, one `incident` line per incident as it is
-//! final, a `summary` line), `text` (the default on a terminal) and `markdown`.
+//! final, a `summary` line), `text` (the default on a terminal and when stdout is redirected
+//! to a file) and `markdown`.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, Write};
@@ -767,15 +768,47 @@ impl std::str::FromStr for Format {
     }
 }
 
+/// What standard output is, for the default format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StdoutKind {
+    Terminal,
+    /// A pipe or a socket: a consumer reading lines as they come.
+    Pipe,
+    /// A regular file or a device (`report > r.txt`, `> /dev/null`).
+    File,
+}
+
+impl StdoutKind {
+    pub fn detect() -> StdoutKind {
+        use std::io::IsTerminal;
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::FileTypeExt;
+        let stdout = io::stdout();
+        if stdout.is_terminal() {
+            return StdoutKind::Terminal;
+        }
+        let ft = stdout
+            .as_fd()
+            .try_clone_to_owned()
+            .map(std::fs::File::from)
+            .and_then(|f| f.metadata())
+            .map(|m| m.file_type());
+        match ft {
+            Ok(t) if !t.is_fifo() && !t.is_socket() => StdoutKind::File,
+            // A pipe, a socket, or nothing we can tell: lines.
+            _ => StdoutKind::Pipe,
+        }
+    }
+}
+
 impl Format {
-    /// The default: a document to a file, text to a terminal, NDJSON to a pipe.
-    pub fn default_for(to_file: bool, stdout_is_terminal: bool) -> Format {
-        if to_file {
-            Format::Json
-        } else if stdout_is_terminal {
-            Format::Text
-        } else {
-            Format::Ndjson
+    /// The default: a document with `-o`, text to a terminal or a redirected file (what the
+    /// user saw on the terminal is what lands in `report > r.txt`), NDJSON to a pipe.
+    pub fn default_for(to_file: bool, stdout: StdoutKind) -> Format {
+        match (to_file, stdout) {
+            (true, _) => Format::Json,
+            (false, StdoutKind::Terminal | StdoutKind::File) => Format::Text,
+            (false, StdoutKind::Pipe) => Format::Ndjson,
         }
     }
 }
@@ -1065,6 +1098,15 @@ pub fn render_text(doc: &ReportDocument) -> String {
     s
 }
 
+/// A known-or-unknown flag in words (`{:?}` printed `Some(true)` into reports).
+fn yes_no(b: Option<bool>) -> &'static str {
+    match b {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "unknown",
+    }
+}
+
 fn md_escape(s: &str) -> String {
     s.replace('|', "\\|").replace('`', "'")
 }
@@ -1098,13 +1140,13 @@ pub fn render_markdown(doc: &ReportDocument) -> String {
         );
         for u in &h.iommu_units {
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {:?} | {:?} |\n",
+                "| {} | {} | {} | {} | {} | {} |\n",
                 u.name,
                 u.version.as_deref().unwrap_or(""),
                 u.cap.as_deref().unwrap_or(""),
                 u.ecap.as_deref().unwrap_or(""),
-                u.device_tlb,
-                u.scalable_mode_supported
+                yes_no(u.device_tlb),
+                yes_no(u.scalable_mode_supported)
             ));
         }
     }
@@ -1282,14 +1324,13 @@ pub fn mentions(fixes: &[Fix], commit: &str) -> bool {
 
 /// Runs `produce` against the CLI's destination: `-o FILE` (a JSON document unless told
 /// otherwise; the file is replaced only once the whole report is written, so a failure leaves
-/// an existing file as it was), `-o -` (the same, on stdout) or stdout (text on a terminal,
-/// NDJSON on a pipe, unless told otherwise).
+/// an existing file as it was), `-o -` (the same, on stdout) or stdout (text on a terminal or
+/// redirected to a file, NDJSON on a pipe, unless told otherwise).
 pub fn cli_output(
     output: Option<&Path>,
     format: Option<Format>,
     produce: impl FnOnce(Format, &mut dyn Write) -> Result<ReportDocument, DocumentError>,
 ) -> Result<ReportDocument, DocumentError> {
-    use std::io::IsTerminal;
     match output {
         Some(p) if !crate::output::is_stdout(p) => crate::output::write_file(p, |w| {
             // Everything `produce` writes goes to this file: an I/O error is a write of it.
@@ -1299,10 +1340,9 @@ pub fn cli_output(
             })
         }),
         _ => {
-            let stdout = io::stdout();
             let fmt = format
-                .unwrap_or_else(|| Format::default_for(output.is_some(), stdout.is_terminal()));
-            let mut w = io::BufWriter::new(stdout.lock());
+                .unwrap_or_else(|| Format::default_for(output.is_some(), StdoutKind::detect()));
+            let mut w = io::BufWriter::new(io::stdout().lock());
             let doc = produce(fmt, &mut w)?;
             w.flush()?;
             Ok(doc)

@@ -51,7 +51,7 @@ enum Cmd {
         /// Trace file (from `record` or `simulate`).
         trace: PathBuf,
         /// `json` (one document), `ndjson`, `text` or `markdown`. Default: json with -o,
-        /// text on a terminal, ndjson on a pipe.
+        /// text on a terminal or redirected to a file, ndjson on a pipe.
         #[arg(long)]
         format: Option<itewatch::document::Format>,
         /// Write the report to this file (one JSON document by default), replacing it only
@@ -65,7 +65,7 @@ enum Cmd {
         /// Log file (`-` for stdin).
         file: Option<PathBuf>,
         /// `json` (one document), `ndjson`, `text` or `markdown`. Default: json with -o,
-        /// text on a terminal, ndjson on a pipe.
+        /// text on a terminal or redirected to a file, ndjson on a pipe.
         #[arg(long)]
         format: Option<itewatch::document::Format>,
         /// Write the report to this file (one JSON document by default), replacing it only

@@ -216,10 +216,39 @@ fn readers_accept_older_minor_versions_and_refuse_other_majors() {
 
 #[test]
 fn default_format_is_a_document_for_files_text_for_terminals_ndjson_for_pipes() {
-    assert_eq!(Format::default_for(true, false), Format::Json);
-    assert_eq!(Format::default_for(true, true), Format::Json);
-    assert_eq!(Format::default_for(false, true), Format::Text);
-    assert_eq!(Format::default_for(false, false), Format::Ndjson);
+    use document::StdoutKind::*;
+    for s in [Terminal, Pipe, File] {
+        assert_eq!(Format::default_for(true, s), Format::Json);
+    }
+    assert_eq!(Format::default_for(false, Terminal), Format::Text);
+    assert_eq!(Format::default_for(false, File), Format::Text);
+    assert_eq!(Format::default_for(false, Pipe), Format::Ndjson);
+}
+
+// Regression: `itewatch report t.itw > r.txt` wrote NDJSON where the terminal had shown text.
+// The real binary, its stdout a regular file, then a pipe.
+#[test]
+fn report_redirected_to_a_file_keeps_text_and_a_pipe_gets_ndjson() {
+    let d = tempfile::tempdir().unwrap();
+    let trace = root().join("tests/data/vm/6.1/trace.itw");
+    let out = d.path().join("r.txt");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_itewatch"))
+        .arg("report")
+        .arg(&trace)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.starts_with("itewatch 0.1.0 report (schema "), "{text}");
+    let piped = std::process::Command::new(env!("CARGO_BIN_EXE_itewatch"))
+        .arg("report")
+        .arg(&trace)
+        .output()
+        .unwrap();
+    let first = String::from_utf8(piped.stdout).unwrap();
+    let first: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+    assert_eq!(first["record"], "header");
 }
 
 /// `report --format ndjson` streams: a header with what is known before reading, each
@@ -484,5 +513,22 @@ fn a_report_that_cannot_be_written_says_writing_and_names_the_file() {
     assert!(
         text.starts_with("cannot write ") && text.contains("no-such-dir/report.json"),
         "{text}"
+    );
+}
+
+// Regression: the markdown IOMMU table printed `Some(true)` / `Some(false)`.
+#[test]
+fn the_markdown_iommu_table_says_yes_and_no() {
+    let doc = document::from_trace_file(
+        &root().join("tests/data/vm/6.1/trace.itw"),
+        Config::default(),
+    )
+    .unwrap();
+    let md = document::render_markdown(&doc);
+    assert!(!md.contains("Some("), "{md}");
+    assert!(!md.contains("None"), "{md}");
+    assert!(
+        md.contains("| dmar0 | 1:0 | d2008c22260206 | f00f4e | yes | no |"),
+        "{md}"
     );
 }

@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -83,6 +83,54 @@ enum Cmd {
     /// Headless agent: Prometheus /metrics, incident spool, JSON lines and Alertmanager
     /// alerts, from the live probes (default), a replayed trace or a simulated scenario.
     Agent(itewatch::agent::AgentArgs),
+    /// Print a shell completion script on stdout (README: how to install it).
+    Completions {
+        /// bash, zsh or fish (elvish and powershell work too).
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on stdout: `itewatch man | man -l -`.
+    Man {
+        /// A subcommand's own page (`itewatch-report(1)`) instead of the main one.
+        subcommand: Option<String>,
+    },
+}
+
+/// `itewatch completions SHELL`: generated from the clap definitions, so it knows every
+/// subcommand and option this build has.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
+    // Into memory first: clap_complete panics on a write error, and a closed pipe
+    // (`itewatch completions bash | head`) must exit 0 like every other command.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "itewatch", &mut script);
+    let mut out = std::io::stdout().lock();
+    std::io::Write::write_all(&mut out, &script)?;
+    std::io::Write::flush(&mut out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `itewatch man [SUBCOMMAND]`: the roff page, from the clap definitions.
+fn man(subcommand: Option<String>) -> anyhow::Result<ExitCode> {
+    let mut cmd = Cli::command();
+    cmd.build();
+    let man = match &subcommand {
+        None => clap_mangen::Man::new(cmd),
+        Some(name) => {
+            let names: Vec<String> = cmd
+                .get_subcommands()
+                .map(|s| s.get_name().to_string())
+                .collect();
+            let sub = cmd.find_subcommand(name).cloned().ok_or_else(|| {
+                anyhow::anyhow!("no subcommand {name:?} (one of {})", names.join(", "))
+            })?;
+            // Titled as git-style subcommands' pages are: itewatch-report(1).
+            let title = format!("itewatch-{}", sub.get_name());
+            clap_mangen::Man::new(sub).title(title)
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    man.render(&mut out)?;
+    std::io::Write::flush(&mut out)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(clap::Args)]
@@ -191,6 +239,8 @@ fn main() -> ExitCode {
         })
         .map(|_| ExitCode::SUCCESS)
         .map_err(anyhow::Error::from),
+        Cmd::Completions { shell } => completions(shell),
+        Cmd::Man { subcommand } => man(subcommand),
         Cmd::Live(a) => itewatch::tui::run(a).map_err(anyhow::Error::from),
         Cmd::Agent(a) => itewatch::agent::run(a).map_err(anyhow::Error::from),
         Cmd::Doctor { json } => itewatch::doctor::run(json, &mut std::io::stdout().lock())

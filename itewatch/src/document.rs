@@ -290,6 +290,8 @@ pub enum DocumentError {
     Json(#[from] serde_json::Error),
     #[error("report schema version {0} is not readable by this build (reads {SCHEMA_MAJOR}.x)")]
     Version(String),
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 fn tool() -> Tool {
@@ -403,9 +405,21 @@ pub(crate) fn inventory_from_incidents(
 /// Builds the document from a trace, streaming: memory is bounded by the correlator's state
 /// and the latest revision of each incident (never by the number of events).
 pub fn from_trace<R: BufRead>(
+    reader: TraceReader<R>,
+    path: Option<&Path>,
+    cfg: Config,
+    on_final: impl FnMut(&Incident),
+) -> ReportDocument {
+    from_trace_observed(reader, path, cfg, |_| {}, on_final)
+}
+
+/// [`from_trace`], showing each record to `on_record` as it is read (the Perfetto writer
+/// draws the timeline from them in the same pass).
+pub fn from_trace_observed<R: BufRead>(
     mut reader: TraceReader<R>,
     path: Option<&Path>,
     cfg: Config,
+    mut on_record: impl FnMut(&Record),
     mut on_final: impl FnMut(&Incident),
 ) -> ReportDocument {
     let header = reader.header().clone();
@@ -435,6 +449,7 @@ pub fn from_trace<R: BufRead>(
                 if first_ts.is_none() {
                     first_ts = r.ts();
                 }
+                on_record(&r);
                 if let Record::Device(d) = &r {
                     if snapshots.len() < 65_536 {
                         snapshots.insert((d.bdf.segment_or_zero(), d.bdf.sid().0), d.clone());
@@ -571,7 +586,9 @@ pub fn from_trace_file(path: &Path, cfg: Config) -> Result<ReportDocument, Docum
 }
 
 /// Opens a trace; an error names the file.
-fn open_trace(path: &Path) -> Result<TraceReader<io::BufReader<std::fs::File>>, DocumentError> {
+pub(crate) fn open_trace(
+    path: &Path,
+) -> Result<TraceReader<io::BufReader<std::fs::File>>, DocumentError> {
     TraceReader::open(path).map_err(|source| DocumentError::Trace {
         path: path.display().to_string(),
         source,
@@ -751,6 +768,8 @@ pub enum Format {
     Ndjson,
     Text,
     Markdown,
+    /// Chrome/Perfetto trace-event JSON of a whole trace (`report` only; crate::perfetto).
+    Perfetto,
 }
 
 impl std::str::FromStr for Format {
@@ -761,8 +780,9 @@ impl std::str::FromStr for Format {
             "ndjson" => Ok(Format::Ndjson),
             "text" => Ok(Format::Text),
             "markdown" | "md" => Ok(Format::Markdown),
+            "perfetto" => Ok(Format::Perfetto),
             other => Err(format!(
-                "unknown format {other:?} (json, ndjson, text or markdown)"
+                "unknown format {other:?} (json, ndjson, text, markdown or perfetto)"
             )),
         }
     }
@@ -813,6 +833,9 @@ impl Format {
     }
 }
 
+const PERFETTO_NEEDS_A_TRACE: &str =
+    "--format perfetto draws a trace's events: it works with `itewatch report TRACE` only";
+
 /// Writes `doc` in `format`.
 pub fn write(
     doc: &ReportDocument,
@@ -829,6 +852,8 @@ pub fn write(
         Format::Ndjson => write_ndjson(doc, out)?,
         Format::Text => out.write_all(render_text(doc).as_bytes())?,
         Format::Markdown => out.write_all(render_markdown(doc).as_bytes())?,
+        // The timeline is drawn from the trace's events, which a document does not hold.
+        Format::Perfetto => return Err(DocumentError::Unsupported(PERFETTO_NEEDS_A_TRACE)),
     }
     Ok(())
 }
@@ -916,7 +941,7 @@ fn device_line(i: &Incident) -> String {
     s
 }
 
-fn status_word(s: FixStatus) -> &'static str {
+pub(crate) fn status_word(s: FixStatus) -> &'static str {
     match s {
         FixStatus::Missing => "missing",
         FixStatus::Present => "present",
@@ -1218,6 +1243,9 @@ pub fn analyze_cli(
     format: Format,
     out: &mut dyn Write,
 ) -> Result<ReportDocument, DocumentError> {
+    if format == Format::Perfetto {
+        return Err(DocumentError::Unsupported(PERFETTO_NEEDS_A_TRACE));
+    }
     // Compressed logs are unpacked; a directory, a trace, binary data or nothing at all is
     // refused with its name (analyze/input.rs), never reported as "no incident".
     let (reader, name) = analyze::input::open(input)?;
@@ -1233,6 +1261,9 @@ pub fn report_cli(
     format: Format,
     out: &mut dyn Write,
 ) -> Result<ReportDocument, DocumentError> {
+    if format == Format::Perfetto {
+        return crate::perfetto::report(path, out);
+    }
     if format != Format::Ndjson {
         let doc = from_trace_file(path, Config::default())?;
         write(&doc, format, out)?;

@@ -17,6 +17,7 @@ pub mod host;
 pub mod kallsyms;
 pub mod live;
 pub mod output;
+pub mod perfetto;
 pub mod probe;
 pub mod record;
 pub mod render;

@@ -50,7 +50,8 @@ enum Cmd {
     Report {
         /// Trace file (from `record` or `simulate`).
         trace: PathBuf,
-        /// `json` (one document), `ndjson`, `text` or `markdown`. Default: json with -o,
+        /// `json` (one document), `ndjson`, `text`, `markdown` or `perfetto` (the trace as
+        /// Chrome/Perfetto trace-event JSON, for ui.perfetto.dev). Default: json with -o,
         /// text on a terminal or redirected to a file, ndjson on a pipe.
         #[arg(long)]
         format: Option<itewatch::document::Format>,

@@ -10,8 +10,9 @@
 //! [`Status::Unknown`] or [`Status::Missing`] line that says why, never a panic. Everything is
 //! read through a [`HostView`] rooted at a directory, so tests run on fixture trees.
 //!
-//! The JSON form (`--json`) is the serialized [`DoctorReport`]; its `schema_version` changes
-//! when a field changes meaning.
+//! The JSON form (`--json`) is the serialized [`DoctorReport`]; its `schema_version` is a
+//! `MAJOR.MINOR` string, as in the report document (crate::document): MINOR for additions,
+//! MAJOR when a field is removed, renamed, retyped or changes meaning.
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
@@ -24,8 +25,9 @@ use crate::event::DeviceInfo;
 use crate::kallsyms::{self, Kallsyms, TraceableFunctions, Tracefs};
 use crate::sysfs::{AtsState, IommuUnit, Slot, Sysfs};
 
-/// Version of the JSON report layout.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version of the JSON report layout. 2.0: `schema_version` itself became a string (it was
+/// the number 1), the type the report document's has.
+pub const SCHEMA_VERSION: &str = "2.0";
 
 /// Capability bit numbers (include/uapi/linux/capability.h).
 pub const CAP_SYS_ADMIN: u32 = 21;
@@ -214,7 +216,7 @@ pub enum Verdict {
 /// The whole report.
 #[derive(Clone, Debug, Serialize)]
 pub struct DoctorReport {
-    pub schema_version: u32,
+    pub schema_version: String,
     pub kernel_release: Option<String>,
     pub verdict: Verdict,
     /// Host-level checks, in display order.
@@ -381,7 +383,7 @@ pub fn diagnose(view: &HostView) -> DoctorReport {
 
     let verdict = verdict(&privileges, &probes, &host, &offsets);
     DoctorReport {
-        schema_version: SCHEMA_VERSION,
+        schema_version: SCHEMA_VERSION.into(),
         kernel_release,
         verdict,
         host,
@@ -1292,6 +1294,8 @@ ffffffff81600000 D pci_bus_type
         let mut out = Vec::new();
         assert!(!run_on(&HostView::fixture(tmp.path()), true, &mut out).unwrap());
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        // A string, as in the report document: one type for one name.
+        assert!(v["schema_version"].is_string(), "{}", v["schema_version"]);
         assert_eq!(v["schema_version"], SCHEMA_VERSION);
     }
 

@@ -13,7 +13,8 @@
 //!
 //! Output: a whole JSON document (`json`, the default for `-o FILE`), NDJSON (`ndjson`, the
 //! default when stdout is a pipe: a `header` line, one `incident` line per incident as it is
-//! final, a `summary` line), `text` (the default on a terminal) and `markdown`.
+//! final, a `summary` line), `text` (the default on a terminal and when stdout is redirected
+//! to a file) and `markdown`.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, Write};
@@ -284,18 +285,22 @@ pub struct FixSummary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DocumentError {
-    #[error("cannot read the trace: {0}")]
-    Trace(#[from] TraceError),
     #[error("cannot read {path}: {source}")]
-    Open { path: String, source: io::Error },
+    Trace { path: String, source: TraceError },
     #[error(transparent)]
     Input(#[from] analyze::input::InputError),
+    /// Writing the output file (`-o FILE`) failed; the file is as it was.
+    #[error(transparent)]
+    Write(#[from] crate::output::WriteError),
+    /// Writing to standard output failed.
     #[error("cannot write the report: {0}")]
     Io(#[from] io::Error),
     #[error("cannot encode the report: {0}")]
     Json(#[from] serde_json::Error),
     #[error("report schema version {0} is not readable by this build (reads {SCHEMA_MAJOR}.x)")]
     Version(String),
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 fn tool() -> Tool {
@@ -409,9 +414,21 @@ pub(crate) fn inventory_from_incidents(
 /// Builds the document from a trace, streaming: memory is bounded by the correlator's state
 /// and the latest revision of each incident (never by the number of events).
 pub fn from_trace<R: BufRead>(
+    reader: TraceReader<R>,
+    path: Option<&Path>,
+    cfg: Config,
+    on_final: impl FnMut(&Incident),
+) -> ReportDocument {
+    from_trace_observed(reader, path, cfg, |_| {}, on_final)
+}
+
+/// [`from_trace`], showing each record to `on_record` as it is read (the Perfetto writer
+/// draws the timeline from them in the same pass).
+pub fn from_trace_observed<R: BufRead>(
     mut reader: TraceReader<R>,
     path: Option<&Path>,
     cfg: Config,
+    mut on_record: impl FnMut(&Record),
     mut on_final: impl FnMut(&Incident),
 ) -> ReportDocument {
     let header = reader.header().clone();
@@ -441,6 +458,7 @@ pub fn from_trace<R: BufRead>(
                 if first_ts.is_none() {
                     first_ts = r.ts();
                 }
+                on_record(&r);
                 if let Record::Device(d) = &r {
                     if snapshots.len() < 65_536 {
                         snapshots.insert((d.bdf.segment_or_zero(), d.bdf.sid().0), d.clone());
@@ -575,12 +593,17 @@ pub fn host_from_header(header: &TraceHeader, ats_seen: bool) -> Host {
 
 /// Opens a trace file and builds its document.
 pub fn from_trace_file(path: &Path, cfg: Config) -> Result<ReportDocument, DocumentError> {
-    Ok(from_trace(
-        TraceReader::open(path)?,
-        Some(path),
-        cfg,
-        |_| {},
-    ))
+    Ok(from_trace(open_trace(path)?, Some(path), cfg, |_| {}))
+}
+
+/// Opens a trace; an error names the file.
+pub(crate) fn open_trace(
+    path: &Path,
+) -> Result<TraceReader<io::BufReader<std::fs::File>>, DocumentError> {
+    TraceReader::open(path).map_err(|source| DocumentError::Trace {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// Builds the document from a kernel log analysis.
@@ -756,6 +779,8 @@ pub enum Format {
     Ndjson,
     Text,
     Markdown,
+    /// Chrome/Perfetto trace-event JSON of a whole trace (`report` only; crate::perfetto).
+    Perfetto,
 }
 
 impl std::str::FromStr for Format {
@@ -766,25 +791,61 @@ impl std::str::FromStr for Format {
             "ndjson" => Ok(Format::Ndjson),
             "text" => Ok(Format::Text),
             "markdown" | "md" => Ok(Format::Markdown),
+            "perfetto" => Ok(Format::Perfetto),
             other => Err(format!(
-                "unknown format {other:?} (json, ndjson, text or markdown)"
+                "unknown format {other:?} (json, ndjson, text, markdown or perfetto)"
             )),
         }
     }
 }
 
-impl Format {
-    /// The default: a document to a file, text to a terminal, NDJSON to a pipe.
-    pub fn default_for(to_file: bool, stdout_is_terminal: bool) -> Format {
-        if to_file {
-            Format::Json
-        } else if stdout_is_terminal {
-            Format::Text
-        } else {
-            Format::Ndjson
+/// What standard output is, for the default format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StdoutKind {
+    Terminal,
+    /// A pipe or a socket: a consumer reading lines as they come.
+    Pipe,
+    /// A regular file or a device (`report > r.txt`, `> /dev/null`).
+    File,
+}
+
+impl StdoutKind {
+    pub fn detect() -> StdoutKind {
+        use std::io::IsTerminal;
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::FileTypeExt;
+        let stdout = io::stdout();
+        if stdout.is_terminal() {
+            return StdoutKind::Terminal;
+        }
+        let ft = stdout
+            .as_fd()
+            .try_clone_to_owned()
+            .map(std::fs::File::from)
+            .and_then(|f| f.metadata())
+            .map(|m| m.file_type());
+        match ft {
+            Ok(t) if !t.is_fifo() && !t.is_socket() => StdoutKind::File,
+            // A pipe, a socket, or nothing we can tell: lines.
+            _ => StdoutKind::Pipe,
         }
     }
 }
+
+impl Format {
+    /// The default: a document with `-o`, text to a terminal or a redirected file (what the
+    /// user saw on the terminal is what lands in `report > r.txt`), NDJSON to a pipe.
+    pub fn default_for(to_file: bool, stdout: StdoutKind) -> Format {
+        match (to_file, stdout) {
+            (true, _) => Format::Json,
+            (false, StdoutKind::Terminal | StdoutKind::File) => Format::Text,
+            (false, StdoutKind::Pipe) => Format::Ndjson,
+        }
+    }
+}
+
+const PERFETTO_NEEDS_A_TRACE: &str =
+    "--format perfetto draws a trace's events: it works with `itewatch report TRACE` only";
 
 /// Writes `doc` in `format`.
 pub fn write(
@@ -802,6 +863,8 @@ pub fn write(
         Format::Ndjson => write_ndjson(doc, out)?,
         Format::Text => out.write_all(render_text(doc).as_bytes())?,
         Format::Markdown => out.write_all(render_markdown(doc).as_bytes())?,
+        // The timeline is drawn from the trace's events, which a document does not hold.
+        Format::Perfetto => return Err(DocumentError::Unsupported(PERFETTO_NEEDS_A_TRACE)),
     }
     Ok(())
 }
@@ -889,7 +952,7 @@ fn device_line(i: &Incident) -> String {
     s
 }
 
-fn status_word(s: FixStatus) -> &'static str {
+pub(crate) fn status_word(s: FixStatus) -> &'static str {
     match s {
         FixStatus::Missing => "missing",
         FixStatus::Present => "present",
@@ -1077,6 +1140,15 @@ pub fn render_text(doc: &ReportDocument) -> String {
     s
 }
 
+/// A known-or-unknown flag in words (`{:?}` printed `Some(true)` into reports).
+fn yes_no(b: Option<bool>) -> &'static str {
+    match b {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "unknown",
+    }
+}
+
 fn md_escape(s: &str) -> String {
     s.replace('|', "\\|").replace('`', "'")
 }
@@ -1116,13 +1188,13 @@ pub fn render_markdown(doc: &ReportDocument) -> String {
         );
         for u in &h.iommu_units {
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {:?} | {:?} |\n",
+                "| {} | {} | {} | {} | {} | {} |\n",
                 u.name,
                 u.version.as_deref().unwrap_or(""),
                 u.cap.as_deref().unwrap_or(""),
                 u.ecap.as_deref().unwrap_or(""),
-                u.device_tlb,
-                u.scalable_mode_supported
+                yes_no(u.device_tlb),
+                yes_no(u.scalable_mode_supported)
             ));
         }
     }
@@ -1194,6 +1266,9 @@ pub fn analyze_cli(
     format: Format,
     out: &mut dyn Write,
 ) -> Result<ReportDocument, DocumentError> {
+    if format == Format::Perfetto {
+        return Err(DocumentError::Unsupported(PERFETTO_NEEDS_A_TRACE));
+    }
     // Compressed logs are unpacked; a directory, a trace, binary data or nothing at all is
     // refused with its name (analyze/input.rs), never reported as "no incident".
     let (reader, name) = analyze::input::open(input)?;
@@ -1209,6 +1284,9 @@ pub fn report_cli(
     format: Format,
     out: &mut dyn Write,
 ) -> Result<ReportDocument, DocumentError> {
+    if format == Format::Perfetto {
+        return crate::perfetto::report(path, out);
+    }
     if format != Format::Ndjson {
         let doc = from_trace_file(path, Config::default())?;
         write(&doc, format, out)?;
@@ -1216,7 +1294,7 @@ pub fn report_cli(
     }
     // NDJSON streams: the header at once, each incident's line when it closes (in the order
     // they close), the summary at the end. A long trace's first findings come out early.
-    let reader = TraceReader::open(path)?;
+    let reader = open_trace(path)?;
     let header = reader.header().clone();
     let start = header_document(&header, Some(path.display().to_string()), false);
     out.write_all(&ndjson_header(&start)?)?;
@@ -1299,28 +1377,26 @@ pub fn mentions(fixes: &[Fix], commit: &str) -> bool {
 }
 
 /// Runs `produce` against the CLI's destination: `-o FILE` (a JSON document unless told
-/// otherwise) or stdout (text on a terminal, NDJSON on a pipe, unless told otherwise).
+/// otherwise; the file is replaced only once the whole report is written, so a failure leaves
+/// an existing file as it was), `-o -` (the same, on stdout) or stdout (text on a terminal or
+/// redirected to a file, NDJSON on a pipe, unless told otherwise).
 pub fn cli_output(
     output: Option<&Path>,
     format: Option<Format>,
     produce: impl FnOnce(Format, &mut dyn Write) -> Result<ReportDocument, DocumentError>,
 ) -> Result<ReportDocument, DocumentError> {
-    use std::io::IsTerminal;
     match output {
-        Some(p) => {
-            let f = std::fs::File::create(p).map_err(|source| DocumentError::Open {
-                path: p.display().to_string(),
-                source,
-            })?;
-            let mut w = io::BufWriter::new(f);
-            let doc = produce(format.unwrap_or(Format::Json), &mut w)?;
-            w.flush()?;
-            Ok(doc)
-        }
-        None => {
-            let stdout = io::stdout();
-            let fmt = format.unwrap_or_else(|| Format::default_for(false, stdout.is_terminal()));
-            let mut w = io::BufWriter::new(stdout.lock());
+        Some(p) if !crate::output::is_stdout(p) => crate::output::write_file(p, |w| {
+            // Everything `produce` writes goes to this file: an I/O error is a write of it.
+            produce(format.unwrap_or(Format::Json), w).map_err(|e| match e {
+                DocumentError::Io(source) => crate::output::WriteError::new(p, source).into(),
+                e => e,
+            })
+        }),
+        _ => {
+            let fmt = format
+                .unwrap_or_else(|| Format::default_for(output.is_some(), StdoutKind::detect()));
+            let mut w = io::BufWriter::new(io::stdout().lock());
             let doc = produce(fmt, &mut w)?;
             w.flush()?;
             Ok(doc)

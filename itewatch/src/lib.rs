@@ -16,6 +16,8 @@ pub mod event;
 pub mod host;
 pub mod kallsyms;
 pub mod live;
+pub mod output;
+pub mod perfetto;
 pub mod probe;
 pub mod record;
 pub mod render;

@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -39,7 +39,7 @@ enum Cmd {
         /// Seed: same seed, same trace.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Trace file to write.
+        /// Trace file to write (replaced only once it is whole; `-`: stdout).
         #[arg(short = 'o', long = "output", required_unless_present = "list")]
         output: Option<PathBuf>,
         /// List the scenarios.
@@ -50,11 +50,13 @@ enum Cmd {
     Report {
         /// Trace file (from `record` or `simulate`).
         trace: PathBuf,
-        /// `json` (one document), `ndjson`, `text` or `markdown`. Default: json with -o,
-        /// text on a terminal, ndjson on a pipe.
+        /// `json` (one document), `ndjson`, `text`, `markdown` or `perfetto` (the trace as
+        /// Chrome/Perfetto trace-event JSON, for ui.perfetto.dev). Default: json with -o,
+        /// text on a terminal or redirected to a file, ndjson on a pipe.
         #[arg(long)]
         format: Option<itewatch::document::Format>,
-        /// Write the report to this file (one JSON document by default).
+        /// Write the report to this file (one JSON document by default), replacing it only
+        /// once the report is whole; `-`: the same on stdout.
         #[arg(short = 'o', long = "output")]
         output: Option<PathBuf>,
     },
@@ -64,10 +66,11 @@ enum Cmd {
         /// Log file (`-` for stdin).
         file: Option<PathBuf>,
         /// `json` (one document), `ndjson`, `text` or `markdown`. Default: json with -o,
-        /// text on a terminal, ndjson on a pipe.
+        /// text on a terminal or redirected to a file, ndjson on a pipe.
         #[arg(long)]
         format: Option<itewatch::document::Format>,
-        /// Write the report to this file (one JSON document by default).
+        /// Write the report to this file (one JSON document by default), replacing it only
+        /// once the report is whole; `-`: the same on stdout.
         #[arg(short = 'o', long = "output")]
         output: Option<PathBuf>,
     },
@@ -81,11 +84,60 @@ enum Cmd {
     /// Headless agent: Prometheus /metrics, incident spool, JSON lines and Alertmanager
     /// alerts, from the live probes (default), a replayed trace or a simulated scenario.
     Agent(itewatch::agent::AgentArgs),
+    /// Print a shell completion script on stdout (README: how to install it).
+    Completions {
+        /// bash, zsh or fish (elvish and powershell work too).
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on stdout: `itewatch man | man -l -`.
+    Man {
+        /// A subcommand's own page (`itewatch-report(1)`) instead of the main one.
+        subcommand: Option<String>,
+    },
+}
+
+/// `itewatch completions SHELL`: generated from the clap definitions, so it knows every
+/// subcommand and option this build has.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
+    // Into memory first: clap_complete panics on a write error, and a closed pipe
+    // (`itewatch completions bash | head`) must exit 0 like every other command.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "itewatch", &mut script);
+    let mut out = std::io::stdout().lock();
+    std::io::Write::write_all(&mut out, &script)?;
+    std::io::Write::flush(&mut out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `itewatch man [SUBCOMMAND]`: the roff page, from the clap definitions.
+fn man(subcommand: Option<String>) -> anyhow::Result<ExitCode> {
+    let mut cmd = Cli::command();
+    cmd.build();
+    let man = match &subcommand {
+        None => clap_mangen::Man::new(cmd),
+        Some(name) => {
+            let names: Vec<String> = cmd
+                .get_subcommands()
+                .map(|s| s.get_name().to_string())
+                .collect();
+            let sub = cmd.find_subcommand(name).cloned().ok_or_else(|| {
+                anyhow::anyhow!("no subcommand {name:?} (one of {})", names.join(", "))
+            })?;
+            // Titled as git-style subcommands' pages are: itewatch-report(1).
+            let title = format!("itewatch-{}", sub.get_name());
+            clap_mangen::Man::new(sub).title(title)
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    man.render(&mut out)?;
+    std::io::Write::flush(&mut out)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(clap::Args)]
 struct RecordArgs {
-    /// Output trace file.
+    /// Output trace file: written as `FILE.<pid>-<n>.partial` (kept if the recording fails
+    /// or the host dies) and renamed to FILE when the recording ends; `-`: stdout.
     #[arg(short, long)]
     output: PathBuf,
     /// Stop after this many seconds (default: until Ctrl-C / SIGTERM).
@@ -193,6 +245,8 @@ fn main() -> ExitCode {
         })
         .map(|_| ExitCode::SUCCESS)
         .map_err(anyhow::Error::from),
+        Cmd::Completions { shell } => completions(shell),
+        Cmd::Man { subcommand } => man(subcommand),
         Cmd::Live(a) => itewatch::tui::run(a).map_err(anyhow::Error::from),
         Cmd::Agent(a) => itewatch::agent::run(a).map_err(anyhow::Error::from),
         Cmd::Doctor { json } => itewatch::doctor::run(json, &mut std::io::stdout().lock())

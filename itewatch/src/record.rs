@@ -7,11 +7,12 @@
 //! so a host that locks up leaves a readable trace behind.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::event::{KTime, Record};
 use crate::live::{Item, LiveReader};
+use crate::output::{OnDrop, Output, WriteError};
 use crate::probe::LoadOptions;
 use crate::trace::{TraceEnd, TraceWriter};
 
@@ -73,17 +74,34 @@ impl<W: Write> Writer<W> {
 /// Runs the recording until SIGINT/SIGTERM or the duration, then finishes the trace.
 pub fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
     use anyhow::Context as _;
+    if opts.echo && crate::output::is_stdout(&opts.output) {
+        anyhow::bail!("--echo prints on stdout, where `-o -` writes the trace: use one of them");
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    rt.block_on(run_async(opts))
+    let mut partial = None;
+    rt.block_on(run_async(opts, &mut partial))
+        .map_err(|e| match partial {
+            // The records are not lost: they stay under the temporary name.
+            Some(p) => e.context(format!(
+                "recording stopped; {} is as it was, what was recorded is in {}",
+                opts.output.display(),
+                p.display()
+            )),
+            None => e,
+        })
 }
 
 /// Ring-buffer records taken per wake-up before the loop looks at its timers again.
 const BUDGET: usize = 65536;
 
-async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
+/// `partial`: set to the temporary file once it exists (for the error message).
+async fn run_async(
+    opts: &RecordOptions,
+    partial: &mut Option<PathBuf>,
+) -> anyhow::Result<RecordSummary> {
     use anyhow::Context as _;
     use tokio::signal::unix::{signal, SignalKind};
 
@@ -115,8 +133,13 @@ async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         .duration_since(std::time::UNIX_EPOCH)
         .ok()
         .map(|d| d.as_secs());
-    let writer = TraceWriter::create(&opts.output, &header)
-        .with_context(|| format!("creating {}", opts.output.display()))?;
+    // Written under a temporary name and renamed when the recording ends, so an existing
+    // trace of that name survives a failed recording. The temporary file is kept when the
+    // recording fails or the host dies: flushed once a second, it is a readable trace.
+    let out = Output::create(&opts.output, OnDrop::Keep)?;
+    *partial = out.temp_path().map(Path::to_path_buf);
+    let writer = TraceWriter::new(out, &header)
+        .map_err(|e| WriteError::new(partial.as_deref().unwrap_or(&opts.output), e))?;
     let mut w = Writer {
         writer,
         echo: opts.echo,
@@ -135,8 +158,12 @@ async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
     }
     let started = monotonic_ns();
     eprintln!(
-        "itewatch: recording to {} ({} of {} probes attached); Ctrl-C to stop",
+        "itewatch: recording to {}{} ({} of {} probes attached); Ctrl-C to stop",
         opts.output.display(),
+        partial
+            .as_deref()
+            .map(|p| format!(" (as {} until it ends)", p.display()))
+            .unwrap_or_default(),
         header
             .probes
             .iter()
@@ -197,7 +224,7 @@ async fn run_async(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
     end.programs = reader.program_stats();
     let end = end.clone();
     let stacks = reader.stacks_seen();
-    w.writer.finish().context("finishing the trace")?;
+    w.writer.finish().context("finishing the trace")?.commit()?;
     Ok(RecordSummary {
         end,
         stacks,

@@ -19,7 +19,11 @@ pub struct ReplaySummary {
 
 /// Prints the trace header (as a first JSON object or a `#` comment line) and every record.
 pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> Result<ReplaySummary, ReplayError> {
-    let mut reader = TraceReader::open(path)?;
+    let name = || path.display().to_string();
+    let mut reader = TraceReader::open(path).map_err(|source| ReplayError::Open {
+        path: name(),
+        source,
+    })?;
     let header = serde_json::to_value(reader.header()).unwrap_or_default();
     if json {
         writeln!(
@@ -33,6 +37,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> Result<ReplaySummary
     let mut summary = ReplaySummary::default();
     for rec in reader.by_ref() {
         let rec = rec.map_err(|e| ReplayError::Trace {
+            path: name(),
             after: summary.records,
             source: e,
         })?;
@@ -64,10 +69,14 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> Result<ReplaySummary
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
-    #[error("{0}")]
-    Open(#[from] TraceError),
-    #[error("{source} ({after} records before it were printed)")]
-    Trace { after: u64, source: TraceError },
+    #[error("cannot read {path}: {source}")]
+    Open { path: String, source: TraceError },
+    #[error("cannot read {path} past record {after}: {source} (the {after} records before it were printed)")]
+    Trace {
+        path: String,
+        after: u64,
+        source: TraceError,
+    },
     // Not `transparent`: the io::Error must stay in the source chain so that a closed pipe
     // (`itewatch replay t.itw | head`) is recognised and exits 0.
     #[error("writing the output: {0}")]

@@ -205,6 +205,9 @@ pub struct TraceEnd {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
+    /// The file could not be opened (the caller names it).
+    #[error("{source}")]
+    Open { source: io::Error },
     #[error("I/O error at byte {offset}: {source}")]
     Io { offset: u64, source: io::Error },
     #[error("not an itewatch trace (bad magic at byte 0)")]
@@ -233,7 +236,7 @@ impl TraceError {
             | TraceError::Corrupt { offset, .. }
             | TraceError::Decode { offset, .. } => Some(*offset),
             TraceError::BadMagic => Some(0),
-            TraceError::Version(_) | TraceError::Abi(_) => None,
+            TraceError::Open { .. } | TraceError::Version(_) | TraceError::Abi(_) => None,
         }
     }
 }
@@ -333,7 +336,7 @@ pub struct TraceReader<R: BufRead> {
 
 impl TraceReader<BufReader<File>> {
     pub fn open(path: &Path) -> Result<Self, TraceError> {
-        let f = File::open(path).map_err(|source| TraceError::Io { offset: 0, source })?;
+        let f = File::open(path).map_err(|source| TraceError::Open { source })?;
         TraceReader::new(BufReader::with_capacity(1 << 20, f))
     }
 }

@@ -216,10 +216,39 @@ fn readers_accept_older_minor_versions_and_refuse_other_majors() {
 
 #[test]
 fn default_format_is_a_document_for_files_text_for_terminals_ndjson_for_pipes() {
-    assert_eq!(Format::default_for(true, false), Format::Json);
-    assert_eq!(Format::default_for(true, true), Format::Json);
-    assert_eq!(Format::default_for(false, true), Format::Text);
-    assert_eq!(Format::default_for(false, false), Format::Ndjson);
+    use document::StdoutKind::*;
+    for s in [Terminal, Pipe, File] {
+        assert_eq!(Format::default_for(true, s), Format::Json);
+    }
+    assert_eq!(Format::default_for(false, Terminal), Format::Text);
+    assert_eq!(Format::default_for(false, File), Format::Text);
+    assert_eq!(Format::default_for(false, Pipe), Format::Ndjson);
+}
+
+// Regression: `itewatch report t.itw > r.txt` wrote NDJSON where the terminal had shown text.
+// The real binary, its stdout a regular file, then a pipe.
+#[test]
+fn report_redirected_to_a_file_keeps_text_and_a_pipe_gets_ndjson() {
+    let d = tempfile::tempdir().unwrap();
+    let trace = root().join("tests/data/vm/6.1/trace.itw");
+    let out = d.path().join("r.txt");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_itewatch"))
+        .arg("report")
+        .arg(&trace)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.starts_with("itewatch 0.1.0 report (schema "), "{text}");
+    let piped = std::process::Command::new(env!("CARGO_BIN_EXE_itewatch"))
+        .arg("report")
+        .arg(&trace)
+        .output()
+        .unwrap();
+    let first = String::from_utf8(piped.stdout).unwrap();
+    let first: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+    assert_eq!(first["record"], "header");
 }
 
 /// `report --format ndjson` streams: a header with what is known before reading, each
@@ -432,4 +461,274 @@ fn a_recording_without_its_required_probes_is_reported_blind() {
         seed: 0,
     });
     assert!(report(&sim).loss.required_probes_missing.is_empty());
+}
+
+// Regression: `report -o FILE` truncated FILE before the trace was read, so a report that
+// failed destroyed the previous one; and the failure said "cannot read" the file it was
+// writing.
+#[test]
+fn a_failed_report_leaves_an_existing_output_file_untouched() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("report.json");
+    std::fs::write(&out, "the previous report").unwrap();
+    let missing = d.path().join("no-such-trace.itw");
+    let e = document::cli_output(Some(&out), None, |f, w| {
+        document::report_cli(&missing, f, w)
+    })
+    .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.starts_with("cannot read ") && text.contains("no-such-trace.itw"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "the previous report"
+    );
+    // Rendering that fails half-way: what was written never reaches the file.
+    let e = document::cli_output(Some(&out), None, |_, w| {
+        w.write_all(b"{ half a report").unwrap();
+        Err(document::DocumentError::Version("9.0".into()))
+    })
+    .unwrap_err();
+    assert!(matches!(e, document::DocumentError::Version(_)), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "the previous report"
+    );
+    let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+    assert_eq!(names.len(), 1, "no temporary file is left behind");
+}
+
+#[test]
+fn a_report_that_cannot_be_written_says_writing_and_names_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let trace = d.path().join("w1.itw");
+    let sim = itewatch::simulate::generate("w1-driver-inflight", 1).unwrap();
+    itewatch::simulate::write_trace(&sim, &trace).unwrap();
+    let out = d.path().join("no-such-dir").join("report.json");
+    let e = document::cli_output(Some(&out), None, |f, w| document::report_cli(&trace, f, w))
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.starts_with("cannot write ") && text.contains("no-such-dir/report.json"),
+        "{text}"
+    );
+}
+
+// Regression: the markdown IOMMU table printed `Some(true)` / `Some(false)`.
+#[test]
+fn the_markdown_iommu_table_says_yes_and_no() {
+    let doc = document::from_trace_file(
+        &root().join("tests/data/vm/6.1/trace.itw"),
+        Config::default(),
+    )
+    .unwrap();
+    let md = document::render_markdown(&doc);
+    assert!(!md.contains("Some("), "{md}");
+    assert!(!md.contains("None"), "{md}");
+    assert!(
+        md.contains("| dmar0 | 1:0 | d2008c22260206 | f00f4e | yes | no |"),
+        "{md}"
+    );
+}
+
+// ----- --format perfetto ---------------------------------------------------------------------
+
+fn perfetto_of(trace: &Path) -> serde_json::Value {
+    let mut out = Vec::new();
+    document::report_cli(trace, Format::Perfetto, &mut out).unwrap();
+    serde_json::from_slice(&out).expect("perfetto output is one JSON document")
+}
+
+/// What the trace itself holds, read independently of the writer: CPUs with events, and the
+/// submissions (thread, start) per CPU.
+fn trace_facts(trace: &Path) -> (std::collections::BTreeSet<u64>, usize) {
+    use itewatch::event::{Payload, Record};
+    let mut cpus = std::collections::BTreeSet::new();
+    let mut submits = 0;
+    for r in itewatch::trace::TraceReader::open(trace).unwrap() {
+        if let Ok(Record::Event(e)) = r {
+            cpus.insert(u64::from(e.meta.cpu));
+            if matches!(e.payload, Payload::Submit(_)) {
+                submits += 1;
+            }
+        }
+    }
+    (cpus, submits)
+}
+
+/// A slice of a lane: start, end (µs), name.
+type Slice = (f64, f64, String);
+
+/// The trace-event format's required fields, per phase, and that the slices of each lane
+/// nest (a viewer draws a lane as a stack: two slices that half overlap break it).
+fn check_trace_events(v: &serde_json::Value, what: &str) {
+    let events = v["traceEvents"].as_array().expect("traceEvents array");
+    assert!(!events.is_empty(), "{what}");
+    let mut lanes: std::collections::BTreeMap<(u64, u64), Vec<Slice>> = Default::default();
+    let mut flows: std::collections::BTreeMap<u64, (u32, u32)> = Default::default();
+    for e in events {
+        let ph = e["ph"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: no ph: {e}"));
+        assert!(e["name"].is_string(), "{what}: no name: {e}");
+        assert!(e["pid"].is_u64(), "{what}: no pid: {e}");
+        if ph == "M" {
+            assert!(e["args"].is_object(), "{what}: {e}");
+            continue;
+        }
+        assert!(e["tid"].is_u64(), "{what}: no tid: {e}");
+        let ts = e["ts"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{what}: no ts: {e}"));
+        assert!(ts >= 0.0, "{what}: {e}");
+        let lane = (e["pid"].as_u64().unwrap(), e["tid"].as_u64().unwrap());
+        match ph {
+            "X" => {
+                let dur = e["dur"]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{what}: no dur: {e}"));
+                assert!(dur >= 0.0, "{what}: {e}");
+                lanes.entry(lane).or_default().push((
+                    ts,
+                    ts + dur,
+                    e["name"].as_str().unwrap().to_string(),
+                ));
+            }
+            "i" => assert!(
+                matches!(e["s"].as_str(), Some("t" | "p" | "g")),
+                "{what}: instant scope: {e}"
+            ),
+            "s" | "f" => {
+                let id = e["id"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{what}: flow id: {e}"));
+                let c = flows.entry(id).or_default();
+                if ph == "s" {
+                    c.0 += 1;
+                } else {
+                    c.1 += 1;
+                    assert_eq!(e["bp"], "e", "{what}: {e}");
+                }
+            }
+            other => panic!("{what}: unexpected phase {other}: {e}"),
+        }
+    }
+    for ((pid, tid), mut slices) in lanes {
+        slices.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.total_cmp(&a.1)));
+        let mut stack: Vec<Slice> = Vec::new();
+        for s in slices {
+            while stack.last().is_some_and(|top| top.1 <= s.0) {
+                stack.pop();
+            }
+            if let Some(top) = stack.last() {
+                assert!(
+                    s.1 <= top.1,
+                    "{what}: lane {pid}/{tid}: {:?} half overlaps {:?}",
+                    s,
+                    top
+                );
+            }
+            stack.push(s);
+        }
+    }
+    for (id, (s, f)) in flows {
+        assert_eq!(
+            (s, f),
+            (1, 1),
+            "{what}: flow {id} needs one start and one end"
+        );
+    }
+}
+
+#[test]
+fn perfetto_output_is_a_valid_timeline_with_one_lane_per_cpu() {
+    let d = tempfile::tempdir().unwrap();
+    let sim = d.path().join("w1.itw");
+    itewatch::simulate::write_trace(
+        &itewatch::simulate::generate("w1-driver-inflight", 1).unwrap(),
+        &sim,
+    )
+    .unwrap();
+    for trace in [
+        root().join("tests/data/vm/6.1/trace.itw"),
+        root().join("tests/data/vm/6.12/trace.itw"),
+        sim,
+    ] {
+        let what = trace.display().to_string();
+        let v = perfetto_of(&trace);
+        check_trace_events(&v, &what);
+        let events = v["traceEvents"].as_array().unwrap();
+        let (cpus, submits) = trace_facts(&trace);
+        // One named lane per CPU that had an event, and nothing else in that process.
+        let named: std::collections::BTreeSet<u64> = events
+            .iter()
+            .filter(|e| e["ph"] == "M" && e["name"] == "thread_name" && e["pid"] == 1)
+            .map(|e| e["tid"].as_u64().unwrap())
+            .collect();
+        assert_eq!(named, cpus, "{what}");
+        // Every submission is a slice on a CPU lane.
+        let slices = events
+            .iter()
+            .filter(|e| e["ph"] == "X" && e["pid"] == 1)
+            .count();
+        assert_eq!(slices, submits, "{what}");
+        // Hot-plug events are instants.
+        assert!(
+            events
+                .iter()
+                .any(|e| e["ph"] == "i" && e["name"] == "hotplug-ist"),
+            "{what}"
+        );
+        assert_eq!(v["metadata"]["tool"]["name"], "itewatch", "{what}");
+    }
+}
+
+#[test]
+fn perfetto_shows_the_incident_of_a_known_trace_and_points_at_its_submission() {
+    // The Debian 6.1 surprise removal: one W2 flush-to-gone-device on 0000:02:00.0, whose two
+    // device-TLB submissions ran on CPU 0 in irq/26-pciehp (tests/cmd/report.md).
+    let trace = root().join("tests/data/vm/6.1/trace.itw");
+    let v = perfetto_of(&trace);
+    let events = v["traceEvents"].as_array().unwrap();
+    let inc = events
+        .iter()
+        .find(|e| e["ph"] == "X" && e["pid"] == 2)
+        .expect("an incident slice");
+    assert_eq!(inc["args"]["kind"], "flush-to-gone-device");
+    assert_eq!(inc["args"]["window"], "W2");
+    assert_eq!(inc["args"]["id"], "febc6aaff87f65a9");
+    assert_eq!(inc["name"], "W2 flush-to-gone-device 0000:02:00.0");
+    let lane = inc["tid"].as_u64().unwrap();
+    let starts: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["ph"] == "s" && e["pid"] == 2 && e["tid"] == lane)
+        .collect();
+    assert_eq!(starts.len(), 2, "one arrow per submission");
+    for s in starts {
+        let end = events
+            .iter()
+            .find(|e| e["ph"] == "f" && e["id"] == s["id"])
+            .unwrap();
+        assert_eq!(end["pid"], 1);
+        assert_eq!(end["tid"], 0, "CPU 0");
+        // The arrow lands inside a qi_submit_sync slice of irq/26-pciehp on that CPU.
+        let at = end["ts"].as_f64().unwrap();
+        assert!(
+            events.iter().any(|x| x["ph"] == "X"
+                && x["pid"] == 1
+                && x["tid"] == 0
+                && x["args"]["task"] == "irq/26-pciehp"
+                && x["ts"].as_f64().unwrap() <= at
+                && at <= x["ts"].as_f64().unwrap() + x["dur"].as_f64().unwrap()),
+            "{end}"
+        );
+    }
+}
+
+#[test]
+fn perfetto_is_refused_for_a_kernel_log() {
+    let e = document::analyze_cli(None, Format::Perfetto, &mut Vec::new()).unwrap_err();
+    assert!(e.to_string().contains("itewatch report TRACE"), "{e}");
 }

@@ -35,7 +35,11 @@ fn scenario(name: &str, seed: u64, stop_at: Option<KTime>) -> App {
 }
 
 fn render(app: &App) -> String {
-    let mut t = Terminal::new(TestBackend::new(W, H)).unwrap();
+    render_at(app, W, H)
+}
+
+fn render_at(app: &App, w: u16, h: u16) -> String {
+    let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
     t.draw(|f| ui::draw(f, app)).unwrap();
     format!("{}", t.backend())
 }
@@ -82,6 +86,63 @@ fn hung_invalidation_is_impossible_to_miss() {
     let screen = render(&app);
     assert!(screen.contains("HUNG INVALIDATION"), "{screen}");
     insta::assert_snapshot!("hung", screen);
+    // Small terminals: the banner still names the device (it was cut before it at 80).
+    let sids: Vec<String> = app
+        .worst_inflight()
+        .unwrap()
+        .dev_tlb_sids
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert!(!sids.is_empty());
+    for (w, h) in [(80, 24), (100, 30)] {
+        let screen = render_at(&app, w, h);
+        let banner = screen
+            .lines()
+            .find(|l| l.contains("HUNG"))
+            .unwrap_or_else(|| panic!("{w}x{h}: no banner\n{screen}"));
+        assert!(banner.contains(&sids[0]), "{w}x{h}: {banner}");
+        insta::assert_snapshot!(format!("hung_{w}x{h}"), screen);
+    }
+}
+
+/// Small terminals degrade by priority: incidents, then what is in flight, then devices, then
+/// the histogram. Each panel that is drawn shows rows, not only its title (at 80x24 the
+/// panels showed titles and no rows).
+#[test]
+fn small_terminals_keep_incident_rows_first() {
+    let app = scenario("w1-driver-inflight", 3, None);
+    let incidents = app.all_incidents();
+    assert!(!incidents.is_empty());
+    for (w, h) in [(80, 24), (100, 30)] {
+        let screen = render_at(&app, w, h);
+        let lines: Vec<&str> = screen.lines().collect();
+        // Every incident's row is on screen (the incidents title line is followed by its
+        // column header, then the rows).
+        let title = lines
+            .iter()
+            .position(|l| l.contains("Incidents ("))
+            .unwrap_or_else(|| panic!("{w}x{h}: no incidents panel\n{screen}"));
+        let rows = &lines[title + 2..];
+        for i in &incidents {
+            let kind = i.kind.to_string();
+            let shown = &kind[..kind.len().min(20)];
+            assert!(
+                rows.iter().take(incidents.len()).any(|l| l.contains(shown)),
+                "{w}x{h}: incident {kind} not in its panel\n{screen}"
+            );
+        }
+        // The devices panel shows at least one device row (its BDF).
+        let dev = lines
+            .iter()
+            .position(|l| l.contains("Devices"))
+            .unwrap_or_else(|| panic!("{w}x{h}: no devices panel\n{screen}"));
+        assert!(
+            lines[dev + 2].contains("0000:"),
+            "{w}x{h}: devices panel without rows\n{screen}"
+        );
+        insta::assert_snapshot!(format!("w1_main_{w}x{h}"), screen);
+    }
 }
 
 #[test]
@@ -147,6 +208,33 @@ fn cannot_trace_screen() {
     let mut t = Terminal::new(TestBackend::new(W, 24)).unwrap();
     t.draw(|f| ui::draw_unavailable(f, &u)).unwrap();
     insta::assert_snapshot!("cannot_trace", format!("{}", t.backend()));
+    // At 80x24 with a loader error and doctor's findings as long as a real host's, the text
+    // wraps past the screen; the keys line must stay (it was cut off).
+    let long = Unavailable {
+        reason: "loading the BPF object: the BPF programs are not in this build (built with \
+                 AYA_BUILD_SKIP=1); rebuild without it to trace live"
+            .into(),
+        missing: (0..8)
+            .map(|i| {
+                (
+                    format!("probe target {i}"),
+                    "not in this kernel (kallsyms), and no kprobe fallback attached either".into(),
+                )
+            })
+            .collect(),
+        fallback: u.fallback.clone(),
+    };
+    let mut t = Terminal::new(TestBackend::new(80, 24)).unwrap();
+    t.draw(|f| ui::draw_unavailable(f, &long)).unwrap();
+    let small = format!("{}", t.backend());
+    assert!(
+        small.contains("Enter") && small.contains("q: quit"),
+        "{small}"
+    );
+    // What to run stays too; the findings that do not fit are counted.
+    assert!(small.contains("sudo itewatch doctor"), "{small}");
+    assert!(small.contains("more: run"), "{small}");
+    insta::assert_snapshot!("cannot_trace_80x24", small);
     let text = u.text();
     assert!(text.contains("sudo itewatch doctor"));
     assert!(text.contains("--replay"));
@@ -487,6 +575,31 @@ fn e2e_navigate_export_quit_restores_the_terminal() {
     assert_eq!(v["incidents"][0]["window"], "W1");
     assert_eq!(v["source"]["scenario"], "w1-driver-inflight");
     assert_eq!(v["source"]["seed"], 3);
+}
+
+/// Regression: a bad `--export-dir` was found only when `e` was pressed, after the session it
+/// was meant to save. Now the view refuses to start, naming the directory.
+#[test]
+fn e2e_an_unwritable_export_dir_is_refused_at_start() {
+    if !Tmux::available() {
+        eprintln!("SKIPPED: tmux is not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = pane_command(
+        dir.path(),
+        "",
+        r#"live --simulate w1-driver-inflight --export-dir "$0/no-such-dir""#,
+        false,
+    );
+    let t = Tmux::start(&cmd, dir.path());
+    assert_terminal_restored(&t, dir.path(), "1");
+    let stderr = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+    assert!(
+        stderr.contains("--export-dir") && stderr.contains("no-such-dir"),
+        "{stderr}"
+    );
+    assert!(!t.screen().contains("In-flight invalidations"));
 }
 
 /// SIGTERM, SIGHUP and SIGINT end the view the way `q` does: the loop returns, the guards drop

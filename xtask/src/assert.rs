@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use itewatch::event::{Bdf, Event, KTime, LostRecord, Payload, Record};
 use itewatch::trace::{TraceEnd, TraceHeader, TraceReader};
@@ -250,7 +250,7 @@ fn metric_sum(text: &str, family: &str, with: &[(&str, &str)]) -> Option<f64> {
 pub fn sink_checks(out: &Path, disks: &[Disk]) -> Vec<Check> {
     let mut c = Vec::new();
     let reference = match itewatch::document::from_trace_file(
-        &out.join("trace.itw"),
+        &trace_path(out),
         itewatch::correlate::Config::default(),
     ) {
         Ok(doc) => serde_json::to_value(&doc)
@@ -401,7 +401,7 @@ fn expected_w2(out: &Path, disks: &[Disk]) -> Check {
         return Check::fail(name, "no surprise disk in topology.txt");
     };
     let doc = match itewatch::document::from_trace_file(
-        &out.join("trace.itw"),
+        &trace_path(out),
         itewatch::correlate::Config::default(),
     ) {
         Ok(doc) => serde_json::to_value(&doc).unwrap_or_default(),
@@ -563,6 +563,30 @@ pub struct StackCensus {
     pub other_with_stack: u64,
 }
 
+/// The recorder's trace in the guest's `/out`: `trace.itw` once `record` finished; while it
+/// still ran (the guest saved `/out` during a hang) the file it was writing, which `record`
+/// names `trace.itw.<pid>-<n>.partial` until it renames it (itewatch::output).
+pub fn trace_path(out: &Path) -> PathBuf {
+    let done = out.join("trace.itw");
+    if done.exists() {
+        return done;
+    }
+    let mut partial: Vec<PathBuf> = fs::read_dir(out)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("trace.itw.") && n.ends_with(".partial"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    partial.sort();
+    partial.pop().unwrap_or(done)
+}
+
 pub fn read_trace(path: &Path) -> Result<TraceData, String> {
     let mut r = TraceReader::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut t = TraceData {
@@ -620,7 +644,7 @@ fn first_after(events: &[Event], from: KTime, pred: impl Fn(&Payload) -> bool) -
 /// expectations.
 pub fn trace_checks(kernel: &Kernel, out: &Path, disks: &[Disk]) -> Vec<Check> {
     let mut c = Vec::new();
-    let path = out.join("trace.itw");
+    let path = trace_path(out);
     let mut t = match read_trace(&path) {
         Ok(t) => t,
         Err(e) => return vec![Check::fail("trace readable", e)],
@@ -1065,4 +1089,27 @@ pub fn doctor_check(kernel: &Kernel, out: &Path, disks: &[Disk]) -> Check {
             format!("exit {}: {}", rc.trim(), problems.join("; "))
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use itewatch::output::{AtomicFile, OnDrop};
+    use std::io::Write;
+
+    // The 6.1 ITE run saves /out while the recorder still writes: the checks must find the
+    // trace under the temporary name `record` gives it.
+    #[test]
+    fn a_recording_still_running_is_found_under_its_temporary_name() {
+        let out = std::env::temp_dir().join(format!("xtask-trace-path-{}", std::process::id()));
+        fs::create_dir_all(&out).unwrap();
+        let mut f = AtomicFile::create(&out.join("trace.itw"), OnDrop::Keep).unwrap();
+        f.write_all(b"records").unwrap();
+        let tmp = f.temp_path().to_path_buf();
+        drop(f);
+        assert_eq!(trace_path(&out), tmp);
+        fs::write(out.join("trace.itw"), b"finished").unwrap();
+        assert_eq!(trace_path(&out), out.join("trace.itw"));
+        fs::remove_dir_all(&out).unwrap();
+    }
 }

@@ -289,7 +289,7 @@ pub fn check(
     let live: Vec<Value> = match kernel.pinned.ite {
         IteResponse::RetriesForever => latest_lines(&last_gasp(facts), &disk.dev),
         IteResponse::AbortsTimedOut => itewatch::document::from_trace_file(
-            &out.join("trace.itw"),
+            &crate::assert::trace_path(out),
             itewatch::correlate::Config::default(),
         )
         .ok()
@@ -492,7 +492,7 @@ fn retries_forever(
 fn trace_during_hang(out: &Path, sid: u16) -> Check {
     use itewatch::event::Payload;
     let name = "record (during the hang): the stuck submission and the hot-plug events, losses";
-    let t = match crate::assert::read_trace(&out.join("trace.itw")) {
+    let t = match crate::assert::read_trace(&crate::assert::trace_path(out)) {
         Ok(t) => t,
         Err(e) => return Check::fail(name, e),
     };
@@ -562,7 +562,7 @@ fn aborts(out: &Path, facts: &RunFacts, d: &Disk, sid: u16) -> Vec<Check> {
     let bdf = d.dev.as_str();
     // Straight from the trace's raw records: returns of -110 from submissions carrying the
     // removed device's SID.
-    let timed_out = match crate::assert::read_trace(&out.join("trace.itw")) {
+    let timed_out = match crate::assert::read_trace(&crate::assert::trace_path(out)) {
         Ok(t) => {
             let mut open = std::collections::BTreeMap::new();
             let mut n = 0;
@@ -595,7 +595,7 @@ fn aborts(out: &Path, facts: &RunFacts, d: &Disk, sid: u16) -> Vec<Check> {
             && i["device"]["sid"].as_u64() == Some(u64::from(sid))
     };
     let report = itewatch::document::from_trace_file(
-        &out.join("trace.itw"),
+        &crate::assert::trace_path(out),
         itewatch::correlate::Config::default(),
     )
     .ok()

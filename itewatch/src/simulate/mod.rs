@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::correlate::incident::IncidentKind;
 use crate::event::{Record, Sid};
+use crate::output::{OnDrop, Output, WriteError};
 use crate::trace::{Source, TraceHeader, TraceWriter};
 
 pub use scenarios::SCENARIOS;
@@ -89,8 +90,8 @@ pub struct Simulated {
 pub enum SimError {
     #[error("unknown scenario {0:?} (itewatch simulate --list names them)")]
     UnknownScenario(String),
-    #[error("cannot write the trace to {path}: {source}")]
-    Write { path: String, source: io::Error },
+    #[error(transparent)]
+    Write(#[from] WriteError),
 }
 
 /// Start of simulated time: 100 s after boot.
@@ -135,19 +136,18 @@ pub fn generate_at(name: &str, seed: u64, t0: u64, preamble: bool) -> Result<Sim
 
 /// Writes a generated stream as a trace file (`Source::Simulated`).
 pub fn write_trace(sim: &Simulated, path: &Path) -> Result<(), SimError> {
-    let err = |source| SimError::Write {
-        path: path.display().to_string(),
-        source,
-    };
+    let err = |source| WriteError::new(path, source);
     let header = TraceHeader::new(Source::Simulated {
         scenario: sim.scenario.clone(),
         seed: sim.seed,
     });
-    let mut w = TraceWriter::create(path, &header).map_err(err)?;
+    // `-` is stdout; a file is replaced only once the whole trace is written.
+    let out = Output::create(path, OnDrop::Remove)?;
+    let mut w = TraceWriter::new(out, &header).map_err(err)?;
     for r in &sim.records {
         w.write_record(r).map_err(err)?;
     }
-    w.finish().map_err(err)?;
+    w.finish().map_err(err)?.commit()?;
     Ok(())
 }
 
@@ -170,6 +170,13 @@ pub fn cli(
     let out = out.ok_or(CliError::Usage("-o FILE"))?;
     let sim = generate(name, seed)?;
     write_trace(&sim, out)?;
+    // With `-o -` the trace is on stdout: the summary goes to stderr.
+    let mut stderr = io::stderr();
+    let msg: &mut dyn io::Write = if crate::output::is_stdout(out) {
+        &mut stderr
+    } else {
+        msg
+    };
     let kinds: Vec<String> = sim
         .expected
         .iter()

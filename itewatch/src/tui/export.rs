@@ -156,12 +156,11 @@ pub fn export(
     let doc = document(app, origin, sel);
     let mut bytes = Vec::new();
     document::write(&doc, Format::Json, &mut bytes)?;
-    // Write to a temporary name and rename: a reader never sees half a report.
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, &bytes)?;
-    if let Err(e) = std::fs::rename(&tmp, &path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.into());
-    }
+    // Written whole under a temporary name, then renamed: a reader never sees half a report,
+    // and an earlier export of the same name stays as it was when this one fails.
+    crate::output::write_file(&path, |w| {
+        std::io::Write::write_all(w, &bytes)
+            .map_err(|e| DocumentError::from(crate::output::WriteError::new(&path, e)))
+    })?;
     Ok(std::path::absolute(&path).unwrap_or(path))
 }

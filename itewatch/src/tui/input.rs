@@ -39,9 +39,10 @@ pub enum Action {
 
 /// The key bindings, for the help screen and docs/tui.md.
 pub const KEYS: &[(&str, &str)] = &[
+    ("q", "quit"),
     (
-        "q, Esc",
-        "quit (Esc closes the detail view / help / filter first)",
+        "Esc",
+        "back: close the detail view / help / filter (never quits)",
     ),
     ("?", "help"),
     ("Tab, Shift-Tab, ←/→, h/l", "move between panels"),
@@ -91,8 +92,9 @@ pub fn map_key(app: &App, key: KeyEvent) -> Action {
     }
     match key.code {
         KeyCode::Char('q') => Action::Quit,
-        KeyCode::Esc if app.detail.is_some() || !app.filter.is_empty() => Action::Back,
-        KeyCode::Esc => Action::Quit,
+        // Esc only ever backs out: on the main view it does nothing, so that a reflexive Esc
+        // does not end a live session (only `q` and Ctrl-C quit).
+        KeyCode::Esc => Action::Back,
         KeyCode::Char('?') => Action::ToggleHelp,
         KeyCode::Tab => Action::FocusNext,
         KeyCode::BackTab => Action::FocusPrev,
@@ -125,10 +127,19 @@ mod tests {
         KeyEvent::new(c, KeyModifiers::NONE)
     }
 
+    // Regression: Esc on the main view quit, ending a live session.
     #[test]
-    fn esc_backs_out_before_it_quits() {
+    fn esc_backs_out_and_never_quits() {
         let mut app = App::new(Config::default(), HeaderInfo::default());
-        assert_eq!(map_key(&app, k(KeyCode::Esc)), Action::Quit);
+        assert_eq!(map_key(&app, k(KeyCode::Esc)), Action::Back);
+        let before = format!("{:?}", (app.detail.is_some(), &app.filter, app.help));
+        app.apply(Action::Back);
+        assert_eq!(
+            format!("{:?}", (app.detail.is_some(), &app.filter, app.help)),
+            before,
+            "Esc on the main view changes nothing"
+        );
+        assert_eq!(map_key(&app, k(KeyCode::Char('q'))), Action::Quit);
         app.filter = "mlx".into();
         assert_eq!(map_key(&app, k(KeyCode::Esc)), Action::Back);
         app.filter_editing = true;

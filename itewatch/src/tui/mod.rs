@@ -91,12 +91,15 @@ pub struct LiveArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LiveError {
-    #[error("cannot read the trace: {0}")]
-    Trace(#[from] TraceError),
+    #[error("cannot read {path}: {source}")]
+    Trace { path: String, source: TraceError },
     #[error(transparent)]
     Sim(#[from] SimError),
     #[error("live probes: {0}")]
     Probe(#[from] ProbeError),
+    /// `--export-dir` is checked before the view starts, not when `e` is pressed.
+    #[error("--export-dir: {0} (the `e` key exports there; pass --export-dir DIR)")]
+    ExportDir(crate::output::WriteError),
     // Not transparent: the io::Error stays in the chain (a closed pipe exits 0).
     #[error("terminal or output: {0}")]
     Io(#[from] io::Error),
@@ -125,19 +128,26 @@ pub enum TraceInput {
 }
 
 impl TraceInput {
-    fn open(&self) -> Result<TraceReader<Box<dyn io::BufRead>>, crate::trace::TraceError> {
-        match self {
-            TraceInput::File(p) => {
-                let f = std::fs::File::open(p)
-                    .map_err(|source| crate::trace::TraceError::Io { offset: 0, source })?;
-                TraceReader::new(
-                    Box::new(io::BufReader::with_capacity(1 << 20, f)) as Box<dyn io::BufRead>
-                )
-            }
+    fn open(&self) -> Result<TraceReader<Box<dyn io::BufRead>>, LiveError> {
+        let opened = match self {
+            TraceInput::File(p) => std::fs::File::open(p)
+                .map_err(|source| TraceError::Open { source })
+                .and_then(|f| {
+                    TraceReader::new(
+                        Box::new(io::BufReader::with_capacity(1 << 20, f)) as Box<dyn io::BufRead>
+                    )
+                }),
             TraceInput::Bundled => {
                 TraceReader::new(Box::new(BUNDLED_TRACE) as Box<dyn io::BufRead>)
             }
-        }
+        };
+        opened.map_err(|source| LiveError::Trace {
+            path: match self {
+                TraceInput::File(p) => p.display().to_string(),
+                TraceInput::Bundled => "the bundled VM trace".to_string(),
+            },
+            source,
+        })
     }
 }
 
@@ -523,6 +533,10 @@ fn write_stats(path: &Path, st: &RunStats) -> io::Result<()> {
 /// `itewatch live`.
 pub fn run(args: LiveArgs) -> Result<ExitCode, LiveError> {
     let interactive = !args.no_tui && io::stdout().is_terminal() && io::stdin().is_terminal();
+    if interactive {
+        // Found out now, not after an hour of watching when `e` is pressed.
+        crate::output::check_dir_writable(&args.export_dir).map_err(LiveError::ExportDir)?;
+    }
     let (opened, unavailable) = match (&args.replay, &args.simulate) {
         (Some(f), _) => (
             open_replay(

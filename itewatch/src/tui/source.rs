@@ -15,7 +15,10 @@ pub struct Playback {
     next: Option<Record>,
     /// Virtual ns per wall ns; `0` = as fast as possible.
     speed: f64,
-    /// (wall, stream time) at which playback started (the first timestamped record).
+    /// (wall, stream time) at which playback started: the first timestamped record that is
+    /// not a device snapshot. A recording starts with the snapshot and its first event may
+    /// come seconds later (9 s in the bundled VM trace): the snapshot is handed out at once
+    /// and the clock starts at the first event, so a replay does not open on a still screen.
     origin: Option<(u64, KTime)>,
     paused_at: Option<u64>,
     paused_total: u64,
@@ -84,7 +87,7 @@ impl Playback {
                 return;
             };
             if let Some(ts) = r.ts() {
-                if self.origin.is_none() {
+                if self.origin.is_none() && !matches!(r, Record::Device(_)) {
                     self.origin = Some((wall_ns, ts));
                 }
                 if self.vnow(wall_ns).is_some_and(|now| ts > now) {
@@ -249,6 +252,38 @@ mod tests {
         paced.poll(60_000_000_000, 2, &mut out);
         // The budget ran out before the next was pulled: the last played (2 s), not 60 s.
         assert_eq!(paced.clock(60_000_000_000), KTime(2_000_000_000));
+    }
+
+    // Regression: the bundled VM trace opened on a still screen for 9 s at --speed 1 (its
+    // device snapshot is 9 s older than its first event).
+    #[test]
+    fn playback_starts_at_the_first_event_not_at_the_device_snapshot() {
+        let reader = crate::trace::TraceReader::new(crate::tui::BUNDLED_TRACE).unwrap();
+        let recs: Vec<Record> = reader.map_while(Result::ok).collect();
+        let first_device = recs.iter().find_map(|r| match r {
+            Record::Device(d) => Some(d.seen),
+            _ => None,
+        });
+        let first_event = recs.iter().find_map(|r| match r {
+            Record::Event(e) => Some(e.meta.ts),
+            _ => None,
+        });
+        let (dev, ev) = (first_device.unwrap(), first_event.unwrap());
+        assert!(
+            ev.0 - dev.0 > 5_000_000_000,
+            "the trace has the quiet stretch"
+        );
+        let mut p = Playback::new(Box::new(recs.into_iter()), 1.0);
+        let mut out = Vec::new();
+        p.poll(1_000, 1_000_000, &mut out);
+        // At once: the snapshot and the first event (and all else at the first event's time).
+        assert!(out.iter().any(|r| matches!(r, Record::Device(_))));
+        assert!(
+            out.iter().any(|r| matches!(r, Record::Event(_))),
+            "{}",
+            out.len()
+        );
+        assert_eq!(p.clock(1_000), ev, "stream time starts at the first event");
     }
 
     #[test]

@@ -90,27 +90,104 @@ fn sort_suffix(app: &App, p: Panel) -> String {
     }
 }
 
+/// Heights of the main view's panels (rows, borders included); 0 = not drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PanelHeights {
+    pub inflight: u16,
+    pub devices: u16,
+    pub incidents: u16,
+    pub histogram: u16,
+}
+
+/// A table panel's borders and column header.
+const TABLE_CHROME: u16 = 3;
+const HISTOGRAM_H: u16 = 9;
+
+/// Splits `avail` rows among the panels. Where everything fits (120x40 and up, usually
+/// 100x30), the full layout: in flight sized to its rows, devices and incidents sharing the
+/// middle, the histogram. Where it does not, by priority: incidents, then what is in flight,
+/// then devices get rows (at least one each, a panel title with no row under it says
+/// nothing), and the histogram only if all of it fits; spare rows go to devices, then
+/// incidents. Pure, so the policy is tested without a terminal.
+pub fn panel_heights(
+    avail: u16,
+    inflight: usize,
+    devices: usize,
+    incidents: usize,
+) -> PanelHeights {
+    let want = |n: usize, cap: usize| TABLE_CHROME + n.clamp(1, cap) as u16;
+    let inflight_h = want(inflight, 6);
+    // Full layout: the middle gives devices and incidents two rows each at least.
+    if avail >= inflight_h + HISTOGRAM_H + 2 * (TABLE_CHROME + 2) {
+        let middle = avail - inflight_h - HISTOGRAM_H;
+        return PanelHeights {
+            inflight: inflight_h,
+            devices: middle / 2,
+            incidents: middle - middle / 2,
+            histogram: HISTOGRAM_H,
+        };
+    }
+    let mut left = avail;
+    let mut take = |h: u16| {
+        let h = if h <= left { h } else { 0 };
+        left -= h;
+        h
+    };
+    let mut incidents_h = take(want(incidents, 6).min(avail));
+    let inflight_h = take(want(inflight, 3));
+    let mut devices_h = take(TABLE_CHROME + 1);
+    let histogram = take(HISTOGRAM_H);
+    if devices_h > 0 {
+        let more = (want(devices, usize::MAX) - devices_h).min(left);
+        devices_h += more;
+        left -= more;
+    }
+    incidents_h += left;
+    PanelHeights {
+        inflight: inflight_h,
+        devices: devices_h,
+        incidents: incidents_h,
+        histogram,
+    }
+}
+
 /// Draws the whole screen.
 pub fn draw(f: &mut Frame<'_>, app: &App) {
     let area = f.area();
-    let inflight_h = (app.inflight_rows().len().clamp(1, 6) + 3) as u16;
-    let [head, banner, infl, middle, hist, foot] = Layout::vertical([
+    let banner_h = banner_height(app);
+    let avail = area.height.saturating_sub(4 + banner_h + 1);
+    let h = panel_heights(
+        avail,
+        app.inflight_rows().len(),
+        app.device_rows().len(),
+        app.incident_rows().len(),
+    );
+    let [head, banner, infl, dev, inc, hist, foot] = Layout::vertical([
         Constraint::Length(4),
-        Constraint::Length(banner_height(app)),
-        Constraint::Length(inflight_h),
-        Constraint::Min(6),
-        Constraint::Length(9),
+        Constraint::Length(banner_h),
+        Constraint::Length(h.inflight),
+        Constraint::Length(h.devices),
+        Constraint::Length(h.incidents),
+        Constraint::Length(h.histogram),
         Constraint::Length(1),
     ])
     .areas(area);
     draw_header(f, app, head);
     draw_banner(f, app, banner);
-    draw_inflight(f, app, infl);
-    let [dev, inc] =
-        Layout::vertical([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(middle);
-    draw_devices(f, app, dev);
-    draw_incidents(f, app, inc);
-    draw_histogram(f, app, hist);
+    for (height, a, draw) in [
+        (
+            h.inflight,
+            infl,
+            draw_inflight as fn(&mut Frame<'_>, &App, Rect),
+        ),
+        (h.devices, dev, draw_devices),
+        (h.incidents, inc, draw_incidents),
+        (h.histogram, hist, draw_histogram),
+    ] {
+        if height > 0 {
+            draw(f, app, a);
+        }
+    }
     draw_footer(f, app, foot);
     if let Some((id, scroll)) = &app.detail {
         if let Some(inc) = app.incident(id) {
@@ -262,15 +339,17 @@ fn draw_banner(f: &mut Frame<'_>, app: &App, area: Rect) {
         if age_level(d, &app.cfg) != AgeLevel::Ok {
             let sids: Vec<String> = w.dev_tlb_sids.iter().map(|s| s.to_string()).collect();
             lines.push(Line::styled(
+                // The device and the age first: on a narrow terminal the line is cut at the
+                // right, and those are what the reader must not lose.
                 format!(
-                    " ⚠ HUNG INVALIDATION: qi_submit_sync on {} CPU{} outstanding {} ({}[{}], {}, SID {})",
+                    " ⚠ HUNG INVALIDATION: SID {} outstanding {} · qi_submit_sync on {} CPU{} ({}[{}], {})",
+                    if sids.is_empty() { "-".into() } else { sids.join(",") },
+                    fmt_ns(d),
                     w.iommu,
                     w.cpu,
-                    fmt_ns(d),
                     w.task,
                     w.tid,
                     caller_name(w.caller),
-                    if sids.is_empty() { "-".into() } else { sids.join(",") }
                 ),
                 RED.add_modifier(Modifier::REVERSED),
             ));
@@ -295,16 +374,31 @@ fn draw_inflight(f: &mut Frame<'_>, app: &App, area: Rect) {
     if worst != AgeLevel::Ok {
         block = block.border_style(age_style(worst));
     }
-    let header = Row::new([
-        "AGE",
-        "",
-        "IOMMU",
-        "CPU",
-        "TASK",
-        "SIDs → DEVICES",
-        "DESCRIPTORS",
-        "CALLER",
-    ])
+    // (width, priority): what a narrow terminal drops first has the highest number.
+    const COLS: [(Option<u16>, u8); 8] = [
+        (Some(10), 0),
+        (Some(12), 3),
+        (Some(6), 2),
+        (Some(3), 1),
+        (Some(20), 1),
+        (None, 0),
+        (Some(16), 4),
+        (Some(13), 2),
+    ];
+    let mask = fit_columns(&COLS, area.width.saturating_sub(2), 16);
+    let header = Row::new(kept(
+        [
+            "AGE",
+            "",
+            "IOMMU",
+            "CPU",
+            "TASK",
+            "SIDs → DEVICES",
+            "DESCRIPTORS",
+            "CALLER",
+        ],
+        &mask,
+    ))
     .style(BOLD);
     let table_rows: Vec<Row<'_>> = rows
         .iter()
@@ -326,36 +420,30 @@ fn draw_inflight(f: &mut Frame<'_>, app: &App, area: Rect) {
                     None => format!("{sid}→?"),
                 })
                 .collect();
-            Row::new([
-                Cell::from(fmt_ns(r.age_ns)).style(age_style(lvl)),
-                Cell::from(age_bar(r.age_ns, app.cfg.hung_crit_ns, 12)).style(age_style(lvl)),
-                Cell::from(r.sub.iommu.clone()),
-                Cell::from(r.sub.cpu.to_string()),
-                Cell::from(format!("{}[{}]", r.sub.task, r.sub.tid)),
-                Cell::from(if devs.is_empty() {
-                    "(no device-TLB)".to_string()
-                } else {
-                    devs.join(", ")
-                }),
-                Cell::from(
-                    r.kinds
-                        .map(|k| k.label())
-                        .unwrap_or_else(|| format!("{} desc", r.sub.descriptors)),
-                ),
-                Cell::from(caller_name(r.sub.caller)),
-            ])
+            Row::new(kept(
+                [
+                    Cell::from(fmt_ns(r.age_ns)).style(age_style(lvl)),
+                    Cell::from(age_bar(r.age_ns, app.cfg.hung_crit_ns, 12)).style(age_style(lvl)),
+                    Cell::from(r.sub.iommu.clone()),
+                    Cell::from(r.sub.cpu.to_string()),
+                    Cell::from(format!("{}[{}]", r.sub.task, r.sub.tid)),
+                    Cell::from(if devs.is_empty() {
+                        "(no device-TLB)".to_string()
+                    } else {
+                        devs.join(", ")
+                    }),
+                    Cell::from(
+                        r.kinds
+                            .map(|k| k.label())
+                            .unwrap_or_else(|| format!("{} desc", r.sub.descriptors)),
+                    ),
+                    Cell::from(caller_name(r.sub.caller)),
+                ],
+                &mask,
+            ))
         })
         .collect();
-    let widths = [
-        Constraint::Length(10),
-        Constraint::Length(12),
-        Constraint::Length(6),
-        Constraint::Length(3),
-        Constraint::Length(20),
-        Constraint::Fill(1),
-        Constraint::Length(16),
-        Constraint::Length(13),
-    ];
+    let widths = constraints(&kept(COLS, &mask));
     let empty = table_rows.is_empty();
     let mut state = table_state(app, Panel::InFlight, rows.len());
     f.render_stateful_widget(
@@ -369,6 +457,52 @@ fn draw_inflight(f: &mut Frame<'_>, app: &App, area: Rect) {
     if empty {
         empty_message(f, area, "no invalidation in flight");
     }
+}
+
+/// Which columns of a table fit in `width` (inside the borders). Columns are `(width,
+/// priority)`, `None` for the one that fills; the lowest priority (highest number) goes
+/// first until the fixed widths, a space between columns and `fill_min` for the filling
+/// column fit. A narrow terminal loses whole columns, in an order chosen per panel, instead
+/// of having every column squeezed (and the filling one, often the device, vanish).
+pub fn fit_columns(cols: &[(Option<u16>, u8)], width: u16, fill_min: u16) -> Vec<bool> {
+    let mut keep = vec![true; cols.len()];
+    let need = |keep: &[bool]| -> u32 {
+        let n = keep.iter().filter(|k| **k).count() as u32;
+        let widths: u32 = cols
+            .iter()
+            .zip(keep)
+            .filter(|(_, k)| **k)
+            .map(|((w, _), _)| u32::from(w.unwrap_or(fill_min)))
+            .sum();
+        widths + n.saturating_sub(1)
+    };
+    while need(&keep) > u32::from(width) {
+        let drop = cols
+            .iter()
+            .enumerate()
+            .filter(|(i, (_, p))| keep[*i] && *p > 0)
+            .max_by_key(|(i, (_, p))| (*p, *i));
+        match drop {
+            Some((i, _)) => keep[i] = false,
+            None => break,
+        }
+    }
+    keep
+}
+
+/// The kept items of `v` (by [`fit_columns`]' mask).
+fn kept<T>(v: impl IntoIterator<Item = T>, mask: &[bool]) -> Vec<T> {
+    v.into_iter()
+        .zip(mask)
+        .filter(|(_, k)| **k)
+        .map(|(x, _)| x)
+        .collect()
+}
+
+fn constraints(cols: &[(Option<u16>, u8)]) -> Vec<Constraint> {
+    cols.iter()
+        .map(|(w, _)| w.map_or(Constraint::Fill(1), Constraint::Length))
+        .collect()
 }
 
 fn table_state(app: &App, p: Panel, n: usize) -> TableState {
@@ -388,19 +522,36 @@ fn draw_devices(f: &mut Frame<'_>, app: &App, area: Rect) {
         rows.len(),
         sort_suffix(app, Panel::Devices)
     );
-    let header = Row::new([
-        "BDF",
-        "SID",
-        "STATE",
-        "DRIVER",
-        "SLOT",
-        "IOMMU",
-        "RECENT LATENCY",
-        "LAST",
-        "MAX",
-        "N",
-        "ERR",
-    ])
+    const COLS: [(Option<u16>, u8); 11] = [
+        (Some(12), 0),
+        (Some(7), 4),
+        (Some(12), 0),
+        (Some(12), 1),
+        (None, 2),
+        (Some(6), 3),
+        (Some(24), 5),
+        (Some(9), 1),
+        (Some(9), 2),
+        (Some(6), 3),
+        (Some(4), 2),
+    ];
+    let mask = fit_columns(&COLS, area.width.saturating_sub(2), 6);
+    let header = Row::new(kept(
+        [
+            "BDF",
+            "SID",
+            "STATE",
+            "DRIVER",
+            "SLOT",
+            "IOMMU",
+            "RECENT LATENCY",
+            "LAST",
+            "MAX",
+            "N",
+            "ERR",
+        ],
+        &mask,
+    ))
     .style(BOLD);
     let table_rows: Vec<Row<'_>> = rows
         .iter()
@@ -434,45 +585,36 @@ fn draw_devices(f: &mut Frame<'_>, app: &App, area: Rect) {
             let recent: Vec<u64> = st
                 .map(|s| s.recent.iter().copied().collect())
                 .unwrap_or_default();
-            Row::new([
-                Cell::from(
-                    dv.bdf
-                        .map(|b| b.to_string())
-                        .or(dv.sid.map(|s| s.to_string()))
-                        .unwrap_or("?".into()),
-                ),
-                Cell::from(dv.sid.map(|s| s.to_string()).unwrap_or("-".into())),
-                Cell::from(state).style(state_style),
-                Cell::from(dv.driver.clone().unwrap_or("-".into())),
-                Cell::from(slot),
-                Cell::from(dv.iommu.clone().unwrap_or("-".into())),
-                Cell::from(sparkline(&recent, super::state::RECENT)),
-                Cell::from(recent.last().map(|x| fmt_ns(*x)).unwrap_or("-".into())),
-                Cell::from(st.map(|s| fmt_ns(s.max_ns)).unwrap_or("-".into())),
-                Cell::from(st.map(|s| fmt_count(s.count)).unwrap_or("0".into())),
-                Cell::from(st.map(|s| s.errors.to_string()).unwrap_or("0".into())).style(
-                    if st.is_some_and(|s| s.errors > 0) {
-                        RED
-                    } else {
-                        Style::new()
-                    },
-                ),
-            ])
+            Row::new(kept(
+                [
+                    Cell::from(
+                        dv.bdf
+                            .map(|b| b.to_string())
+                            .or(dv.sid.map(|s| s.to_string()))
+                            .unwrap_or("?".into()),
+                    ),
+                    Cell::from(dv.sid.map(|s| s.to_string()).unwrap_or("-".into())),
+                    Cell::from(state).style(state_style),
+                    Cell::from(dv.driver.clone().unwrap_or("-".into())),
+                    Cell::from(slot),
+                    Cell::from(dv.iommu.clone().unwrap_or("-".into())),
+                    Cell::from(sparkline(&recent, super::state::RECENT)),
+                    Cell::from(recent.last().map(|x| fmt_ns(*x)).unwrap_or("-".into())),
+                    Cell::from(st.map(|s| fmt_ns(s.max_ns)).unwrap_or("-".into())),
+                    Cell::from(st.map(|s| fmt_count(s.count)).unwrap_or("0".into())),
+                    Cell::from(st.map(|s| s.errors.to_string()).unwrap_or("0".into())).style(
+                        if st.is_some_and(|s| s.errors > 0) {
+                            RED
+                        } else {
+                            Style::new()
+                        },
+                    ),
+                ],
+                &mask,
+            ))
         })
         .collect();
-    let widths = [
-        Constraint::Length(12),
-        Constraint::Length(7),
-        Constraint::Length(12),
-        Constraint::Length(12),
-        Constraint::Fill(1),
-        Constraint::Length(6),
-        Constraint::Length(24),
-        Constraint::Length(9),
-        Constraint::Length(9),
-        Constraint::Length(6),
-        Constraint::Length(4),
-    ];
+    let widths = constraints(&kept(COLS, &mask));
     let empty = table_rows.is_empty();
     let mut state = table_state(app, Panel::Devices, rows.len());
     f.render_stateful_widget(
@@ -520,34 +662,43 @@ fn draw_incidents(f: &mut Frame<'_>, app: &App, area: Rect) {
         rows.len(),
         sort_suffix(app, Panel::Incidents)
     );
-    let header = Row::new(["SEVERITY", "KIND", "DEVICE", "SLOT", "START", "OUTCOME"]).style(BOLD);
+    const COLS: [(Option<u16>, u8); 6] = [
+        (Some(9), 0),
+        (Some(29), 0),
+        (None, 0),
+        (Some(6), 3),
+        (Some(13), 2),
+        (Some(24), 1),
+    ];
+    let mask = fit_columns(&COLS, area.width.saturating_sub(2), 12);
+    let header = Row::new(kept(
+        ["SEVERITY", "KIND", "DEVICE", "SLOT", "START", "OUTCOME"],
+        &mask,
+    ))
+    .style(BOLD);
     let table_rows: Vec<Row<'_>> = rows
         .iter()
         .map(|i| {
-            Row::new([
-                Cell::from(format!("{}{}", i.severity, if i.closed { "" } else { "*" }))
-                    .style(severity_style(i.severity)),
-                Cell::from(kind_label(i)),
-                Cell::from(device_label(i)),
-                Cell::from(i.device.slot.clone().unwrap_or("-".into())),
-                Cell::from(i.start.to_string()),
-                Cell::from(match (&i.outcome, app.live_age(i)) {
-                    (Some(Outcome::InFlight { .. }), Some(age)) => {
-                        format!("in-flight {}", fmt_ns(age))
-                    }
-                    (o, _) => o.as_ref().map(outcome_text).unwrap_or("-".into()),
-                }),
-            ])
+            Row::new(kept(
+                [
+                    Cell::from(format!("{}{}", i.severity, if i.closed { "" } else { "*" }))
+                        .style(severity_style(i.severity)),
+                    Cell::from(kind_label(i)),
+                    Cell::from(device_label(i)),
+                    Cell::from(i.device.slot.clone().unwrap_or("-".into())),
+                    Cell::from(i.start.to_string()),
+                    Cell::from(match (&i.outcome, app.live_age(i)) {
+                        (Some(Outcome::InFlight { .. }), Some(age)) => {
+                            format!("in-flight {}", fmt_ns(age))
+                        }
+                        (o, _) => o.as_ref().map(outcome_text).unwrap_or("-".into()),
+                    }),
+                ],
+                &mask,
+            ))
         })
         .collect();
-    let widths = [
-        Constraint::Length(9),
-        Constraint::Length(29),
-        Constraint::Fill(1),
-        Constraint::Length(6),
-        Constraint::Length(13),
-        Constraint::Length(24),
-    ];
+    let widths = constraints(&kept(COLS, &mask));
     let empty = table_rows.is_empty();
     let mut state = table_state(app, Panel::Incidents, rows.len());
     f.render_stateful_widget(
@@ -957,10 +1108,16 @@ impl Unavailable {
     }
 }
 
+/// Rows `line` takes when wrapped to `width` (by characters; word wrapping may take a row
+/// more, which the caller's budget leaves room for).
+fn wrapped_rows(line: &Line<'_>, width: u16) -> u16 {
+    (line.width() as u16).div_ceil(width.max(1)).max(1)
+}
+
 /// The one-screen explanation shown when live tracing is not possible.
 pub fn draw_unavailable(f: &mut Frame<'_>, u: &Unavailable) {
     let area = f.area();
-    let mut lines = vec![
+    let head = vec![
         Line::styled("This host cannot be traced live.", RED),
         Line::raw(""),
         Line::from(vec![
@@ -969,49 +1126,76 @@ pub fn draw_unavailable(f: &mut Frame<'_>, u: &Unavailable) {
         ]),
         Line::raw(""),
     ];
-    if !u.missing.is_empty() {
-        lines.push(Line::styled("Missing (from itewatch doctor):", BOLD));
-        for (n, d) in u
-            .missing
-            .iter()
-            .take(area.height.saturating_sub(16) as usize)
-        {
-            lines.push(Line::from(vec![
-                Span::styled("  ✗ ", RED),
-                Span::styled(format!("{n}: "), BOLD),
-                Span::raw(d.clone()),
-            ]));
-        }
-        lines.push(Line::raw(""));
-    }
-    lines.push(Line::styled("What to run:", BOLD));
-    lines.push(Line::raw(
-        "  sudo itewatch doctor          the full check of this host (privileges, BTF, probes, VT-d, ATS)",
-    ));
-    lines.push(Line::raw(
-        "  sudo itewatch live            on a host with VT-d, kprobes and BTF",
-    ));
-    lines.push(Line::raw(
-        "  itewatch live --replay FILE   a trace recorded with `itewatch record`",
-    ));
-    lines.push(Line::raw(
-        "  itewatch live --simulate w1-driver-inflight   a simulated race (itewatch simulate --list)",
-    ));
-    lines.push(Line::raw(""));
-    lines.push(Line::from(vec![
+    let run = vec![
+        Line::styled("What to run:", BOLD),
+        Line::raw(
+            "  sudo itewatch doctor          the full check of this host (privileges, BTF, probes, VT-d, ATS)",
+        ),
+        Line::raw("  sudo itewatch live            on a host with VT-d, kprobes and BTF"),
+        Line::raw("  itewatch live --replay FILE   a trace recorded with `itewatch record`"),
+        Line::raw(
+            "  itewatch live --simulate w1-driver-inflight   a simulated race (itewatch simulate --list)",
+        ),
+    ];
+    // The keys have a line of their own at the bottom: on a small terminal the text above is
+    // shortened, never the way on (it was cut off at 80x24).
+    let keys = Line::from(vec![
         Span::styled("Enter", BOLD.fg(Color::Green)),
         Span::raw(format!(": show {}    ", u.fallback)),
         Span::styled("q", BOLD.fg(Color::Green)),
         Span::raw(": quit"),
-    ]));
-    f.render_widget(
-        Paragraph::new(lines).wrap(Wrap { trim: false }).block(
-            Block::bordered()
-                .title(" itewatch live ")
-                .border_style(Style::new().fg(Color::Yellow)),
-        ),
-        area,
-    );
+    ]);
+    let block = Block::bordered()
+        .title(" itewatch live ")
+        .border_style(Style::new().fg(Color::Yellow));
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    let w = inner.width;
+    let keys_h = wrapped_rows(&keys, w).min(3);
+    let [text_a, keys_a] =
+        Layout::vertical([Constraint::Fill(1), Constraint::Length(keys_h)]).areas(inner);
+    // doctor's findings get the rows the rest leaves (one spare for word wrapping); what does
+    // not fit is counted, and `itewatch doctor` shows it.
+    let fixed: u16 = head.iter().chain(&run).map(|l| wrapped_rows(l, w)).sum();
+    let mut budget = text_a.height.saturating_sub(fixed + 1);
+    let mut lines = head;
+    if !u.missing.is_empty() && budget >= 3 {
+        lines.push(Line::styled("Missing (from itewatch doctor):", BOLD));
+        budget -= 2; // the title and the blank line after the list
+        let item = |(n, d): &(String, String)| {
+            Line::from(vec![
+                Span::styled("  ✗ ", RED),
+                Span::styled(format!("{n}: "), BOLD),
+                Span::raw(d.clone()),
+            ])
+        };
+        let mut shown = 0;
+        for m in &u.missing {
+            let l = item(m);
+            let h = wrapped_rows(&l, w);
+            let rest = u.missing.len() - shown - 1;
+            // Keep a row for the "more" line unless this is the last one.
+            if h + u16::from(rest > 0) > budget {
+                break;
+            }
+            budget -= h;
+            lines.push(l);
+            shown += 1;
+        }
+        if shown < u.missing.len() {
+            lines.push(Line::styled(
+                format!(
+                    "  … {} more: run `sudo itewatch doctor`",
+                    u.missing.len() - shown
+                ),
+                DIM,
+            ));
+        }
+        lines.push(Line::raw(""));
+    }
+    lines.extend(run);
+    f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }), text_a);
+    f.render_widget(Paragraph::new(keys).wrap(Wrap { trim: false }), keys_a);
 }
 
 /// Plain-text summary of the view (no terminal): header, incidents, what is in flight.
@@ -1114,4 +1298,64 @@ fn empty_message(f: &mut Frame<'_>, area: Rect, msg: &str) {
         height: 1,
     };
     f.render_widget(Paragraph::new(Span::styled(msg.to_string(), DIM)), r);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn total(h: PanelHeights) -> u16 {
+        h.inflight + h.devices + h.incidents + h.histogram
+    }
+
+    #[test]
+    fn a_tall_terminal_gets_every_panel() {
+        // 120x40 without a banner: 35 rows for the panels.
+        let h = panel_heights(35, 0, 4, 2);
+        assert_eq!(h.histogram, HISTOGRAM_H);
+        assert_eq!(h.inflight, TABLE_CHROME + 1);
+        assert_eq!(total(h), 35);
+        assert!(h.devices >= TABLE_CHROME + 2 && h.incidents >= TABLE_CHROME + 2);
+    }
+
+    // Regression: at 80x24 every panel showed its title and no row.
+    #[test]
+    fn a_small_terminal_drops_the_histogram_and_keeps_rows_in_every_table() {
+        // 80x24 without a banner: 19 rows.
+        let h = panel_heights(19, 0, 4, 2);
+        assert_eq!(h.histogram, 0);
+        assert!(h.incidents >= TABLE_CHROME + 2, "{h:?}");
+        assert!(h.inflight > TABLE_CHROME, "{h:?}");
+        assert!(h.devices > TABLE_CHROME, "{h:?}");
+        assert_eq!(total(h), 19);
+    }
+
+    #[test]
+    fn the_last_rows_go_to_incidents_then_in_flight_then_devices() {
+        let only = |avail| panel_heights(avail, 2, 10, 3);
+        // Room for incidents only (3 rows of them).
+        let h = only(6);
+        assert_eq!(
+            (h.incidents, h.inflight, h.devices, h.histogram),
+            (6, 0, 0, 0)
+        );
+        // Then in flight (2 rows), then devices.
+        let h = only(11);
+        assert_eq!((h.incidents, h.inflight, h.devices), (6, 5, 0));
+        let h = only(15);
+        assert_eq!((h.incidents, h.inflight, h.devices), (6, 5, 4));
+        // Even a screen too small for one incident row draws the incidents panel.
+        assert_eq!(panel_heights(3, 2, 10, 3).incidents, 3);
+    }
+
+    #[test]
+    fn narrow_tables_drop_whole_columns_by_priority() {
+        let cols = [(Some(10), 0), (None, 0), (Some(20), 2), (Some(8), 1)];
+        assert_eq!(fit_columns(&cols, 60, 10), [true; 4]);
+        // 10 + 10 + 8 + 2 spaces = 30: the priority-2 column goes first.
+        assert_eq!(fit_columns(&cols, 30, 10), [true, true, false, true]);
+        assert_eq!(fit_columns(&cols, 25, 10), [true, true, false, false]);
+        // Priority 0 is never dropped.
+        assert_eq!(fit_columns(&cols, 5, 10), [true, true, false, false]);
+    }
 }

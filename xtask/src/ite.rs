@@ -128,6 +128,16 @@ pub fn drive(
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    // No verdict: where is every vCPU? Three samples of the registers, 0.5 s apart, from
+    // QEMU's monitor (symbolize RIP with the kernel's System.map; docs/vm-tests.md).
+    if verdict.is_none() && !facts.serial_capped {
+        let _ = dump_cpus(files);
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            g.poll_serial();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     // A guest spinning with interrupts off never powers off by itself.
     g.kill();
     for line in new_lines(&lastgasp, &mut lg_off, &mut lg_partial) {
@@ -141,6 +151,30 @@ pub fn drive(
             AFTER_CUT.as_secs()
         ),
     }
+}
+
+fn dump_cpus(files: &Files) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut q = crate::qmp::Qmp::connect(&files.qmp(), deadline)?;
+    let mut out = String::new();
+    for i in 0..3 {
+        let r = q.execute(
+            "human-monitor-command",
+            serde_json::json!({ "command-line": "info registers -a" }),
+            deadline,
+        )?;
+        out.push_str(&format!("== sample {i}\n{}\n", r.as_str().unwrap_or("")));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // And the blocked tasks' stacks (SysRq w through the emulated keyboard), into the
+    // console, which the harness keeps polling for a few seconds more.
+    let _ = q.execute(
+        "human-monitor-command",
+        serde_json::json!({ "command-line": "sendkey alt-sysrq-w" }),
+        deadline,
+    );
+    std::fs::write(files.cpus_dump(), out)?;
+    Ok(())
 }
 
 /// `0000:02:00.0` → SID 0x0200.

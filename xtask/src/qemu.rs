@@ -80,6 +80,10 @@ impl Files {
     pub fn qmp(&self) -> PathBuf {
         self.dir.join("qmp.sock")
     }
+    /// Every vCPU's registers, sampled when an `ite-surprise` guest gave no verdict.
+    pub fn cpus_dump(&self) -> PathBuf {
+        self.dir.join("cpus.txt")
+    }
     pub fn out_disk(&self) -> PathBuf {
         self.dir.join("out.raw")
     }

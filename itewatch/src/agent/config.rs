@@ -125,9 +125,7 @@ impl FileConfig {
     /// Checks the values and fills in defaults.
     pub fn validate(self) -> Result<Config, ConfigError> {
         let listen_s = self.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-        let listen: SocketAddr = listen_s.parse().map_err(|e| {
-            ConfigError::Invalid(format!("listen {listen_s:?} is not ADDR:PORT: {e}"))
-        })?;
+        let listen = resolve_listen(&listen_s)?;
         let spool_max_bytes = self.spool_max_bytes.unwrap_or(DEFAULT_SPOOL_MAX_BYTES);
         if spool_max_bytes < 4096 {
             return Err(ConfigError::Invalid(format!(
@@ -189,9 +187,106 @@ impl FileConfig {
     }
 }
 
+/// `ADDR:PORT`, or `HOST:PORT` resolved (`localhost:9464`); the first address the resolver
+/// gives is the one served.
+fn resolve_listen(s: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    use std::net::ToSocketAddrs;
+    match s.to_socket_addrs() {
+        Ok(mut it) => it.next().ok_or_else(|| {
+            ConfigError::Invalid(format!("listen {s:?}: the name resolves to no address"))
+        }),
+        Err(e) => Err(ConfigError::Invalid(format!(
+            "listen {s:?} is not ADDR:PORT or HOST:PORT: {e}"
+        ))),
+    }
+}
+
+/// What `--check-config` checks beyond the values themselves: that the agent could start with
+/// them now. The listen address can be bound (not in use), the spool is a directory (or can
+/// be created under an existing one), a replayed trace can be read. Returns every problem.
+pub fn check_startable(cfg: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(e) = std::net::TcpListener::bind(cfg.listen) {
+        problems.push(format!("listen {}: cannot bind: {e}", cfg.listen));
+    }
+    if let Some(dir) = &cfg.spool {
+        match std::fs::metadata(dir) {
+            Ok(m) if !m.is_dir() => problems.push(format!(
+                "spool {}: exists and is not a directory",
+                dir.display()
+            )),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let parent = dir
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."));
+                if !parent.is_dir() {
+                    problems.push(format!(
+                        "spool {}: does not exist, and neither does its parent {}",
+                        dir.display(),
+                        parent.display()
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("spool {}: cannot read: {e}", dir.display())),
+        }
+    }
+    if let SourceConfig::Replay(p) = &cfg.source {
+        if let Err(e) = std::fs::File::open(p) {
+            problems.push(format!("replay {}: cannot read: {e}", p.display()));
+        }
+    }
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_takes_a_host_name() {
+        let c = FileConfig {
+            listen: Some("localhost:9464".into()),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        assert!(c.listen.ip().is_loopback(), "{}", c.listen);
+        assert_eq!(c.listen.port(), 9464);
+    }
+
+    #[test]
+    fn check_config_refuses_what_would_stop_the_agent_at_start() {
+        let d = tempfile::tempdir().unwrap();
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let file = d.path().join("spool-file");
+        std::fs::write(&file, b"x").unwrap();
+        let c = FileConfig {
+            listen: Some(busy.local_addr().unwrap().to_string()),
+            spool: Some(file),
+            replay: Some(d.path().join("missing.itw")),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let p = check_startable(&c);
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p[0].contains("cannot bind"), "{p:?}");
+        assert!(p[1].contains("not a directory"), "{p:?}");
+        assert!(p[2].contains("missing.itw"), "{p:?}");
+        let ok = FileConfig {
+            listen: Some("127.0.0.1:0".into()),
+            spool: Some(d.path().join("new-spool")),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        assert!(check_startable(&ok).is_empty());
+    }
 
     #[test]
     fn flags_override_the_file_and_defaults_fill_in() {

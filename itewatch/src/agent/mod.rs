@@ -59,7 +59,8 @@ pub struct AgentArgs {
     /// TOML config file; every key is also a flag below, and flags win.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Address of /metrics, /healthz and /incidents [default: 127.0.0.1:9464].
+    /// Address of /metrics, /healthz and /incidents: ADDR:PORT or HOST:PORT [default:
+    /// 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<String>,
     /// Spool directory for incidents and pending Alertmanager deliveries.
@@ -855,8 +856,19 @@ pub fn run(args: AgentArgs) -> Result<ExitCode, AgentError> {
     let flags = args.flags();
     let cfg = load_config(args.config.as_deref(), flags.clone())?;
     if args.check_config {
-        println!("itewatch agent: configuration is valid");
-        return Ok(ExitCode::SUCCESS);
+        let problems = config::check_startable(&cfg);
+        if problems.is_empty() {
+            println!("itewatch agent: configuration is valid");
+            return Ok(ExitCode::SUCCESS);
+        }
+        for p in &problems {
+            eprintln!("itewatch agent: {p}");
+        }
+        return Err(AgentError::Config(ConfigError::Invalid(format!(
+            "the agent could not start with this configuration ({} problem{})",
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" }
+        ))));
     }
     // Bind and open the source (attach the probes) while this is the only thread, then drop
     // the capabilities not needed any more: the runtime's threads inherit the reduced sets.

@@ -366,6 +366,7 @@ fn parse_frame(t: &str) -> Option<Fact> {
         Some(r) => (false, r.trim_start()),
         None => (true, s),
     };
+    let rip = s.starts_with("RIP: ");
     let s = s.strip_prefix("RIP: ").map_or(s, |r| {
         r.split_once(':').map_or(r, |(seg, rest)| {
             if seg.len() == 4 && seg.bytes().all(|c| c.is_ascii_hexdigit()) {
@@ -376,7 +377,13 @@ fn parse_frame(t: &str) -> Option<Fact> {
         })
     });
     let word = s.split_whitespace().next()?;
-    let sym = frame_sym(word)?;
+    // `RIP: 0010:qi_submit_sync` (offsets stripped, as bug reports often paste them): the RIP
+    // line says it is a frame whatever follows.
+    let sym = match frame_sym(word) {
+        Some(sym) => sym,
+        None if rip => bare_sym(word)?,
+        None => return None,
+    };
     // A frame line has at most a `[module]` and maybe an `(inlined)`/`(..)` after it.
     let extra = s.get(word.len()..).unwrap_or("").trim();
     if !(extra.is_empty()
@@ -385,6 +392,44 @@ fn parse_frame(t: &str) -> Option<Fact> {
         || extra.starts_with("RSP"))
     {
         return None;
+    }
+    Some(Fact::Frame {
+        sym: sym.to_string(),
+        reliable,
+    })
+}
+
+/// A symbol with no offset (`qi_submit_sync`, `qi_submit_sync()`, `__context_flush_dev_iotlb.part.0`).
+fn bare_sym(w: &str) -> Option<&str> {
+    let sym = w.strip_suffix("()").unwrap_or(w);
+    let first = sym.chars().next()?;
+    if !(first.is_ascii_lowercase() || first == '_') || sym.len() < 2 || sym.len() > 128 {
+        return None;
+    }
+    sym.chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '$')
+        .then_some(sym)
+}
+
+/// A call-trace line without `+0x..` offsets (`  qi_flush_dev_iotlb`, `? irq_thread`,
+/// `pciehp_ist()`, `iommu_bus_notifier [intel_iommu]`): traces pasted into bug reports and
+/// patch mails often lose them. A bare word could be anything, so the analyzer asks only for
+/// lines inside a call trace it is already reading.
+pub fn bare_frame(t: &str) -> Option<Fact> {
+    let mut s = t.trim();
+    if let Some(r) = s.strip_prefix("[<") {
+        s = r.split_once(">]").map(|x| x.1)?.trim_start();
+    }
+    let (reliable, s) = match s.strip_prefix("? ") {
+        Some(r) => (false, r.trim_start()),
+        None => (true, s),
+    };
+    let mut words = s.split_whitespace();
+    let sym = bare_sym(words.next()?)?;
+    match (words.next(), words.next()) {
+        (None, _) => {}
+        (Some(m), None) if m.starts_with('[') && m.ends_with(']') => {}
+        _ => return None,
     }
     Some(Fact::Frame {
         sym: sym.to_string(),
@@ -702,7 +747,7 @@ pub fn classify(text: &str) -> Option<Fact> {
             return Some(f);
         }
     }
-    if has(kw("+0x")) {
+    if has(kw("+0x")) || (has(kw("RIP:")) && t.trim_start().starts_with("RIP: ")) {
         if let Some(f) = parse_frame(t) {
             return Some(f);
         }
@@ -1030,6 +1075,50 @@ mod tests {
                 reliable: true
             })
         );
+    }
+
+    #[test]
+    fn frames_without_offsets() {
+        assert_eq!(
+            classify("RIP: 0010:qi_submit_sync"),
+            Some(Fact::Frame {
+                sym: "qi_submit_sync".into(),
+                reliable: true
+            })
+        );
+        for (l, sym, reliable) in [
+            ("  qi_flush_dev_iotlb", "qi_flush_dev_iotlb", true),
+            (" ? irq_forced_thread_fn", "irq_forced_thread_fn", false),
+            ("pciehp_ist()", "pciehp_ist", true),
+            (
+                "iommu_bus_notifier [intel_iommu]",
+                "iommu_bus_notifier",
+                true,
+            ),
+            (
+                "[<ffffffff8150a3b1>] qi_submit_sync",
+                "qi_submit_sync",
+                true,
+            ),
+        ] {
+            assert_eq!(
+                bare_frame(l),
+                Some(Fact::Frame {
+                    sym: sym.into(),
+                    reliable
+                }),
+                "{l}"
+            );
+        }
+        for l in [
+            "Hardware name: QEMU",
+            "the host hung",
+            "<TASK>",
+            "RAX: 0000",
+            "",
+        ] {
+            assert_eq!(bare_frame(l), None, "{l}");
+        }
     }
 
     #[test]

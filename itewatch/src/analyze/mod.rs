@@ -246,6 +246,9 @@ struct Block {
     noise: u32,
     ended: bool,
     last_line: u64,
+    /// A call trace (`Call Trace:`, `<TASK>`, `RIP:` or a frame) has started: lines without
+    /// offsets are read as frames from here on.
+    in_trace: bool,
 }
 
 impl Block {
@@ -263,6 +266,7 @@ impl Block {
             frames_omitted: 0,
             noise: 0,
             ended: false,
+            in_trace: false,
         }
     }
 }
@@ -743,12 +747,14 @@ impl Core {
                     }
                     o.noise = 0;
                     o.last_line = rec.line;
+                    o.in_trace = true;
                 }
             }
             Fact::TraceContext => {
                 if let Some(o) = b.open.get_mut(&key) {
                     o.noise = 0;
                     o.last_line = rec.line;
+                    o.in_trace = true;
                 }
             }
             Fact::TraceEnd => {
@@ -826,6 +832,33 @@ impl Core {
     /// pick driver names off device lines.
     fn plain_record(&mut self, rec: &Rec<'_>) {
         let b = &mut self.boot;
+        // Inside a call trace, a line that is only a symbol is a frame whose offset was
+        // stripped (pasted traces).
+        if b.open.get(&rec.caller).is_some_and(|o| o.in_trace) {
+            if let Some(Fact::Frame { sym, reliable }) = facts::bare_frame(&rec.text) {
+                let ts = b.last_ts;
+                if let Some(o) = b.open.get_mut(&rec.caller) {
+                    let r = LineRef {
+                        line: rec.line,
+                        ts,
+                        cpu: match rec.caller {
+                            Some(Caller::Cpu(c)) => Some(c),
+                            _ => None,
+                        },
+                        fact: "frame",
+                        text: cut(&rec.text, MAX_TEXT),
+                    };
+                    if o.frames.len() < MAX_FRAMES {
+                        o.frames.push(Frame { sym, reliable, r });
+                    } else {
+                        o.frames_omitted += 1;
+                    }
+                    o.noise = 0;
+                    o.last_line = rec.line;
+                }
+                return;
+            }
+        }
         if let Some(o) = b.open.get_mut(&rec.caller) {
             o.noise += 1;
             if o.noise > BLOCK_NOISE {

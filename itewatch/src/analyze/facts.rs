@@ -156,6 +156,9 @@ pub enum Fact {
     },
     /// A line with a relevant keyword that matched no pattern fully (truncated, mangled).
     Mangled { keyword: &'static str },
+    /// `sysrq: <action>` (6.1: drivers/tty/sysrq.c, pr_fmt "sysrq: "; older "SysRq : "):
+    /// backtraces that follow were asked for by someone, not printed by a watchdog.
+    Sysrq { action: String },
 }
 
 const KEYWORDS: &[&str] = &[
@@ -196,6 +199,8 @@ const KEYWORDS: &[&str] = &[
     "fault index",
     "fault reason",
     "reg_base_addr",
+    "sysrq: ",
+    "SysRq : ",
 ];
 
 const fn same(a: &str, b: &str) -> bool {
@@ -714,6 +719,20 @@ pub fn classify(text: &str) -> Option<Fact> {
             stuck_s: dec_after(t, "blocked for more than"),
         });
     }
+    if let Some(i) = (has(kw("sysrq: ") | kw("SysRq : ")))
+        .then(|| t.find("sysrq: ").or_else(|| t.find("SysRq : ")))
+        .flatten()
+    {
+        if i == 0 {
+            let action = t
+                .get(i..)
+                .and_then(|r| r.split_once(": "))
+                .map_or("", |x| x.1);
+            return Some(Fact::Sysrq {
+                action: action.trim().chars().take(96).collect(),
+            });
+        }
+    }
     if let Some(i) = has(kw("Kernel panic"))
         .then(|| t.find("Kernel panic - not syncing:"))
         .flatten()
@@ -1075,6 +1094,20 @@ mod tests {
                 reliable: true
             })
         );
+    }
+
+    #[test]
+    fn sysrq_lines() {
+        assert_eq!(
+            classify("sysrq: Show backtrace of all active CPUs"),
+            Some(Fact::Sysrq {
+                action: "Show backtrace of all active CPUs".into()
+            })
+        );
+        assert!(matches!(
+            classify("SysRq : Show Blocked State"),
+            Some(Fact::Sysrq { .. })
+        ));
     }
 
     #[test]

@@ -249,6 +249,10 @@ struct Block {
     /// A call trace (`Call Trace:`, `<TASK>`, `RIP:` or a frame) has started: lines without
     /// offsets are read as frames from here on.
     in_trace: bool,
+    /// A report that says a CPU or task is stuck: a hard or soft lockup, an RCU stall, a hung
+    /// task, or an NMI backtrace one of those asked for. KCSAN, lockdep, sysrq, WARN and
+    /// dump_stack traces are not: an invalidation in their frames was only passing by.
+    hang: bool,
 }
 
 impl Block {
@@ -267,6 +271,13 @@ impl Block {
             noise: 0,
             ended: false,
             in_trace: false,
+            hang: matches!(
+                kind,
+                ReportKind::HardLockup
+                    | ReportKind::SoftLockup
+                    | ReportKind::RcuStall
+                    | ReportKind::HungTask
+            ),
         }
     }
 }
@@ -302,7 +313,16 @@ struct BootState {
     notes: BTreeMap<&'static str, NoteAcc>,
     overflow: BTreeMap<&'static str, u64>,
     panic: Option<LineRef>,
+    /// Who asked for the NMI backtraces that follow: a watchdog or stall report (true) or
+    /// sysrq (false), with the time it did.
+    nmi_cause: Option<(bool, u64)>,
+    /// A hang report closed before its registers and frames came (a WARN printed from the
+    /// NMI handler cut in): its CPU and time. The next `CPU: N ...` dump of that CPU is its.
+    pending_hang: Option<(Option<u32>, u64)>,
 }
+
+/// An NMI backtrace this long after a watchdog or stall report is still about it.
+const NMI_CAUSE_WINDOW_NS: u64 = 60 * SEC;
 
 impl BootState {
     fn note(&mut self, kind: &'static str, r: &LineRef) {
@@ -324,6 +344,11 @@ impl BootState {
         }
     }
     fn push_block(&mut self, b: Block) {
+        // An RCU stall header is followed by NMI backtraces, not by registers of its own.
+        if b.hang && b.frames.is_empty() && b.task_line.is_none() && b.kind != ReportKind::RcuStall
+        {
+            self.pending_hang = Some((b.cpu, b.header.ts));
+        }
         if self.blocks.len() < MAX_BLOCKS {
             self.blocks.push(b);
         } else {
@@ -697,6 +722,13 @@ impl Core {
                 stuck_s,
             } => {
                 let mut blk = Block::new(kind, lr(kind.name()));
+                if blk.hang {
+                    b.nmi_cause = Some((true, ts));
+                } else if kind == ReportKind::NmiBacktrace {
+                    blk.hang = b.nmi_cause.is_some_and(|(watchdog, at)| {
+                        watchdog && ts.saturating_sub(at) <= NMI_CAUSE_WINDOW_NS
+                    });
+                }
                 blk.cpu = c;
                 blk.comm = comm;
                 blk.pid = pid;
@@ -718,7 +750,16 @@ impl Core {
                     None => true,
                 };
                 if fresh {
-                    b.open_block(key, Block::new(ReportKind::Dump, r.clone()));
+                    let mut blk = Block::new(ReportKind::Dump, r.clone());
+                    if let Some((hc, at)) = b.pending_hang {
+                        if (hc.is_none() || c.is_none() || hc == c)
+                            && ts.saturating_sub(at) <= NMI_CAUSE_WINDOW_NS
+                        {
+                            blk.hang = true;
+                            b.pending_hang = None;
+                        }
+                    }
+                    b.open_block(key, blk);
                 }
                 if let Some(o) = b.open.get_mut(&key) {
                     o.cpu = o.cpu.or(c);
@@ -815,6 +856,10 @@ impl Core {
                         ecap,
                     });
                 }
+            }
+            Fact::Sysrq { .. } => {
+                b.nmi_cause = Some((false, ts));
+                b.note("sysrq", &lr("sysrq"));
             }
             Fact::Mangled { keyword } => {
                 let text = rec.text.to_string();
@@ -1388,6 +1433,23 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
                 if n.examples.len() < MAX_NOTE_EXAMPLES {
                     n.examples.push(b.header.evidence());
                 }
+            }
+            readings.push(None);
+            continue;
+        }
+        if !b.hang {
+            // KCSAN, lockdep, sysrq, WARN, dump_stack: the invalidation was on the stack when
+            // the report was printed, nothing says it was stuck.
+            let n = boot
+                .notes
+                .entry("invalidation-stack-without-hang")
+                .or_default();
+            if n.count == 0 {
+                n.first_line = b.header.line;
+            }
+            n.count += 1;
+            if n.examples.len() < MAX_NOTE_EXAMPLES {
+                n.examples.push(b.header.evidence());
             }
             readings.push(None);
             continue;

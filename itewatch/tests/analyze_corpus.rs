@@ -197,6 +197,14 @@ fn every_corpus_log_gives_its_expected_incidents() {
                 problems.push(format!("no {n} note"));
             }
         }
+        // Every record was read in the dialects listed (its prefix peeled off).
+        if let Some(d) = want.get("dialects").and_then(|d| d.as_array()) {
+            let want_d: Vec<&str> = d.iter().map(|x| x.as_str().unwrap()).collect();
+            let got: Vec<&str> = a.dialects.keys().map(String::as_str).collect();
+            if got != want_d {
+                problems.push(format!("dialects {got:?}, want {want_d:?}"));
+            }
+        }
         if let Some(n) = want.get("unparsed_min").and_then(|c| c.as_u64()) {
             if a.unparsed_count < n || a.unparsed.iter().any(|u| u.line == 0) {
                 problems.push(format!(

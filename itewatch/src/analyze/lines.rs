@@ -574,8 +574,30 @@ fn emit<'a>(
     });
 }
 
+/// `<4>` and then a dmesg stamp, with or without a space between them (`<4>[ 1.0]`,
+/// `<4> [ 1.0]`); the space is kept when no stamp follows (a frame's indent).
+fn strip_priority_before_stamp(t: &str) -> &str {
+    let p = strip_priority(t);
+    if p.len() == t.len() {
+        return t;
+    }
+    let q = p.trim_start_matches(' ');
+    if dmesg_ts(q.as_bytes(), 0).is_some() {
+        q
+    } else {
+        p
+    }
+}
+
 fn parse_record(line: u64, t: &str, f: &mut dyn FnMut(Rec<'_>)) {
-    let t = strip_facility(strip_priority(t));
+    let t = strip_priority_before_stamp(t);
+    // A bare `kernel: ` with no time or host before it (a grep of a syslog file, some
+    // collectors), then maybe a priority and a dmesg stamp.
+    let t = match t.strip_prefix("kernel: ") {
+        Some(r) => strip_priority_before_stamp(r.trim_start_matches(' ')),
+        None => t,
+    };
+    let t = strip_facility(t);
     let b = t.as_bytes();
     match b.first() {
         Some(b'{') => {
@@ -818,6 +840,9 @@ mod tests {
             format!("Mar  5 10:11:12 host1 kernel: [  123.456789] {msg}"),
             format!("[   12.345678][ T1422] {msg}"),
             format!("  > [  123.456789] {msg}"),
+            format!("<4> [  123.456789] {msg}"),
+            format!("kernel: [  123.456789] {msg}"),
+            format!("kernel: {msg}"),
             format!("{{\"MESSAGE\":\"{msg}\",\"__MONOTONIC_TIMESTAMP\":\"123456789\",\"_BOOT_ID\":\"b1\"}}"),
         ];
         let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
@@ -830,8 +855,10 @@ mod tests {
         assert_eq!(out[6].1, Dialect::JournalMonotonic);
         assert_eq!(out[9].2, Some(123_456_789_000));
         assert_eq!(out[10].3, Some(Caller::Task(1422)));
-        assert_eq!(out[12].1, Dialect::JournalJson);
         assert_eq!(out[12].2, Some(123_456_789_000));
+        assert_eq!(out[13].2, Some(123_456_789_000));
+        assert_eq!(out[15].1, Dialect::JournalJson);
+        assert_eq!(out[15].2, Some(123_456_789_000));
     }
 
     #[test]

@@ -81,8 +81,9 @@ impl ReportKind {
 /// One recognised message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fact {
-    /// `DMAR: VT-d detected Invalidation Time-out Error: SID %llx` (`sid` None for 0).
-    IteDetected { sid: Option<Sid> },
+    /// `DMAR: VT-d detected Invalidation Time-out Error: SID %llx` (`sid` None for 0 and for
+    /// the all-ones `ffff`, which no device has: `all_ones` says which).
+    IteDetected { sid: Option<Sid>, all_ones: bool },
     /// `... Invalidation Queue Error: Reason %llx`.
     IqeDetected { reason: u64 },
     /// `... Invalidation Completion Error: SID %llx`.
@@ -316,8 +317,11 @@ fn dec_after(s: &str, pat: &str) -> Option<u64> {
     rest.get(..end)?.parse().ok()
 }
 
+/// A SID the hardware reported: not 0 (no SID: old hardware, or the IOMMU did not latch one)
+/// and not all ones (`ffff`: what a read of a register or device that is gone returns; bus ff
+/// device 1f.7 is not what it means).
 fn sid_of(v: u64) -> Option<Sid> {
-    (v != 0 && v <= 0xffff).then_some(Sid(v as u16))
+    (v != 0 && v < 0xffff).then_some(Sid(v as u16))
 }
 
 /// A PCI address word `ssss:bb:dd.f` (no `????`).
@@ -555,6 +559,7 @@ pub fn dev_tlb_sid(qw0: u64) -> Option<Sid> {
         0x8 => Some(Sid(((qw0 >> 16) & 0xffff) as u16)),
         _ => None,
     }
+    .filter(|s| s.0 != 0xffff)
 }
 
 /// What `text` says, if anything this analyzer knows about.
@@ -570,7 +575,10 @@ pub fn classify(text: &str) -> Option<Fact> {
     if has(kw("Invalidation")) {
         if t.contains("Invalidation Time-out Error: SID") {
             if let Some(v) = hex_after(t, "Invalidation Time-out Error: SID") {
-                return Some(Fact::IteDetected { sid: sid_of(v) });
+                return Some(Fact::IteDetected {
+                    sid: sid_of(v),
+                    all_ones: v == 0xffff,
+                });
             }
             return Some(Fact::Mangled {
                 keyword: "Invalidation Time-out Error",
@@ -926,14 +934,26 @@ mod tests {
     fn qi_fault_lines() {
         assert_eq!(
             classify("DMAR: VT-d detected Invalidation Time-out Error: SID 0"),
-            Some(Fact::IteDetected { sid: None })
+            Some(Fact::IteDetected {
+                sid: None,
+                all_ones: false
+            })
         );
         assert_eq!(
             classify("DMAR: VT-d detected Invalidation Time-out Error: SID af03"),
             Some(Fact::IteDetected {
-                sid: Some(Sid(0xaf03))
+                sid: Some(Sid(0xaf03)),
+                all_ones: false
             })
         );
+        assert_eq!(
+            classify("DMAR: VT-d detected Invalidation Time-out Error: SID ffff"),
+            Some(Fact::IteDetected {
+                sid: None,
+                all_ones: true
+            })
+        );
+        assert_eq!(dev_tlb_sid(0xffff00000003), None);
         match classify(
             "DMAR: QI HEAD: Device-TLB Invalidation qw0 = 0xaf0300100003, qw1 = 0x7ffffffffffff001",
         ) {

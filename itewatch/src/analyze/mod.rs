@@ -205,6 +205,8 @@ impl LineRef {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum IteWhat {
     Detected(Option<Sid>),
+    /// `SID ffff`: an ITE with an invalid (all-ones) SID.
+    DetectedAllOnes,
     Cleared,
     Desc(Option<Sid>),
     Reg,
@@ -659,9 +661,14 @@ impl Core {
         }
         let key = rec.caller;
         match fact {
-            Fact::IteDetected { sid } => {
+            Fact::IteDetected { sid, all_ones } => {
                 b.last_detected = Some("ite");
-                push_ite(b, lr("ite-detected"), IteWhat::Detected(sid));
+                let what = if all_ones {
+                    IteWhat::DetectedAllOnes
+                } else {
+                    IteWhat::Detected(sid)
+                };
+                push_ite(b, lr("ite-detected"), what);
             }
             Fact::IqeDetected { .. } => {
                 b.last_detected = Some("iqe");
@@ -1335,6 +1342,8 @@ struct Burst {
     reports: u32,
     sid: Option<Sid>,
     sid_inferred: bool,
+    /// An ITE report said `SID ffff`.
+    all_ones: bool,
     other_sids: Vec<Sid>,
     first_ts: u64,
     last_ts: u64,
@@ -1355,6 +1364,7 @@ fn bursts(ite: &[IteLine], gap: u64) -> Vec<Burst> {
                 reports: 0,
                 sid: None,
                 sid_inferred: false,
+                all_ones: false,
                 other_sids: Vec::new(),
                 first_ts: l.r.ts,
                 last_ts: l.r.ts,
@@ -1379,6 +1389,10 @@ fn bursts(ite: &[IteLine], gap: u64) -> Vec<Burst> {
                     if let Some(s) = s {
                         *detected.entry(s).or_default() += 1;
                     }
+                }
+                Some(IteWhat::DetectedAllOnes) => {
+                    n_det += 1;
+                    b.all_ones = true;
                 }
                 Some(IteWhat::Cleared) => n_clr += 1,
                 Some(IteWhat::Reg) => n_reg += 1,
@@ -1860,8 +1874,13 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
                 }
             ));
         }
+        if b.all_ones {
+            unknowns.push("the IOMMU reported SID ffff: all ones is no device's ID but an invalid value (what a read of a register or device that is gone returns)".into());
+        }
         if b.sid_inferred {
-            unknowns.push("the IOMMU reported SID 0; the SID is the one in the Device-TLB descriptor the queue dump shows".into());
+            unknowns.push(format!("the IOMMU reported SID {}; the SID is the one in the Device-TLB descriptor the queue dump shows", if b.all_ones { "ffff" } else { "0" }));
+        } else if b.sid.is_none() && b.all_ones {
+            unknowns.push("no Device-TLB descriptor was dumped: the device is unknown".into());
         } else if b.sid.is_none() {
             unknowns.push("the IOMMU reported SID 0 and no Device-TLB descriptor was dumped: the device is unknown".into());
         }

@@ -132,6 +132,50 @@ fn every_corpus_log_gives_its_expected_incidents() {
                 problems.push(format!("not every incident names SID {s}"));
             }
         }
+        // What the incidents say, in every place a reader sees words: explanation, basis,
+        // unknowns, partial reasons and the timeline.
+        let words: String = a
+            .incidents
+            .iter()
+            .flat_map(|i| {
+                let ev = i.evidence.as_ref();
+                std::iter::once(i.explanation.clone())
+                    .chain(ev.into_iter().flat_map(|e| e.basis.iter().cloned()))
+                    .chain(ev.into_iter().flat_map(|e| e.unknowns.iter().cloned()))
+                    .chain(i.partial_reasons.iter().cloned())
+                    .chain(i.timeline.iter().map(|t| t.detail.clone()))
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        for s in want
+            .get("says")
+            .and_then(|n| n.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let s = s.as_str().unwrap();
+            if !words.contains(s) {
+                problems.push(format!("no incident says {s:?}"));
+            }
+        }
+        for s in want
+            .get("never_says")
+            .and_then(|n| n.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let s = s.as_str().unwrap();
+            if words.contains(s) {
+                problems.push(format!("an incident says {s:?}"));
+            }
+        }
+        if want.get("no_device").and_then(|c| c.as_bool()) == Some(true)
+            && a.incidents
+                .iter()
+                .any(|i| i.device.bdf.is_some() || i.device.sid.is_some())
+        {
+            problems.push("an incident names a device".into());
+        }
         if let Some(p) = want.get("partial").and_then(|c| c.as_bool()) {
             if main.map(|i| i.partial) != Some(p) {
                 problems.push(format!("partial {:?}, want {p}", main.map(|i| i.partial)));
@@ -151,6 +195,14 @@ fn every_corpus_log_gives_its_expected_incidents() {
             let n = n.as_str().unwrap();
             if !a.notes.iter().any(|x| x.kind == n) {
                 problems.push(format!("no {n} note"));
+            }
+        }
+        // Every record was read in the dialects listed (its prefix peeled off).
+        if let Some(d) = want.get("dialects").and_then(|d| d.as_array()) {
+            let want_d: Vec<&str> = d.iter().map(|x| x.as_str().unwrap()).collect();
+            let got: Vec<&str> = a.dialects.keys().map(String::as_str).collect();
+            if got != want_d {
+                problems.push(format!("dialects {got:?}, want {want_d:?}"));
             }
         }
         if let Some(n) = want.get("unparsed_min").and_then(|c| c.as_u64()) {

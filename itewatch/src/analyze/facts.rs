@@ -81,8 +81,9 @@ impl ReportKind {
 /// One recognised message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fact {
-    /// `DMAR: VT-d detected Invalidation Time-out Error: SID %llx` (`sid` None for 0).
-    IteDetected { sid: Option<Sid> },
+    /// `DMAR: VT-d detected Invalidation Time-out Error: SID %llx` (`sid` None for 0 and for
+    /// the all-ones `ffff`, which no device has: `all_ones` says which).
+    IteDetected { sid: Option<Sid>, all_ones: bool },
     /// `... Invalidation Queue Error: Reason %llx`.
     IqeDetected { reason: u64 },
     /// `... Invalidation Completion Error: SID %llx`.
@@ -156,6 +157,9 @@ pub enum Fact {
     },
     /// A line with a relevant keyword that matched no pattern fully (truncated, mangled).
     Mangled { keyword: &'static str },
+    /// `sysrq: <action>` (6.1: drivers/tty/sysrq.c, pr_fmt "sysrq: "; older "SysRq : "):
+    /// backtraces that follow were asked for by someone, not printed by a watchdog.
+    Sysrq { action: String },
 }
 
 const KEYWORDS: &[&str] = &[
@@ -196,6 +200,8 @@ const KEYWORDS: &[&str] = &[
     "fault index",
     "fault reason",
     "reg_base_addr",
+    "sysrq: ",
+    "SysRq : ",
 ];
 
 const fn same(a: &str, b: &str) -> bool {
@@ -311,8 +317,11 @@ fn dec_after(s: &str, pat: &str) -> Option<u64> {
     rest.get(..end)?.parse().ok()
 }
 
+/// A SID the hardware reported: not 0 (no SID: old hardware, or the IOMMU did not latch one)
+/// and not all ones (`ffff`: what a read of a register or device that is gone returns; bus ff
+/// device 1f.7 is not what it means).
 fn sid_of(v: u64) -> Option<Sid> {
-    (v != 0 && v <= 0xffff).then_some(Sid(v as u16))
+    (v != 0 && v < 0xffff).then_some(Sid(v as u16))
 }
 
 /// A PCI address word `ssss:bb:dd.f` (no `????`).
@@ -366,6 +375,7 @@ fn parse_frame(t: &str) -> Option<Fact> {
         Some(r) => (false, r.trim_start()),
         None => (true, s),
     };
+    let rip = s.starts_with("RIP: ");
     let s = s.strip_prefix("RIP: ").map_or(s, |r| {
         r.split_once(':').map_or(r, |(seg, rest)| {
             if seg.len() == 4 && seg.bytes().all(|c| c.is_ascii_hexdigit()) {
@@ -376,7 +386,13 @@ fn parse_frame(t: &str) -> Option<Fact> {
         })
     });
     let word = s.split_whitespace().next()?;
-    let sym = frame_sym(word)?;
+    // `RIP: 0010:qi_submit_sync` (offsets stripped, as bug reports often paste them): the RIP
+    // line says it is a frame whatever follows.
+    let sym = match frame_sym(word) {
+        Some(sym) => sym,
+        None if rip => bare_sym(word)?,
+        None => return None,
+    };
     // A frame line has at most a `[module]` and maybe an `(inlined)`/`(..)` after it.
     let extra = s.get(word.len()..).unwrap_or("").trim();
     if !(extra.is_empty()
@@ -385,6 +401,44 @@ fn parse_frame(t: &str) -> Option<Fact> {
         || extra.starts_with("RSP"))
     {
         return None;
+    }
+    Some(Fact::Frame {
+        sym: sym.to_string(),
+        reliable,
+    })
+}
+
+/// A symbol with no offset (`qi_submit_sync`, `qi_submit_sync()`, `__context_flush_dev_iotlb.part.0`).
+fn bare_sym(w: &str) -> Option<&str> {
+    let sym = w.strip_suffix("()").unwrap_or(w);
+    let first = sym.chars().next()?;
+    if !(first.is_ascii_lowercase() || first == '_') || sym.len() < 2 || sym.len() > 128 {
+        return None;
+    }
+    sym.chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '$')
+        .then_some(sym)
+}
+
+/// A call-trace line without `+0x..` offsets (`  qi_flush_dev_iotlb`, `? irq_thread`,
+/// `pciehp_ist()`, `iommu_bus_notifier [intel_iommu]`): traces pasted into bug reports and
+/// patch mails often lose them. A bare word could be anything, so the analyzer asks only for
+/// lines inside a call trace it is already reading.
+pub fn bare_frame(t: &str) -> Option<Fact> {
+    let mut s = t.trim();
+    if let Some(r) = s.strip_prefix("[<") {
+        s = r.split_once(">]").map(|x| x.1)?.trim_start();
+    }
+    let (reliable, s) = match s.strip_prefix("? ") {
+        Some(r) => (false, r.trim_start()),
+        None => (true, s),
+    };
+    let mut words = s.split_whitespace();
+    let sym = bare_sym(words.next()?)?;
+    match (words.next(), words.next()) {
+        (None, _) => {}
+        (Some(m), None) if m.starts_with('[') && m.ends_with(']') => {}
+        _ => return None,
     }
     Some(Fact::Frame {
         sym: sym.to_string(),
@@ -505,6 +559,7 @@ pub fn dev_tlb_sid(qw0: u64) -> Option<Sid> {
         0x8 => Some(Sid(((qw0 >> 16) & 0xffff) as u16)),
         _ => None,
     }
+    .filter(|s| s.0 != 0xffff)
 }
 
 /// What `text` says, if anything this analyzer knows about.
@@ -520,7 +575,10 @@ pub fn classify(text: &str) -> Option<Fact> {
     if has(kw("Invalidation")) {
         if t.contains("Invalidation Time-out Error: SID") {
             if let Some(v) = hex_after(t, "Invalidation Time-out Error: SID") {
-                return Some(Fact::IteDetected { sid: sid_of(v) });
+                return Some(Fact::IteDetected {
+                    sid: sid_of(v),
+                    all_ones: v == 0xffff,
+                });
             }
             return Some(Fact::Mangled {
                 keyword: "Invalidation Time-out Error",
@@ -669,6 +727,20 @@ pub fn classify(text: &str) -> Option<Fact> {
             stuck_s: dec_after(t, "blocked for more than"),
         });
     }
+    if let Some(i) = (has(kw("sysrq: ") | kw("SysRq : ")))
+        .then(|| t.find("sysrq: ").or_else(|| t.find("SysRq : ")))
+        .flatten()
+    {
+        if i == 0 {
+            let action = t
+                .get(i..)
+                .and_then(|r| r.split_once(": "))
+                .map_or("", |x| x.1);
+            return Some(Fact::Sysrq {
+                action: action.trim().chars().take(96).collect(),
+            });
+        }
+    }
     if let Some(i) = has(kw("Kernel panic"))
         .then(|| t.find("Kernel panic - not syncing:"))
         .flatten()
@@ -702,7 +774,7 @@ pub fn classify(text: &str) -> Option<Fact> {
             return Some(f);
         }
     }
-    if has(kw("+0x")) {
+    if has(kw("+0x")) || (has(kw("RIP:")) && t.trim_start().starts_with("RIP: ")) {
         if let Some(f) = parse_frame(t) {
             return Some(f);
         }
@@ -862,14 +934,26 @@ mod tests {
     fn qi_fault_lines() {
         assert_eq!(
             classify("DMAR: VT-d detected Invalidation Time-out Error: SID 0"),
-            Some(Fact::IteDetected { sid: None })
+            Some(Fact::IteDetected {
+                sid: None,
+                all_ones: false
+            })
         );
         assert_eq!(
             classify("DMAR: VT-d detected Invalidation Time-out Error: SID af03"),
             Some(Fact::IteDetected {
-                sid: Some(Sid(0xaf03))
+                sid: Some(Sid(0xaf03)),
+                all_ones: false
             })
         );
+        assert_eq!(
+            classify("DMAR: VT-d detected Invalidation Time-out Error: SID ffff"),
+            Some(Fact::IteDetected {
+                sid: None,
+                all_ones: true
+            })
+        );
+        assert_eq!(dev_tlb_sid(0xffff00000003), None);
         match classify(
             "DMAR: QI HEAD: Device-TLB Invalidation qw0 = 0xaf0300100003, qw1 = 0x7ffffffffffff001",
         ) {
@@ -1030,6 +1114,64 @@ mod tests {
                 reliable: true
             })
         );
+    }
+
+    #[test]
+    fn sysrq_lines() {
+        assert_eq!(
+            classify("sysrq: Show backtrace of all active CPUs"),
+            Some(Fact::Sysrq {
+                action: "Show backtrace of all active CPUs".into()
+            })
+        );
+        assert!(matches!(
+            classify("SysRq : Show Blocked State"),
+            Some(Fact::Sysrq { .. })
+        ));
+    }
+
+    #[test]
+    fn frames_without_offsets() {
+        assert_eq!(
+            classify("RIP: 0010:qi_submit_sync"),
+            Some(Fact::Frame {
+                sym: "qi_submit_sync".into(),
+                reliable: true
+            })
+        );
+        for (l, sym, reliable) in [
+            ("  qi_flush_dev_iotlb", "qi_flush_dev_iotlb", true),
+            (" ? irq_forced_thread_fn", "irq_forced_thread_fn", false),
+            ("pciehp_ist()", "pciehp_ist", true),
+            (
+                "iommu_bus_notifier [intel_iommu]",
+                "iommu_bus_notifier",
+                true,
+            ),
+            (
+                "[<ffffffff8150a3b1>] qi_submit_sync",
+                "qi_submit_sync",
+                true,
+            ),
+        ] {
+            assert_eq!(
+                bare_frame(l),
+                Some(Fact::Frame {
+                    sym: sym.into(),
+                    reliable
+                }),
+                "{l}"
+            );
+        }
+        for l in [
+            "Hardware name: QEMU",
+            "the host hung",
+            "<TASK>",
+            "RAX: 0000",
+            "",
+        ] {
+            assert_eq!(bare_frame(l), None, "{l}");
+        }
     }
 
     #[test]

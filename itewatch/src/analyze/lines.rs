@@ -190,8 +190,36 @@ fn is_qp_hint(s: &[u8]) -> bool {
     static QP: std::sync::OnceLock<memchr::memmem::Finder<'static>> = std::sync::OnceLock::new();
     let eq3d = EQ3D.get_or_init(|| memchr::memmem::Finder::new(b"=3D"));
     let qp = QP.get_or_init(|| memchr::memmem::Finder::new(b"quoted-printable"));
-    (memchr::memchr(b'=', s).is_some() && (eq3d.find(s).is_some() || s.ends_with(b"=20")))
-        || qp.find(s).is_some()
+    if qp.find(s).is_some() {
+        return true;
+    }
+    let Some(first_eq) = memchr::memchr(b'=', s) else {
+        return false;
+    };
+    if eq3d.find(&s[first_eq..]).is_some() || s.ends_with(b"=20") {
+        return true;
+    }
+    // A soft line break: an encoder wraps at 76 columns and ends the piece with a lone `=`.
+    // A mail body pasted without its headers shows one before any `=3D`, and the first
+    // line that needs decoding must be decoded too.
+    let n = s.len();
+    if (60..=76).contains(&n) && s.ends_with(b"=") && !s.ends_with(b"==") {
+        return true;
+    }
+    // `=20` / `=09` (encoded blanks) and encoded UTF-8 (`=C2=A0`, `=E2=80=99`).
+    let hex = |c: u8| c.is_ascii_digit() || (b'A'..=b'F').contains(&c);
+    s.windows(6).any(|w| {
+        w[0] == b'='
+            && hex(w[1])
+            && hex(w[2])
+            && w[3] == b'='
+            && hex(w[4])
+            && hex(w[5])
+            && w[1] >= b'8'
+            && w[4] >= b'8'
+    }) || s
+        .windows(4)
+        .any(|w| w[0] == b'=' && (w[1..3] == *b"20" || w[1..3] == *b"09") && w[3] != b'=')
 }
 
 /// Decodes `=XX` escapes; returns the text and whether it ended in a soft break (`=`).
@@ -574,8 +602,30 @@ fn emit<'a>(
     });
 }
 
+/// `<4>` and then a dmesg stamp, with or without a space between them (`<4>[ 1.0]`,
+/// `<4> [ 1.0]`); the space is kept when no stamp follows (a frame's indent).
+fn strip_priority_before_stamp(t: &str) -> &str {
+    let p = strip_priority(t);
+    if p.len() == t.len() {
+        return t;
+    }
+    let q = p.trim_start_matches(' ');
+    if dmesg_ts(q.as_bytes(), 0).is_some() {
+        q
+    } else {
+        p
+    }
+}
+
 fn parse_record(line: u64, t: &str, f: &mut dyn FnMut(Rec<'_>)) {
-    let t = strip_facility(strip_priority(t));
+    let t = strip_priority_before_stamp(t);
+    // A bare `kernel: ` with no time or host before it (a grep of a syslog file, some
+    // collectors), then maybe a priority and a dmesg stamp.
+    let t = match t.strip_prefix("kernel: ") {
+        Some(r) => strip_priority_before_stamp(r.trim_start_matches(' ')),
+        None => t,
+    };
+    let t = strip_facility(t);
     let b = t.as_bytes();
     match b.first() {
         Some(b'{') => {
@@ -818,6 +868,9 @@ mod tests {
             format!("Mar  5 10:11:12 host1 kernel: [  123.456789] {msg}"),
             format!("[   12.345678][ T1422] {msg}"),
             format!("  > [  123.456789] {msg}"),
+            format!("<4> [  123.456789] {msg}"),
+            format!("kernel: [  123.456789] {msg}"),
+            format!("kernel: {msg}"),
             format!("{{\"MESSAGE\":\"{msg}\",\"__MONOTONIC_TIMESTAMP\":\"123456789\",\"_BOOT_ID\":\"b1\"}}"),
         ];
         let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
@@ -830,8 +883,10 @@ mod tests {
         assert_eq!(out[6].1, Dialect::JournalMonotonic);
         assert_eq!(out[9].2, Some(123_456_789_000));
         assert_eq!(out[10].3, Some(Caller::Task(1422)));
-        assert_eq!(out[12].1, Dialect::JournalJson);
         assert_eq!(out[12].2, Some(123_456_789_000));
+        assert_eq!(out[13].2, Some(123_456_789_000));
+        assert_eq!(out[15].1, Dialect::JournalJson);
+        assert_eq!(out[15].2, Some(123_456_789_000));
     }
 
     #[test]
@@ -856,6 +911,29 @@ mod tests {
         );
         assert_eq!(out[1].0, 2);
         assert_eq!(out[2].4, "qw0 = 0x1");
+    }
+
+    #[test]
+    fn quoted_printable_is_told_without_headers_or_an_escape_first() {
+        // A body pasted without its headers whose first encoded thing is a soft break.
+        let out = recs(&[
+            "> [ 4235.822591] watchdog: BUG: soft lockup - CPU#144 stuck for 23s! [irq/5=",
+            "7-pciehp:1422]",
+        ]);
+        assert_eq!(
+            out[0].4,
+            "watchdog: BUG: soft lockup - CPU#144 stuck for 23s! [irq/57-pciehp:1422]"
+        );
+        assert!(is_qp_hint(b"caf=C3=A9 au lait"));
+        assert!(is_qp_hint(b"a=20b"));
+        // Kernel lines with `=` are not QP.
+        for l in [
+            "[    0.000000] Command line: BOOT_IMAGE=/boot/vmlinuz root=UUID=1234 ro intel_iommu=on",
+            "[   12.000000] DMAR: QI HEAD: Device-TLB Invalidation qw0 = 0x1, qw1 = 0x2",
+            "[   12.000000] audit: type=1400 audit(1.2:3): apparmor=\"STATUS\"",
+        ] {
+            assert!(!is_qp_hint(l.as_bytes()), "{l}");
+        }
     }
 
     #[test]

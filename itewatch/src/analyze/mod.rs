@@ -205,6 +205,8 @@ impl LineRef {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum IteWhat {
     Detected(Option<Sid>),
+    /// `SID ffff`: an ITE with an invalid (all-ones) SID.
+    DetectedAllOnes,
     Cleared,
     Desc(Option<Sid>),
     Reg,
@@ -246,6 +248,13 @@ struct Block {
     noise: u32,
     ended: bool,
     last_line: u64,
+    /// A call trace (`Call Trace:`, `<TASK>`, `RIP:` or a frame) has started: lines without
+    /// offsets are read as frames from here on.
+    in_trace: bool,
+    /// A report that says a CPU or task is stuck: a hard or soft lockup, an RCU stall, a hung
+    /// task, or an NMI backtrace one of those asked for. KCSAN, lockdep, sysrq, WARN and
+    /// dump_stack traces are not: an invalidation in their frames was only passing by.
+    hang: bool,
 }
 
 impl Block {
@@ -263,6 +272,14 @@ impl Block {
             frames_omitted: 0,
             noise: 0,
             ended: false,
+            in_trace: false,
+            hang: matches!(
+                kind,
+                ReportKind::HardLockup
+                    | ReportKind::SoftLockup
+                    | ReportKind::RcuStall
+                    | ReportKind::HungTask
+            ),
         }
     }
 }
@@ -298,7 +315,16 @@ struct BootState {
     notes: BTreeMap<&'static str, NoteAcc>,
     overflow: BTreeMap<&'static str, u64>,
     panic: Option<LineRef>,
+    /// Who asked for the NMI backtraces that follow: a watchdog or stall report (true) or
+    /// sysrq (false), with the time it did.
+    nmi_cause: Option<(bool, u64)>,
+    /// A hang report closed before its registers and frames came (a WARN printed from the
+    /// NMI handler cut in): its CPU and time. The next `CPU: N ...` dump of that CPU is its.
+    pending_hang: Option<(Option<u32>, u64)>,
 }
+
+/// An NMI backtrace this long after a watchdog or stall report is still about it.
+const NMI_CAUSE_WINDOW_NS: u64 = 60 * SEC;
 
 impl BootState {
     fn note(&mut self, kind: &'static str, r: &LineRef) {
@@ -320,6 +346,11 @@ impl BootState {
         }
     }
     fn push_block(&mut self, b: Block) {
+        // An RCU stall header is followed by NMI backtraces, not by registers of its own.
+        if b.hang && b.frames.is_empty() && b.task_line.is_none() && b.kind != ReportKind::RcuStall
+        {
+            self.pending_hang = Some((b.cpu, b.header.ts));
+        }
         if self.blocks.len() < MAX_BLOCKS {
             self.blocks.push(b);
         } else {
@@ -630,9 +661,14 @@ impl Core {
         }
         let key = rec.caller;
         match fact {
-            Fact::IteDetected { sid } => {
+            Fact::IteDetected { sid, all_ones } => {
                 b.last_detected = Some("ite");
-                push_ite(b, lr("ite-detected"), IteWhat::Detected(sid));
+                let what = if all_ones {
+                    IteWhat::DetectedAllOnes
+                } else {
+                    IteWhat::Detected(sid)
+                };
+                push_ite(b, lr("ite-detected"), what);
             }
             Fact::IqeDetected { .. } => {
                 b.last_detected = Some("iqe");
@@ -693,6 +729,13 @@ impl Core {
                 stuck_s,
             } => {
                 let mut blk = Block::new(kind, lr(kind.name()));
+                if blk.hang {
+                    b.nmi_cause = Some((true, ts));
+                } else if kind == ReportKind::NmiBacktrace {
+                    blk.hang = b.nmi_cause.is_some_and(|(watchdog, at)| {
+                        watchdog && ts.saturating_sub(at) <= NMI_CAUSE_WINDOW_NS
+                    });
+                }
                 blk.cpu = c;
                 blk.comm = comm;
                 blk.pid = pid;
@@ -714,7 +757,16 @@ impl Core {
                     None => true,
                 };
                 if fresh {
-                    b.open_block(key, Block::new(ReportKind::Dump, r.clone()));
+                    let mut blk = Block::new(ReportKind::Dump, r.clone());
+                    if let Some((hc, at)) = b.pending_hang {
+                        if (hc.is_none() || c.is_none() || hc == c)
+                            && ts.saturating_sub(at) <= NMI_CAUSE_WINDOW_NS
+                        {
+                            blk.hang = true;
+                            b.pending_hang = None;
+                        }
+                    }
+                    b.open_block(key, blk);
                 }
                 if let Some(o) = b.open.get_mut(&key) {
                     o.cpu = o.cpu.or(c);
@@ -743,12 +795,14 @@ impl Core {
                     }
                     o.noise = 0;
                     o.last_line = rec.line;
+                    o.in_trace = true;
                 }
             }
             Fact::TraceContext => {
                 if let Some(o) = b.open.get_mut(&key) {
                     o.noise = 0;
                     o.last_line = rec.line;
+                    o.in_trace = true;
                 }
             }
             Fact::TraceEnd => {
@@ -810,6 +864,10 @@ impl Core {
                     });
                 }
             }
+            Fact::Sysrq { .. } => {
+                b.nmi_cause = Some((false, ts));
+                b.note("sysrq", &lr("sysrq"));
+            }
             Fact::Mangled { keyword } => {
                 let text = rec.text.to_string();
                 self.unparsed(
@@ -826,6 +884,33 @@ impl Core {
     /// pick driver names off device lines.
     fn plain_record(&mut self, rec: &Rec<'_>) {
         let b = &mut self.boot;
+        // Inside a call trace, a line that is only a symbol is a frame whose offset was
+        // stripped (pasted traces).
+        if b.open.get(&rec.caller).is_some_and(|o| o.in_trace) {
+            if let Some(Fact::Frame { sym, reliable }) = facts::bare_frame(&rec.text) {
+                let ts = b.last_ts;
+                if let Some(o) = b.open.get_mut(&rec.caller) {
+                    let r = LineRef {
+                        line: rec.line,
+                        ts,
+                        cpu: match rec.caller {
+                            Some(Caller::Cpu(c)) => Some(c),
+                            _ => None,
+                        },
+                        fact: "frame",
+                        text: cut(&rec.text, MAX_TEXT),
+                    };
+                    if o.frames.len() < MAX_FRAMES {
+                        o.frames.push(Frame { sym, reliable, r });
+                    } else {
+                        o.frames_omitted += 1;
+                    }
+                    o.noise = 0;
+                    o.last_line = rec.line;
+                }
+                return;
+            }
+        }
         if let Some(o) = b.open.get_mut(&rec.caller) {
             o.noise += 1;
             if o.noise > BLOCK_NOISE {
@@ -1257,6 +1342,8 @@ struct Burst {
     reports: u32,
     sid: Option<Sid>,
     sid_inferred: bool,
+    /// An ITE report said `SID ffff`.
+    all_ones: bool,
     other_sids: Vec<Sid>,
     first_ts: u64,
     last_ts: u64,
@@ -1277,6 +1364,7 @@ fn bursts(ite: &[IteLine], gap: u64) -> Vec<Burst> {
                 reports: 0,
                 sid: None,
                 sid_inferred: false,
+                all_ones: false,
                 other_sids: Vec::new(),
                 first_ts: l.r.ts,
                 last_ts: l.r.ts,
@@ -1301,6 +1389,10 @@ fn bursts(ite: &[IteLine], gap: u64) -> Vec<Burst> {
                     if let Some(s) = s {
                         *detected.entry(s).or_default() += 1;
                     }
+                }
+                Some(IteWhat::DetectedAllOnes) => {
+                    n_det += 1;
+                    b.all_ones = true;
                 }
                 Some(IteWhat::Cleared) => n_clr += 1,
                 Some(IteWhat::Reg) => n_reg += 1,
@@ -1355,6 +1447,23 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
                 if n.examples.len() < MAX_NOTE_EXAMPLES {
                     n.examples.push(b.header.evidence());
                 }
+            }
+            readings.push(None);
+            continue;
+        }
+        if !b.hang {
+            // KCSAN, lockdep, sysrq, WARN, dump_stack: the invalidation was on the stack when
+            // the report was printed, nothing says it was stuck.
+            let n = boot
+                .notes
+                .entry("invalidation-stack-without-hang")
+                .or_default();
+            if n.count == 0 {
+                n.first_line = b.header.line;
+            }
+            n.count += 1;
+            if n.examples.len() < MAX_NOTE_EXAMPLES {
+                n.examples.push(b.header.evidence());
             }
             readings.push(None);
             continue;
@@ -1765,8 +1874,13 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
                 }
             ));
         }
+        if b.all_ones {
+            unknowns.push("the IOMMU reported SID ffff: all ones is no device's ID but an invalid value (what a read of a register or device that is gone returns)".into());
+        }
         if b.sid_inferred {
-            unknowns.push("the IOMMU reported SID 0; the SID is the one in the Device-TLB descriptor the queue dump shows".into());
+            unknowns.push(format!("the IOMMU reported SID {}; the SID is the one in the Device-TLB descriptor the queue dump shows", if b.all_ones { "ffff" } else { "0" }));
+        } else if b.sid.is_none() && b.all_ones {
+            unknowns.push("no Device-TLB descriptor was dumped: the device is unknown".into());
         } else if b.sid.is_none() {
             unknowns.push("the IOMMU reported SID 0 and no Device-TLB descriptor was dumped: the device is unknown".into());
         }

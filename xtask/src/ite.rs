@@ -166,13 +166,36 @@ fn dump_cpus(files: &Files) -> Result<()> {
         out.push_str(&format!("== sample {i}\n{}\n", r.as_str().unwrap_or("")));
         std::thread::sleep(Duration::from_millis(500));
     }
-    // And the blocked tasks' stacks (SysRq w through the emulated keyboard), into the
-    // console, which the harness keeps polling for a few seconds more.
-    let _ = q.execute(
-        "human-monitor-command",
-        serde_json::json!({ "command-line": "sendkey alt-sysrq-w" }),
-        deadline,
-    );
+    // The kernel stack of every vCPU other than 0 (the one that spins): 128 quadwords from
+    // its RSP, to symbolize the return addresses with the kernel's System.map and the KASLR
+    // offset (2 MiB aligned) that CPU 0's RIP in qi_submit_sync gives.
+    let regs = out.clone();
+    let mut cpu = None;
+    for line in regs.lines() {
+        if let Some(n) = line.strip_prefix("CPU#") {
+            cpu = n.trim().parse::<u32>().ok();
+        }
+        if let (Some(c), Some(i)) = (cpu, line.find("RSP=")) {
+            if c == 0 {
+                continue;
+            }
+            let rsp = &line[i + 4..i + 20];
+            let hmp = |q: &mut crate::qmp::Qmp, cmd: String| {
+                q.execute(
+                    "human-monitor-command",
+                    serde_json::json!({ "command-line": cmd }),
+                    deadline,
+                )
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+            };
+            hmp(&mut q, format!("cpu {c}"));
+            let dump = hmp(&mut q, format!("x/128gx 0x{rsp}"));
+            out.push_str(&format!("== stack of CPU {c} from RSP {rsp}\n{dump}\n"));
+            cpu = None;
+        }
+    }
     std::fs::write(files.cpus_dump(), out)?;
     Ok(())
 }

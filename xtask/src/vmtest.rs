@@ -98,11 +98,14 @@ pub fn run(args: &VmTestArgs) -> Result<bool> {
     fs::create_dir_all(&cache)?;
     let chosen: Vec<_> = PINNED
         .iter()
+        .chain(kernels::NEWER.iter())
         .copied()
         .filter(|p| match args.kernel {
-            KernelChoice::All => true,
+            KernelChoice::All => PINNED.iter().any(|q| q.name == p.name),
             KernelChoice::V6_1 => p.name == "6.1",
             KernelChoice::V6_12 => p.name == "6.12",
+            KernelChoice::V6_18 => p.name == "6.18",
+            KernelChoice::V7_3 => p.name == "7.3",
         })
         .collect();
     let scenarios: Vec<Scenario> = match args.scenario {

@@ -138,15 +138,7 @@ impl Material {
             .chain(omitted)
             .filter(|o| o.is_final())
             .max_by_key(detect::outcome_rank);
-        let outcome = finished.or(i.outcome).map(|o| match o {
-            Outcome::InFlight { .. } => "in-flight",
-            Outcome::Completed { .. } => "completed",
-            Outcome::CompletedLate { .. } => "completed-late",
-            Outcome::Aborted { .. } => "aborted",
-            Outcome::Failed { .. } => "failed",
-            Outcome::NotReturned { .. } => "not-returned",
-            Outcome::ReturnLost => "return-lost",
-        });
+        let outcome = finished.or(i.outcome).map(|o| o.name());
         Material {
             kind: i.kind,
             severity: i.severity,

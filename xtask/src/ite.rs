@@ -320,7 +320,14 @@ pub fn check(
     let stage = |s: &str| facts.stage_s.iter().find(|(n, _)| *n == s).map(|(_, t)| *t);
     match kernel.pinned.ite {
         IteResponse::RetriesForever => {
-            c.extend(retries_forever(&serial, facts, &disk, sid, ite_lines, out));
+            c.extend(retries_forever(
+                &serial, facts, &disk, sid, ite_lines, out, true,
+            ));
+        }
+        IteResponse::LocksUpInAbortWalk => {
+            c.extend(retries_forever(
+                &serial, facts, &disk, sid, ite_lines, out, false,
+            ));
         }
         IteResponse::AbortsTimedOut => {
             c.push(Check::new(
@@ -344,7 +351,9 @@ pub fn check(
     // What the live tool said about the removed device: the agent's last-gasp lines (all a
     // hung guest leaves) or, when the removal completed, the report of the recorded trace.
     let live: Vec<Value> = match kernel.pinned.ite {
-        IteResponse::RetriesForever => latest_lines(&last_gasp(facts), &disk.dev),
+        IteResponse::RetriesForever | IteResponse::LocksUpInAbortWalk => {
+            latest_lines(&last_gasp(facts), &disk.dev)
+        }
         IteResponse::AbortsTimedOut => itewatch::document::from_trace_file(
             &crate::assert::trace_path(out),
             itewatch::correlate::Config::default(),
@@ -400,7 +409,9 @@ fn stimuli(serial: &str, d: &Disk) -> Vec<Check> {
     ]
 }
 
-/// 6.1: the kernel spins; itewatch must have said so, critically, before the kernel did.
+/// 6.1 (the retry loop) and 6.18.15 (the endless abort walk): the kernel spins; itewatch must
+/// have said so, critically, before the kernel did. `retries`: the kernel retries, reporting
+/// the ITE again each time (6.1); else it reports it once and spins in the abort walk.
 fn retries_forever(
     serial: &str,
     facts: &RunFacts,
@@ -408,14 +419,24 @@ fn retries_forever(
     sid: u16,
     ite_lines: usize,
     out: &Path,
+    retries: bool,
 ) -> Vec<Check> {
     let mut c = Vec::new();
     let stage = |s: &str| facts.stage_s.iter().find(|(n, _)| *n == s).map(|(_, t)| *t);
-    c.push(Check::new(
-        "kernel: removal never completes, ITE retried (no 80a9b50c0b9e)",
-        stage("removal-hung").is_some() && stage("surprise-removed").is_none() && ite_lines >= 100,
-        format!("{ite_lines} ITE lines for SID {sid:x}"),
-    ));
+    let hung = stage("removal-hung").is_some() && stage("surprise-removed").is_none();
+    c.push(if retries {
+        Check::new(
+            "kernel: removal never completes, ITE retried (no 80a9b50c0b9e)",
+            hung && ite_lines >= 100,
+            format!("{ite_lines} ITE lines for SID {sid:x}"),
+        )
+    } else {
+        Check::new(
+            "kernel: removal never completes, one ITE report, then the abort walk spins (no fe89277c9ceb)",
+            hung && (1..10).contains(&ite_lines),
+            format!("{ite_lines} ITE lines for SID {sid:x} (a retry loop would print thousands)"),
+        )
+    });
     // The stall report, and qi_submit_sync in the stalled CPU's backtrace.
     let lines: Vec<&str> = serial.lines().collect();
     let stall_at = lines.iter().position(|l| l.contains(STALL_LINE));
@@ -740,7 +761,9 @@ fn analyze_check(
     live: &[Value],
 ) -> Check {
     let (what, text) = match kernel.pinned.ite {
-        IteResponse::RetriesForever => ("console", serial.to_string()),
+        IteResponse::RetriesForever | IteResponse::LocksUpInAbortWalk => {
+            ("console", serial.to_string())
+        }
         IteResponse::AbortsTimedOut => (
             "dmesg",
             fs::read_to_string(out.join("dmesg.txt")).unwrap_or_default(),
@@ -841,7 +864,7 @@ pub fn trim_storm(text: &str, keep: usize) -> String {
 pub fn save_logs(root: &Path, kernel: &Kernel, dir: &Path) -> Result<()> {
     let logs = root.join("itewatch/tests/data/logs");
     let (src, name) = match kernel.pinned.ite {
-        IteResponse::RetriesForever => (
+        IteResponse::RetriesForever | IteResponse::LocksUpInAbortWalk => (
             dir.join("serial.log"),
             format!("vm-ite-{}-console.serial", kernel.pinned.name),
         ),

@@ -46,6 +46,10 @@ pub enum IteResponse {
     /// 80a9b50c0b9e: the ITE's SID has no present device, so `qi_check_fault` returns
     /// -ETIMEDOUT and `qi_submit_sync` gives up; the removal completes.
     AbortsTimedOut,
+    /// 80a9b50c0b9e but not fe89277c9ceb: `qi_check_fault`'s abort walk (`head |= 1`, steps of
+    /// 2 until `head == tail`) never ends when the tail's parity differs, before the
+    /// -ETIMEDOUT check is reached: one ITE report, then the CPU spins with interrupts off.
+    LocksUpInAbortWalk,
 }
 
 pub const PINNED: [Pinned; 2] = [
@@ -73,8 +77,7 @@ pub const PINNED: [Pinned; 2] = [
     },
 ];
 
-/// Newer kernels, selectable by name (`--kernel 6.18`, `--kernel 7.3`) but not yet in the
-/// matrix (`--kernel all`): their per-kernel expectations are not written yet (issue 13).
+/// The newest kernels Debian ships (trixie-backports), in the matrix beside [`PINNED`].
 pub const NEWER: [Pinned; 2] = [
     Pinned {
         name: "6.18",
@@ -83,8 +86,9 @@ pub const NEWER: [Pinned; 2] = [
         extra: &[],
         version: "6.18.15-1~bpo13+1",
         apt: Apt::Trixie,
-        // 80a9b50c0b9e (v6.9) is in every kernel since.
-        ite: IteResponse::AbortsTimedOut,
+        // Debian 6.18.15 source, drivers/iommu/intel/dmar.c: 80a9b50c0b9e's -ETIMEDOUT check
+        // after the abort walk that fe89277c9ceb fixed (`head |= 1`, steps of 2).
+        ite: IteResponse::LocksUpInAbortWalk,
     },
     Pinned {
         name: "7.3",

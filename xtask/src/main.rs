@@ -34,10 +34,8 @@ pub enum KernelChoice {
     V6_1,
     #[value(name = "6.12")]
     V6_12,
-    /// Not in `all` yet (issue 13): boots and runs, expectations not written.
     #[value(name = "6.18")]
     V6_18,
-    /// Not in `all` yet (issue 13).
     #[value(name = "7.3")]
     V7_3,
     All,

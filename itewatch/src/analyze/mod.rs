@@ -884,6 +884,29 @@ impl Core {
     /// pick driver names off device lines.
     fn plain_record(&mut self, rec: &Rec<'_>) {
         let b = &mut self.boot;
+        // A register dump (`RAX: ..` .. `PKRU: ..`) is part of the report, and so is the rest
+        // of one of its lines that a console wrapped onto a bare line right after it: a dump
+        // wrapped into many lines must not end the report before its call trace.
+        // A wrapped rest has no caller id of its own: it goes to the block of the line before.
+        let key = if rec.dialect == Dialect::Bare && !b.open.contains_key(&rec.caller) {
+            b.open
+                .iter()
+                .find(|(_, o)| o.last_line + 1 == rec.line)
+                .map_or(rec.caller, |(k, _)| *k)
+        } else {
+            rec.caller
+        };
+        if let Some(o) = b.open.get_mut(&key) {
+            let regs = facts::register_line(&rec.text)
+                || (rec.dialect == Dialect::Bare
+                    && o.last_line + 1 == rec.line
+                    && facts::register_continuation(&rec.text));
+            if regs {
+                o.noise = 0;
+                o.last_line = rec.line;
+                return;
+            }
+        }
         // Inside a call trace, a line that is only a symbol is a frame whose offset was
         // stripped (pasted traces).
         if b.open.get(&rec.caller).is_some_and(|o| o.in_trace) {

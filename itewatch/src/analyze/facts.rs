@@ -175,6 +175,8 @@ const KEYWORDS: &[&str] = &[
     "Comm:",
     "+0x",
     "TASK>",
+    "IRQ>",
+    "NMI>",
     "end trace",
     "Kernel panic",
     "blocked for more than",
@@ -406,6 +408,21 @@ fn parse_frame(t: &str) -> Option<Fact> {
         sym: sym.to_string(),
         reliable,
     })
+}
+
+/// A frame a kernel stack starts from: a trace that shows it has been printed to its bottom
+/// (the `</TASK>` after it may be missing, as in kernels before 5.16 or a pasted excerpt).
+pub fn bottom_frame(sym: &str) -> bool {
+    matches!(
+        sym,
+        "ret_from_fork"
+            | "ret_from_fork_asm"
+            | "entry_SYSCALL_64_after_hwframe"
+            | "secondary_startup_64"
+            | "secondary_startup_64_no_verify"
+            | "common_startup_64"
+            | "x86_64_start_kernel"
+    )
 }
 
 /// The x86 register names a report's register dump starts its lines with (`__show_regs`,
@@ -818,18 +835,19 @@ pub fn classify(text: &str) -> Option<Fact> {
             return Some(f);
         }
     }
+    let marker = t.trim_start();
     if t.starts_with("Call Trace")
-        || t == "<TASK>"
-        || t == "<IRQ>"
-        || t == "</IRQ>"
-        || t == "<NMI>"
-        || t == "</NMI>"
+        || marker == "<TASK>"
+        || marker == "<IRQ>"
+        || marker == "</IRQ>"
+        || marker == "<NMI>"
+        || marker == "</NMI>"
         || t.starts_with("RIP:")
         || t.starts_with("Code:")
     {
         return Some(Fact::TraceContext);
     }
-    if t == "</TASK>"
+    if marker == "</TASK>"
         || (has(kw("end trace")) && t.contains("---[ end trace"))
         || t.starts_with("Kernel Offset:")
     {

@@ -21,7 +21,7 @@ fn summary(a: &Analysis) -> String {
     for i in &a.incidents {
         let ev = i.evidence.as_ref().unwrap();
         s.push_str(&format!(
-            "{} {:?} case={:?} sev={} removal={:?} dev={:?}/{:?} slot={:?} cert={:?}\n  {}\n  basis={:?}\n  unknowns={:?}\n  fixes={:?}\n",
+            "{} {:?} case={:?} sev={} removal={:?} dev={:?}/{:?} slot={:?} cert={:?}\n  {}\n  basis={:?}\n  unknowns={:?}\n  fixes={:?}\n  partial={:?}\n",
             i.kind,
             i.id.0,
             i.case,
@@ -34,7 +34,8 @@ fn summary(a: &Analysis) -> String {
             i.explanation,
             ev.basis,
             ev.unknowns,
-            i.fixes.iter().map(|f| (&f.commit, f.status)).collect::<Vec<_>>()
+            i.fixes.iter().map(|f| (&f.commit, f.status)).collect::<Vec<_>>(),
+            i.partial_reasons
         ));
     }
     for n in &a.notes {

@@ -175,6 +175,8 @@ const KEYWORDS: &[&str] = &[
     "Comm:",
     "+0x",
     "TASK>",
+    "IRQ>",
+    "NMI>",
     "end trace",
     "Kernel panic",
     "blocked for more than",
@@ -406,6 +408,60 @@ fn parse_frame(t: &str) -> Option<Fact> {
         sym: sym.to_string(),
         reliable,
     })
+}
+
+/// A frame a kernel stack starts from: a trace that shows it has been printed to its bottom
+/// (the `</TASK>` after it may be missing, as in kernels before 5.16 or a pasted excerpt).
+pub fn bottom_frame(sym: &str) -> bool {
+    matches!(
+        sym,
+        "ret_from_fork"
+            | "ret_from_fork_asm"
+            | "entry_SYSCALL_64_after_hwframe"
+            | "secondary_startup_64"
+            | "secondary_startup_64_no_verify"
+            | "common_startup_64"
+            | "x86_64_start_kernel"
+    )
+}
+
+/// The x86 register names a report's register dump starts its lines with (`__show_regs`,
+/// `show_iret_regs`, `show_opcodes`): `RIP:`, `RSP:`, `RAX:` .. `R15:`, `FS:`, `CS:`, `CR2:`,
+/// `DR0:`, `DR6:`, `PKRU:`, `Code:`.
+const REGISTERS: &[&str] = &[
+    "RIP", "RSP", "RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "R08", "R09", "R10", "R11",
+    "R12", "R13", "R14", "R15", "FS", "CS", "CR2", "DR0", "DR3", "DR6", "PKRU", "Code",
+];
+
+/// A line of a report's register dump: it starts with a register name and a colon.
+pub fn register_line(t: &str) -> bool {
+    let t = t.trim_start();
+    REGISTERS
+        .iter()
+        .any(|r| t.strip_prefix(r).is_some_and(|rest| rest.starts_with(':')))
+}
+
+/// The rest of a register-dump line a console or collector wrapped onto a line of its own:
+/// only hex values (`ffff9a4e40a1e8c0`, `0000000000000(0000)`, `<49>`) and register names
+/// (`RCX:`, `knlGS:0000`, a name cut in two). It must hold at least one hex value.
+pub fn register_continuation(t: &str) -> bool {
+    let mut hex = false;
+    let ok = t.split_whitespace().all(|w| {
+        w.split([':', '(', ')', '<', '>']).all(|p| {
+            if !p.is_empty() && p.bytes().all(|c| c.is_ascii_hexdigit()) {
+                hex = true;
+                true
+            } else {
+                p.is_empty()
+                    || (p.len() <= 5
+                        && p.bytes().all(|c| {
+                            c.is_ascii_uppercase() || c.is_ascii_digit() || b"knl".contains(&c)
+                        }))
+                    || (p.len() <= 6 && "EFLAGS ORIG_RAX knlGS".contains(p))
+            }
+        })
+    });
+    ok && hex
 }
 
 /// A symbol with no offset (`qi_submit_sync`, `qi_submit_sync()`, `__context_flush_dev_iotlb.part.0`).
@@ -779,18 +835,19 @@ pub fn classify(text: &str) -> Option<Fact> {
             return Some(f);
         }
     }
+    let marker = t.trim_start();
     if t.starts_with("Call Trace")
-        || t == "<TASK>"
-        || t == "<IRQ>"
-        || t == "</IRQ>"
-        || t == "<NMI>"
-        || t == "</NMI>"
+        || marker == "<TASK>"
+        || marker == "<IRQ>"
+        || marker == "</IRQ>"
+        || marker == "<NMI>"
+        || marker == "</NMI>"
         || t.starts_with("RIP:")
         || t.starts_with("Code:")
     {
         return Some(Fact::TraceContext);
     }
-    if t == "</TASK>"
+    if marker == "</TASK>"
         || (has(kw("end trace")) && t.contains("---[ end trace"))
         || t.starts_with("Kernel Offset:")
     {
@@ -1204,5 +1261,36 @@ mod tests {
             driver_says("nvme 0000:01:00.0: enabling device (0000 -> 0002)"),
             Some(Fact::DriverSays { .. })
         ));
+    }
+
+    #[test]
+    fn register_dump_lines_and_their_wrapped_rest() {
+        assert!(register_line("RAX: 0000000000000010 RBX: 0000000000000"));
+        assert!(register_line("FS:  0000000000000000(0000) GS:ffff9a4e7"));
+        assert!(register_line("PKRU: 55555554"));
+        assert!(!register_line("RAXES: 1"));
+        assert!(!register_line(
+            "pcieport 0000:00:1c.4: pciehp: Slot(4): Link Down"
+        ));
+        for c in [
+            "002 RCX: 0000000000000000",
+            "f8c0000(0000) knlGS:0000000000000000",
+            "246",
+            " 8b 45 00 <49> 63 d6 48 8b 45 00 48 c1",
+            "080050033",
+            "004 CR4: 00000000007706e0",
+            "AGS: 00000246",
+        ] {
+            assert!(register_continuation(c), "{c}");
+        }
+        for c in [
+            "",
+            "Call Trace:",
+            "qi_flush_dev_iotlb",
+            "ret_from_fork",
+            "login: ok",
+        ] {
+            assert!(!register_continuation(c), "{c}");
+        }
     }
 }

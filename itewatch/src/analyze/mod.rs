@@ -251,6 +251,9 @@ struct Block {
     /// A call trace (`Call Trace:`, `<TASK>`, `RIP:` or a frame) has started: lines without
     /// offsets are read as frames from here on.
     in_trace: bool,
+    /// The last trace line read was the bottom of a stack (`ret_from_fork`, `</IRQ>` ..): a
+    /// log that ends here ends with the trace, not in the middle of it.
+    at_bottom: bool,
     /// A report that says a CPU or task is stuck: a hard or soft lockup, an RCU stall, a hung
     /// task, or an NMI backtrace one of those asked for. KCSAN, lockdep, sysrq, WARN and
     /// dump_stack traces are not: an invalidation in their frames was only passing by.
@@ -273,6 +276,7 @@ impl Block {
             noise: 0,
             ended: false,
             in_trace: false,
+            at_bottom: false,
             hang: matches!(
                 kind,
                 ReportKind::HardLockup
@@ -780,6 +784,7 @@ impl Core {
                 }
             }
             Fact::Frame { sym, reliable } => {
+                let bottom = reliable && facts::bottom_frame(&sym);
                 if !b.open.contains_key(&key) {
                     b.open_block(key, Block::new(ReportKind::Dump, lr("frame")));
                 }
@@ -796,6 +801,7 @@ impl Core {
                     o.noise = 0;
                     o.last_line = rec.line;
                     o.in_trace = true;
+                    o.at_bottom = bottom;
                 }
             }
             Fact::TraceContext => {
@@ -803,6 +809,7 @@ impl Core {
                     o.noise = 0;
                     o.last_line = rec.line;
                     o.in_trace = true;
+                    o.at_bottom = rec.text.trim() == "</IRQ>";
                 }
             }
             Fact::TraceEnd => {
@@ -884,6 +891,29 @@ impl Core {
     /// pick driver names off device lines.
     fn plain_record(&mut self, rec: &Rec<'_>) {
         let b = &mut self.boot;
+        // A register dump (`RAX: ..` .. `PKRU: ..`) is part of the report, and so is the rest
+        // of one of its lines that a console wrapped onto a bare line right after it: a dump
+        // wrapped into many lines must not end the report before its call trace.
+        // A wrapped rest has no caller id of its own: it goes to the block of the line before.
+        let key = if rec.dialect == Dialect::Bare && !b.open.contains_key(&rec.caller) {
+            b.open
+                .iter()
+                .find(|(_, o)| o.last_line + 1 == rec.line)
+                .map_or(rec.caller, |(k, _)| *k)
+        } else {
+            rec.caller
+        };
+        if let Some(o) = b.open.get_mut(&key) {
+            let regs = facts::register_line(&rec.text)
+                || (rec.dialect == Dialect::Bare
+                    && o.last_line + 1 == rec.line
+                    && facts::register_continuation(&rec.text));
+            if regs {
+                o.noise = 0;
+                o.last_line = rec.line;
+                return;
+            }
+        }
         // Inside a call trace, a line that is only a symbol is a frame whose offset was
         // stripped (pasted traces).
         if b.open.get(&rec.caller).is_some_and(|o| o.in_trace) {
@@ -900,6 +930,7 @@ impl Core {
                         fact: "frame",
                         text: cut(&rec.text, MAX_TEXT),
                     };
+                    o.at_bottom = reliable && facts::bottom_frame(&sym);
                     if o.frames.len() < MAX_FRAMES {
                         o.frames.push(Frame { sym, reliable, r });
                     } else {
@@ -1740,9 +1771,16 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
             .map(|ns| Outcome::NotReturned { outstanding_ns: ns });
         let mut partial_reasons = Vec::new();
         if !last.ended && last.last_line + 1 >= boot.info.last_line {
-            partial_reasons.push(
-                "the log ends inside the last report (the host died while printing it)".into(),
-            );
+            // Only a lockup or stall report of the stuck CPU cut before the bottom of its
+            // trace says the host died printing it; an excerpt or capture may simply stop.
+            let stuck_cpu_report = last.hang
+                && (last.kind.spinning() || last.kind == ReportKind::Dump)
+                && (last.cpu.is_none() || cpu.is_none() || last.cpu == cpu);
+            partial_reasons.push(if stuck_cpu_report && !last.at_bottom {
+                "the log ends inside the last report, before the bottom of its call trace (the host died while printing it)".into()
+            } else {
+                "the log ends inside the last report".into()
+            });
         }
         if blocks.iter().any(|b| b.frames_omitted > 0) {
             partial_reasons.push("call traces longer than 96 frames were cut".into());

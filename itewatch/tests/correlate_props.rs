@@ -562,3 +562,41 @@ fn coalescing_bounds_revisions_and_keeps_every_final_verdict() {
     };
     assert_eq!(states(&every), states(&coalesced_all));
 }
+
+/// A device-TLB submission that came without a kernel stack (the probe could not take one)
+/// has an unknown caller: its incident says so (partial) and the stats count it, instead of a
+/// verdict that reads as complete.
+#[test]
+fn a_dev_tlb_submission_without_a_stack_is_counted_and_makes_its_incident_partial() {
+    let sim = generate("w2-notifier-after-disconnect", 1).expect("known scenario");
+    let stripped: Vec<Record> = sim
+        .records
+        .iter()
+        .cloned()
+        .map(|r| match r {
+            Record::Event(mut e) => {
+                match &mut e.payload {
+                    Payload::Submit(s) => s.stack = None,
+                    Payload::DevTlbFlush(f) => f.stack = None,
+                    _ => {}
+                }
+                Record::Event(e)
+            }
+            r => r,
+        })
+        .collect();
+    let (with, s_with) = correlate_all(Config::default(), &sim.records);
+    assert_eq!(s_with.stats.dev_tlb_without_stack, 0);
+    assert!(with.iter().all(|i| !i.partial));
+    let (without, s_without) = correlate_all(Config::default(), &stripped);
+    assert!(s_without.stats.dev_tlb_without_stack > 0);
+    let w2 = without
+        .iter()
+        .find(|i| i.kind == IncidentKind::FlushToGoneDevice)
+        .expect("the W2 incident");
+    assert!(w2.partial, "{:?}", w2.partial_reasons);
+    assert!(w2
+        .partial_reasons
+        .iter()
+        .any(|r| r.contains("no kernel stack")));
+}

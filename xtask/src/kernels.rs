@@ -178,12 +178,13 @@ pub fn prepare(cache: &Path, p: Pinned) -> Result<Kernel> {
                 .status()
                 .context("running apt-get download")?;
             if !st.success() || !deb.exists() {
-                bail!(
-                    "could not download {}={} (is the Debian bookworm(-security) apt list set up? \
-                     try `apt-get update`)",
-                    pkg,
-                    p.version
-                );
+                let hint = match p.apt {
+                    Apt::System => {
+                        "is the Debian bookworm(-security) apt list set up? try `apt-get update`"
+                    }
+                    Apt::Trixie => "the private trixie lists may be stale: remove apt-trixie/.updated in the cache",
+                };
+                bail!("could not download {}={} ({hint})", pkg, p.version);
             }
         }
         files.push((deb_name, deb));

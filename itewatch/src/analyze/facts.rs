@@ -367,16 +367,21 @@ fn frame_sym(w: &str) -> Option<&str> {
     Some(sym)
 }
 
-fn parse_frame(t: &str) -> Option<Fact> {
+/// A frame line without its address prefix (old style: `[<ffffffff8123>] sym+0x../0x..`)
+/// and its `? ` mark: (reliable, the rest).
+fn frame_text(t: &str) -> Option<(bool, &str)> {
     let mut s = t.trim();
-    // Old style: `[<ffffffff8123>] sym+0x../0x..` and `[<ffffffff8123>] ? sym+0x..`.
     if let Some(r) = s.strip_prefix("[<") {
         s = r.split_once(">]").map(|x| x.1)?.trim_start();
     }
-    let (reliable, s) = match s.strip_prefix("? ") {
+    Some(match s.strip_prefix("? ") {
         Some(r) => (false, r.trim_start()),
         None => (true, s),
-    };
+    })
+}
+
+fn parse_frame(t: &str) -> Option<Fact> {
+    let (reliable, s) = frame_text(t)?;
     let rip = s.starts_with("RIP: ");
     let s = s.strip_prefix("RIP: ").map_or(s, |r| {
         r.split_once(':').map_or(r, |(seg, rest)| {
@@ -481,14 +486,7 @@ fn bare_sym(w: &str) -> Option<&str> {
 /// patch mails often lose them. A bare word could be anything, so the analyzer asks only for
 /// lines inside a call trace it is already reading.
 pub fn bare_frame(t: &str) -> Option<Fact> {
-    let mut s = t.trim();
-    if let Some(r) = s.strip_prefix("[<") {
-        s = r.split_once(">]").map(|x| x.1)?.trim_start();
-    }
-    let (reliable, s) = match s.strip_prefix("? ") {
-        Some(r) => (false, r.trim_start()),
-        None => (true, s),
-    };
+    let (reliable, s) = frame_text(t)?;
     let mut words = s.split_whitespace();
     let sym = bare_sym(words.next()?)?;
     match (words.next(), words.next()) {

@@ -129,7 +129,9 @@ pub struct LogDevice {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Note {
     /// `dma-fault` (a DMA remapping fault: not an ITE), `iqe`, `ice`, `aer`, `dpc`,
-    /// `removal` (hot-plug without invalidation trouble), `panic`, `stack-without-invalidation`.
+    /// `removal` (hot-plug without invalidation trouble), `panic`, `stack-without-invalidation`,
+    /// `invalidation-stack-without-hang` (a KCSAN, lockdep, sysrq, WARN or dump_stack report
+    /// with an invalidation function on its stack: nothing says it was stuck).
     pub kind: String,
     pub boot: u32,
     pub count: u64,
@@ -330,16 +332,21 @@ struct BootState {
 /// An NMI backtrace this long after a watchdog or stall report is still about it.
 const NMI_CAUSE_WINDOW_NS: u64 = 60 * SEC;
 
+/// Counts one more `kind` note at `r` (its first line and up to three examples kept).
+fn add_note(notes: &mut BTreeMap<&'static str, NoteAcc>, kind: &'static str, r: &LineRef) {
+    let n = notes.entry(kind).or_default();
+    if n.count == 0 {
+        n.first_line = r.line;
+    }
+    n.count += 1;
+    if n.examples.len() < MAX_NOTE_EXAMPLES {
+        n.examples.push(r.evidence());
+    }
+}
+
 impl BootState {
     fn note(&mut self, kind: &'static str, r: &LineRef) {
-        let n = self.notes.entry(kind).or_default();
-        if n.count == 0 {
-            n.first_line = r.line;
-        }
-        n.count += 1;
-        if n.examples.len() < MAX_NOTE_EXAMPLES {
-            n.examples.push(r.evidence());
-        }
+        add_note(&mut self.notes, kind, r);
     }
     fn overflowed(&mut self, what: &'static str) {
         *self.overflow.entry(what).or_default() += 1;
@@ -1469,15 +1476,7 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
             .is_some_and(|f| matches!(base(&f.sym), "qi_submit_sync" | "qi_check_fault"));
         if !(r.inval || rip_in_qi) {
             if b.kind != ReportKind::Dump && b.kind != ReportKind::Oops {
-                boot.notes.entry("stack-without-invalidation").or_default();
-                let n = boot.notes.entry("stack-without-invalidation").or_default();
-                if n.count == 0 {
-                    n.first_line = b.header.line;
-                }
-                n.count += 1;
-                if n.examples.len() < MAX_NOTE_EXAMPLES {
-                    n.examples.push(b.header.evidence());
-                }
+                add_note(&mut boot.notes, "stack-without-invalidation", &b.header);
             }
             readings.push(None);
             continue;
@@ -1485,17 +1484,11 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
         if !b.hang {
             // KCSAN, lockdep, sysrq, WARN, dump_stack: the invalidation was on the stack when
             // the report was printed, nothing says it was stuck.
-            let n = boot
-                .notes
-                .entry("invalidation-stack-without-hang")
-                .or_default();
-            if n.count == 0 {
-                n.first_line = b.header.line;
-            }
-            n.count += 1;
-            if n.examples.len() < MAX_NOTE_EXAMPLES {
-                n.examples.push(b.header.evidence());
-            }
+            add_note(
+                &mut boot.notes,
+                "invalidation-stack-without-hang",
+                &b.header,
+            );
             readings.push(None);
             continue;
         }
@@ -2031,17 +2024,10 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
         })
         .count();
     if removals > 0 && made.is_empty() {
-        let mut n = NoteAcc::default();
+        boot.notes.remove("removal");
         for s in &boot.slots {
-            if n.count == 0 {
-                n.first_line = s.r.line;
-            }
-            n.count += 1;
-            if n.examples.len() < MAX_NOTE_EXAMPLES {
-                n.examples.push(s.r.evidence());
-            }
+            add_note(&mut boot.notes, "removal", &s.r);
         }
-        boot.notes.insert("removal", n);
     }
 
     made.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));

@@ -920,7 +920,9 @@ impl CallerPath {
     /// by the frames of its own context ([`own_context`]).
     pub fn classify<S: AsRef<str>>(frames: &[S]) -> CallerPath {
         let frames = own_context(frames);
-        if frames.is_empty() {
+        // No frames, or only the reader's markers (`<stack N unknown: ...>`,
+        // `<stack N unreadable: ...>`): nothing says who called.
+        if frames.iter().all(|f| f.as_ref().starts_with('<')) {
             return CallerPath::Unknown;
         }
         let has = |names: &[&str]| {
@@ -1229,6 +1231,12 @@ mod tests {
         ];
         assert_eq!(CallerPath::classify(&unmap), CallerPath::DriverUnmap);
         assert_eq!(CallerPath::classify::<&str>(&[]), CallerPath::Unknown);
+        assert_eq!(
+            CallerPath::classify(&[
+                "<stack 5 unknown: its map entry was reused while the event was read>"
+            ]),
+            CallerPath::Unknown
+        );
         assert_eq!(
             CallerPath::classify(&["qi_submit_sync", "fq_flush_timeout.cold+0x2"]),
             CallerPath::FlushQueue

@@ -653,8 +653,9 @@ impl Correlator {
             None if self.ist_thread(tid).is_some() => (CallerPath::Removal, FixHint::None),
             None => (CallerPath::Unknown, FixHint::None),
         };
+        // No stack, or one that tells nothing (not read, or only the reader's markers).
         let no_stack =
-            s.stack.is_none() && flush_stack.is_none() && s.dev_tlb_sids().next().is_some();
+            info.is_none_or(|i| i.path == CallerPath::Unknown) && s.dev_tlb_sids().next().is_some();
         if no_stack {
             self.stats.dev_tlb_without_stack += 1;
         }
@@ -680,8 +681,10 @@ impl Correlator {
             partial: BTreeSet::new(),
         };
         if no_stack {
-            inf.partial
-                .insert("no kernel stack was taken for it: its caller path is unknown".to_string());
+            inf.partial.insert(
+                "no kernel stack for it (not taken, or unreadable): its caller path is unknown"
+                    .to_string(),
+            );
         }
         if s.truncated() {
             inf.partial.insert(format!(

@@ -6,24 +6,19 @@
 //! their file format) → `correlate` (pure: events in, incidents out) → sinks (report, TUI,
 //! agent). `replay` and `simulate` feed the same path without a kernel.
 
+pub use itewatch_core::{analyze, correlate, document, event, knowledge, output, simulate, trace};
+
 pub mod agent;
-pub mod analyze;
 pub mod btf;
-pub mod correlate;
 pub mod doctor;
-pub mod document;
-pub mod event;
 pub mod host;
 pub mod kallsyms;
 pub mod live;
-pub mod output;
 pub mod perfetto;
 pub mod probe;
 pub mod record;
 pub mod render;
 pub mod replay;
 pub mod report;
-pub mod simulate;
 pub mod sysfs;
-pub mod trace;
 pub mod tui;

@@ -231,8 +231,8 @@ fn main() -> ExitCode {
             trace,
             format,
             output,
-        } => itewatch::document::cli_output(output.as_deref(), format, |f, out| {
-            itewatch::document::report_cli(&trace, f, out)
+        } => itewatch::report::cli_output(output.as_deref(), format, |f, out| {
+            itewatch::report::report_cli(&trace, f, out)
         })
         .map(|_| ExitCode::SUCCESS)
         .map_err(anyhow::Error::from),
@@ -240,8 +240,8 @@ fn main() -> ExitCode {
             file,
             format,
             output,
-        } => itewatch::document::cli_output(output.as_deref(), format, |f, out| {
-            itewatch::document::analyze_cli(file.as_deref(), f, out)
+        } => itewatch::report::cli_output(output.as_deref(), format, |f, out| {
+            itewatch::report::analyze_cli(file.as_deref(), f, out)
         })
         .map(|_| ExitCode::SUCCESS)
         .map_err(anyhow::Error::from),

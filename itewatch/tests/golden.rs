@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use itewatch::correlate::Config;
-use itewatch::report;
+use itewatch::document;
 use itewatch::simulate::{generate, write_trace, SCENARIOS};
 
 fn data() -> PathBuf {
@@ -21,7 +21,7 @@ fn data() -> PathBuf {
 
 /// The part of the report a golden file pins: the incidents.
 fn incidents_json(trace: &Path) -> String {
-    let r = report::build_file(trace, Config::default())
+    let r = document::from_trace_file(trace, Config::default())
         .unwrap_or_else(|e| panic!("{}: {e}", trace.display()));
     let mut s = serde_json::to_string_pretty(&r.incidents).expect("json");
     s.push('\n');

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use itewatch::analyze::{analyze_bytes, Options};
 use itewatch::correlate::Config;
 use itewatch::document::{self, Format, ReportDocument};
+use itewatch::report;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
@@ -280,7 +281,7 @@ fn streamed_ndjson_says_what_the_document_says() {
     }
     for t in &traces {
         let mut out = Vec::new();
-        let doc = document::report_cli(t, Format::Ndjson, &mut out).unwrap();
+        let doc = report::report_cli(t, Format::Ndjson, &mut out).unwrap();
         let lines: Vec<serde_json::Value> = String::from_utf8(out)
             .unwrap()
             .lines()
@@ -390,7 +391,7 @@ fn ndjson_incidents_come_out_before_the_trace_ends() {
     let path = fifo.clone();
     let report = std::thread::spawn(move || {
         let mut out = Lines(tx, Vec::new());
-        document::report_cli(&path, Format::Ndjson, &mut out).map(|d| d.incidents.len())
+        report::report_cli(&path, Format::Ndjson, &mut out).map(|d| d.incidents.len())
     });
     let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
     w.write_all(&bytes[..cut]).unwrap();
@@ -472,10 +473,8 @@ fn a_failed_report_leaves_an_existing_output_file_untouched() {
     let out = d.path().join("report.json");
     std::fs::write(&out, "the previous report").unwrap();
     let missing = d.path().join("no-such-trace.itw");
-    let e = document::cli_output(Some(&out), None, |f, w| {
-        document::report_cli(&missing, f, w)
-    })
-    .unwrap_err();
+    let e = report::cli_output(Some(&out), None, |f, w| report::report_cli(&missing, f, w))
+        .unwrap_err();
     let text = e.to_string();
     assert!(
         text.starts_with("cannot read ") && text.contains("no-such-trace.itw"),
@@ -486,7 +485,7 @@ fn a_failed_report_leaves_an_existing_output_file_untouched() {
         "the previous report"
     );
     // Rendering that fails half-way: what was written never reaches the file.
-    let e = document::cli_output(Some(&out), None, |_, w| {
+    let e = report::cli_output(Some(&out), None, |_, w| {
         w.write_all(b"{ half a report").unwrap();
         Err(document::DocumentError::Version("9.0".into()))
     })
@@ -507,8 +506,8 @@ fn a_report_that_cannot_be_written_says_writing_and_names_the_file() {
     let sim = itewatch::simulate::generate("w1-driver-inflight", 1).unwrap();
     itewatch::simulate::write_trace(&sim, &trace).unwrap();
     let out = d.path().join("no-such-dir").join("report.json");
-    let e = document::cli_output(Some(&out), None, |f, w| document::report_cli(&trace, f, w))
-        .unwrap_err();
+    let e =
+        report::cli_output(Some(&out), None, |f, w| report::report_cli(&trace, f, w)).unwrap_err();
     let text = e.to_string();
     assert!(
         text.starts_with("cannot write ") && text.contains("no-such-dir/report.json"),
@@ -537,7 +536,7 @@ fn the_markdown_iommu_table_says_yes_and_no() {
 
 fn perfetto_of(trace: &Path) -> serde_json::Value {
     let mut out = Vec::new();
-    document::report_cli(trace, Format::Perfetto, &mut out).unwrap();
+    report::report_cli(trace, Format::Perfetto, &mut out).unwrap();
     serde_json::from_slice(&out).expect("perfetto output is one JSON document")
 }
 
@@ -729,6 +728,6 @@ fn perfetto_shows_the_incident_of_a_known_trace_and_points_at_its_submission() {
 
 #[test]
 fn perfetto_is_refused_for_a_kernel_log() {
-    let e = document::analyze_cli(None, Format::Perfetto, &mut Vec::new()).unwrap_err();
+    let e = report::analyze_cli(None, Format::Perfetto, &mut Vec::new()).unwrap_err();
     assert!(e.to_string().contains("itewatch report TRACE"), "{e}");
 }

@@ -598,7 +598,8 @@ mod tests {
     #[test]
     fn any_buffer_size_reads_the_same_records() {
         let vm = std::fs::read(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vm/6.1/trace.itw"),
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../itewatch/tests/data/vm/6.1/trace.itw"),
         )
         .unwrap();
         for bytes in [write(&sample()), vm] {
@@ -746,7 +747,7 @@ mod tests {
 
     #[test]
     fn the_committed_vm_traces_carry_hardware_and_an_older_one_still_reads() {
-        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../itewatch/tests/data");
         for k in ["6.1", "6.12"] {
             let h = read_all(&data.join("vm").join(k).join("trace.itw"));
             let hw = h.hardware.expect(k);

@@ -362,7 +362,7 @@ pub fn summarize_fixes(incidents: &[Incident]) -> Vec<FixSummary> {
 
 /// The inventory of the devices `incidents` are about, completed from device snapshots
 /// (keyed by segment and SID). Also used by the live view's export.
-pub(crate) fn inventory_from_incidents(
+pub fn inventory_from_incidents(
     incidents: &[Incident],
     snapshots: &BTreeMap<(u16, u16), DeviceInfo>,
 ) -> Vec<InventoryDevice> {
@@ -597,9 +597,7 @@ pub fn from_trace_file(path: &Path, cfg: Config) -> Result<ReportDocument, Docum
 }
 
 /// Opens a trace; an error names the file.
-pub(crate) fn open_trace(
-    path: &Path,
-) -> Result<TraceReader<io::BufReader<std::fs::File>>, DocumentError> {
+pub fn open_trace(path: &Path) -> Result<TraceReader<io::BufReader<std::fs::File>>, DocumentError> {
     TraceReader::open(path).map_err(|source| DocumentError::Trace {
         path: path.display().to_string(),
         source,
@@ -637,7 +635,8 @@ pub fn from_analysis(a: Analysis, path: Option<&str>) -> ReportDocument {
             .map(|u| u.scalable_mode_supported)
             .collect();
         // A log does not show the kernel config default: only the command line decides.
-        host.scalable_mode = crate::host::scalable_mode(b.kernel_cmdline.as_deref(), None, &smts).0;
+        host.scalable_mode =
+            crate::knowledge::iommu::scalable_mode(b.kernel_cmdline.as_deref(), None, &smts).0;
         inventory = b
             .devices
             .iter()
@@ -844,7 +843,7 @@ impl Format {
     }
 }
 
-const PERFETTO_NEEDS_A_TRACE: &str =
+pub const PERFETTO_NEEDS_A_TRACE: &str =
     "--format perfetto draws a trace's events: it works with `itewatch report TRACE` only";
 
 /// Writes `doc` in `format`.
@@ -891,7 +890,7 @@ fn json_line(v: &serde_json::Value) -> Result<Vec<u8>, DocumentError> {
 
 /// The header line: schema, tool, where the input comes from (not yet how much of it was
 /// read), host, probes.
-fn ndjson_header(doc: &ReportDocument) -> Result<Vec<u8>, DocumentError> {
+pub fn ndjson_header(doc: &ReportDocument) -> Result<Vec<u8>, DocumentError> {
     let mut source = serde_json::to_value(&doc.source)?;
     if let Some(o) = source.as_object_mut() {
         o.retain(|k, _| matches!(k.as_str(), "kind" | "path" | "origin" | "scenario" | "seed"));
@@ -906,7 +905,7 @@ fn ndjson_header(doc: &ReportDocument) -> Result<Vec<u8>, DocumentError> {
     }))
 }
 
-fn ndjson_summary(doc: &ReportDocument) -> Result<Vec<u8>, DocumentError> {
+pub fn ndjson_summary(doc: &ReportDocument) -> Result<Vec<u8>, DocumentError> {
     json_line(&serde_json::json!({
         "record": "summary",
         "source": doc.source,
@@ -952,7 +951,7 @@ fn device_line(i: &Incident) -> String {
     s
 }
 
-pub(crate) fn status_word(s: FixStatus) -> &'static str {
+pub fn status_word(s: FixStatus) -> &'static str {
     match s {
         FixStatus::Missing => "missing",
         FixStatus::Present => "present",
@@ -1260,66 +1259,6 @@ pub fn render_markdown(doc: &ReportDocument) -> String {
     s
 }
 
-/// `itewatch analyze [FILE|-]`: reads the log, writes the document.
-pub fn analyze_cli(
-    input: Option<&Path>,
-    format: Format,
-    out: &mut dyn Write,
-) -> Result<ReportDocument, DocumentError> {
-    if format == Format::Perfetto {
-        return Err(DocumentError::Unsupported(PERFETTO_NEEDS_A_TRACE));
-    }
-    // Compressed logs are unpacked; a directory, a trace, binary data or nothing at all is
-    // refused with its name (analyze/input.rs), never reported as "no incident".
-    let (reader, name) = analyze::input::open(input)?;
-    let a = analyze::analyze_read(reader, analyze::Options::default());
-    let doc = from_analysis(a, name.as_deref());
-    write(&doc, format, out)?;
-    Ok(doc)
-}
-
-/// `itewatch report TRACE`: correlates the trace, writes the document.
-pub fn report_cli(
-    path: &Path,
-    format: Format,
-    out: &mut dyn Write,
-) -> Result<ReportDocument, DocumentError> {
-    if format == Format::Perfetto {
-        return crate::perfetto::report(path, out);
-    }
-    if format != Format::Ndjson {
-        let doc = from_trace_file(path, Config::default())?;
-        write(&doc, format, out)?;
-        return Ok(doc);
-    }
-    // NDJSON streams: the header at once, each incident's line when it closes (in the order
-    // they close), the summary at the end. A long trace's first findings come out early.
-    let reader = open_trace(path)?;
-    let header = reader.header().clone();
-    let start = header_document(&header, Some(path.display().to_string()), false);
-    out.write_all(&ndjson_header(&start)?)?;
-    out.flush()?;
-    let mut failed: Option<DocumentError> = None;
-    let mut written = std::collections::BTreeSet::new();
-    let doc = from_trace(reader, Some(path), Config::default(), |i| {
-        if failed.is_some() || !written.insert(i.id.clone()) {
-            return;
-        }
-        if let Err(e) = ndjson_incident(i).and_then(|l| {
-            out.write_all(&l)?;
-            out.flush()?;
-            Ok(())
-        }) {
-            failed = Some(e);
-        }
-    });
-    if let Some(e) = failed {
-        return Err(e);
-    }
-    out.write_all(&ndjson_summary(&doc)?)?;
-    Ok(doc)
-}
-
 /// The required probes (probe.rs) a live recording did not attach. Simulated traces carry no
 /// probes and miss nothing.
 pub fn required_probes_missing(
@@ -1329,7 +1268,7 @@ pub fn required_probes_missing(
     if !matches!(source, Source::Live) {
         return Vec::new();
     }
-    crate::probe::required_probes()
+    crate::knowledge::probes::required_probes()
         .filter(|n| !probes.iter().any(|p| p.name == *n && p.attached()))
         .map(str::to_string)
         .collect()
@@ -1337,7 +1276,11 @@ pub fn required_probes_missing(
 
 /// The document as far as a trace's header tells it, before any record is read (the NDJSON
 /// header line); the other builders fill in the rest. `ats_seen`: as for [`host_from_header`].
-fn header_document(header: &TraceHeader, path: Option<String>, ats_seen: bool) -> ReportDocument {
+pub fn header_document(
+    header: &TraceHeader,
+    path: Option<String>,
+    ats_seen: bool,
+) -> ReportDocument {
     let (origin, scenario, seed) = origin_of(&header.source);
     ReportDocument {
         schema_version: SCHEMA_VERSION.into(),
@@ -1374,32 +1317,4 @@ fn header_document(header: &TraceHeader, path: Option<String>, ats_seen: bool) -
 /// Whether a fix list mentions a commit (for callers deciding exit codes or alerts).
 pub fn mentions(fixes: &[Fix], commit: &str) -> bool {
     fixes.iter().any(|f| f.commit == commit)
-}
-
-/// Runs `produce` against the CLI's destination: `-o FILE` (a JSON document unless told
-/// otherwise; the file is replaced only once the whole report is written, so a failure leaves
-/// an existing file as it was), `-o -` (the same, on stdout) or stdout (text on a terminal or
-/// redirected to a file, NDJSON on a pipe, unless told otherwise).
-pub fn cli_output(
-    output: Option<&Path>,
-    format: Option<Format>,
-    produce: impl FnOnce(Format, &mut dyn Write) -> Result<ReportDocument, DocumentError>,
-) -> Result<ReportDocument, DocumentError> {
-    match output {
-        Some(p) if !crate::output::is_stdout(p) => crate::output::write_file(p, |w| {
-            // Everything `produce` writes goes to this file: an I/O error is a write of it.
-            produce(format.unwrap_or(Format::Json), w).map_err(|e| match e {
-                DocumentError::Io(source) => crate::output::WriteError::new(p, source).into(),
-                e => e,
-            })
-        }),
-        _ => {
-            let fmt = format
-                .unwrap_or_else(|| Format::default_for(output.is_some(), StdoutKind::detect()));
-            let mut w = io::BufWriter::new(io::stdout().lock());
-            let doc = produce(fmt, &mut w)?;
-            w.flush()?;
-            Ok(doc)
-        }
-    }
 }

@@ -898,73 +898,29 @@ pub enum CallerPath {
     Unknown,
 }
 
-/// The frames of a kernel stack that belong to the context that made the call: up to and
-/// including the first interrupt or exception entry (`asm_common_interrupt`,
-/// `asm_sysvec_*`, `asm_exc_*`) or softirq entry (`handle_softirqs`, `__do_softirq`). What
-/// lies below such an entry is whatever the interrupt happened to interrupt, not a caller:
-/// a DMA unmap in a disk's completion interrupt that lands on pciehp's thread is not a
-/// removal.
-pub fn own_context<S: AsRef<str>>(frames: &[S]) -> &[S] {
-    let end = frames.iter().position(|f| {
-        let sym = f.as_ref().split('+').next().unwrap_or("");
-        sym.starts_with("asm_") || matches!(sym, "handle_softirqs" | "__do_softirq" | "do_softirq")
-    });
-    match end {
-        Some(i) => &frames[..=i],
-        None => frames,
-    }
-}
+pub use crate::knowledge::stacks::own_context;
 
 impl CallerPath {
     /// Classifies a symbolized kernel stack (innermost frame first; `+0x..` offsets allowed)
-    /// by the frames of its own context ([`own_context`]).
+    /// by the frames of its own context ([`own_context`]), from the call-path tables of
+    /// [`crate::knowledge::stacks`].
     pub fn classify<S: AsRef<str>>(frames: &[S]) -> CallerPath {
+        use crate::knowledge::stacks::*;
         let frames = own_context(frames);
         // No frames, or only the reader's markers (`<stack N unknown: ...>`,
         // `<stack N unreadable: ...>`): nothing says who called.
         if frames.iter().all(|f| f.as_ref().starts_with('<')) {
             return CallerPath::Unknown;
         }
-        let has = |names: &[&str]| {
-            frames.iter().any(|f| {
-                let sym = f.as_ref().split('+').next().unwrap_or("");
-                names
-                    .iter()
-                    .any(|n| sym == *n || sym.starts_with(&format!("{n}.")))
-            })
-        };
-        if has(&[
-            "iommu_bus_notifier",
-            "iommu_release_device",
-            "intel_iommu_release_device",
-            "pciehp_ist",
-            "pciehp_unconfigure_device",
-            "pci_stop_and_remove_bus_device",
-            "pci_remove_bus_device",
-            "dmar_remove_one_dev_info",
-            "iommu_deinit_device",
-        ]) {
+        let has = |names: &[&str]| any_in(frames, names);
+        let domain = has(DOMAIN_CHANGE);
+        if has(REMOVAL) || has(SURPRISE) || has(SAFE) || (!domain && has(TEARDOWN)) {
             CallerPath::Removal
-        } else if has(&["fq_flush_timeout", "iommu_dma_flush_fq", "fq_ring_free"]) {
+        } else if has(FLUSH_QUEUE) {
             CallerPath::FlushQueue
-        } else if has(&[
-            "iommu_dma_unmap_page",
-            "iommu_dma_unmap_sg",
-            "iommu_dma_free",
-            "__iommu_dma_unmap",
-            "dma_unmap_page_attrs",
-            "dma_unmap_sg_attrs",
-            "iommu_unmap",
-            "intel_iommu_tlb_sync",
-        ]) {
+        } else if has(DRIVER_UNMAP) {
             CallerPath::DriverUnmap
-        } else if has(&[
-            "iommu_attach_device",
-            "iommu_detach_device",
-            "__iommu_attach_device",
-            "iommu_attach_group",
-            "vfio_group_fops_release",
-        ]) {
+        } else if domain {
             CallerPath::DomainChange
         } else {
             CallerPath::Other

@@ -1112,81 +1112,9 @@ fn push_ite(b: &mut BootState, r: LineRef, what: IteWhat) {
 // Diagnosis
 // ---------------------------------------------------------------------------------------
 
-/// Base symbol: `__context_flush_dev_iotlb.part.0` → `__context_flush_dev_iotlb`.
-fn base(sym: &str) -> &str {
-    sym.split('.').next().unwrap_or(sym)
-}
-
-const INVAL: &[&str] = &[
-    "qi_submit_sync",
-    "qi_check_fault",
-    "qi_flush_dev_iotlb",
-    "qi_flush_dev_iotlb_pasid",
-    "__iommu_flush_dev_iotlb",
-    "iommu_flush_dev_iotlb",
-    "devtlb_invalidation_with_pasid",
-    "__context_flush_dev_iotlb",
-    "qi_batch_flush_descs",
-];
-const REMOVAL: &[&str] = &[
-    "iommu_bus_notifier",
-    "iommu_release_device",
-    "intel_iommu_release_device",
-    "pciehp_ist",
-    "pciehp_unconfigure_device",
-    "pciehp_disable_slot",
-    "__pciehp_disable_slot",
-    "remove_board",
-    "pci_stop_and_remove_bus_device",
-    "pci_remove_bus_device",
-    "iommu_deinit_device",
-    "__iommu_group_remove_device",
-    "intel_pasid_teardown_sm_context",
-];
-/// Teardown helpers shared by device release and domain detach (VFIO): removal only when no
-/// domain-change frame is there.
-const TEARDOWN: &[&str] = &["dmar_remove_one_dev_info", "__dmar_remove_one_dev_info"];
-const SURPRISE: &[&str] = &["pciehp_handle_presence_or_link_change"];
-const SAFE: &[&str] = &[
-    "pciehp_handle_disable_request",
-    "remove_store",
-    "pci_stop_and_remove_bus_device_locked",
-    "pciehp_sysfs_disable_slot",
-];
-const DRIVER: &[&str] = &[
-    "iommu_dma_unmap_page",
-    "iommu_dma_unmap_sg",
-    "iommu_dma_free",
-    "__iommu_dma_unmap",
-    "dma_unmap_page_attrs",
-    "dma_unmap_sg_attrs",
-    "iommu_unmap",
-    "intel_iommu_tlb_sync",
-    "intel_iommu_unmap_pages",
-    "intel_unmap",
-    "intel_unmap_page",
-    "intel_unmap_sg",
-    "iommu_flush_iotlb_psi",
-    "fq_flush_timeout",
-    "iommu_dma_flush_fq",
-    "fq_ring_free",
-    "flush_unmaps_timeout",
-    "cache_tag_flush_range",
-    "intel_flush_iotlb_all",
-    "iommu_iotlb_sync",
-];
-const DOMAIN: &[&str] = &[
-    "vfio_group_fops_release",
-    "vfio_iommu_type1_detach_group",
-    "iommu_detach_group",
-    "__iommu_detach_group",
-    "intel_iommu_detach_device",
-    "vfio_device_fops_release",
-    "iommu_detach_device",
-    "iommu_attach_device",
-    "iommu_attach_group",
-    "__iommu_attach_device",
-];
+use crate::knowledge::stacks::{
+    self, DOMAIN_CHANGE, DRIVER_UNMAP, FLUSH_QUEUE, INVALIDATION, REMOVAL, SAFE, SURPRISE, TEARDOWN,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
@@ -1218,14 +1146,15 @@ fn read_frames(frames: &[Frame]) -> Reading {
             .collect();
         let hits = |set: &[&str]| -> Vec<usize> {
             fs.iter()
-                .filter(|(_, f)| set.contains(&base(&f.sym)))
+                .filter(|(_, f)| stacks::frame_in(&f.sym, set))
                 .map(|(i, _)| *i)
                 .collect()
         };
-        let inval = hits(INVAL);
+        let inval = hits(INVALIDATION);
         let removal = hits(REMOVAL);
-        let driver = hits(DRIVER);
-        let domain = hits(DOMAIN);
+        let mut driver = hits(DRIVER_UNMAP);
+        driver.extend(hits(FLUSH_QUEUE));
+        let domain = hits(DOMAIN_CHANGE);
         let surprise = hits(SURPRISE);
         let safe = hits(SAFE);
         let mut removal = removal;
@@ -1470,10 +1399,12 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
     let mut readings: Vec<Option<Reading>> = Vec::with_capacity(boot.blocks.len());
     for (i, b) in boot.blocks.iter().enumerate() {
         let r = read_frames(&b.frames);
-        let rip_in_qi = b
-            .frames
-            .first()
-            .is_some_and(|f| matches!(base(&f.sym), "qi_submit_sync" | "qi_check_fault"));
+        let rip_in_qi = b.frames.first().is_some_and(|f| {
+            matches!(
+                stacks::function(&f.sym),
+                "qi_submit_sync" | "qi_check_fault"
+            )
+        });
         if !(r.inval || rip_in_qi) {
             if b.kind != ReportKind::Dump && b.kind != ReportKind::Oops {
                 add_note(&mut boot.notes, "stack-without-invalidation", &b.header);
@@ -1569,8 +1500,8 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
             let mut v: Vec<String> = Vec::new();
             for b in &blocks {
                 for f in &b.frames {
-                    let s = base(&f.sym);
-                    if INVAL.contains(&s) && !v.iter().any(|x| x == s) {
+                    let s = stacks::function(&f.sym);
+                    if INVALIDATION.contains(&s) && !v.iter().any(|x| x == s) {
                         v.push(s.to_string());
                     }
                 }

@@ -2,6 +2,7 @@
 //! severity, whether a device is gone, what a log line says, which fix a stack points at).
 //! Wording lives in `describe`; state lives in `state`.
 
+use crate::analyze::facts::{classify, Fact, ReportKind, SlotWhat};
 use crate::event::{CallerPath, KTime, Sid, ETIMEDOUT};
 
 use super::incident::{IncidentKind, Outcome, Severity};
@@ -116,67 +117,55 @@ pub fn gone_at(l: &Lifecycle, tid: u32, ts: KTime) -> bool {
             .is_some_and(|r| r.at <= ts && (r.tid != tid || r.done))
 }
 
-/// Facts a kernel log line carries.
+/// Facts a kernel log line carries, for the live correlator. The line is read by the one
+/// parser of kernel messages, [`crate::analyze::facts::classify`] (the format strings of
+/// kernel-facts §8); this keeps only what the correlator acts on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LogFact {
-    /// `DMAR: VT-d detected Invalidation Time-out Error: SID %llx`; `None` for SID 0 (the
-    /// hardware gave none).
+    /// `DMAR: VT-d detected Invalidation Time-out Error: SID %llx`; `None` for SID 0 and the
+    /// all-ones SID (the hardware gave none).
     IteDetected(Option<Sid>),
     /// `DMAR: Invalidation Time-out Error (ITE) cleared`.
     IteCleared,
-    /// `DMAR: QI HEAD/PRIOR: ..`, `DRHD: handling fault status reg ..` (detail lines of an ITE).
-    IteDetail,
+    /// `DMAR: QI HEAD|PRIOR: <type> qw0 = ..` (the descriptors around the fault, printed with
+    /// an ITE); `dev_tlb_sid` when the descriptor is a (PASID-based) device-TLB one.
+    QiDescriptor {
+        prior: bool,
+        dev_tlb_sid: Option<Sid>,
+    },
+    /// `DMAR: DRHD: handling fault status reg %x` with FSTS.ITE (bit 6) set. The same line
+    /// for a plain DMA fault (`reg 2`) is not an ITE and reads as [`LogFact::Other`].
+    IteFaultStatus,
     /// `pcieport SSSS:BB:DD.F: pciehp: Slot(%s): <what>`.
     Pciehp {
         port: Option<crate::event::Bdf>,
         slot: String,
-        what: String,
+        what: SlotWhat,
     },
     /// A hard-lockup watchdog report.
     HardLockup,
     Other,
 }
 
+/// FSTS.ITE: the fault status register's Invalidation Time-out Error bit.
+const FSTS_ITE: u32 = 1 << 6;
+
 /// Parses a kernel log line (docs: kernel-facts §8 format strings).
 pub fn parse_log(text: &str) -> LogFact {
-    if let Some(i) = text.find("Invalidation Time-out Error: SID ") {
-        let rest = &text[i + "Invalidation Time-out Error: SID ".len()..];
-        let hex: String = rest
-            .trim_start_matches("0x")
-            .chars()
-            .take_while(|c| c.is_ascii_hexdigit())
-            .collect();
-        let sid = u64::from_str_radix(&hex, 16).unwrap_or(0);
-        return LogFact::IteDetected((sid != 0 && sid <= 0xffff).then_some(Sid(sid as u16)));
+    match classify(text) {
+        Some(Fact::IteDetected { sid, .. }) => LogFact::IteDetected(sid),
+        Some(Fact::Cleared { what: "ITE" }) => LogFact::IteCleared,
+        Some(Fact::QiDesc {
+            prior, dev_tlb_sid, ..
+        }) => LogFact::QiDescriptor { prior, dev_tlb_sid },
+        Some(Fact::FaultStatus { reg }) if reg & FSTS_ITE != 0 => LogFact::IteFaultStatus,
+        Some(Fact::Slot { port, slot, what }) => LogFact::Pciehp { port, slot, what },
+        Some(Fact::ReportHeader {
+            kind: ReportKind::HardLockup,
+            ..
+        }) => LogFact::HardLockup,
+        _ => LogFact::Other,
     }
-    if text.contains("Invalidation Time-out Error (ITE) cleared") {
-        return LogFact::IteCleared;
-    }
-    if text.contains("DMAR: QI HEAD") || text.contains("DMAR: QI PRIOR") {
-        return LogFact::IteDetail;
-    }
-    if text.contains("handling fault status reg") {
-        return LogFact::IteDetail;
-    }
-    if let Some(i) = text.find("pciehp: Slot(") {
-        let rest = &text[i + "pciehp: Slot(".len()..];
-        if let Some(close) = rest.find(')') {
-            let slot = rest[..close].to_string();
-            let what = rest[close + 1..].trim_start_matches(':').trim().to_string();
-            // "pcieport 0000:00:04.0: pciehp: .." — the port is the word before ": pciehp".
-            let port = text[..i]
-                .trim_end()
-                .trim_end_matches(':')
-                .rsplit(' ')
-                .next()
-                .and_then(|w| w.parse().ok());
-            return LogFact::Pciehp { port, slot, what };
-        }
-    }
-    if text.contains("Watchdog detected hard LOCKUP") || text.contains("Hard LOCKUP") {
-        return LogFact::HardLockup;
-    }
-    LogFact::Other
 }
 
 /// Which kernel code path issued a removal-time flush, from its stack: it decides which fix
@@ -204,50 +193,21 @@ pub enum FixHint {
     None,
 }
 
-/// Classifies a stack for [`FixHint`] (innermost first, `+0x..` offsets allowed).
+/// Classifies a stack for [`FixHint`] (innermost first, `+0x..` offsets allowed), from the
+/// call-path tables of [`crate::knowledge::stacks`].
 pub fn fix_hint<S: AsRef<str>>(frames: &[S]) -> FixHint {
-    let frames = crate::event::own_context(frames);
-    let has = |name: &str| {
-        frames.iter().any(|f| {
-            let sym = f.as_ref().split('+').next().unwrap_or("");
-            sym == name || sym.starts_with(&format!("{name}."))
-        })
-    };
-    let unmap = [
-        "__iommu_dma_unmap",
-        "iommu_dma_unmap_page",
-        "iommu_dma_unmap_sg",
-        "iommu_dma_free",
-        "intel_iommu_tlb_sync",
-        "cache_tag_flush_range",
-    ]
-    .iter()
-    .any(|n| has(n));
-    let unbind = [
-        "pci_stop_bus_device",
-        "pci_device_remove",
-        "device_release_driver_internal",
-    ]
-    .iter()
-    .any(|n| has(n));
-    if unmap && unbind {
+    use crate::knowledge::stacks::*;
+    let frames = own_context(frames);
+    let has = |names: &[&str]| any_in(frames, names);
+    if has(TEARDOWN_UNMAP) && has(DRIVER_UNBIND) {
         FixHint::DriverTeardown
-    } else if has("devtlb_invalidation_with_pasid") || has("intel_pasid_tear_down_entry") {
+    } else if has(PASID_TEARDOWN) {
         FixHint::PasidTeardown
-    } else if has("intel_pasid_teardown_sm_context")
-        || has("pci_pasid_table_teardown")
-        || has("device_pasid_table_teardown")
-        || has("intel_context_flush_no_pasid")
-    {
+    } else if has(CONTEXT_FLUSH_SCALABLE) {
         FixHint::ContextFlushScalable
-    } else if has("domain_context_clear_one_cb") || has("__context_flush_dev_iotlb") {
+    } else if has(CONTEXT_FLUSH_LEGACY) {
         FixHint::ContextFlushLegacy
-    } else if has("dmar_remove_one_dev_info")
-        || has("__dmar_remove_one_dev_info")
-        || has("domain_context_clear_one")
-        || has("iommu_flush_dev_iotlb")
-        || has("intel_iommu_release_device")
-    {
+    } else if has(OLD_REMOVAL) {
         FixHint::OldRemoval
     } else {
         FixHint::None
@@ -363,7 +323,7 @@ mod tests {
             LogFact::Pciehp { port, slot, what } => {
                 assert_eq!(port.unwrap().to_string(), "0000:00:04.0");
                 assert_eq!(slot, "1");
-                assert_eq!(what, "Link Down");
+                assert_eq!(what, SlotWhat::LinkDown);
             }
             other => panic!("{other:?}"),
         }
@@ -372,9 +332,24 @@ mod tests {
             LogFact::HardLockup
         );
         assert_eq!(parse_log("random"), LogFact::Other);
+        // A plain DMA fault's status (reg 2: PPF) is not ITE detail; reg 40 (ITE) is.
         assert_eq!(
-            parse_log("DMAR: VT-d detected Invalidation Time-out Error: SID zz"),
-            LogFact::IteDetected(None)
+            parse_log("DMAR: DRHD: handling fault status reg 2"),
+            LogFact::Other
+        );
+        assert_eq!(
+            parse_log("DMAR: DRHD: handling fault status reg 40"),
+            LogFact::IteFaultStatus
+        );
+        // The descriptor dump names the device-TLB descriptor's SID (format of the 6.1 VM console).
+        assert_eq!(
+            parse_log(
+                "DMAR: QI HEAD: Device-TLB Invalidation qw0 = 0x20000000003, qw1 = 0xffffb000"
+            ),
+            LogFact::QiDescriptor {
+                prior: false,
+                dev_tlb_sid: Some(Sid(0x200))
+            }
         );
     }
 

@@ -26,6 +26,7 @@ use crate::event::{
     Payload, Record, Sid, Slot, StackId, StackRecord, Submit, SubmitReturn, Walk,
 };
 
+use crate::analyze::facts::SlotWhat;
 use detect::{FixHint, LogFact, Release};
 use incident::{
     Attribution, DeviceState, Incident, IncidentDevice, IncidentId, IncidentKind, Outcome,
@@ -1336,7 +1337,7 @@ impl Correlator {
         let ts = e.meta.ts;
         match detect::parse_log(&l.text) {
             LogFact::IteDetected(sid) => self.ite_report(seq, e, sid, 0, None),
-            LogFact::IteCleared | LogFact::IteDetail => {
+            LogFact::IteCleared | LogFact::QiDescriptor { .. } | LogFact::IteFaultStatus => {
                 if let Some(id) = self.last_ite.clone() {
                     let max = self.cfg.max_timeline;
                     if let Some(o) = self.open.get_mut(&id) {
@@ -1350,7 +1351,7 @@ impl Correlator {
             LogFact::Pciehp { port, slot, what } => {
                 let max = self.cfg.max_history;
                 let entry = describe::entry(e, None);
-                let down = what.contains("Link Down") || what.contains("Card not present");
+                let down = matches!(what, SlotWhat::LinkDown | SlotWhat::CardNotPresent);
                 for s in self.slots.values_mut() {
                     let same = match (s.port, port) {
                         (Some(a), Some(b)) => {

@@ -4,3 +4,4 @@
 
 pub mod iommu;
 pub mod probes;
+pub mod stacks;

@@ -10,41 +10,14 @@ use super::incident::{
     Fix, FixStatus, IncidentDevice, IncidentKind, Outcome, RemovalKind, TimelineEntry,
 };
 
-/// Upstream fixes, as kernel-facts.md gives them.
-pub mod fixes {
-    pub const DONT_ISSUE_DISCONNECTED: (&str, &str, &str) = (
-        "4fc82cd907ac",
-        "iommu/vt-d: Don't issue ATS Invalidation request when device is disconnected",
-        "v6.9; stable 5.10.214, 5.15.153, 6.1.83, 6.6.23, 6.8.2",
-    );
-    pub const IMPROVE_ITE: (&str, &str, &str) = (
-        "80a9b50c0b9e",
-        "iommu/vt-d: Improve ITE fault handling if target device isn't present",
-        "v6.9; 6.8.2 (not in 5.15.y, 6.1.y, 6.6.y)",
-    );
-    pub const FLUSH_ONLY_ACCESSIBLE_SM: (&str, &str, &str) = (
-        "10e60d878139",
-        "iommu/vt-d: Flush dev-IOTLB only when PCIe device is accessible in scalable mode",
-        "6.18-stable (Feb 2026)",
-    );
-    pub const SKIP_INACCESSIBLE_LEGACY: (&str, &str, &str) = (
-        "42662d19839f",
-        "iommu/vt-d: Skip dev-iotlb flush for inaccessible PCIe device without scalable mode",
-        "stable 6.19, 6.18, 6.12 (Mar 2026)",
-    );
-    pub const HARDLOCKUP_RETRY: (&str, &str, &str) = (
-        "fe89277c9ceb",
-        "iommu/vt-d: Fix intel iommu iotlb sync hardlockup and retry",
-        "stable 6.19/6.18/6.12/6.6 (Mar 2026), 5.15 (Apr 2026)",
-    );
-}
+use crate::knowledge::fixes::UpstreamFix;
 
-fn fix(f: (&str, &str, &str), status: FixStatus) -> Fix {
+fn fix(f: UpstreamFix, status: FixStatus) -> Fix {
     Fix {
-        commit: f.0.to_string(),
-        subject: f.1.to_string(),
+        commit: f.commit.to_string(),
+        subject: f.subject.to_string(),
         status,
-        landed: f.2.to_string(),
+        landed: f.landed.to_string(),
     }
 }
 
@@ -67,7 +40,7 @@ pub struct Facts<'a> {
 
 /// Upstream fixes addressing the incident, with whether the events show them missing.
 pub fn fixes_for(f: &Facts<'_>) -> Vec<Fix> {
-    use fixes::*;
+    use crate::knowledge::fixes::*;
     use FixStatus::*;
     let aborted = matches!(f.outcome, Some(Outcome::Aborted { .. }));
     let ite_fix = if aborted { Present } else { Related };

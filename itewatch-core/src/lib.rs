@@ -14,5 +14,6 @@ pub mod document;
 pub mod event;
 pub mod knowledge;
 pub mod output;
+pub mod pairing;
 pub mod simulate;
 pub mod trace;

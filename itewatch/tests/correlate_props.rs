@@ -600,3 +600,95 @@ fn a_dev_tlb_submission_without_a_stack_is_counted_and_makes_its_incident_partia
         .iter()
         .any(|r| r.contains("no kernel stack")));
 }
+
+/// `r` moved to `ts`, run by thread `tid` on `cpu`.
+fn on(r: &Record, ts: u64, tid: u32, cpu: u32) -> Record {
+    match at(r, ts) {
+        Record::Event(mut e) => {
+            e.meta.tid = tid;
+            e.meta.pid = tid;
+            e.meta.cpu = cpu;
+            Record::Event(e)
+        }
+        other => other,
+    }
+}
+
+fn ret_on(ts: u64, tid: u32, cpu: u32) -> Record {
+    on(
+        &ev(
+            ts,
+            tid,
+            Payload::SubmitReturn(SubmitReturn {
+                ret: 0,
+                start: None,
+            }),
+        ),
+        ts,
+        tid,
+        cpu,
+    )
+}
+
+#[test]
+fn thread_zero_submissions_on_two_cpus_pair_with_their_own_returns() {
+    // Softirq or idle-time submissions run as thread 0 on every CPU: keyed by thread alone,
+    // CPU 1's submit used to end CPU 0's as return-lost and CPU 0's return then paired with
+    // CPU 1's submission.
+    let sim = generate("benign", 3).expect("known scenario");
+    let sub = first_dev_tlb_submit(&sim);
+    let recs = [
+        on(&sub, 1_000, 0, 0),
+        on(&sub, 2_000, 0, 1),
+        ret_on(3_000, 0, 0),
+        ret_on(900_000, 0, 1),
+    ];
+    let (inc, sum) = correlate_all(Config::default(), &recs);
+    assert!(inc.is_empty(), "{inc:?}");
+    assert_eq!(sum.stats.returns_lost, 0);
+    assert_eq!(sum.stats.orphan_returns, 0);
+    assert_eq!(sum.stats.returns, 2);
+    assert!(sum.unreturned.is_empty());
+}
+
+#[test]
+fn a_nested_submission_does_not_end_the_one_it_interrupted() {
+    // An interrupt between the probe and the queue lock submits on the same thread: it
+    // returns first, then the outer one does. Neither return is lost.
+    let sim = generate("benign", 4).expect("known scenario");
+    let sub = first_dev_tlb_submit(&sim);
+    let recs = [
+        on(&sub, 1_000, 42, 0),
+        on(&sub, 1_500, 42, 0),
+        ret_on(2_000, 42, 0),
+        ret_on(3_000, 42, 0),
+    ];
+    let (inc, sum) = correlate_all(Config::default(), &recs);
+    assert!(inc.is_empty(), "{inc:?}");
+    assert_eq!(sum.stats.nested, 1);
+    assert_eq!(sum.stats.returns_lost, 0);
+    assert_eq!(sum.stats.orphan_returns, 0);
+    assert!(sum.unreturned.is_empty());
+}
+
+#[test]
+fn after_lost_records_the_next_submission_on_a_thread_takes_the_return_as_lost() {
+    let sim = generate("benign", 5).expect("known scenario");
+    let sub = first_dev_tlb_submit(&sim);
+    let lost = Record::Lost(LostRecord {
+        after: KTime(1_200),
+        ringbuf_full: 3,
+        missed: 0,
+        undecodable: 0,
+    });
+    let recs = [
+        on(&sub, 1_000, 42, 0),
+        lost,
+        on(&sub, 2_000, 42, 0),
+        ret_on(3_000, 42, 0),
+    ];
+    let (_, sum) = correlate_all(Config::default(), &recs);
+    assert_eq!(sum.stats.returns_lost, 1);
+    assert_eq!(sum.stats.nested, 0);
+    assert!(sum.unreturned.is_empty());
+}

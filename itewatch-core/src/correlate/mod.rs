@@ -27,6 +27,7 @@ use crate::event::{
 };
 
 use crate::analyze::facts::SlotWhat;
+use crate::pairing::{Opened, PairKey, Pairing, Runner};
 use detect::{FixHint, LogFact, Release};
 use incident::{
     Attribution, DeviceState, Incident, IncidentDevice, IncidentId, IncidentKind, Outcome,
@@ -182,8 +183,13 @@ pub struct Stats {
     pub dev_tlb_descriptors: u64,
     /// Returns with no submission in flight on their thread.
     pub orphan_returns: u64,
-    /// Submissions whose return never came before the next one on the same thread.
+    /// Submissions whose return was lost: open across lost records when the next one on the
+    /// same thread (CPU, for thread 0) came (pairing.rs).
     pub returns_lost: u64,
+    /// Submissions issued while another was open on the same thread: an interrupt's, nested
+    /// on the one it interrupted (pairing.rs).
+    #[serde(default)]
+    pub nested: u64,
     /// Exact duplicates of the submission in flight on a thread, ignored.
     pub duplicates: u64,
     /// Submissions carrying a device-TLB descriptor that came without a kernel stack (the
@@ -281,8 +287,8 @@ pub struct Correlator {
     devices: BTreeMap<DevKey, DeviceEntry>,
     slots: BTreeMap<u64, SlotState>,
     walks: VecDeque<WalkRec>,
-    inflight: FastMap<u32, Box<Inflight>>,
-    last_flush: FastMap<u32, Box<Event>>,
+    inflight: Pairing<Box<Inflight>>,
+    last_flush: FastMap<Runner, Box<Event>>,
     /// Boxes of finished submissions, reused (allocation-free steady state).
     #[allow(clippy::vec_box)]
     spare: Vec<Box<Inflight>>,
@@ -302,6 +308,7 @@ pub struct Correlator {
 
 impl Correlator {
     pub fn new(cfg: Config) -> Self {
+        let max_inflight = cfg.max_inflight;
         Correlator {
             cfg,
             buf: ReorderBuffer::default(),
@@ -311,7 +318,7 @@ impl Correlator {
             devices: BTreeMap::new(),
             slots: BTreeMap::new(),
             walks: VecDeque::new(),
-            inflight: FastMap::default(),
+            inflight: Pairing::new(max_inflight),
             last_flush: FastMap::default(),
             spare: Vec::new(),
             open: BTreeMap::new(),
@@ -395,8 +402,7 @@ impl Correlator {
         }
         let end = self.clock;
         self.check_deadlines();
-        let mut left: Vec<Box<Inflight>> =
-            std::mem::take(&mut self.inflight).into_values().collect();
+        let mut left: Vec<Box<Inflight>> = self.inflight.drain();
         left.sort_by_key(|i| (i.start(), i.seq));
         let mut unreturned = Vec::new();
         for inf in left {
@@ -576,6 +582,7 @@ impl Correlator {
         {
             self.stats.evicted.lost_markers += 1;
         }
+        self.inflight.mark_lost();
         for inf in self.inflight.values_mut() {
             inf.partial
                 .insert("events were lost while it was in flight".to_string());
@@ -587,7 +594,7 @@ impl Correlator {
     }
 
     fn on_flush(&mut self, e: &Event, _f: &Flush) {
-        if !self.last_flush.contains_key(&e.meta.tid)
+        if !self.last_flush.contains_key(&Runner::of(&e.meta))
             && self.last_flush.len() >= self.cfg.max_inflight
         {
             // Drop the stalest: it issued no submit.
@@ -600,7 +607,8 @@ impl Correlator {
                 self.last_flush.remove(&k);
             }
         }
-        self.last_flush.insert(e.meta.tid, Box::new(e.clone()));
+        self.last_flush
+            .insert(Runner::of(&e.meta), Box::new(e.clone()));
     }
 
     fn stack_info(&self, id: Option<StackId>) -> Option<StackInfo> {
@@ -617,33 +625,32 @@ impl Correlator {
     fn on_submit(&mut self, seq: u64, e: &Event, s: &Submit) {
         let tid = e.meta.tid;
         let ts = e.meta.ts;
-        if let Some(prev) = self.inflight.get(&tid) {
+        let runner = Runner::of(&e.meta);
+        if let Some(prev) = self.inflight.innermost(runner) {
             if prev.start() == ts && prev.submit == *s {
                 self.stats.duplicates += 1;
                 return;
             }
         }
         self.stats.submissions += 1;
-        if let Some(prev) = self.inflight.remove(&tid) {
-            self.stats.returns_lost += 1;
-            self.end_submission(prev, End::ReturnLost);
-        }
-        if self.inflight.len() >= self.cfg.max_inflight {
-            if let Some(oldest) = self
-                .inflight
-                .values()
-                .min_by_key(|i| (i.start(), i.seq))
-                .map(|i| i.meta.tid)
-            {
-                if let Some(old) = self.inflight.remove(&oldest) {
-                    self.stats.evicted.inflight += 1;
-                    self.end_submission(old, End::Evicted);
-                }
+        // Nested (an interrupt's submission on the same thread) or replacing one whose return
+        // was lost: the pairing rule decides (pairing.rs).
+        let (key, opened, evicted) = self.inflight.reserve(&e.meta);
+        match opened {
+            Opened::ReplacedLost(prev) => {
+                self.stats.returns_lost += 1;
+                self.end_submission(prev, End::ReturnLost);
             }
+            Opened::Nested => self.stats.nested += 1,
+            Opened::Fresh => {}
+        }
+        if let Some(old) = evicted {
+            self.stats.evicted.inflight += 1;
+            self.end_submission(old, End::Evicted);
         }
         let flush = self
             .last_flush
-            .remove(&tid)
+            .remove(&runner)
             .filter(|f| f.meta.ts <= ts && ts.saturating_sub(f.meta.ts) <= self.cfg.flush_link_ns);
         let flush_stack = flush.as_ref().and_then(|f| f.payload.stack());
         let info = self
@@ -668,6 +675,7 @@ impl Correlator {
         }
         let mut inf = Inflight {
             seq,
+            key,
             meta: e.meta,
             submit: s.clone(),
             flush,
@@ -723,7 +731,7 @@ impl Correlator {
             }
             None => Box::new(inf),
         };
-        self.inflight.insert(tid, slot);
+        self.inflight.insert(key, ts, slot);
     }
 
     fn safe_removal_covering(&self, segment: u16, sid: Sid, ts: KTime) -> Option<u64> {
@@ -739,7 +747,7 @@ impl Correlator {
 
     fn on_return(&mut self, e: &Event, r: &SubmitReturn) {
         self.stats.returns += 1;
-        let Some(mut inf) = self.inflight.remove(&e.meta.tid) else {
+        let Some((_, mut inf)) = self.inflight.close(&e.meta) else {
             self.stats.orphan_returns += 1;
             return;
         };
@@ -1298,16 +1306,12 @@ impl Correlator {
     /// The device went away at `at`: driver-side invalidations in flight to it are W1; ones
     /// issued after `at` but seen earlier (reordering beyond the window) are W2.
     fn check_w1(&mut self, key: DevKey, at: KTime) {
-        let tids: Vec<u32> = self
+        let mut keys = self
             .inflight
-            .values()
-            .filter(|i| i.segment == key.0 && i.sids.contains(&key.1))
-            .map(|i| i.meta.tid)
-            .collect();
-        let mut tids = tids;
-        tids.sort_unstable();
-        for tid in tids {
-            let Some(mut inf) = self.inflight.remove(&tid) else {
+            .keys_where(|i| i.segment == key.0 && i.sids.contains(&key.1));
+        keys.sort_unstable();
+        for k in keys {
+            let Some((start, lost, mut inf)) = self.inflight.take(&k) else {
                 continue;
             };
             if inf.start() <= at {
@@ -1325,11 +1329,11 @@ impl Correlator {
                     u64::from(key.0),
                     u64::from(key.1 .0),
                     inf.start().0,
-                    u64::from(tid),
+                    u64::from(inf.meta.tid),
                 ];
                 self.join(IncidentKind::FlushToGoneDevice, Some(key), &parts, &mut inf);
             }
-            self.inflight.insert(tid, inf);
+            self.inflight.put(k, (start, lost, inf));
         }
     }
 
@@ -1403,18 +1407,15 @@ impl Correlator {
         let from_log = returning.is_none();
         // Which device, and which submissions in flight, it is about.
         let mut inferred = false;
-        let mut member_tids: Vec<u32> = Vec::new();
+        let mut member_keys: Vec<PairKey> = Vec::new();
         let key: Option<DevKey> = match sid {
             Some(sid) => {
                 let seg = returning.as_ref().map_or(segment, |r| r.segment);
-                member_tids = self
-                    .inflight
-                    .values()
-                    .filter(|i| i.sids.contains(&sid))
-                    .filter(|i| returning.is_some() || i.segment == seg || segment == 0)
-                    .map(|i| i.meta.tid)
-                    .collect();
-                member_tids.sort_unstable();
+                member_keys = self.inflight.keys_where(|i| {
+                    i.sids.contains(&sid)
+                        && (returning.is_some() || i.segment == seg || segment == 0)
+                });
+                member_keys.sort_unstable();
                 Some((seg, sid))
             }
             None => {
@@ -1430,7 +1431,7 @@ impl Correlator {
                     match oldest {
                         Some(i) => {
                             inferred = true;
-                            member_tids.push(i.meta.tid);
+                            member_keys.push(i.key);
                             Some((i.segment, i.sids[0]))
                         }
                         None => None,
@@ -1493,10 +1494,10 @@ impl Correlator {
         if let Some(r) = returning.as_mut() {
             self.add_member(&id, r);
         }
-        for tid in member_tids {
-            if let Some(mut inf) = self.inflight.remove(&tid) {
+        for k in member_keys {
+            if let Some((start, lost, mut inf)) = self.inflight.take(&k) {
                 self.add_member(&id, &mut inf);
-                self.inflight.insert(tid, inf);
+                self.inflight.put(k, (start, lost, inf));
             }
         }
     }
@@ -1507,10 +1508,10 @@ impl Correlator {
         let now = self.clock;
         let cfg = self.cfg.clone();
         let mut next = u64::MAX;
-        let mut tids: Vec<u32> = self.inflight.keys().copied().collect();
-        tids.sort_unstable();
-        for tid in tids {
-            let Some(mut inf) = self.inflight.remove(&tid) else {
+        let mut keys = self.inflight.keys_where(|_| true);
+        keys.sort_unstable();
+        for k in keys {
+            let Some((start_key, lost, mut inf)) = self.inflight.take(&k) else {
                 continue;
             };
             let start = inf.start();
@@ -1558,7 +1559,7 @@ impl Correlator {
                     next = next.min(d);
                 }
             }
-            self.inflight.insert(tid, inf);
+            self.inflight.put(k, (start_key, lost, inf));
         }
         // Close quiet aggregate incidents.
         let mut closing = Vec::new();
@@ -1605,7 +1606,7 @@ impl Correlator {
         });
         self.walks.retain(|w| w.at >= horizon);
         self.lost.age_out(horizon);
-        let stale: Vec<u32> = self
+        let stale: Vec<Runner> = self
             .last_flush
             .iter()
             .filter(|(_, e)| e.meta.ts < horizon)

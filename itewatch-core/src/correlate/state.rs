@@ -184,6 +184,8 @@ impl WalkRec {
 pub struct Inflight {
     /// Arrival sequence number of the submit event: the submission's identity.
     pub seq: u64,
+    /// Where it is open (pairing.rs): its thread, or CPU for thread 0, and nesting depth.
+    pub key: crate::pairing::PairKey,
     pub meta: Meta,
     pub submit: Submit,
     /// The `qi_flush_dev_iotlb` that issued it (6.1, and the removal path on both).

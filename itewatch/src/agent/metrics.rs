@@ -17,12 +17,13 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::correlate::incident::Incident;
 use crate::correlate::Snapshot;
 use crate::event::{KTime, Payload, Record};
+use itewatch_core::pairing::Pairing;
 
 type Labels = Vec<(&'static str, String)>;
 type HistFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
-/// Most threads tracked for pairing a submission with its return (a thread has at most
-/// one `qi_submit_sync` in flight; past the bound, the oldest pairing is forgotten).
+/// Most submissions tracked for pairing with their return (one per thread, or per CPU for
+/// thread 0, plus nested ones; past the bound, the oldest pairing is forgotten).
 const MAX_PAIRING_THREADS: usize = 4096;
 
 fn latency_histogram() -> Histogram {
@@ -55,7 +56,7 @@ pub struct Metrics {
     pending_pushes: Gauge,
     dropped_pushes: Counter,
     /// tid → IOMMU name of the submission in flight on it.
-    pairing: Mutex<HashMap<u32, (KTime, String)>>,
+    pairing: Mutex<Pairing<String>>,
     bpf_prev: Mutex<HashMap<String, u64>>,
 }
 
@@ -93,7 +94,7 @@ impl Metrics {
             pushes: Family::default(),
             pending_pushes: Gauge::default(),
             dropped_pushes: Counter::default(),
-            pairing: Mutex::new(HashMap::new()),
+            pairing: Mutex::new(Pairing::new(MAX_PAIRING_THREADS)),
             bpf_prev: Mutex::new(HashMap::new()),
         };
         r.register(
@@ -226,18 +227,15 @@ impl Metrics {
                     self.submissions.get_or_create(&l).inc();
                     let n = s.dev_tlb_sids().count() as u64;
                     self.devtlb.get_or_create(&l).inc_by(n);
+                    // Paired as the kernel runs them (itewatch_core::pairing); past the bound
+                    // the oldest pairing is forgotten.
                     let mut p = self.pairing.lock().unwrap_or_else(|e| e.into_inner());
-                    if p.len() >= MAX_PAIRING_THREADS && !p.contains_key(&ev.meta.tid) {
-                        if let Some(old) = p.iter().min_by_key(|(_, (t, _))| *t).map(|(k, _)| *k) {
-                            p.remove(&old);
-                        }
-                    }
-                    p.insert(ev.meta.tid, (ev.meta.ts, iommu));
+                    p.open(&ev.meta, iommu);
                 }
                 Payload::DevTlbFlush(_) => {}
                 Payload::SubmitReturn(r) => {
                     let mut p = self.pairing.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some((start, iommu)) = p.remove(&ev.meta.tid) {
+                    if let Some((start, iommu)) = p.close(&ev.meta) {
                         let start = r.start.unwrap_or(start);
                         let secs = ev.meta.ts.saturating_sub(start) as f64 / 1e9;
                         self.latency
@@ -262,6 +260,10 @@ impl Metrics {
                 _ => {}
             },
             Record::Lost(l) => {
+                self.pairing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .mark_lost();
                 for (reason, n) in [
                     ("ringbuf_full", l.ringbuf_full),
                     ("missed", l.missed),

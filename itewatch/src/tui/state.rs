@@ -11,6 +11,7 @@ use crate::correlate::state::FastMap;
 use crate::correlate::{Config, Correlator, DeviceView, Snapshot};
 use crate::event::{Descriptor, DeviceInfo, KTime, Payload, Record, Sid};
 use crate::trace::ProbeStatus;
+use itewatch_core::pairing::Pairing;
 
 use super::input::Action;
 use super::metrics::{BpfCost, LogHistogram};
@@ -138,6 +139,7 @@ impl DescKinds {
 
 #[derive(Clone, Debug)]
 struct Pending {
+    tid: u32,
     start: KTime,
     iommu: u64,
     kinds: DescKinds,
@@ -221,7 +223,7 @@ pub struct App {
     /// Timestamp of the first record that had one (the export's capture start).
     pub first_ts: Option<KTime>,
     iommu_names: FastMap<u64, String>,
-    pending: FastMap<u32, Pending>,
+    pending: Pairing<Pending>,
     /// Descriptor kinds by submission (tid, start): kept until the correlator, which lags by
     /// its reorder window, no longer shows the submission in flight.
     kinds: FastMap<(u32, KTime), DescKinds>,
@@ -260,7 +262,7 @@ impl App {
             device_infos: BTreeMap::new(),
             first_ts: None,
             iommu_names: FastMap::default(),
-            pending: FastMap::default(),
+            pending: Pairing::new(MAX_PENDING),
             kinds: FastMap::default(),
             untracked: 0,
             events: 0,
@@ -298,6 +300,7 @@ impl App {
                             self.iommu_names.insert(s.iommu.ptr, name);
                         }
                         let mut p = Pending {
+                            tid: e.meta.tid,
                             start: e.meta.ts,
                             iommu: s.iommu.ptr,
                             kinds: DescKinds::default(),
@@ -309,19 +312,18 @@ impl App {
                                 p.sids.push(sid);
                             }
                         }
-                        if self.pending.len() < MAX_PENDING
-                            || self.pending.contains_key(&e.meta.tid)
-                        {
-                            if self.kinds.len() < 4 * MAX_PENDING {
-                                self.kinds.insert((e.meta.tid, e.meta.ts), p.kinds);
-                            }
-                            self.pending.insert(e.meta.tid, p);
-                        } else {
+                        if self.kinds.len() < 4 * MAX_PENDING {
+                            self.kinds.insert((e.meta.tid, e.meta.ts), p.kinds);
+                        }
+                        // Paired as the kernel runs them (itewatch_core::pairing); past the
+                        // bound the oldest is forgotten and counted.
+                        let (_, _, evicted) = self.pending.open(&e.meta, p);
+                        if evicted.is_some() {
                             self.untracked += 1;
                         }
                     }
                     Payload::SubmitReturn(r) => {
-                        if let Some(p) = self.pending.remove(&e.meta.tid) {
+                        if let Some((_, p)) = self.pending.close(&e.meta) {
                             let lat = e.meta.ts.saturating_sub(p.start);
                             if let Some(name) = self.iommu_names.get(&p.iommu) {
                                 match self.histograms.get_mut(name) {
@@ -351,6 +353,7 @@ impl App {
                 }
             }
             Record::Lost(l) => {
+                self.pending.mark_lost();
                 self.lost_ringbuf += l.ringbuf_full;
                 self.missed += l.missed;
                 self.undecodable += l.undecodable;
@@ -391,12 +394,10 @@ impl App {
         let inflight: BTreeSet<(u32, KTime)> =
             s.inflight.iter().map(|v| (v.tid, v.start)).collect();
         let horizon = s.now.0.saturating_sub(2 * self.cfg.reorder_window_ns);
-        let pending = &self.pending;
-        self.kinds.retain(|k, _| {
-            inflight.contains(k)
-                || k.1 .0 >= horizon
-                || pending.get(&k.0).is_some_and(|p| p.start == k.1)
-        });
+        let pending: BTreeSet<(u32, KTime)> =
+            self.pending.values().map(|p| (p.tid, p.start)).collect();
+        self.kinds
+            .retain(|k, _| inflight.contains(k) || k.1 .0 >= horizon || pending.contains(k));
         // Open incidents as they stand now (their last revision may be older).
         self.on_revisions(s.open_incidents.clone());
         self.snapshot = s;

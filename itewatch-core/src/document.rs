@@ -43,7 +43,7 @@ impl JsonSchema for Bdf {
 }
 
 /// The version this build writes.
-pub const SCHEMA_VERSION: &str = "1.2";
+pub const SCHEMA_VERSION: &str = "1.3";
 /// The major version this build reads.
 pub const SCHEMA_MAJOR: u32 = 1;
 
@@ -939,6 +939,10 @@ fn device_line(i: &Incident) -> String {
         (None, Some(s)) => format!("SID {s}"),
         (None, None) => "unknown device".into(),
     };
+    if d.inferred {
+        // A guess is never shown as known: the kernel did not name the device.
+        s.push_str(" (inferred, not named by the kernel)");
+    }
     if let (Some(v), Some(dv)) = (d.vendor, d.device_id) {
         s.push_str(&format!(" [{v:04x}:{dv:04x}]"));
     }

@@ -210,7 +210,12 @@ enum IteWhat {
     /// `SID ffff`: an ITE with an invalid (all-ones) SID.
     DetectedAllOnes,
     Cleared,
-    Desc(Option<Sid>),
+    /// A `QI HEAD` (`prior` false) or `QI PRIOR` descriptor; its SID when it is a
+    /// device-TLB one.
+    Desc {
+        sid: Option<Sid>,
+        prior: bool,
+    },
     Reg,
 }
 
@@ -696,7 +701,14 @@ impl Core {
                 match b.last_detected {
                     Some("iqe") => b.note("iqe", &lr(name)),
                     Some("ice") => b.note("ice", &lr(name)),
-                    _ => push_ite(b, lr(name), IteWhat::Desc(dev_tlb_sid)),
+                    _ => push_ite(
+                        b,
+                        lr(name),
+                        IteWhat::Desc {
+                            sid: dev_tlb_sid,
+                            prior,
+                        },
+                    ),
                 }
             }
             Fact::Cleared { what } => match what {
@@ -1347,7 +1359,11 @@ fn bursts(ite: &[IteLine], gap: u64) -> Vec<Burst> {
     }
     for b in &mut out {
         let mut detected: BTreeMap<Sid, u32> = BTreeMap::new();
+        // QI PRIOR: the descriptor just before the queue head, fetched last before the
+        // time-out. QI HEAD: the next one to fetch, a later submission's or a stale one (the
+        // 6.1 VM console shows another device's there): used only when PRIOR names none.
         let mut desc: BTreeMap<Sid, u32> = BTreeMap::new();
+        let mut head: BTreeMap<Sid, u32> = BTreeMap::new();
         let (mut n_det, mut n_clr, mut n_reg) = (0u32, 0u32, 0u32);
         for &i in &b.lines {
             match ite.get(i).map(|l| l.what) {
@@ -1363,7 +1379,14 @@ fn bursts(ite: &[IteLine], gap: u64) -> Vec<Burst> {
                 }
                 Some(IteWhat::Cleared) => n_clr += 1,
                 Some(IteWhat::Reg) => n_reg += 1,
-                Some(IteWhat::Desc(Some(s))) => *desc.entry(s).or_default() += 1,
+                Some(IteWhat::Desc {
+                    sid: Some(s),
+                    prior: true,
+                }) => *desc.entry(s).or_default() += 1,
+                Some(IteWhat::Desc {
+                    sid: Some(s),
+                    prior: false,
+                }) => *head.entry(s).or_default() += 1,
                 _ => {}
             }
         }
@@ -1386,6 +1409,19 @@ fn bursts(ite: &[IteLine], gap: u64) -> Vec<Burst> {
             b.sid = Some(s);
             b.sid_inferred = true;
             b.other_sids = desc.keys().filter(|k| **k != s).copied().collect();
+            for k in head.keys() {
+                if *k != s && !b.other_sids.contains(k) {
+                    b.other_sids.push(*k);
+                }
+            }
+        } else if let Some(s) = top(&head) {
+            // Only QI HEAD named a device-TLB descriptor: the next slot to fetch, which in a
+            // retry loop holds an earlier copy of the same submission (public reports show
+            // the same descriptor there on every retry), or another CPU's later one. The
+            // weakest inference.
+            b.sid = Some(s);
+            b.sid_inferred = true;
+            b.other_sids = head.keys().filter(|k| **k != s).copied().collect();
         }
     }
     out
@@ -1713,7 +1749,7 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
         let slot_ctx = ctx.as_ref().filter(|_| {
             matches!(path, Path::Removal) || kind == IncidentKind::InflightAcrossDisconnect
         });
-        let device = device_for(
+        let mut device = device_for(
             boot,
             sid,
             slot_ctx.map(|c| (c.slot.clone(), c.port)),
@@ -1721,7 +1757,9 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
             first.header.line,
         );
         if sid_inferred {
-            unknowns.push("the IOMMU reported SID 0; the SID is the one in the Device-TLB descriptor the queue dump shows".into());
+            device.inferred = true;
+            device.candidates = sid.into_iter().collect();
+            unknowns.push("the IOMMU reported SID 0; the SID is inferred from the Device-TLB descriptor of the queue dump (QI PRIOR, else QI HEAD)".into());
         }
         if sid.is_none() {
             unknowns.push("which device the invalidation targeted".into());
@@ -1774,6 +1812,7 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
             reports: ite_reports,
             sid_zero: sid.is_none() || sid_inferred,
             inferred: sid_inferred,
+            candidates: &device.candidates,
             attributed_to: None,
             lockup_seen: spinning,
         };
@@ -1840,7 +1879,7 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
             unknowns.push("the IOMMU reported SID ffff: all ones is no device's ID but an invalid value (what a read of a register or device that is gone returns)".into());
         }
         if b.sid_inferred {
-            unknowns.push(format!("the IOMMU reported SID {}; the SID is the one in the Device-TLB descriptor the queue dump shows", if b.all_ones { "ffff" } else { "0" }));
+            unknowns.push(format!("the IOMMU reported SID {}; the SID is inferred from the Device-TLB descriptor of the queue dump (QI PRIOR, else QI HEAD)", if b.all_ones { "ffff" } else { "0" }));
         } else if b.sid.is_none() && b.all_ones {
             unknowns.push("no Device-TLB descriptor was dumped: the device is unknown".into());
         } else if b.sid.is_none() {
@@ -1848,7 +1887,12 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
         }
         if !b.other_sids.is_empty() {
             unknowns.push(format!(
-                "other SIDs also timed out in this burst: {}",
+                "{}: {}",
+                if b.sid.is_some() && !b.sid_inferred {
+                    "other SIDs also timed out in this burst"
+                } else {
+                    "other candidates (devices with device-TLB invalidations in the queue dump)"
+                },
                 b.other_sids
                     .iter()
                     .map(|s| s.to_string())
@@ -1877,7 +1921,15 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
             basis.push("the report repeats: qi_submit_sync's abort → -EAGAIN → resubmit loop, with interrupts off".into());
         }
         let slot_ctx = ctx.as_ref().map(|c| (c.slot.clone(), c.port));
-        let device = device_for(boot, b.sid, slot_ctx, removal, b.first_line);
+        let mut device = device_for(boot, b.sid, slot_ctx, removal, b.first_line);
+        if b.sid_inferred || b.sid.is_none() {
+            device.inferred = b.sid_inferred;
+            device.candidates = b
+                .sid
+                .into_iter()
+                .chain(b.other_sids.iter().copied())
+                .collect();
+        }
         let mut ev: Vec<LineRef> = Vec::new();
         if let Some(c) = &ctx {
             ev.extend(c.lines.iter().cloned());
@@ -1906,6 +1958,7 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
             reports: b.reports,
             sid_zero: b.sid.is_none() || b.sid_inferred,
             inferred: b.sid_inferred,
+            candidates: &device.candidates,
             attributed_to: attribution.as_ref().map(|a| a.kind),
             lockup_seen: severity == Severity::Critical,
         };
@@ -2216,7 +2269,7 @@ fn explain_ite(
         b.reports,
         dev_words(d),
         if b.sid_inferred {
-            " (SID 0 reported; device from the queued descriptor)"
+            " (SID 0 reported; the device is inferred from the queue dump's descriptor, not known)"
         } else {
             ""
         }
@@ -2318,7 +2371,30 @@ mod tests {
         assert_eq!(i.kind, IncidentKind::IteReported);
         assert_eq!(i.reports, 5);
         assert_eq!(i.severity, Severity::Critical);
+        // QI PRIOR here is the wait descriptor; QI HEAD (the next slot) names a device-TLB
+        // descriptor: the device is inferred from it, and says so.
         assert_eq!(i.device.sid, Some(Sid(0x0100)));
+        assert!(i.device.inferred);
+        assert_eq!(i.device.candidates, vec![Sid(0x0100)]);
+    }
+
+    #[test]
+    fn sid_zero_is_inferred_from_the_descriptor_before_the_queue_head() {
+        let log = "[  100.000001] DMAR: VT-d detected Invalidation Time-out Error: SID 0\n\
+                   [  100.000001] DMAR: QI HEAD: Device-TLB Invalidation qw0 = 0x10000000003, qw1 = 0xffffb000\n\
+                   [  100.000001] DMAR: QI PRIOR: Device-TLB Invalidation qw0 = 0x20000000003, qw1 = 0xffffa000\n\
+                   [  100.000001] DMAR: Invalidation Time-out Error (ITE) cleared\n";
+        let a = run(log);
+        assert_eq!(a.incidents.len(), 1);
+        let d = &a.incidents[0].device;
+        assert_eq!(d.sid, Some(Sid(0x0200)));
+        assert!(d.inferred);
+        assert_eq!(d.candidates, vec![Sid(0x0200), Sid(0x0100)]);
+        assert!(
+            a.incidents[0].explanation.contains("inferred"),
+            "{}",
+            a.incidents[0].explanation
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::event::{kind_name, CallerPath, Descriptor, Event, LostRecord, Payload};
+use crate::event::{kind_name, CallerPath, Descriptor, Event, LostRecord, Payload, Sid};
 
 use super::detect::FixHint;
 use super::incident::{
@@ -34,6 +34,8 @@ pub struct Facts<'a> {
     pub reports: u32,
     pub sid_zero: bool,
     pub inferred: bool,
+    /// Every SID an inferred device may be, most likely first.
+    pub candidates: &'a [Sid],
     pub attributed_to: Option<IncidentKind>,
     pub lockup_seen: bool,
 }
@@ -217,10 +219,17 @@ pub fn explain(f: &Facts<'_>) -> String {
             caller_words(f.caller)
         ),
         IncidentKind::IteReported => {
+            let others = candidate_words(f.candidates);
             let who = if f.sid_zero && f.inferred {
                 format!(
-                    "The hardware gave SID 0 (no SID); attributed to {dev}, the oldest device-TLB \
-                     invalidation in flight"
+                    "The hardware gave SID 0 (no SID); inferred, not known: {dev}, the oldest \
+                     device-TLB invalidation in flight{others}"
+                )
+            } else if f.inferred {
+                format!(
+                    "The kernel's ITE report was not seen, so which device timed out is \
+                     inferred, not known: {dev}, from the submission that returned \
+                     -ETIMEDOUT{others}"
                 )
             } else if f.sid_zero {
                 "The hardware gave SID 0 (no SID) and nothing was in flight to attribute it to"
@@ -263,6 +272,15 @@ pub fn explain(f: &Facts<'_>) -> String {
         s.push_str(" The kernel logged a hard LOCKUP.");
     }
     s
+}
+
+/// ` (candidates: SID 200, SID 100)` when there is more than one.
+fn candidate_words(c: &[Sid]) -> String {
+    if c.len() < 2 {
+        return String::new();
+    }
+    let v: Vec<String> = c.iter().map(|s| format!("SID {s}")).collect();
+    format!(" (candidates: {})", v.join(", "))
 }
 
 fn caller_words(c: CallerPath) -> &'static str {
@@ -438,6 +456,7 @@ mod tests {
             reports: 1,
             sid_zero: false,
             inferred: false,
+            candidates: &[],
             attributed_to: None,
             lockup_seen: false,
         }

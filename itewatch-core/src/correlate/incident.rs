@@ -276,6 +276,19 @@ pub struct IncidentDevice {
     pub state: Option<DeviceState>,
     /// `state` reduced to present / not present (null = unknown).
     pub present: Option<bool>,
+    /// The device is a guess: the kernel did not name it (an ITE with SID 0, or a -ETIMEDOUT
+    /// return whose ITE report was not seen) and it was inferred from what was in flight.
+    /// `candidates` lists every device it may be. Schema 1.3; absent when false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub inferred: bool,
+    /// Every SID the incident may be about, most likely first, when the kernel did not name
+    /// one (`inferred`, or no device at all). Schema 1.3; absent when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<Sid>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// One event of an incident's timeline, decoded for people.

@@ -813,13 +813,7 @@ impl Correlator {
         }
         if let Some(ev) = ret_event {
             if ret == Some(crate::event::ETIMEDOUT) {
-                let sids = inf.sids.to_vec();
-                if sids.is_empty() {
-                    self.ite_report(inf.seq, ev, None, inf.segment, Some(&mut inf));
-                }
-                for sid in sids {
-                    self.ite_report(inf.seq, ev, Some(sid), inf.segment, Some(&mut inf));
-                }
+                self.ite_return(ev, &mut inf);
             }
         }
         if inf.incidents.is_empty() {
@@ -1014,6 +1008,7 @@ impl Correlator {
             reports: 0,
             sid_zero: false,
             inferred: false,
+            candidates: Vec::new(),
             lockup_seen: false,
             peak: None,
             attribution: None,
@@ -1340,17 +1335,16 @@ impl Correlator {
     fn on_log(&mut self, seq: u64, e: &Event, l: &LogLine) {
         let ts = e.meta.ts;
         match detect::parse_log(&l.text) {
-            LogFact::IteDetected(sid) => self.ite_report(seq, e, sid, 0, None),
+            LogFact::IteDetected(sid) => self.ite_report(seq, e, sid),
+            LogFact::QiDescriptor {
+                prior: true,
+                dev_tlb_sid: Some(sid),
+            } => {
+                self.ite_descriptor(sid);
+                self.ite_detail(seq, e);
+            }
             LogFact::IteCleared | LogFact::QiDescriptor { .. } | LogFact::IteFaultStatus => {
-                if let Some(id) = self.last_ite.clone() {
-                    let max = self.cfg.max_timeline;
-                    if let Some(o) = self.open.get_mut(&id) {
-                        push_timeline(o, ts, seq, describe::entry(e, None), max);
-                        o.end = o.end.max(ts);
-                        o.last_activity = o.last_activity.max(ts);
-                        o.dirty = true;
-                    }
-                }
+                self.ite_detail(seq, e)
             }
             LogFact::Pciehp { port, slot, what } => {
                 let max = self.cfg.max_history;
@@ -1393,52 +1387,215 @@ impl Correlator {
         }
     }
 
-    /// The kernel reported an ITE: from the log (`sid` None = SID 0) or from a -ETIMEDOUT
-    /// return (`returning` is that submission).
-    fn ite_report(
-        &mut self,
-        seq: u64,
-        e: &Event,
-        sid: Option<Sid>,
-        segment: u16,
-        mut returning: Option<&mut Inflight>,
-    ) {
+    /// A detail line of the last ITE report (descriptor dump, "cleared", fault status).
+    fn ite_detail(&mut self, seq: u64, e: &Event) {
         let ts = e.meta.ts;
-        let from_log = returning.is_none();
-        // Which device, and which submissions in flight, it is about.
-        let mut inferred = false;
-        let mut member_keys: Vec<PairKey> = Vec::new();
-        let key: Option<DevKey> = match sid {
-            Some(sid) => {
-                let seg = returning.as_ref().map_or(segment, |r| r.segment);
-                member_keys = self.inflight.keys_where(|i| {
-                    i.sids.contains(&sid)
-                        && (returning.is_some() || i.segment == seg || segment == 0)
-                });
-                member_keys.sort_unstable();
-                Some((seg, sid))
+        if let Some(id) = self.last_ite.clone() {
+            let max = self.cfg.max_timeline;
+            if let Some(o) = self.open.get_mut(&id) {
+                push_timeline(o, ts, seq, describe::entry(e, None), max);
+                o.end = o.end.max(ts);
+                o.last_activity = o.last_activity.max(ts);
+                o.dirty = true;
             }
-            None => {
-                if let Some(r) = returning.as_ref() {
-                    r.sids.first().map(|s| (r.segment, *s))
-                } else {
-                    // SID 0: the oldest device-TLB invalidation in flight is the one waiting.
-                    let oldest = self
-                        .inflight
-                        .values()
-                        .filter(|i| !i.sids.is_empty())
-                        .min_by_key(|i| (i.start(), i.seq));
-                    match oldest {
-                        Some(i) => {
-                            inferred = true;
-                            member_keys.push(i.key);
-                            Some((i.segment, i.sids[0]))
-                        }
-                        None => None,
-                    }
+        }
+    }
+
+    /// `QI PRIOR` of the last ITE report is a device-TLB descriptor for `sid`: the descriptor
+    /// just before the queue head, fetched last before the time-out. When the ITE's device
+    /// was inferred and `sid` is one of its candidates, it becomes the most likely one (still
+    /// inferred: the hardware may have fetched further). `QI HEAD` is the next descriptor to
+    /// fetch, a later submission's (the 6.1 VM's console shows another device's there), and
+    /// is not used.
+    fn ite_descriptor(&mut self, sid: Sid) {
+        let Some(id) = self.last_ite.clone() else {
+            return;
+        };
+        let Some(o) = self.open.get(&id) else {
+            return;
+        };
+        if !o.inferred || o.candidates.first() == Some(&sid) || !o.candidates.contains(&sid) {
+            return;
+        }
+        let seg = o.dev.map_or(0, |k| k.0);
+        let device = self.device_view((seg, sid), o.start);
+        if let Some(o) = self.open.get_mut(&id) {
+            o.candidates.retain(|c| *c != sid);
+            o.candidates.insert(0, sid);
+            o.device = device;
+            o.dirty = true;
+        }
+    }
+
+    /// How the trace knows a device (or only its SID) at `ts`.
+    fn device_view(&self, k: DevKey, ts: KTime) -> IncidentDevice {
+        match self.devices.get(&k) {
+            Some(d) => d.view(ts, self.slot_name_for(k)),
+            None => IncidentDevice {
+                bdf: Some(Bdf::from_sid(Some(k.0), k.1)),
+                sid: Some(k.1),
+                state: Some(DeviceState::Unknown),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// A submission returned -ETIMEDOUT (80a9b50c0b9e: the ITE's SID had no present device).
+    /// The kernel printed that SID just before (`qi_dump_fault` runs before the return), and
+    /// the return goes to whichever CPU checked the fault first, possibly a bystander whose
+    /// batch never held that SID: the printed report's incident takes the submission. Without
+    /// a printed report (no log probe, or the console has not flushed it yet), the device is
+    /// inferred: the batch's SIDs, then those of the other submissions stalled on the same
+    /// IOMMU queue, are the candidates.
+    fn ite_return(&mut self, ev: &Event, inf: &mut Inflight) {
+        let ts = ev.meta.ts;
+        let printed = self.last_ite.clone().filter(|id| {
+            self.open.get(id).is_some_and(|o| {
+                !o.sid_zero
+                    && !o.inferred
+                    && o.reports > 0
+                    && ts.saturating_sub(o.last_activity) <= self.cfg.ite_merge_ns
+            })
+        });
+        if let Some(id) = printed {
+            self.add_member(&id, inf);
+            return;
+        }
+        let mut candidates: Vec<Sid> = inf.sids.to_vec();
+        let iommu = inf.submit.iommu.ptr;
+        let mut stalled: Vec<&Inflight> = self
+            .inflight
+            .values()
+            .filter(|i| i.submit.iommu.ptr == iommu && i.seq != inf.seq)
+            .map(|b| &**b)
+            .collect();
+        stalled.sort_by_key(|i| (i.start(), i.seq));
+        for i in &stalled {
+            for s in i.sids.iter() {
+                if !candidates.contains(s) {
+                    candidates.push(*s);
                 }
             }
+        }
+        let key = candidates.first().map(|s| (inf.segment, *s));
+        self.ite_open(ts, None, key, false, candidates, Some(inf), Vec::new());
+    }
+
+    /// The kernel reported an ITE in its log (`sid` None = SID 0).
+    fn ite_report(&mut self, seq: u64, e: &Event, sid: Option<Sid>) {
+        let ts = e.meta.ts;
+        let mut members: Vec<PairKey>;
+        let key: Option<DevKey>;
+        let mut candidates = Vec::new();
+        match sid {
+            Some(sid) => {
+                // The submissions carrying the SID, and every other one stalled behind the
+                // time-out on the same IOMMU queue (fetching stops until ITE is cleared).
+                let queues: BTreeSet<u64> = self
+                    .inflight
+                    .values()
+                    .filter(|i| i.sids.contains(&sid))
+                    .map(|i| i.submit.iommu.ptr)
+                    .collect();
+                let seg = self
+                    .inflight
+                    .values()
+                    .filter(|i| i.sids.contains(&sid))
+                    .map(|i| i.segment)
+                    .min()
+                    .unwrap_or(0);
+                members = self
+                    .inflight
+                    .keys_where(|i| i.sids.contains(&sid) || queues.contains(&i.submit.iommu.ptr));
+                key = Some((seg, sid));
+                self.confirm_inferred_ite(ts, seg, sid);
+            }
+            None => {
+                // SID 0: the device-TLB invalidations in flight are the candidates, oldest
+                // first (the oldest is the one most likely waiting); all of its queue's
+                // submissions are stalled behind it.
+                let mut waiting: Vec<&Inflight> = self
+                    .inflight
+                    .values()
+                    .filter(|i| !i.sids.is_empty())
+                    .map(|b| &**b)
+                    .collect();
+                waiting.sort_by_key(|i| (i.start(), i.seq));
+                for i in &waiting {
+                    for s in i.sids.iter() {
+                        if !candidates.contains(s) {
+                            candidates.push(*s);
+                        }
+                    }
+                }
+                key = waiting.first().map(|i| (i.segment, i.sids[0]));
+                let queue = waiting.first().map(|i| i.submit.iommu.ptr);
+                members = match queue {
+                    Some(q) => self.inflight.keys_where(|i| i.submit.iommu.ptr == q),
+                    None => Vec::new(),
+                };
+            }
+        }
+        members.sort_unstable();
+        self.ite_open(
+            ts,
+            Some((seq, e)),
+            key,
+            sid.is_none(),
+            candidates,
+            None,
+            members,
+        );
+    }
+
+    /// The kernel named `sid` in an ITE report: an open ITE incident that had inferred its
+    /// device among candidates that include `sid` now knows it.
+    fn confirm_inferred_ite(&mut self, ts: KTime, seg: u16, sid: Sid) {
+        let merge = self.cfg.ite_merge_ns;
+        let found = self
+            .open
+            .values()
+            .filter(|o| {
+                o.kind == IncidentKind::IteReported
+                    && o.inferred
+                    && !o.sid_zero
+                    && o.candidates.contains(&sid)
+                    && ts.saturating_sub(o.last_activity) <= merge
+            })
+            .map(|o| (o.start, o.id.clone()))
+            .min();
+        let Some((start, id)) = found else {
+            return;
         };
+        let seg = self.open.get(&id).and_then(|o| o.dev).map_or(seg, |k| k.0);
+        let device = self.device_view((seg, sid), start);
+        if let Some(o) = self.open.get_mut(&id) {
+            o.dev = Some((seg, sid));
+            o.device = device;
+            o.inferred = false;
+            o.candidates.clear();
+            o.dirty = true;
+        }
+        self.by_key
+            .insert((IncidentKind::IteReported, Some((seg, sid))), id);
+    }
+
+    /// Opens (or merges into) the ITE incident for `key` and adds its members.
+    /// `log`: the report line (seq, event), None for a -ETIMEDOUT return.
+    #[allow(clippy::too_many_arguments)]
+    fn ite_open(
+        &mut self,
+        ts: KTime,
+        log: Option<(u64, &Event)>,
+        key: Option<DevKey>,
+        sid_zero: bool,
+        candidates: Vec<Sid>,
+        mut returning: Option<&mut Inflight>,
+        members: Vec<PairKey>,
+    ) {
+        let from_log = log.is_some();
+        // Inferred: SID 0, or a -ETIMEDOUT without a printed report.
+        let inferred = key.is_some() && (sid_zero || !from_log);
         let existing = self
             .by_key
             .get(&(IncidentKind::IteReported, key))
@@ -1455,6 +1612,11 @@ impl Correlator {
                     if from_log {
                         o.reports += 1;
                         o.dirty = true;
+                    }
+                    for c in &candidates {
+                        if o.inferred && !o.candidates.contains(c) {
+                            o.candidates.push(*c);
+                        }
                     }
                     o.end = o.end.max(ts);
                     o.last_activity = o.last_activity.max(ts);
@@ -1474,9 +1636,10 @@ impl Correlator {
                         let _ = self.device_entry(k, None, ts);
                     }
                     let mut o = self.blank_incident(IncidentKind::IteReported, id.clone(), key, ts);
-                    o.reports = 1;
-                    o.sid_zero = sid.is_none() && from_log;
+                    o.reports = u32::from(from_log);
+                    o.sid_zero = sid_zero;
                     o.inferred = inferred;
+                    o.candidates = if inferred { candidates } else { Vec::new() };
                     self.insert_open(o);
                 }
                 self.by_key
@@ -1484,7 +1647,7 @@ impl Correlator {
                 id
             }
         };
-        if from_log {
+        if let Some((seq, e)) = log {
             let max = self.cfg.max_timeline;
             if let Some(o) = self.open.get_mut(&id) {
                 push_timeline(o, ts, seq, describe::entry(e, None), max);
@@ -1494,7 +1657,7 @@ impl Correlator {
         if let Some(r) = returning.as_mut() {
             self.add_member(&id, r);
         }
-        for k in member_keys {
+        for k in members {
             if let Some((start, lost, mut inf)) = self.inflight.take(&k) {
                 self.add_member(&id, &mut inf);
                 self.inflight.put(k, (start, lost, inf));
@@ -1882,6 +2045,7 @@ impl Correlator {
             reports: o.reports,
             sid_zero: o.sid_zero,
             inferred: o.inferred,
+            candidates: &o.candidates,
             attributed_to: o.attribution.as_ref().map(|a| a.kind),
             lockup_seen: o.lockup_seen,
         };
@@ -1892,7 +2056,15 @@ impl Correlator {
             severity,
             window,
             case: window.map(Window::case),
-            device: o.device.clone(),
+            device: IncidentDevice {
+                inferred: o.inferred,
+                candidates: if o.inferred || o.dev.is_none() {
+                    o.candidates.clone()
+                } else {
+                    Vec::new()
+                },
+                ..o.device.clone()
+            },
             removal: o.removal,
             start: o.start,
             end,

@@ -123,6 +123,7 @@ impl DeviceEntry {
                 .or(self.iommu.clone()),
             state: Some(state),
             present: state.present(),
+            ..Default::default()
         }
     }
 }
@@ -281,7 +282,10 @@ pub struct OpenIncident {
     pub partial: BTreeSet<String>,
     pub reports: u32,
     pub sid_zero: bool,
+    /// The device is inferred, not named by the kernel; `candidates` are every SID it may be,
+    /// most likely first.
     pub inferred: bool,
+    pub candidates: Vec<Sid>,
     pub lockup_seen: bool,
     /// The highest severity a revision of this incident has had: an incident's severity never
     /// goes down (a hung submission whose return was later lost stays critical).

@@ -71,8 +71,21 @@ pub fn alert_for(inc: &Incident, instance: &str) -> serde_json::Value {
     put("kind", inc.kind.name().into());
     put("severity", inc.severity.to_string());
     put("instance", instance.into());
-    if let Some(b) = inc.device.bdf {
-        put("bdf", b.to_string());
+    // A guessed device is never a label that routes or silences as if it were known: an
+    // inferred attribution goes out as `bdf_inferred` with every candidate SID.
+    match inc.device.bdf {
+        Some(b) if inc.device.inferred => put("bdf_inferred", b.to_string()),
+        Some(b) => put("bdf", b.to_string()),
+        None => {}
+    }
+    if !inc.device.candidates.is_empty() {
+        let c: Vec<String> = inc
+            .device
+            .candidates
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        put("candidate_sids", c.join(","));
     }
     if let Some(i) = &inc.device.iommu {
         put("iommu", i.clone());

@@ -645,6 +645,10 @@ fn device_label(i: &Incident) -> String {
         s.push(' ');
         s.push_str(drv);
     }
+    if d.inferred {
+        // A guess is never shown as known.
+        s = format!("{s}? (inferred)");
+    }
     s
 }
 

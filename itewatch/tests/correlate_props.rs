@@ -831,3 +831,101 @@ fn an_ite_with_sid_zero_prefers_the_descriptor_before_the_queue_head() {
     // Both submissions wait on the same queue: both are members.
     assert_eq!(ite[0].submissions.len(), 2);
 }
+
+fn snapshot(seg: u16, iommu: &str) -> Record {
+    Record::Device(itewatch::event::DeviceInfo {
+        bdf: itewatch::event::Bdf::new(seg, 2, 0, 0),
+        vendor: 0x8086,
+        device: 0x0a54,
+        driver: Some("nvme".into()),
+        slot: None,
+        port: None,
+        ats: Some(true),
+        iommu: Some(iommu.into()),
+        seen: KTime(10),
+    })
+}
+
+/// A submission to SID 200 on `iommu`, whose segment the probe could not read.
+fn submit_segment_unread(template: &Record, ts: u64, tid: u32, iommu: &str) -> Record {
+    let Record::Event(mut e) = submit_for(template, ts, tid, &[0x200]) else {
+        unreachable!()
+    };
+    if let Payload::Submit(s) = &mut e.payload {
+        s.iommu.name = FixedStr::new(iommu);
+        s.iommu.ptr = if iommu == "dmar1" { 0xb000 } else { 0xa000 };
+        s.iommu.segment = None;
+    }
+    Record::Event(e)
+}
+
+#[test]
+fn an_unknown_segment_is_not_segment_zero() {
+    // Two devices at 02:00.0, one per segment. Segment 0's is marked disconnected; the
+    // segment-1 device's healthy traffic comes with no segment (the probe could not read it):
+    // its IOMMU unit (dmar1, seen serving segment 1) says which device it is.
+    let sim = generate("benign", 9).expect("known scenario");
+    let t = first_dev_tlb_submit(&sim);
+    let gone = ev(
+        500,
+        7,
+        Payload::DeviceDisconnected(itewatch::event::DeviceRef {
+            dev_ptr: 1,
+            bdf: Some(itewatch::event::Bdf::new(0, 2, 0, 0)),
+            vendor: 0x8086,
+            device: 0x0a54,
+            stack: None,
+        }),
+    );
+    let recs = [
+        snapshot(0, "dmar0"),
+        snapshot(1, "dmar1"),
+        gone,
+        submit_segment_unread(&t, 1_000, 40, "dmar1"),
+        ret_on(2_000, 40, 0),
+    ];
+    let (inc, _) = correlate_all(Config::default(), &recs);
+    assert!(
+        !inc.iter()
+            .any(|i| i.kind == IncidentKind::FlushToGoneDevice),
+        "segment 1's healthy traffic flagged: {inc:#?}"
+    );
+}
+
+#[test]
+fn a_disconnect_walk_without_a_segment_does_not_cover_every_segment() {
+    let sim = generate("benign", 10).expect("known scenario");
+    let t = first_dev_tlb_submit(&sim);
+    let walk = ev(
+        500,
+        7,
+        Payload::DisconnectWalk(itewatch::event::Walk {
+            callback: 0,
+            segment: None,
+            bus: 2,
+            bus_end: 2,
+            stack: None,
+        }),
+    );
+    let mut healthy = submit_for(&t, 1_000, 40, &[0x200]);
+    if let Record::Event(e) = &mut healthy {
+        if let Payload::Submit(s) = &mut e.payload {
+            s.iommu.name = FixedStr::new("dmar1");
+            s.iommu.segment = Some(1);
+        }
+    }
+    let recs = [
+        snapshot(0, "dmar0"),
+        snapshot(1, "dmar1"),
+        walk,
+        healthy,
+        ret_on(2_000, 40, 0),
+    ];
+    let (inc, sum) = correlate_all(Config::default(), &recs);
+    assert!(
+        !inc.iter()
+            .any(|i| i.kind == IncidentKind::FlushToGoneDevice),
+        "a walk of unknown segment covered segment 1: {inc:#?}"
+    );
+    assert_eq!(sum.stats.unknown_segment, 1, "the ambiguity is counted");
+}

@@ -168,6 +168,14 @@ pub struct Evictions {
     pub lost_markers: u64,
 }
 
+/// The segment of a [`DevKey`] whose PCI segment could not be resolved (never taken as 0).
+pub const SEG_UNKNOWN: u16 = itewatch_common::SEGMENT_UNKNOWN;
+
+/// `Some(segment)` unless it is [`SEG_UNKNOWN`].
+pub fn known_segment(seg: u16) -> Option<u16> {
+    (seg != SEG_UNKNOWN).then_some(seg)
+}
+
 /// Counters: what the correlator saw and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
@@ -190,6 +198,11 @@ pub struct Stats {
     /// on the one it interrupted (pairing.rs).
     #[serde(default)]
     pub nested: u64,
+    /// Device-TLB submissions and disconnect walks whose PCI segment could not be resolved
+    /// (several segments, and neither the event, its IOMMU unit nor a slot told): they match
+    /// only devices of unknown segment, so a verdict about them may be missed.
+    #[serde(default)]
+    pub unknown_segment: u64,
     /// Exact duplicates of the submission in flight on a thread, ignored.
     pub duplicates: u64,
     /// Submissions carrying a device-TLB descriptor that came without a kernel stack (the
@@ -287,6 +300,10 @@ pub struct Correlator {
     devices: BTreeMap<DevKey, DeviceEntry>,
     slots: BTreeMap<u64, SlotState>,
     walks: VecDeque<WalkRec>,
+    /// PCI segments the trace has shown, and the segment of each IOMMU unit (a unit serves
+    /// one segment): what resolves an event that came without one (segments.rs rule below).
+    segments: BTreeSet<u16>,
+    iommu_segments: BTreeMap<String, u16>,
     inflight: Pairing<Box<Inflight>>,
     last_flush: FastMap<Runner, Box<Event>>,
     /// Boxes of finished submissions, reused (allocation-free steady state).
@@ -318,6 +335,8 @@ impl Correlator {
             devices: BTreeMap::new(),
             slots: BTreeMap::new(),
             walks: VecDeque::new(),
+            segments: BTreeSet::new(),
+            iommu_segments: BTreeMap::new(),
             inflight: Pairing::new(max_inflight),
             last_flush: FastMap::default(),
             spare: Vec::new(),
@@ -554,7 +573,11 @@ impl Correlator {
 
     fn on_device_info(&mut self, d: &DeviceInfo) {
         self.stats.device_snapshots += 1;
-        let key = (d.bdf.segment_or_zero(), d.bdf.sid());
+        if let Some(seg) = d.bdf.segment {
+            self.learn_segment(seg, d.iommu.as_deref());
+        }
+        let seg = self.resolve_segment(d.bdf.segment, d.iommu.as_deref(), Some(d.bdf.bus));
+        let key = (seg, d.bdf.sid());
         let Some(dev) = self.device_entry(key, Some(d.bdf), d.seen) else {
             return;
         };
@@ -667,7 +690,14 @@ impl Correlator {
         if no_stack {
             self.stats.dev_tlb_without_stack += 1;
         }
-        let segment = s.iommu.segment.unwrap_or(0);
+        let iommu_name = s.iommu.name.to_string();
+        if let Some(seg) = s.iommu.segment {
+            self.learn_segment(seg, Some(&iommu_name));
+        }
+        let segment = self.resolve_segment(s.iommu.segment, Some(&iommu_name), None);
+        if segment == SEG_UNKNOWN && s.dev_tlb_sids().next().is_some() {
+            self.stats.unknown_segment += 1;
+        }
         let mut sids = Sids::default();
         for sid in s.dev_tlb_sids() {
             self.stats.dev_tlb_descriptors += 1;
@@ -978,7 +1008,7 @@ impl Correlator {
                 device = d.view(ts, self.slot_name_for(k));
                 timeline.extend(d.history.iter().cloned());
             } else {
-                device.bdf = Some(Bdf::from_sid(Some(k.0), k.1));
+                device.bdf = Some(Bdf::from_sid(known_segment(k.0), k.1));
                 device.sid = Some(k.1);
                 device.state = Some(DeviceState::Unknown);
             }
@@ -1197,8 +1227,17 @@ impl Correlator {
             self.walks.pop_front();
             self.stats.evicted.walks += 1;
         }
+        if let Some(seg) = w.segment {
+            self.learn_segment(seg, None);
+        }
+        // A walk whose segment cannot be told covers only devices whose segment is unknown
+        // too, never every segment (counted: its devices may be missed).
+        let seg = self.resolve_segment(w.segment, None, Some(w.bus));
+        if seg == SEG_UNKNOWN && self.segments.len() > 1 {
+            self.stats.unknown_segment += 1;
+        }
         let rec = WalkRec {
-            segment: w.segment,
+            segment: Some(seg),
             bus: w.bus,
             bus_end: w.bus_end.max(w.bus),
             at: ts,
@@ -1233,7 +1272,13 @@ impl Correlator {
         };
         let ts = e.meta.ts;
         let tid = e.meta.tid;
-        let key = (bdf.segment_or_zero(), bdf.sid());
+        if let Some(seg) = bdf.segment {
+            self.learn_segment(seg, None);
+        }
+        let key = (
+            self.resolve_segment(bdf.segment, None, Some(bdf.bus)),
+            bdf.sid(),
+        );
         if matches!(what, DevEv::Remove | DevEv::Release) {
             self.release_progress(tid, Some(key));
         }
@@ -1353,7 +1398,10 @@ impl Correlator {
                 for s in self.slots.values_mut() {
                     let same = match (s.port, port) {
                         (Some(a), Some(b)) => {
-                            a.segment_or_zero() == b.segment_or_zero() && a.sid() == b.sid()
+                            a.sid() == b.sid()
+                                && (a.segment == b.segment
+                                    || a.segment.is_none()
+                                    || b.segment.is_none())
                         }
                         _ => false,
                     };
@@ -1417,7 +1465,7 @@ impl Correlator {
         if !o.inferred || o.candidates.first() == Some(&sid) || !o.candidates.contains(&sid) {
             return;
         }
-        let seg = o.dev.map_or(0, |k| k.0);
+        let seg = o.dev.map_or(SEG_UNKNOWN, |k| k.0);
         let device = self.device_view((seg, sid), o.start);
         if let Some(o) = self.open.get_mut(&id) {
             o.candidates.retain(|c| *c != sid);
@@ -1432,7 +1480,7 @@ impl Correlator {
         match self.devices.get(&k) {
             Some(d) => d.view(ts, self.slot_name_for(k)),
             None => IncidentDevice {
-                bdf: Some(Bdf::from_sid(Some(k.0), k.1)),
+                bdf: Some(Bdf::from_sid(known_segment(k.0), k.1)),
                 sid: Some(k.1),
                 state: Some(DeviceState::Unknown),
                 ..Default::default()
@@ -1497,13 +1545,19 @@ impl Correlator {
                     .filter(|i| i.sids.contains(&sid))
                     .map(|i| i.submit.iommu.ptr)
                     .collect();
-                let seg = self
+                // The log line has no segment: that of the submissions carrying the SID when
+                // they agree, else the trace's only segment, else unknown (never 0).
+                let segs: BTreeSet<u16> = self
                     .inflight
                     .values()
                     .filter(|i| i.sids.contains(&sid))
                     .map(|i| i.segment)
-                    .min()
-                    .unwrap_or(0);
+                    .collect();
+                let seg = match segs.len() {
+                    0 => self.resolve_segment(None, None, None),
+                    1 => segs.into_iter().next().unwrap_or(SEG_UNKNOWN),
+                    _ => SEG_UNKNOWN,
+                };
                 members = self
                     .inflight
                     .keys_where(|i| i.sids.contains(&sid) || queues.contains(&i.submit.iommu.ptr));
@@ -1785,6 +1839,48 @@ impl Correlator {
 
     /// The device entry for `key`, created if needed (applying walks that already covered
     /// it). `None` only when the table is full of devices that cannot be evicted.
+    fn learn_segment(&mut self, seg: u16, iommu: Option<&str>) {
+        if seg == SEG_UNKNOWN {
+            return;
+        }
+        if self.segments.len() < 64 {
+            self.segments.insert(seg);
+        }
+        if let Some(name) = iommu {
+            if !self.iommu_segments.contains_key(name) && self.iommu_segments.len() < 256 {
+                self.iommu_segments.insert(name.to_string(), seg);
+            }
+        }
+    }
+
+    /// The segment of an event that may have come without one. An unknown segment is not
+    /// segment 0: it is the IOMMU unit's (each device maps to one unit, a unit to one
+    /// segment), else that of the hot-plug slots whose bus range holds `bus` if they agree,
+    /// else the only segment the trace has shown, else [`SEG_UNKNOWN`].
+    fn resolve_segment(&self, seg: Option<u16>, iommu: Option<&str>, bus: Option<u8>) -> u16 {
+        if let Some(s) = seg.filter(|s| *s != SEG_UNKNOWN) {
+            return s;
+        }
+        if let Some(s) = iommu.and_then(|n| self.iommu_segments.get(n)) {
+            return *s;
+        }
+        if let Some(b) = bus {
+            let segs: BTreeSet<u16> = self
+                .slots
+                .values()
+                .filter(|s| s.secondary != 0 && (s.secondary..=s.subordinate).contains(&b))
+                .filter_map(|s| s.port.and_then(|p| p.segment))
+                .collect();
+            if segs.len() == 1 {
+                return segs.into_iter().next().unwrap_or(SEG_UNKNOWN);
+            }
+        }
+        if self.segments.len() == 1 {
+            return self.segments.iter().next().copied().unwrap_or(SEG_UNKNOWN);
+        }
+        SEG_UNKNOWN
+    }
+
     fn device_entry(
         &mut self,
         key: DevKey,
@@ -1795,7 +1891,7 @@ impl Correlator {
             if self.devices.len() >= self.cfg.max_devices && !self.evict_device() {
                 return None;
             }
-            let bdf = bdf.unwrap_or(Bdf::from_sid(Some(key.0), key.1));
+            let bdf = bdf.unwrap_or(Bdf::from_sid(known_segment(key.0), key.1));
             let mut d = DeviceEntry::new(bdf, ts);
             if let Some(w) = self.walks.iter().find(|w| w.covers(key.0, key.1)) {
                 d.disconnected = Some((w.at, DisconnectHow::Walk));

@@ -890,6 +890,11 @@ pub enum CallerPath {
     FlushQueue,
     /// Device removal: iommu_bus_notifier / iommu_release_device / pciehp (cases 2 and 3).
     Removal,
+    /// The driver's own teardown inside a removal: its `remove()` unmapping DMA memory under
+    /// the PCI core's unbind (`pci_stop_bus_device` → `virtblk_remove` → … →
+    /// `iommu_dma_free`). On the removal's thread, but not the IOMMU's release path: none of
+    /// the disconnect checks guards it. Schema 1.3.
+    DriverTeardown,
     /// Domain attach/detach (VFIO open/close, driver bind).
     DomainChange,
     /// Something else (the frames say what).
@@ -914,7 +919,9 @@ impl CallerPath {
         }
         let has = |names: &[&str]| any_in(frames, names);
         let domain = has(DOMAIN_CHANGE);
-        if has(REMOVAL) || has(SURPRISE) || has(SAFE) || (!domain && has(TEARDOWN)) {
+        if has(DRIVER_UNBIND) && has(TEARDOWN_UNMAP) {
+            CallerPath::DriverTeardown
+        } else if has(REMOVAL) || has(SURPRISE) || has(SAFE) || (!domain && has(TEARDOWN)) {
             CallerPath::Removal
         } else if has(FLUSH_QUEUE) {
             CallerPath::FlushQueue

@@ -423,7 +423,11 @@ fn expected_w2(out: &Path, disks: &[Disk]) -> Check {
         .unwrap_or_default();
     Check::new(
         name,
-        hit.is_some() && !callers.is_empty() && callers.iter().all(|c| c == "removal"),
+        hit.is_some()
+            && !callers.is_empty()
+            && callers
+                .iter()
+                .all(|c| c == "removal" || c == "driver-teardown"),
         format!(
             "{} incidents; on {}: {:?}",
             incidents.len(),

@@ -288,6 +288,9 @@ fn caller_words(c: CallerPath) -> &'static str {
         CallerPath::DriverUnmap => "device driver's DMA unmap",
         CallerPath::FlushQueue => "flush-queue timer",
         CallerPath::Removal => "device removal (iommu_bus_notifier / iommu_release_device)",
+        CallerPath::DriverTeardown => {
+            "driver's own teardown (its remove() unmapping DMA memory during the removal)"
+        }
         CallerPath::DomainChange => "domain attach/detach",
         CallerPath::Other => "kernel (other)",
         CallerPath::Unknown => "unknown (no stack)",

@@ -217,7 +217,7 @@ pub fn fix_hint<S: AsRef<str>>(frames: &[S]) -> FixHint {
 /// Whether an invalidation on this caller path counts as "the device driver's path" for W1.
 /// Unknown callers count (the thread's CPU0 is whatever is not the removal).
 pub fn driver_side(caller: CallerPath) -> bool {
-    caller != CallerPath::Removal
+    !matches!(caller, CallerPath::Removal | CallerPath::DriverTeardown)
 }
 
 #[cfg(test)]

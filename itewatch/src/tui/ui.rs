@@ -49,6 +49,7 @@ pub fn caller_name(c: CallerPath) -> &'static str {
         CallerPath::DriverUnmap => "driver-unmap",
         CallerPath::FlushQueue => "flush-queue",
         CallerPath::Removal => "removal",
+        CallerPath::DriverTeardown => "driver-teardown",
         CallerPath::DomainChange => "domain-change",
         CallerPath::Other => "other",
         CallerPath::Unknown => "unknown",

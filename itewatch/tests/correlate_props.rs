@@ -929,3 +929,50 @@ fn a_disconnect_walk_without_a_segment_does_not_cover_every_segment() {
     );
     assert_eq!(sum.stats.unknown_segment, 1, "the ambiguity is counted");
 }
+
+#[test]
+fn an_event_later_than_the_reorder_window_makes_the_open_incidents_of_its_time_partial() {
+    // A driver-side submission hangs; the disconnect that would make it W1 arrives after
+    // records 60 ms newer were processed (window: 10 ms). Whatever the verdict, it says a
+    // late event may have changed it.
+    let sim = generate("benign", 11).expect("known scenario");
+    let t = first_dev_tlb_submit(&sim);
+    let gone = ev(
+        300_000_000,
+        7,
+        Payload::DeviceDisconnected(itewatch::event::DeviceRef {
+            dev_ptr: 1,
+            bdf: Some(itewatch::event::Bdf::new(0, 2, 0, 0)),
+            vendor: 0x8086,
+            device: 0x0a54,
+            stack: None,
+        }),
+    );
+    let mut c = Correlator::new(Config::default());
+    let mut all = Vec::new();
+    all.extend(c.push(&submit_for(&t, 1_000, 40, &[0x200])));
+    all.extend(c.push(&log(360_000_000, "x")));
+    all.extend(c.advance(KTime(360_000_000)));
+    all.extend(c.push(&gone));
+    all.extend(c.push(&log(3_000_000_000, "y")));
+    let sum = c.finish();
+    all.extend(sum.incidents);
+    assert!(sum.stats.late_records >= 1);
+    // The last revision of each hung incident.
+    let mut last: std::collections::BTreeMap<String, Incident> = Default::default();
+    for i in all {
+        last.insert(i.id.0.clone(), i);
+    }
+    let hung: Vec<&Incident> = last
+        .values()
+        .filter(|i| i.kind == IncidentKind::HungInvalidation)
+        .collect();
+    assert!(!hung.is_empty(), "{last:#?}");
+    assert!(
+        hung.iter().all(|i| i.partial
+            && i.partial_reasons
+                .iter()
+                .any(|r| r.contains("later than the reorder window"))),
+        "{hung:#?}"
+    );
+}

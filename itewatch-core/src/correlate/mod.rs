@@ -525,6 +525,7 @@ impl Correlator {
     }
 
     fn process(&mut self, ts: KTime, seq: u64, rec: &Record) {
+        let late = ts < self.clock && matches!(rec, Record::Event(_));
         if ts < self.clock {
             self.stats.late_records += 1;
         }
@@ -537,7 +538,36 @@ impl Correlator {
             Record::Lost(l) => self.on_lost(l),
             Record::Stack(_) | Record::Device(_) => {}
         }
+        if late {
+            self.late_event(ts);
+        }
         self.flush_pending();
+    }
+
+    /// An event arrived after later ones had been processed (beyond the reorder window):
+    /// what it shows was not there when the open incidents of its time were judged (a
+    /// disconnect seen late cannot make a submission that already returned W1). They say so.
+    fn late_event(&mut self, ts: KTime) {
+        let from = ts.0.saturating_sub(self.cfg.reorder_window_ns);
+        let ids: Vec<IncidentId> = self
+            .open
+            .values()
+            .filter(|o| o.end.0 >= from)
+            .map(|o| o.id.clone())
+            .collect();
+        for id in ids {
+            if let Some(o) = self.open.get_mut(&id) {
+                let fresh = o.partial.insert(
+                    "an event of its time arrived later than the reorder window (stats.late_records): \
+                     the verdict may miss what it shows"
+                        .to_string(),
+                );
+                if fresh {
+                    o.dirty = true;
+                    self.pending.insert(id);
+                }
+            }
+        }
     }
 
     fn on_event(&mut self, seq: u64, e: &Event) {

@@ -976,3 +976,38 @@ fn an_event_later_than_the_reorder_window_makes_the_open_incidents_of_its_time_p
         "{hung:#?}"
     );
 }
+
+#[test]
+fn a_vfs_invalidation_is_matched_through_its_pf_and_says_so() {
+    // PF 02:00.0 goes away; an invalidation to its VF 02:02.0 carries the PF's SID as pfsid.
+    let sim = generate("benign", 12).expect("known scenario");
+    let t = first_dev_tlb_submit(&sim);
+    let pf: u64 = 0x200;
+    let mut vf_submit = submit_for(&t, 1_000, 40, &[0x210]);
+    if let Record::Event(e) = &mut vf_submit {
+        if let Payload::Submit(s) = &mut e.payload {
+            s.raw[0].qw0 |= ((pf & 0xf) << 12) | ((pf >> 4) << 52);
+            s.iommu.segment = Some(0);
+        }
+    }
+    let gone = ev(
+        500,
+        7,
+        Payload::DeviceDisconnected(itewatch::event::DeviceRef {
+            dev_ptr: 1,
+            bdf: Some(itewatch::event::Bdf::new(0, 2, 0, 0)),
+            vendor: 0x8086,
+            device: 0x0a54,
+            stack: None,
+        }),
+    );
+    let recs = [gone, vf_submit, ret_on(2_000, 40, 0)];
+    let (inc, _) = correlate_all(Config::default(), &recs);
+    let w2: Vec<&Incident> = inc
+        .iter()
+        .filter(|i| i.kind == IncidentKind::FlushToGoneDevice)
+        .collect();
+    assert_eq!(w2.len(), 1, "{inc:#?}");
+    assert_eq!(w2[0].device.sid, Some(Sid(0x210)));
+    assert_eq!(w2[0].device.via_pf, Some(Sid(0x200)));
+}

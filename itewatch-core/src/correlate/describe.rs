@@ -113,6 +113,9 @@ fn device_words(d: &IncidentDevice) -> String {
     if let Some(slot) = &d.slot {
         let _ = write!(s, " in slot {slot}");
     }
+    if let Some(pf) = d.via_pf {
+        let _ = write!(s, ", a VF whose PF (SID {pf}) went away");
+    }
     s
 }
 

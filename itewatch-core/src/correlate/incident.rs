@@ -285,6 +285,10 @@ pub struct IncidentDevice {
     /// one (`inferred`, or no device at all). Schema 1.3; absent when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub candidates: Vec<Sid>,
+    /// The device is a VF matched through its PF: the descriptor's `pfsid` (this SID) is the
+    /// device that went away, not `sid` itself. Schema 1.3; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_pf: Option<Sid>,
 }
 
 fn is_false(b: &bool) -> bool {

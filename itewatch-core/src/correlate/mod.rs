@@ -22,8 +22,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::event::{
-    Bdf, CallerPath, DeviceInfo, DeviceRef, Event, Flush, IstReturn, KTime, LogLine, LostRecord,
-    Payload, Record, Sid, Slot, StackId, StackRecord, Submit, SubmitReturn, Walk,
+    Bdf, CallerPath, Descriptor, DeviceInfo, DeviceRef, Event, Flush, IstReturn, KTime, LogLine,
+    LostRecord, Payload, Record, Sid, Slot, StackId, StackRecord, Submit, SubmitReturn, Walk,
 };
 
 use crate::analyze::facts::SlotWhat;
@@ -776,6 +776,13 @@ impl Correlator {
             if detect::gone_at(&dev.lifecycle(), tid, ts) {
                 let parts = [u64::from(segment), u64::from(sid.0), ts.0, u64::from(tid)];
                 self.join(IncidentKind::FlushToGoneDevice, Some(key), &parts, &mut inf);
+            } else if let Some(pf) = self.gone_pf(s, segment, sid, tid, ts) {
+                // A VF's invalidation carries its PF's SID (pfsid): the PF went away.
+                let parts = [u64::from(segment), u64::from(sid.0), ts.0, u64::from(tid)];
+                let id = self.join(IncidentKind::FlushToGoneDevice, Some(key), &parts, &mut inf);
+                if let Some(o) = self.open.get_mut(&id) {
+                    o.device.via_pf = Some(pf);
+                }
             } else if let Some(ctrl) = self.safe_removal_covering(segment, sid, ts) {
                 inf.safe_removal_slot = Some(ctrl);
             }
@@ -792,6 +799,26 @@ impl Correlator {
             None => Box::new(inf),
         };
         self.inflight.insert(key, ts, slot);
+    }
+
+    /// The PF SID (`pfsid`) of `sid`'s device-TLB descriptors in `s`, when it is another
+    /// device and that device is gone.
+    fn gone_pf(&self, s: &Submit, segment: u16, sid: Sid, tid: u32, ts: KTime) -> Option<Sid> {
+        s.descriptors()
+            .filter_map(|d| match d {
+                Descriptor::DevTlb { sid: v, pfsid, .. }
+                | Descriptor::PasidDevTlb { sid: v, pfsid, .. }
+                    if v == sid && pfsid != sid && pfsid.0 != 0 =>
+                {
+                    Some(pfsid)
+                }
+                _ => None,
+            })
+            .find(|pf| {
+                self.devices
+                    .get(&(segment, *pf))
+                    .is_some_and(|d| detect::gone_at(&d.lifecycle(), tid, ts))
+            })
     }
 
     fn safe_removal_covering(&self, segment: u16, sid: Sid, ts: KTime) -> Option<u64> {

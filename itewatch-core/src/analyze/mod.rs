@@ -25,7 +25,7 @@ use crate::correlate::describe;
 use crate::correlate::detect::{fix_hint, FixHint};
 use crate::correlate::incident::{
     Attribution, Certainty, DeviceState, Evidence, EvidenceLine, Incident, IncidentDevice,
-    IncidentId, IncidentKind, Outcome, RemovalKind, Severity, TimelineEntry,
+    IncidentId, IncidentKind, Outcome, RemovalKind, Severity, TimelineEntry, Window,
 };
 use crate::event::{Bdf, CallerPath, KTime, Sid};
 
@@ -131,7 +131,9 @@ pub struct Note {
     /// `dma-fault` (a DMA remapping fault: not an ITE), `iqe`, `ice`, `aer`, `dpc`,
     /// `removal` (hot-plug without invalidation trouble), `panic`, `stack-without-invalidation`,
     /// `invalidation-stack-without-hang` (a KCSAN, lockdep, sysrq, WARN or dump_stack report
-    /// with an invalidation function on its stack: nothing says it was stuck).
+    /// with an invalidation function on its stack: nothing says it was stuck),
+    /// `duplicate-episode` (incidents of a later boot that repeat earlier ones stamp for
+    /// stamp: the same log pasted twice).
     pub kind: String,
     pub boot: u32,
     pub count: u64,
@@ -451,9 +453,59 @@ impl Analyzer {
         }
         self.core.end_boot();
         let mut out = self.core.out;
+        drop_pasted_twice(&mut out);
         out.bytes = bytes;
         out.quoted_printable = self.norm.qp;
         out
+    }
+}
+
+/// The same episode pasted twice (a bug report quoting the log again, re-wrapped or not)
+/// reads as a second boot with the same incidents at the same kernel timestamps. A reboot
+/// never repeats an incident's own stamps to the nanosecond: a later incident identical in
+/// kind, window, device and start/end time to one of an earlier boot is that one again. It is
+/// dropped and said in a `duplicate-episode` note.
+fn drop_pasted_twice(out: &mut Analysis) {
+    type Print = (String, Option<Window>, Option<Sid>, u64, u64);
+    let print = |i: &Incident| -> Print {
+        (
+            i.kind.name().to_string(),
+            i.window,
+            i.device.sid,
+            i.start.0,
+            i.end.0,
+        )
+    };
+    let mut seen: BTreeMap<Print, u32> = BTreeMap::new();
+    let mut dropped: Vec<(u32, u64)> = Vec::new();
+    out.incidents.retain(|i| {
+        let boot = i.evidence.as_ref().map_or(0, |e| e.boot);
+        let line = i
+            .evidence
+            .as_ref()
+            .and_then(|e| e.lines.first())
+            .map_or(0, |l| l.line);
+        match seen.get(&print(i)) {
+            // An incident at time 0 has no stamp to compare: kept.
+            Some(b) if *b != boot && i.start.0 != 0 => {
+                dropped.push((boot, line));
+                false
+            }
+            Some(_) => true,
+            None => {
+                seen.insert(print(i), boot);
+                true
+            }
+        }
+    });
+    if let Some(&(boot, first_line)) = dropped.first() {
+        out.notes.push(Note {
+            kind: "duplicate-episode".into(),
+            boot,
+            count: dropped.len() as u64,
+            first_line,
+            examples: Vec::new(),
+        });
     }
 }
 

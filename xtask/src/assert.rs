@@ -968,6 +968,12 @@ pub fn trace_checks(kernel: &Kernel, out: &Path, disks: &[Disk]) -> Vec<Check> {
         ));
     }
 
+    // Which removal paths sent device-TLB invalidations to the cut disk, against what the
+    // kernel's source says of the legacy context clear (42662d19839f).
+    if let Some(d) = disks.iter().find(|d| d.role == "surprise") {
+        c.push(context_clear_check(kernel, &t, d));
+    }
+
     // QEMU completes every invalidation: no submission may have failed (an ITE here would be
     // a harness or emulation change worth knowing about).
     let rets: Vec<i64> = t
@@ -1029,6 +1035,68 @@ pub fn trace_checks(kernel: &Kernel, out: &Path, disks: &[Disk]) -> Vec<Check> {
 /// `itewatch doctor --json` ran and its document agrees with what the guest's sysfs showed:
 /// this kernel, every host fact ok, both disks ATS-capable behind their slots, every required
 /// probe target traceable, and a verdict other than not-ready.
+/// The surprise disk's device-TLB invalidations from the removal's pciehp thread after the
+/// disconnect walk, by the path their stack shows: the driver's teardown (every kernel so
+/// far), and the legacy context clear `__context_flush_dev_iotlb`, which only kernels without
+/// 42662d19839f send. Kernels that batch (6.12+) send the driver's teardown as iotlb +
+/// device-TLB pairs and the context clear as a lone device-TLB descriptor, so a stackless
+/// lone one counts as the context clear there.
+fn context_clear_check(kernel: &Kernel, t: &TraceData, d: &Disk) -> Check {
+    let expected = kernel.pinned.context_clear_flushes_gone_device;
+    let name = format!(
+        "removal path flushes to the cut disk: context clear {} (42662d19839f {})",
+        if expected { "expected" } else { "not expected" },
+        if expected {
+            "absent"
+        } else {
+            "present or path absent"
+        }
+    );
+    let Ok(dev) = d.dev.parse::<Bdf>() else {
+        return Check::fail(name, format!("bad BDF {}", d.dev));
+    };
+    let sid = dev.sid();
+    let Some(walk) = t.events.iter().find(|e| {
+        matches!(&e.payload, Payload::DisconnectWalk(w) if (w.bus..=w.bus_end).contains(&dev.bus))
+    }) else {
+        return Check::fail(name, "no disconnect walk");
+    };
+    let subs: Vec<&itewatch::event::Submit> = t
+        .events
+        .iter()
+        .filter(|e| e.meta.ts >= walk.meta.ts && e.meta.comm.to_string().contains("pciehp"))
+        .filter_map(|e| match &e.payload {
+            Payload::Submit(s) if s.dev_tlb_sids().any(|x| x == sid) => Some(s),
+            _ => None,
+        })
+        .collect();
+    let frames = |s: &itewatch::event::Submit| -> Vec<String> {
+        s.stack
+            .and_then(|id| t.stacks.get(&id.0))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let has = |s: &itewatch::event::Submit, f: &str| frames(s).iter().any(|x| x.contains(f));
+    let batches = subs.iter().any(|s| s.count >= 2);
+    let context = subs
+        .iter()
+        .filter(|s| {
+            has(s, "__context_flush_dev_iotlb") || (batches && frames(s).is_empty() && s.count == 1)
+        })
+        .count();
+    let teardown = subs.iter().filter(|s| has(s, "virtblk_remove")).count();
+    let ok = !subs.is_empty() && (context > 0) == expected;
+    Check::new(
+        name,
+        ok,
+        format!(
+            "{} device-TLB submissions to {sid} from pciehp after the walk: {teardown} with the \
+             driver's teardown on the stack, {context} from the context clear",
+            subs.len()
+        ),
+    )
+}
+
 pub fn doctor_check(kernel: &Kernel, out: &Path, disks: &[Disk]) -> Check {
     let name = "doctor --json sane";
     let rc = fs::read_to_string(out.join("doctor.rc")).unwrap_or_default();

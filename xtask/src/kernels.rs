@@ -35,6 +35,10 @@ pub struct Pinned {
     /// What this kernel's source says it does when a device-TLB invalidation to a removed
     /// device times out (the `ite-surprise` scenario asserts it).
     pub ite: IteResponse,
+    /// Whether the legacy-mode context clear (`__context_flush_dev_iotlb`) sends a device-TLB
+    /// invalidation to a surprise-removed device: yes without 42662d19839f's
+    /// `pci_device_is_present` check there (the `removals` scenario asserts it).
+    pub context_clear_flushes_gone_device: bool,
 }
 
 /// A kernel's response to an ITE for a device that is gone, from its drivers/iommu/intel/dmar.c.
@@ -63,6 +67,9 @@ pub const PINNED: [Pinned; 2] = [
         // (only qi_dump_fault prints it) and returns -EAGAIN after the abort loop (already in
         // its fe89277c9ceb form: step 1, no `head |= 1`).
         ite: IteResponse::RetriesForever,
+        // 6.1's legacy release path sends no device-TLB flush from a context clear (none in
+        // the recorded traces; `__context_flush_dev_iotlb` does not exist in 6.1).
+        context_clear_flushes_gone_device: false,
     },
     Pinned {
         name: "6.12",
@@ -74,6 +81,9 @@ pub const PINNED: [Pinned; 2] = [
         // present device (device_rbtree_find + pci_device_is_present) and returns -ETIMEDOUT.
         // Every 6.12 has it; Debian's 6.12.117 source package is no longer on the mirror.
         ite: IteResponse::AbortsTimedOut,
+        // 42662d19839f is in 6.12-stable (Mar 2026); the recorded traces show no context-clear
+        // flush to the removed disk.
+        context_clear_flushes_gone_device: false,
     },
 ];
 
@@ -89,6 +99,9 @@ pub const NEWER: [Pinned; 2] = [
         // Debian 6.18.15 source, drivers/iommu/intel/dmar.c: 80a9b50c0b9e's -ETIMEDOUT check
         // after the abort walk that fe89277c9ceb fixed (`head |= 1`, steps of 2).
         ite: IteResponse::LocksUpInAbortWalk,
+        // Debian 6.18.15 source, drivers/iommu/intel/pasid.c: `__context_flush_dev_iotlb`
+        // checks only `info->ats_enabled` before `qi_flush_dev_iotlb` (no 42662d19839f).
+        context_clear_flushes_gone_device: true,
     },
     Pinned {
         name: "7.3",
@@ -100,6 +113,8 @@ pub const NEWER: [Pinned; 2] = [
         version: "7.3.4-1~bpo13+1",
         apt: Apt::Trixie,
         ite: IteResponse::AbortsTimedOut,
+        // 42662d19839f (7.0): the context clear skips a device that is not present.
+        context_clear_flushes_gone_device: false,
     },
 ];
 

@@ -932,6 +932,29 @@ fn ms(ns: u64) -> String {
     format!("{:.3}", ns as f64 / 1e9)
 }
 
+/// When an incident happened, in the clock its source has: a log's own wall-clock stamps as
+/// printed (sub-second digits kept), else kernel monotonic seconds to the microsecond (as
+/// dmesg prints them) for a log, to the millisecond for a trace.
+fn time_span(i: &Incident) -> String {
+    if let Some(e) = &i.evidence {
+        let mut times = e.lines.iter().filter_map(|l| l.time.as_deref());
+        if let Some(first) = times.next() {
+            let last = times.next_back().unwrap_or(first);
+            return if last == first {
+                format!("at {first} (log time)")
+            } else {
+                format!("{first} .. {last} (log time)")
+            };
+        }
+        return format!(
+            "{:.6} .. {:.6} s",
+            i.start.0 as f64 / 1e9,
+            i.end.0 as f64 / 1e9
+        );
+    }
+    format!("{} .. {} s", ms(i.start.0), ms(i.end.0))
+}
+
 fn device_line(i: &Incident) -> String {
     let d = &i.device;
     let mut s = match (d.bdf, d.sid) {
@@ -1078,12 +1101,7 @@ pub fn render_text(doc: &ReportDocument) -> String {
             device_line(i),
             if i.partial { " PARTIAL" } else { "" }
         ));
-        s.push_str(&format!(
-            "  id {}  {} .. {} s\n",
-            i.id,
-            ms(i.start.0),
-            ms(i.end.0)
-        ));
+        s.push_str(&format!("  id {}  {}\n", i.id, time_span(i)));
         s.push_str(&format!("  {}\n", i.explanation));
         if let Some(e) = &i.evidence {
             s.push_str(&format!("  certainty: {:?}\n", e.certainty));
@@ -1094,10 +1112,16 @@ pub fn render_text(doc: &ReportDocument) -> String {
                 s.push_str(&format!("    unknown: {u}\n"));
             }
             for ln in &e.lines {
-                s.push_str(&format!(
-                    "    line {:>6}  {:<18} {}\n",
-                    ln.line, ln.fact, ln.text
-                ));
+                match &ln.time {
+                    Some(t) => s.push_str(&format!(
+                        "    line {:>6}  {t}  {:<18} {}\n",
+                        ln.line, ln.fact, ln.text
+                    )),
+                    None => s.push_str(&format!(
+                        "    line {:>6}  {:<18} {}\n",
+                        ln.line, ln.fact, ln.text
+                    )),
+                }
             }
             if e.lines_omitted > 0 {
                 s.push_str(&format!("    ({} more lines)\n", e.lines_omitted));

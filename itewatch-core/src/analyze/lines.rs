@@ -144,9 +144,13 @@ pub struct Rec<'a> {
     pub dialect: Dialect,
     /// CLOCK_MONOTONIC seconds as printed (`[  123.456789]`).
     pub mono_ns: Option<u64>,
-    /// Wall clock, seconds on an ordering-preserving scale (not a Unix time: the year may be
-    /// missing); only differences are meaningful.
-    pub wall_s: Option<i64>,
+    /// Wall clock, nanoseconds on an ordering-preserving scale (not a Unix time: the year may
+    /// be missing); only differences are meaningful. Sub-second digits are kept.
+    pub wall_ns: Option<i64>,
+    /// The line's own timestamp as the log printed it (`Apr 10 16:40:12.123456`,
+    /// `2024-04-10T16:40:12.123456+00:00`, `Wed Apr 10 16:40:12 2024`), for wall-clock
+    /// dialects: what a report shows so it can be found in the log.
+    pub stamp: Option<Cow<'a, str>>,
     pub caller: Option<Caller>,
     pub host: Option<Cow<'a, str>>,
     /// The syslog identifier was not `kernel` (a userspace line in a full journal).
@@ -163,7 +167,8 @@ impl Rec<'_> {
             line: self.line,
             dialect: self.dialect,
             mono_ns: self.mono_ns,
-            wall_s: self.wall_s,
+            wall_ns: self.wall_ns,
+            stamp: self.stamp.map(|s| Cow::Owned(s.into_owned())),
             caller: self.caller,
             host: self.host.map(|h| Cow::Owned(h.into_owned())),
             not_kernel: self.not_kernel,
@@ -437,15 +442,38 @@ fn month(s: &str) -> Option<i64> {
     MONTHS.iter().position(|m| *m == s).map(|p| p as i64 + 1)
 }
 
-fn hms(s: &str) -> Option<i64> {
+/// `10:11:12[.123456]` → (seconds of the day, nanoseconds of the fraction).
+fn hms(s: &str) -> Option<(i64, i64)> {
     let mut it = s.split(':');
     let h: i64 = it.next()?.parse().ok()?;
     let m: i64 = it.next()?.parse().ok()?;
-    let sec: i64 = it.next()?.split(['.', ',']).next()?.parse().ok()?;
+    let mut sf = it.next()?.splitn(2, ['.', ',']);
+    let sec: i64 = sf.next()?.parse().ok()?;
+    let frac = match sf.next() {
+        Some(d) => {
+            let digits: String = d.chars().take_while(char::is_ascii_digit).take(9).collect();
+            let n: i64 = if digits.is_empty() {
+                0
+            } else {
+                digits.parse().ok()?
+            };
+            n * 10i64.pow(9 - digits.len() as u32)
+        }
+        None => 0,
+    };
     if it.next().is_some() || h > 23 || m > 59 || sec > 60 {
         return None;
     }
-    Some(h * 3600 + m * 60 + sec)
+    Some((h * 3600 + m * 60 + sec, frac))
+}
+
+/// A wall-clock stamp: nanoseconds on an ordering-preserving scale, and the stamp's text.
+type Wall<'a> = (i64, &'a str);
+
+fn wall_ns(year: i64, mon: i64, day: i64, (secs, frac): (i64, i64)) -> i64 {
+    wall(year, mon, day, secs)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(frac)
 }
 
 fn wall(year: i64, mon: i64, day: i64, secs: i64) -> i64 {
@@ -453,17 +481,18 @@ fn wall(year: i64, mon: i64, day: i64, secs: i64) -> i64 {
 }
 
 /// `Mar 05 10:11:12[.123456] ` → (wall, rest).
-fn syslog_time(t: &str) -> Option<(i64, &str)> {
+fn syslog_time(t: &str) -> Option<(Wall<'_>, &str)> {
     let mon = month(t.get(0..3)?)?;
     let rest = t.get(3..)?.trim_start();
     let (day, rest) = rest.split_once(' ')?;
     let day: i64 = day.parse().ok()?;
     let (time, rest) = rest.split_once(' ')?;
-    Some((wall(0, mon, day, hms(time)?), rest))
+    let stamp = t.get(..t.len() - rest.len() - 1)?;
+    Some(((wall_ns(0, mon, day, hms(time)?), stamp), rest))
 }
 
 /// `2024-03-05T10:11:12[.123456][+0100|Z|+01:00]` → (wall, rest).
-fn iso_time(t: &str) -> Option<(i64, &str)> {
+fn iso_time(t: &str) -> Option<(Wall<'_>, &str)> {
     let b = t.as_bytes();
     if b.len() < 19 || b.get(4) != Some(&b'-') || b.get(10) != Some(&b'T') {
         return None;
@@ -471,13 +500,19 @@ fn iso_time(t: &str) -> Option<(i64, &str)> {
     let year: i64 = t.get(0..4)?.parse().ok()?;
     let mon: i64 = t.get(5..7)?.parse().ok()?;
     let day: i64 = t.get(8..10)?.parse().ok()?;
-    let secs = hms(t.get(11..19)?)?;
     let end = t.find(' ').unwrap_or(t.len());
-    Some((wall(year, mon, day, secs), t.get(end..)?.trim_start()))
+    // The time with its fraction, up to the zone (`+01:00`, `+0100`, `Z`) or the end.
+    let time = t.get(11..end)?;
+    let tlen = time.find(['+', 'Z', '-']).unwrap_or(time.len());
+    let hmsf = hms(time.get(..tlen)?)?;
+    Some((
+        (wall_ns(year, mon, day, hmsf), t.get(..end)?),
+        t.get(end..)?.trim_start(),
+    ))
 }
 
 /// `[Tue Mar  5 10:11:12 2024] ` (dmesg -T).
-fn ctime_bracket(t: &str) -> Option<(i64, &str)> {
+fn ctime_bracket(t: &str) -> Option<(Wall<'_>, &str)> {
     let inner_end = t.find(']')?;
     let inner = t.get(1..inner_end)?;
     let mut it = inner.split_whitespace();
@@ -486,7 +521,10 @@ fn ctime_bracket(t: &str) -> Option<(i64, &str)> {
     let day: i64 = it.next()?.parse().ok()?;
     let secs = hms(it.next()?)?;
     let year: i64 = it.next()?.parse().ok()?;
-    Some((wall(year, mon, day, secs), t.get(inner_end + 1..)?))
+    Some((
+        (wall_ns(year, mon, day, secs), inner.trim()),
+        t.get(inner_end + 1..)?,
+    ))
 }
 
 /// `host ident[pid]: ` → (host, is kernel, rest).
@@ -573,7 +611,7 @@ fn emit<'a>(
     line: u64,
     dialect: Dialect,
     mono_ns: Option<u64>,
-    wall_s: Option<i64>,
+    wall: Option<Wall<'a>>,
     host: Option<Cow<'a, str>>,
     not_kernel: bool,
     boot: BootMark,
@@ -593,7 +631,8 @@ fn emit<'a>(
         line,
         dialect,
         mono_ns,
-        wall_s,
+        wall_ns: wall.map(|w| w.0),
+        stamp: wall.map(|w| Cow::Borrowed(w.1)),
         caller,
         host,
         not_kernel,
@@ -802,7 +841,7 @@ fn parse_json(line: u64, t: &str, f: &mut dyn FnMut(Rec<'_>)) -> Option<()> {
     let mono = num("_SOURCE_MONOTONIC_TIMESTAMP")
         .or_else(|| num("__MONOTONIC_TIMESTAMP"))
         .map(|us| us.saturating_mul(1000));
-    let wall = num("__REALTIME_TIMESTAMP").map(|us| (us / 1_000_000) as i64);
+    let wall = num("__REALTIME_TIMESTAMP").map(|us| us.saturating_mul(1000) as i64);
     let boot = o
         .get("_BOOT_ID")
         .and_then(|x| x.as_str())
@@ -823,7 +862,8 @@ fn parse_json(line: u64, t: &str, f: &mut dyn FnMut(Rec<'_>)) -> Option<()> {
             line,
             dialect: Dialect::JournalJson,
             mono_ns: mono,
-            wall_s: wall,
+            wall_ns: wall,
+            stamp: None,
             caller,
             host: host.clone(),
             not_kernel,

@@ -194,6 +194,8 @@ struct LineRef {
     cpu: Option<u32>,
     fact: &'static str,
     text: String,
+    /// The line's own timestamp as printed (wall-clock dialects).
+    stamp: Option<String>,
 }
 
 impl LineRef {
@@ -202,6 +204,7 @@ impl LineRef {
             line: self.line,
             fact: self.fact.to_string(),
             text: self.text.clone(),
+            time: self.stamp.clone(),
         }
     }
 }
@@ -699,10 +702,10 @@ impl Core {
             b.first_mono = Some(b.first_mono.map_or(ns, |f| f.min(ns)));
             b.mono += 1;
             ns
-        } else if let Some(w) = rec.wall_s {
+        } else if let Some(w) = rec.wall_ns {
             b.wall += 1;
             let first = *b.first_wall.get_or_insert(w);
-            (w.saturating_sub(first).max(0) as u64).saturating_mul(SEC)
+            w.saturating_sub(first).max(0) as u64
         } else {
             b.last_ts
         };
@@ -721,6 +724,7 @@ impl Core {
             cpu,
             fact: name,
             text: cut(&rec.text, MAX_TEXT),
+            stamp: rec.stamp.as_deref().map(str::to_string),
         };
         if let Some(n) = joined {
             let mut r = lr("wrapped-line");
@@ -1000,6 +1004,7 @@ impl Core {
                         },
                         fact: "frame",
                         text: cut(&rec.text, MAX_TEXT),
+                        stamp: rec.stamp.as_deref().map(str::to_string),
                     };
                     o.at_bottom = reliable && facts::bottom_frame(&sym);
                     if o.frames.len() < MAX_FRAMES {
@@ -1092,8 +1097,8 @@ fn join_wrapped(
         && next.boot == BootMark::None
         && ((next.mono_ns.is_some() && next.mono_ns == held.mono_ns)
             || (next.mono_ns.is_none()
-                && next.wall_s.is_some()
-                && next.wall_s == held.wall_s
+                && next.wall_ns.is_some()
+                && next.wall_ns == held.wall_ns
                 && next.host == held.host));
     let tail = next.text.trim_end();
     if !(bare || same_record_stamp)
@@ -2446,6 +2451,37 @@ mod tests {
             a.incidents[0].explanation.contains("inferred"),
             "{}",
             a.incidents[0].explanation
+        );
+    }
+
+    #[test]
+    fn a_logs_own_sub_second_times_are_kept_and_shown() {
+        // syslog with microseconds (rsyslog's precise format): two ITE reports 0.4 s apart in
+        // the same second of the wall clock.
+        let log = "Mar 14 11:41:01.100000 host kernel: DMAR: VT-d detected Invalidation Time-out Error: SID 200\n\
+                   Mar 14 11:41:01.500000 host kernel: DMAR: VT-d detected Invalidation Time-out Error: SID 200\n";
+        let a = run(log);
+        assert_eq!(a.incidents.len(), 1);
+        let i = &a.incidents[0];
+        assert_eq!(
+            i.end.0 - i.start.0,
+            400_000_000,
+            "sub-second difference kept"
+        );
+        let times: Vec<Option<&str>> = i
+            .evidence
+            .as_ref()
+            .unwrap()
+            .lines
+            .iter()
+            .map(|l| l.time.as_deref())
+            .collect();
+        assert_eq!(
+            times,
+            vec![
+                Some("Mar 14 11:41:01.100000"),
+                Some("Mar 14 11:41:01.500000")
+            ]
         );
     }
 

@@ -536,6 +536,11 @@ pub struct EvidenceLine {
     pub fact: String,
     /// The message, without its timestamp prefix (cut at 512 bytes).
     pub text: String,
+    /// The line's own timestamp as the log printed it, for logs stamped with the wall clock
+    /// (syslog, journal, `dmesg -T`): sub-second digits as printed. Schema 1.3; absent for
+    /// monotonic stamps (`[ 123.456789]`, which `start`/`end` carry) and unstamped lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
 }
 
 /// Why an incident reconstructed from a kernel log is believed.

@@ -237,6 +237,25 @@ impl Agent {
                 .unwrap()
                 .contains("itewatch agent: end of the source")
         });
+        // The JSON lines go out through the agent's writer thread, possibly after the source
+        // ended: wait until every incident has its lines and no more come.
+        let mut last = usize::MAX;
+        wait_for(20, "the agent's JSON lines for every incident", || {
+            let lines = self.stdout.lock().unwrap().clone();
+            let ids: BTreeSet<String> = lines
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter_map(|v| v["id"].as_str().map(str::to_string))
+                .collect();
+            // (An agent whose stdout carries no incident lines only has to go quiet.)
+            let settled =
+                lines.len() == last && (ids.is_empty() || ids.len() == self.incidents().len());
+            last = lines.len();
+            if !settled {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            settled
+        });
     }
 
     /// The revisions that call for an alert, from the JSON lines: each incident's first, and
@@ -674,8 +693,14 @@ fn alertmanager_gets_each_incident_once_across_its_own_outage() {
     wait_for(20, "failed pushes", || {
         agent.metric("itewatch_alertmanager_pushes_total") >= 1.0
     });
-    assert_eq!(pending(&spool), second.len());
-    assert_eq!(agent.metric("itewatch_pending_pushes"), second.len() as f64);
+    // Each delivery is spooled by the agent's writer thread: a failed push of the first may
+    // come before the last is on disk.
+    wait_for(20, "every delivery pending in the spool", || {
+        pending(&spool) == second.len()
+    });
+    wait_for(20, "the pending gauge", || {
+        agent.metric("itewatch_pending_pushes") == second.len() as f64
+    });
 
     // 3. Alertmanager back (its alerts were in memory: it starts empty): the running agent's
     // retries deliver each waiting incident, once.

@@ -146,6 +146,26 @@ pub fn collect_host(root: &Path) -> CollectedHost {
     }
 }
 
+/// Takes this process's memory out of transparent huge page collapsing
+/// (`prctl(PR_SET_THP_DISABLE)`, inherited by threads and children).
+///
+/// Why: when the race hits, a CPU spins in `qi_submit_sync` with interrupts off, and any
+/// cross-CPU call that waits for every CPU then stalls the CPU that makes it. In the 6.1 ITE
+/// storm run the surviving CPU stopped in `smp_call_function_many_cond`, called by
+/// khugepaged: `collapse_huge_page` → `tlb_remove_table_smp_sync` (symbolized from the
+/// harness's `cpus.txt`; docs/vm-tests.md). The tracer, whose memory is the busiest on a host
+/// that is otherwise waiting, must not hand khugepaged the work that triggers it. Best effort:
+/// a kernel without THP refuses it, and nothing else changes.
+pub fn keep_memory_off_khugepaged() -> std::io::Result<()> {
+    // SAFETY: prctl with PR_SET_THP_DISABLE takes integer arguments only.
+    let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,5 +316,15 @@ mod tests {
             ),
             Some(false)
         );
+    }
+
+    #[test]
+    fn thp_is_off_for_the_process_after_the_call() {
+        // Linux since 3.15; a kernel without THP refuses it (then nothing changed).
+        if keep_memory_off_khugepaged().is_ok() {
+            // SAFETY: PR_GET_THP_DISABLE takes no pointer.
+            let v = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+            assert_eq!(v, 1);
+        }
     }
 }

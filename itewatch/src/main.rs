@@ -210,6 +210,11 @@ fn replay(file: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Record(_) | Cmd::Live(_) | Cmd::Agent(_)) {
+        // The tracers run beside a CPU that may spin with interrupts off: keep khugepaged's
+        // cross-CPU calls away from their memory (host.rs). Best effort.
+        let _ = itewatch::host::keep_memory_off_khugepaged();
+    }
     let result: anyhow::Result<ExitCode> = match cli.cmd {
         Cmd::Record(a) => record(a),
         Cmd::Replay { file, json } => replay(file, json),

@@ -1563,494 +1563,27 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
     let mut devices: Vec<LogDevice> = Vec::new();
 
     for g in &groups {
-        let blocks: Vec<&Block> = g
-            .blocks
-            .iter()
-            .filter_map(|&i| boot.blocks.get(i))
-            .collect();
-        let rs: Vec<&Reading> = g
-            .blocks
-            .iter()
-            .filter_map(|&i| readings.get(i).and_then(|r| r.as_ref()))
-            .collect();
-        let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else {
-            continue;
-        };
-        let comm = blocks.iter().find_map(|b| b.comm.clone());
-        let pid = blocks.iter().find_map(|b| b.pid);
-        let cpu = blocks.iter().find_map(|b| b.cpu);
-        let pciehp_task = comm.as_deref().is_some_and(is_pciehp_comm);
-        let mut path = rs
-            .iter()
-            .map(|r| r.path)
-            .find(|p| *p == Path::Removal)
-            .or_else(|| rs.iter().map(|r| r.path).find(|p| *p != Path::Unknown))
-            .unwrap_or(Path::Unknown);
-        let mut basis: Vec<String> = Vec::new();
-        let mut unknowns: Vec<String> = Vec::new();
-        let mut certainty = Certainty::Confirmed;
-        let inval_frames: Vec<String> = {
-            let mut v: Vec<String> = Vec::new();
-            for b in &blocks {
-                for f in &b.frames {
-                    let s = stacks::function(&f.sym);
-                    if INVALIDATION.contains(&s) && !v.iter().any(|x| x == s) {
-                        v.push(s.to_string());
-                    }
-                }
-            }
-            v
-        };
-        basis.push(format!(
-            "the call trace shows the CPU in {} (a queued invalidation waiting for completion)",
-            inval_frames.join(" ← ")
-        ));
-        if path == Path::Unknown && pciehp_task {
-            path = Path::Removal;
-            certainty = Certainty::Probable;
-            basis.push(format!(
-                "the stuck task is {} (the pciehp interrupt thread: hot-plug handling); the frames do not show the path",
-                comm.as_deref().unwrap_or("")
-            ));
-        } else if path == Path::Removal {
-            basis.push("the call trace shows the device-removal path (pciehp / iommu_bus_notifier / release_device)".into());
-        } else if path == Path::Driver {
-            basis.push("the call trace shows a driver's DMA-unmap / IOTLB-flush path, not the removal path".into());
-        } else if path == Path::Domain {
-            basis.push("the call trace shows a domain change (VFIO close, attach/detach)".into());
-        }
-        if rs.iter().any(|r| r.used_unreliable) {
-            certainty = certainty.min(Certainty::Probable);
-            basis.push("some frames used are marked '?' (possibly stale stack words)".into());
-        }
-        if let Some(c) = &comm {
-            if !pciehp_task || path != Path::Removal {
-                basis.push(format!(
-                    "stuck task: {c}{}",
-                    pid.map(|p| format!(" (PID {p})")).unwrap_or_default()
-                ));
-            }
-        } else {
-            unknowns.push("the log does not name the stuck task".into());
-        }
-        let frames_removal = rs.iter().find_map(|r| r.removal_from_frames);
-        let ctx = removal_before(
-            &boot.slots,
-            first.header.line,
-            first.header.ts,
-            opts.removal_window_ns,
-        );
-        let removal = frames_removal.or(ctx.as_ref().and_then(|c| c.kind));
-        if let Some(k) = frames_removal {
-            basis.push(format!(
-                "the frames show a {} removal ({})",
-                if k == RemovalKind::Surprise {
-                    "surprise"
-                } else {
-                    "safe"
-                },
-                if k == RemovalKind::Surprise {
-                    "pciehp_handle_presence_or_link_change"
-                } else {
-                    "disable request / sysfs remove"
-                }
-            ));
-        } else if let Some(c) = &ctx {
-            match c.kind {
-                Some(RemovalKind::Surprise) => basis.push(format!(
-                    "Slot({}) reported Link Down / Card not present before it, with no attention-button press: a surprise removal",
-                    c.slot
-                )),
-                Some(RemovalKind::Safe) => basis.push(format!(
-                    "Slot({}) had an attention-button / power-off request before it: a safe removal{}",
-                    c.slot,
-                    if c.link_lost_during_safe { ", and the link was lost during it" } else { "" }
-                )),
-                None => {}
-            }
-            if c.ambiguous {
-                unknowns.push(
-                    "several slots had removals in the window; the slot named is the latest".into(),
-                );
-            }
-        }
-        let (kind, window) = match path {
-            Path::Removal => match removal {
-                Some(RemovalKind::Surprise) => (
-                    IncidentKind::FlushToGoneDevice,
-                    Some(crate::correlate::incident::Window::W2),
-                ),
-                Some(RemovalKind::Safe) => (
-                    IncidentKind::SafeRemovalFlushTimeout,
-                    Some(crate::correlate::incident::Window::W3),
-                ),
-                None => {
-                    unknowns.push("whether the removal was safe or surprise (no pciehp line and no telling frame): case 2 or 3".into());
-                    certainty = certainty.min(Certainty::Probable);
-                    (IncidentKind::HungInvalidation, None)
-                }
-            },
-            Path::Driver => match &ctx {
-                Some(c) if c.kind.is_some() => {
-                    basis.push(format!(
-                        "a removal of Slot({}) was under way when the driver's invalidation hung (the thread's case 1)",
-                        c.slot
-                    ));
-                    certainty = certainty.min(Certainty::Probable);
-                    if removal_task_stuck {
-                        certainty = Certainty::Possible;
-                        unknowns.push("another task was stuck on the removal path at the same time: this one may only be waiting behind it on the same invalidation queue".into());
-                    }
-                    (
-                        IncidentKind::InflightAcrossDisconnect,
-                        Some(crate::correlate::incident::Window::W1),
-                    )
-                }
-                _ => {
-                    unknowns.push("no hot-plug removal appears before it in this boot".into());
-                    (IncidentKind::HungInvalidation, None)
-                }
-            },
-            Path::Domain | Path::Unknown => {
-                if path == Path::Unknown {
-                    unknowns
-                        .push("the frames do not show which path issued the invalidation".into());
-                    certainty = certainty.min(Certainty::Probable);
-                }
-                (IncidentKind::HungInvalidation, None)
-            }
-        };
-        // The ITE burst(s) about the same episode.
-        let t0 = first.header.ts;
-        let t1 = last.header.ts;
-        let mut sid: Option<Sid> = None;
-        let mut sid_inferred = false;
-        let mut ite_lines: Vec<LineRef> = Vec::new();
-        let mut ite_reports = 0u32;
-        let mut first_ite_ts: Option<u64> = None;
-        for (bi_, b) in ite.iter().enumerate() {
-            let near = b.first_ts <= t1.saturating_add(opts.link_window_ns)
-                && t0 <= b.last_ts.saturating_add(opts.link_window_ns);
-            if near && burst_link.get(bi_).is_some_and(|l| l.is_none()) {
-                if let Some(slot) = burst_link.get_mut(bi_) {
-                    *slot = Some(made.len());
-                }
-                if sid.is_none() {
-                    sid = b.sid;
-                    sid_inferred = b.sid_inferred;
-                }
-                ite_reports = ite_reports.saturating_add(b.reports);
-                first_ite_ts = Some(first_ite_ts.map_or(b.first_ts, |t: u64| t.min(b.first_ts)));
-                let n = b.lines.len();
-                for (k, &li) in b.lines.iter().enumerate() {
-                    if k < 4 || k + 2 >= n {
-                        if let Some(l) = boot.ite.get(li) {
-                            ite_lines.push(l.r.clone());
-                        }
-                    }
-                }
-            }
-        }
-        if ite_reports > 0 {
-            basis.push(format!(
-                "{ite_reports} ITE report(s) from the IOMMU around it{}",
-                if ite_reports >= opts.ite_loop_reports {
-                    ": the time-out → abort → resubmit loop of qi_submit_sync"
-                } else {
-                    ""
-                }
-            ));
-        } else {
-            unknowns
-                .push("no ITE line survives in the log (the device and SID may be unknown)".into());
-        }
-        let spinning = blocks.iter().any(|b| b.kind.spinning())
-            || boot
-                .panic
-                .as_ref()
-                .is_some_and(|p| p.text.contains("LOCKUP"));
-        let severity = if spinning {
-            Severity::Critical
-        } else {
-            Severity::Warning
-        };
-        let stuck = blocks
-            .iter()
-            .filter_map(|b| b.stuck_s)
-            .max()
-            .map(|s| s.saturating_mul(SEC));
-        let outcome = stuck
-            .or_else(|| {
-                first_ite_ts
-                    .map(|f| t1.saturating_sub(f))
-                    .filter(|d| *d > 0)
-            })
-            .map(|ns| Outcome::NotReturned { outstanding_ns: ns });
-        let mut partial_reasons = Vec::new();
-        if !last.ended && last.last_line + 1 >= boot.info.last_line {
-            // Only a lockup or stall report of the stuck CPU cut before the bottom of its
-            // trace says the host died printing it; an excerpt or capture may simply stop.
-            let stuck_cpu_report = last.hang
-                && (last.kind.spinning() || last.kind == ReportKind::Dump)
-                && (last.cpu.is_none() || cpu.is_none() || last.cpu == cpu);
-            partial_reasons.push(if stuck_cpu_report && !last.at_bottom {
-                "the log ends inside the last report, before the bottom of its call trace (the host died while printing it)".into()
-            } else {
-                "the log ends inside the last report".into()
-            });
-        }
-        if blocks.iter().any(|b| b.frames_omitted > 0) {
-            partial_reasons.push("call traces longer than 96 frames were cut".into());
-        }
-        // Device.
-        let slot_ctx = ctx.as_ref().filter(|_| {
-            matches!(path, Path::Removal) || kind == IncidentKind::InflightAcrossDisconnect
-        });
-        let mut device = device_for(
+        if let Some((inc, device)) = diagnose_group(
             boot,
-            sid,
-            slot_ctx.map(|c| (c.slot.clone(), c.port)),
-            removal,
-            first.header.line,
-        );
-        if sid_inferred {
-            device.inferred = true;
-            device.candidates = sid.into_iter().collect();
-            unknowns.push("the IOMMU reported SID 0; the SID is inferred from the Device-TLB descriptor of the queue dump (QI PRIOR, else QI HEAD)".into());
-        }
-        if sid.is_none() {
-            unknowns.push("which device the invalidation targeted".into());
-        }
-        // Evidence lines.
-        let mut ev: Vec<LineRef> = Vec::new();
-        if let Some(c) = slot_ctx {
-            ev.extend(c.lines.iter().cloned());
-        }
-        ev.extend(ite_lines.iter().cloned());
-        for (b, r) in blocks.iter().zip(rs.iter()) {
-            ev.push(b.header.clone());
-            if let Some(t) = &b.task_line {
-                if t.line != b.header.line {
-                    ev.push(t.clone());
-                }
-            }
-            for &k in &r.key_frames {
-                if let Some(f) = b.frames.get(k) {
-                    ev.push(f.r.clone());
-                }
-            }
-        }
-        if let Some(p) = &boot.panic {
-            if p.line >= first.header.line {
-                ev.push(p.clone());
-            }
-        }
-        let hint = rs.iter().map(|r| r.hint).min().unwrap_or(FixHint::None);
-        let caller = rs.first().map(|r| r.caller).unwrap_or(CallerPath::Unknown);
-        let id = IncidentId::derive(kind, &[u64::from(bi), first.header.line]);
-        let explanation = explain_group(
-            kind,
-            &device,
-            comm.as_deref(),
-            removal,
-            &ctx,
-            ite_reports,
-            severity,
-            path,
-        );
-        let facts = describe::Facts {
-            kind,
-            device: &device,
-            outcome: outcome.as_ref(),
-            caller,
-            hint,
-            removal,
-            submissions: 0,
-            reports: ite_reports,
-            sid_zero: sid.is_none() || sid_inferred,
-            inferred: sid_inferred,
-            candidates: &device.candidates,
-            attributed_to: None,
-            lockup_seen: spinning,
-        };
-        let fixes = describe::fixes_for(&facts);
-        let inc = build_incident(
-            id,
-            kind,
-            window,
-            severity,
-            device.clone(),
-            removal,
-            outcome,
-            explanation,
-            fixes,
-            ev,
-            Evidence {
-                boot: bi,
-                certainty,
-                basis,
-                unknowns,
-                lines: Vec::new(),
-                lines_omitted: 0,
-            },
-            u32::try_from(blocks.len()).unwrap_or(u32::MAX),
-            partial_reasons,
-            (cpu, pid, comm.as_deref()),
+            g,
+            &readings,
+            &ite,
+            &mut burst_link,
+            &made,
+            removal_task_stuck,
             opts,
-        );
-        add_device(&mut devices, &device);
-        made.push(inc);
+        ) {
+            add_device(&mut devices, &device);
+            made.push(inc);
+        }
     }
 
     // ITE bursts: each is an ite-reported incident, attributed to the stuck task it explains.
     for (k, b) in ite.iter().enumerate() {
-        if b.reports == 0 {
-            continue;
+        if let Some((inc, device)) = diagnose_burst(boot, k, b, &burst_link, &mut made, opts) {
+            add_device(&mut devices, &device);
+            made.push(inc);
         }
-        let linked = burst_link.get(k).copied().flatten();
-        let mut basis = vec![format!(
-            "{} \"VT-d detected Invalidation Time-out Error\" / \"(ITE) cleared\" / fault-status report(s)",
-            b.reports
-        )];
-        let mut unknowns = Vec::new();
-        let mut certainty = Certainty::Confirmed;
-        let ctx = removal_before(
-            &boot.slots,
-            b.first_line,
-            b.first_ts,
-            opts.removal_window_ns,
-        );
-        let removal = ctx.as_ref().and_then(|c| c.kind);
-        if let Some(c) = &ctx {
-            basis.push(format!(
-                "Slot({}) had a {} removal before it",
-                c.slot,
-                match c.kind {
-                    Some(RemovalKind::Safe) => "safe",
-                    Some(RemovalKind::Surprise) => "surprise",
-                    None => "",
-                }
-            ));
-        }
-        if b.all_ones {
-            unknowns.push("the IOMMU reported SID ffff: all ones is no device's ID but an invalid value (what a read of a register or device that is gone returns)".into());
-        }
-        if b.sid_inferred {
-            unknowns.push(format!("the IOMMU reported SID {}; the SID is inferred from the Device-TLB descriptor of the queue dump (QI PRIOR, else QI HEAD)", if b.all_ones { "ffff" } else { "0" }));
-        } else if b.sid.is_none() && b.all_ones {
-            unknowns.push("no Device-TLB descriptor was dumped: the device is unknown".into());
-        } else if b.sid.is_none() {
-            unknowns.push("the IOMMU reported SID 0 and no Device-TLB descriptor was dumped: the device is unknown".into());
-        }
-        if !b.other_sids.is_empty() {
-            unknowns.push(format!(
-                "{}: {}",
-                if b.sid.is_some() && !b.sid_inferred {
-                    "other SIDs also timed out in this burst"
-                } else {
-                    "other candidates (devices with device-TLB invalidations in the queue dump)"
-                },
-                b.other_sids
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
-        if linked.is_none() {
-            unknowns.push("no call trace shows which path issued the invalidation (case 1, 2 or 3 cannot be told)".into());
-            if ctx.is_some() {
-                certainty = Certainty::Possible;
-                basis.push("only the timing links the ITE to the removal".into());
-            }
-        }
-        let looping = b.reports >= opts.ite_loop_reports;
-        let severity = if looping
-            || linked
-                .and_then(|i| made.get(i))
-                .is_some_and(|m| m.severity == Severity::Critical)
-        {
-            Severity::Critical
-        } else {
-            Severity::Warning
-        };
-        if looping {
-            basis.push("the report repeats: qi_submit_sync's abort → -EAGAIN → resubmit loop, with interrupts off".into());
-        }
-        let slot_ctx = ctx.as_ref().map(|c| (c.slot.clone(), c.port));
-        let mut device = device_for(boot, b.sid, slot_ctx, removal, b.first_line);
-        if b.sid_inferred || b.sid.is_none() {
-            device.inferred = b.sid_inferred;
-            device.candidates = b
-                .sid
-                .into_iter()
-                .chain(b.other_sids.iter().copied())
-                .collect();
-        }
-        let mut ev: Vec<LineRef> = Vec::new();
-        if let Some(c) = &ctx {
-            ev.extend(c.lines.iter().cloned());
-        }
-        for &li in &b.lines {
-            if let Some(l) = boot.ite.get(li) {
-                ev.push(l.r.clone());
-            }
-        }
-        let kind = IncidentKind::IteReported;
-        let id = IncidentId::derive(kind, &[u64::from(bi), b.first_line]);
-        let attribution = linked.and_then(|i| made.get(i)).map(|m| Attribution {
-            kind: m.kind,
-            window: m.window,
-            id: m.id.clone(),
-        });
-        let explanation = explain_ite(&device, b, looping, &attribution, &ctx);
-        let facts = describe::Facts {
-            kind,
-            device: &device,
-            outcome: None,
-            caller: CallerPath::Unknown,
-            hint: FixHint::None,
-            removal,
-            submissions: 0,
-            reports: b.reports,
-            sid_zero: b.sid.is_none() || b.sid_inferred,
-            inferred: b.sid_inferred,
-            candidates: &device.candidates,
-            attributed_to: attribution.as_ref().map(|a| a.kind),
-            lockup_seen: severity == Severity::Critical,
-        };
-        let fixes = describe::fixes_for(&facts);
-        let mut inc = build_incident(
-            id,
-            kind,
-            None,
-            severity,
-            device.clone(),
-            removal,
-            None,
-            explanation,
-            fixes,
-            ev,
-            Evidence {
-                boot: bi,
-                certainty,
-                basis,
-                unknowns,
-                lines: Vec::new(),
-                lines_omitted: 0,
-            },
-            b.reports,
-            Vec::new(),
-            (None, None, None),
-            opts,
-        );
-        inc.attribution = attribution;
-        if let Some(m) = linked.and_then(|i| made.get_mut(i)) {
-            m.related.push(inc.id.clone());
-            inc.related.push(m.id.clone());
-        }
-        add_device(&mut devices, &device);
-        made.push(inc);
     }
 
     // Removals without trouble are notes.
@@ -2092,6 +1625,517 @@ fn diagnose(boot: &mut BootState, opts: &Options, out: &mut Analysis) {
         });
     }
     boot.info.devices = devices;
+}
+
+/// One stuck task's reports (a group): the incident they make, with its device.
+#[allow(clippy::too_many_arguments)]
+fn diagnose_group(
+    boot: &BootState,
+    g: &Group,
+    readings: &[Option<Reading>],
+    ite: &[Burst],
+    burst_link: &mut [Option<usize>],
+    made: &[Incident],
+    removal_task_stuck: bool,
+    opts: &Options,
+) -> Option<(Incident, IncidentDevice)> {
+    let bi = boot.info.index;
+    let blocks: Vec<&Block> = g
+        .blocks
+        .iter()
+        .filter_map(|&i| boot.blocks.get(i))
+        .collect();
+    let rs: Vec<&Reading> = g
+        .blocks
+        .iter()
+        .filter_map(|&i| readings.get(i).and_then(|r| r.as_ref()))
+        .collect();
+    let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else {
+        return None;
+    };
+    let comm = blocks.iter().find_map(|b| b.comm.clone());
+    let pid = blocks.iter().find_map(|b| b.pid);
+    let cpu = blocks.iter().find_map(|b| b.cpu);
+    let pciehp_task = comm.as_deref().is_some_and(is_pciehp_comm);
+    let mut path = rs
+        .iter()
+        .map(|r| r.path)
+        .find(|p| *p == Path::Removal)
+        .or_else(|| rs.iter().map(|r| r.path).find(|p| *p != Path::Unknown))
+        .unwrap_or(Path::Unknown);
+    let mut basis: Vec<String> = Vec::new();
+    let mut unknowns: Vec<String> = Vec::new();
+    let mut certainty = Certainty::Confirmed;
+    let inval_frames: Vec<String> = {
+        let mut v: Vec<String> = Vec::new();
+        for b in &blocks {
+            for f in &b.frames {
+                let s = stacks::function(&f.sym);
+                if INVALIDATION.contains(&s) && !v.iter().any(|x| x == s) {
+                    v.push(s.to_string());
+                }
+            }
+        }
+        v
+    };
+    basis.push(format!(
+        "the call trace shows the CPU in {} (a queued invalidation waiting for completion)",
+        inval_frames.join(" ← ")
+    ));
+    if path == Path::Unknown && pciehp_task {
+        path = Path::Removal;
+        certainty = Certainty::Probable;
+        basis.push(format!(
+            "the stuck task is {} (the pciehp interrupt thread: hot-plug handling); the frames do not show the path",
+            comm.as_deref().unwrap_or("")
+        ));
+    } else if path == Path::Removal {
+        basis.push("the call trace shows the device-removal path (pciehp / iommu_bus_notifier / release_device)".into());
+    } else if path == Path::Driver {
+        basis.push(
+            "the call trace shows a driver's DMA-unmap / IOTLB-flush path, not the removal path"
+                .into(),
+        );
+    } else if path == Path::Domain {
+        basis.push("the call trace shows a domain change (VFIO close, attach/detach)".into());
+    }
+    if rs.iter().any(|r| r.used_unreliable) {
+        certainty = certainty.min(Certainty::Probable);
+        basis.push("some frames used are marked '?' (possibly stale stack words)".into());
+    }
+    if let Some(c) = &comm {
+        if !pciehp_task || path != Path::Removal {
+            basis.push(format!(
+                "stuck task: {c}{}",
+                pid.map(|p| format!(" (PID {p})")).unwrap_or_default()
+            ));
+        }
+    } else {
+        unknowns.push("the log does not name the stuck task".into());
+    }
+    let frames_removal = rs.iter().find_map(|r| r.removal_from_frames);
+    let ctx = removal_before(
+        &boot.slots,
+        first.header.line,
+        first.header.ts,
+        opts.removal_window_ns,
+    );
+    let removal = frames_removal.or(ctx.as_ref().and_then(|c| c.kind));
+    if let Some(k) = frames_removal {
+        basis.push(format!(
+            "the frames show a {} removal ({})",
+            if k == RemovalKind::Surprise {
+                "surprise"
+            } else {
+                "safe"
+            },
+            if k == RemovalKind::Surprise {
+                "pciehp_handle_presence_or_link_change"
+            } else {
+                "disable request / sysfs remove"
+            }
+        ));
+    } else if let Some(c) = &ctx {
+        match c.kind {
+            Some(RemovalKind::Surprise) => basis.push(format!(
+                "Slot({}) reported Link Down / Card not present before it, with no attention-button press: a surprise removal",
+                c.slot
+            )),
+            Some(RemovalKind::Safe) => basis.push(format!(
+                "Slot({}) had an attention-button / power-off request before it: a safe removal{}",
+                c.slot,
+                if c.link_lost_during_safe { ", and the link was lost during it" } else { "" }
+            )),
+            None => {}
+        }
+        if c.ambiguous {
+            unknowns.push(
+                "several slots had removals in the window; the slot named is the latest".into(),
+            );
+        }
+    }
+    let (kind, window) = match path {
+        Path::Removal => match removal {
+            Some(RemovalKind::Surprise) => (
+                IncidentKind::FlushToGoneDevice,
+                Some(crate::correlate::incident::Window::W2),
+            ),
+            Some(RemovalKind::Safe) => (
+                IncidentKind::SafeRemovalFlushTimeout,
+                Some(crate::correlate::incident::Window::W3),
+            ),
+            None => {
+                unknowns.push("whether the removal was safe or surprise (no pciehp line and no telling frame): case 2 or 3".into());
+                certainty = certainty.min(Certainty::Probable);
+                (IncidentKind::HungInvalidation, None)
+            }
+        },
+        Path::Driver => match &ctx {
+            Some(c) if c.kind.is_some() => {
+                basis.push(format!(
+                    "a removal of Slot({}) was under way when the driver's invalidation hung (the thread's case 1)",
+                    c.slot
+                ));
+                certainty = certainty.min(Certainty::Probable);
+                if removal_task_stuck {
+                    certainty = Certainty::Possible;
+                    unknowns.push("another task was stuck on the removal path at the same time: this one may only be waiting behind it on the same invalidation queue".into());
+                }
+                (
+                    IncidentKind::InflightAcrossDisconnect,
+                    Some(crate::correlate::incident::Window::W1),
+                )
+            }
+            _ => {
+                unknowns.push("no hot-plug removal appears before it in this boot".into());
+                (IncidentKind::HungInvalidation, None)
+            }
+        },
+        Path::Domain | Path::Unknown => {
+            if path == Path::Unknown {
+                unknowns.push("the frames do not show which path issued the invalidation".into());
+                certainty = certainty.min(Certainty::Probable);
+            }
+            (IncidentKind::HungInvalidation, None)
+        }
+    };
+    // The ITE burst(s) about the same episode.
+    let t0 = first.header.ts;
+    let t1 = last.header.ts;
+    let mut sid: Option<Sid> = None;
+    let mut sid_inferred = false;
+    let mut ite_lines: Vec<LineRef> = Vec::new();
+    let mut ite_reports = 0u32;
+    let mut first_ite_ts: Option<u64> = None;
+    for (bi_, b) in ite.iter().enumerate() {
+        let near = b.first_ts <= t1.saturating_add(opts.link_window_ns)
+            && t0 <= b.last_ts.saturating_add(opts.link_window_ns);
+        if near && burst_link.get(bi_).is_some_and(|l| l.is_none()) {
+            if let Some(slot) = burst_link.get_mut(bi_) {
+                *slot = Some(made.len());
+            }
+            if sid.is_none() {
+                sid = b.sid;
+                sid_inferred = b.sid_inferred;
+            }
+            ite_reports = ite_reports.saturating_add(b.reports);
+            first_ite_ts = Some(first_ite_ts.map_or(b.first_ts, |t: u64| t.min(b.first_ts)));
+            let n = b.lines.len();
+            for (k, &li) in b.lines.iter().enumerate() {
+                if k < 4 || k + 2 >= n {
+                    if let Some(l) = boot.ite.get(li) {
+                        ite_lines.push(l.r.clone());
+                    }
+                }
+            }
+        }
+    }
+    if ite_reports > 0 {
+        basis.push(format!(
+            "{ite_reports} ITE report(s) from the IOMMU around it{}",
+            if ite_reports >= opts.ite_loop_reports {
+                ": the time-out → abort → resubmit loop of qi_submit_sync"
+            } else {
+                ""
+            }
+        ));
+    } else {
+        unknowns.push("no ITE line survives in the log (the device and SID may be unknown)".into());
+    }
+    let spinning = blocks.iter().any(|b| b.kind.spinning())
+        || boot
+            .panic
+            .as_ref()
+            .is_some_and(|p| p.text.contains("LOCKUP"));
+    let severity = if spinning {
+        Severity::Critical
+    } else {
+        Severity::Warning
+    };
+    let stuck = blocks
+        .iter()
+        .filter_map(|b| b.stuck_s)
+        .max()
+        .map(|s| s.saturating_mul(SEC));
+    let outcome = stuck
+        .or_else(|| {
+            first_ite_ts
+                .map(|f| t1.saturating_sub(f))
+                .filter(|d| *d > 0)
+        })
+        .map(|ns| Outcome::NotReturned { outstanding_ns: ns });
+    let mut partial_reasons = Vec::new();
+    if !last.ended && last.last_line + 1 >= boot.info.last_line {
+        // Only a lockup or stall report of the stuck CPU cut before the bottom of its
+        // trace says the host died printing it; an excerpt or capture may simply stop.
+        let stuck_cpu_report = last.hang
+            && (last.kind.spinning() || last.kind == ReportKind::Dump)
+            && (last.cpu.is_none() || cpu.is_none() || last.cpu == cpu);
+        partial_reasons.push(if stuck_cpu_report && !last.at_bottom {
+            "the log ends inside the last report, before the bottom of its call trace (the host died while printing it)".into()
+        } else {
+            "the log ends inside the last report".into()
+        });
+    }
+    if blocks.iter().any(|b| b.frames_omitted > 0) {
+        partial_reasons.push("call traces longer than 96 frames were cut".into());
+    }
+    // Device.
+    let slot_ctx = ctx.as_ref().filter(|_| {
+        matches!(path, Path::Removal) || kind == IncidentKind::InflightAcrossDisconnect
+    });
+    let mut device = device_for(
+        boot,
+        sid,
+        slot_ctx.map(|c| (c.slot.clone(), c.port)),
+        removal,
+        first.header.line,
+    );
+    if sid_inferred {
+        device.inferred = true;
+        device.candidates = sid.into_iter().collect();
+        unknowns.push("the IOMMU reported SID 0; the SID is inferred from the Device-TLB descriptor of the queue dump (QI PRIOR, else QI HEAD)".into());
+    }
+    if sid.is_none() {
+        unknowns.push("which device the invalidation targeted".into());
+    }
+    // Evidence lines.
+    let mut ev: Vec<LineRef> = Vec::new();
+    if let Some(c) = slot_ctx {
+        ev.extend(c.lines.iter().cloned());
+    }
+    ev.extend(ite_lines.iter().cloned());
+    for (b, r) in blocks.iter().zip(rs.iter()) {
+        ev.push(b.header.clone());
+        if let Some(t) = &b.task_line {
+            if t.line != b.header.line {
+                ev.push(t.clone());
+            }
+        }
+        for &k in &r.key_frames {
+            if let Some(f) = b.frames.get(k) {
+                ev.push(f.r.clone());
+            }
+        }
+    }
+    if let Some(p) = &boot.panic {
+        if p.line >= first.header.line {
+            ev.push(p.clone());
+        }
+    }
+    let hint = rs.iter().map(|r| r.hint).min().unwrap_or(FixHint::None);
+    let caller = rs.first().map(|r| r.caller).unwrap_or(CallerPath::Unknown);
+    let id = IncidentId::derive(kind, &[u64::from(bi), first.header.line]);
+    let explanation = explain_group(
+        kind,
+        &device,
+        comm.as_deref(),
+        removal,
+        &ctx,
+        ite_reports,
+        severity,
+        path,
+    );
+    let facts = describe::Facts {
+        kind,
+        device: &device,
+        outcome: outcome.as_ref(),
+        caller,
+        hint,
+        removal,
+        submissions: 0,
+        reports: ite_reports,
+        sid_zero: sid.is_none() || sid_inferred,
+        inferred: sid_inferred,
+        candidates: &device.candidates,
+        attributed_to: None,
+        lockup_seen: spinning,
+    };
+    let fixes = describe::fixes_for(&facts);
+    let inc = build_incident(
+        id,
+        kind,
+        window,
+        severity,
+        device.clone(),
+        removal,
+        outcome,
+        explanation,
+        fixes,
+        ev,
+        Evidence {
+            boot: bi,
+            certainty,
+            basis,
+            unknowns,
+            lines: Vec::new(),
+            lines_omitted: 0,
+        },
+        u32::try_from(blocks.len()).unwrap_or(u32::MAX),
+        partial_reasons,
+        (cpu, pid, comm.as_deref()),
+        opts,
+    );
+    Some((inc, device))
+}
+
+/// An ITE burst: its ite-reported incident, attributed to the stuck task it explains (whose
+/// incident in `made` is linked back).
+fn diagnose_burst(
+    boot: &BootState,
+    k: usize,
+    b: &Burst,
+    burst_link: &[Option<usize>],
+    made: &mut [Incident],
+    opts: &Options,
+) -> Option<(Incident, IncidentDevice)> {
+    let bi = boot.info.index;
+    if b.reports == 0 {
+        return None;
+    }
+    let linked = burst_link.get(k).copied().flatten();
+    let mut basis = vec![format!(
+        "{} \"VT-d detected Invalidation Time-out Error\" / \"(ITE) cleared\" / fault-status report(s)",
+        b.reports
+    )];
+    let mut unknowns = Vec::new();
+    let mut certainty = Certainty::Confirmed;
+    let ctx = removal_before(
+        &boot.slots,
+        b.first_line,
+        b.first_ts,
+        opts.removal_window_ns,
+    );
+    let removal = ctx.as_ref().and_then(|c| c.kind);
+    if let Some(c) = &ctx {
+        basis.push(format!(
+            "Slot({}) had a {} removal before it",
+            c.slot,
+            match c.kind {
+                Some(RemovalKind::Safe) => "safe",
+                Some(RemovalKind::Surprise) => "surprise",
+                None => "",
+            }
+        ));
+    }
+    if b.all_ones {
+        unknowns.push("the IOMMU reported SID ffff: all ones is no device's ID but an invalid value (what a read of a register or device that is gone returns)".into());
+    }
+    if b.sid_inferred {
+        unknowns.push(format!("the IOMMU reported SID {}; the SID is inferred from the Device-TLB descriptor of the queue dump (QI PRIOR, else QI HEAD)", if b.all_ones { "ffff" } else { "0" }));
+    } else if b.sid.is_none() && b.all_ones {
+        unknowns.push("no Device-TLB descriptor was dumped: the device is unknown".into());
+    } else if b.sid.is_none() {
+        unknowns.push("the IOMMU reported SID 0 and no Device-TLB descriptor was dumped: the device is unknown".into());
+    }
+    if !b.other_sids.is_empty() {
+        unknowns.push(format!(
+            "{}: {}",
+            if b.sid.is_some() && !b.sid_inferred {
+                "other SIDs also timed out in this burst"
+            } else {
+                "other candidates (devices with device-TLB invalidations in the queue dump)"
+            },
+            b.other_sids
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if linked.is_none() {
+        unknowns.push("no call trace shows which path issued the invalidation (case 1, 2 or 3 cannot be told)".into());
+        if ctx.is_some() {
+            certainty = Certainty::Possible;
+            basis.push("only the timing links the ITE to the removal".into());
+        }
+    }
+    let looping = b.reports >= opts.ite_loop_reports;
+    let severity = if looping
+        || linked
+            .and_then(|i| made.get(i))
+            .is_some_and(|m| m.severity == Severity::Critical)
+    {
+        Severity::Critical
+    } else {
+        Severity::Warning
+    };
+    if looping {
+        basis.push("the report repeats: qi_submit_sync's abort → -EAGAIN → resubmit loop, with interrupts off".into());
+    }
+    let slot_ctx = ctx.as_ref().map(|c| (c.slot.clone(), c.port));
+    let mut device = device_for(boot, b.sid, slot_ctx, removal, b.first_line);
+    if b.sid_inferred || b.sid.is_none() {
+        device.inferred = b.sid_inferred;
+        device.candidates = b
+            .sid
+            .into_iter()
+            .chain(b.other_sids.iter().copied())
+            .collect();
+    }
+    let mut ev: Vec<LineRef> = Vec::new();
+    if let Some(c) = &ctx {
+        ev.extend(c.lines.iter().cloned());
+    }
+    for &li in &b.lines {
+        if let Some(l) = boot.ite.get(li) {
+            ev.push(l.r.clone());
+        }
+    }
+    let kind = IncidentKind::IteReported;
+    let id = IncidentId::derive(kind, &[u64::from(bi), b.first_line]);
+    let attribution = linked.and_then(|i| made.get(i)).map(|m| Attribution {
+        kind: m.kind,
+        window: m.window,
+        id: m.id.clone(),
+    });
+    let explanation = explain_ite(&device, b, looping, &attribution, &ctx);
+    let facts = describe::Facts {
+        kind,
+        device: &device,
+        outcome: None,
+        caller: CallerPath::Unknown,
+        hint: FixHint::None,
+        removal,
+        submissions: 0,
+        reports: b.reports,
+        sid_zero: b.sid.is_none() || b.sid_inferred,
+        inferred: b.sid_inferred,
+        candidates: &device.candidates,
+        attributed_to: attribution.as_ref().map(|a| a.kind),
+        lockup_seen: severity == Severity::Critical,
+    };
+    let fixes = describe::fixes_for(&facts);
+    let mut inc = build_incident(
+        id,
+        kind,
+        None,
+        severity,
+        device.clone(),
+        removal,
+        None,
+        explanation,
+        fixes,
+        ev,
+        Evidence {
+            boot: bi,
+            certainty,
+            basis,
+            unknowns,
+            lines: Vec::new(),
+            lines_omitted: 0,
+        },
+        b.reports,
+        Vec::new(),
+        (None, None, None),
+        opts,
+    );
+    inc.attribution = attribution;
+    if let Some(m) = linked.and_then(|i| made.get_mut(i)) {
+        m.related.push(inc.id.clone());
+        inc.related.push(m.id.clone());
+    }
+    Some((inc, device))
 }
 
 fn add_device(devices: &mut Vec<LogDevice>, d: &IncidentDevice) {

@@ -43,9 +43,12 @@ impl JsonSchema for Bdf {
 }
 
 /// The version this build writes.
-pub const SCHEMA_VERSION: &str = "1.3";
+pub const SCHEMA_VERSION: &str = "2.0";
 /// The major version this build reads.
-pub const SCHEMA_MAJOR: u32 = 1;
+pub const SCHEMA_MAJOR: u32 = 2;
+
+/// The older major this build still reads (its field names are accepted as aliases).
+pub const SCHEMA_MAJOR_READ: u32 = 1;
 
 /// The report document.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -262,7 +265,9 @@ pub struct InventoryDevice {
     /// PCI source-id (`bus << 8 | devfn`).
     pub sid: Option<u16>,
     pub vendor: Option<u16>,
-    pub device: Option<u16>,
+    /// PCI device id (`device` before schema 2.0).
+    #[serde(alias = "device")]
+    pub device_id: Option<u16>,
     /// `vvvv:dddd`.
     pub vendor_device: Option<String>,
     pub driver: Option<String>,
@@ -297,7 +302,7 @@ pub enum DocumentError {
     Io(#[from] io::Error),
     #[error("cannot encode the report: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("report schema version {0} is not readable by this build (reads {SCHEMA_MAJOR}.x)")]
+    #[error("report schema version {0} is not readable by this build (reads {SCHEMA_MAJOR_READ}.x and {SCHEMA_MAJOR}.x)")]
     Version(String),
     #[error("{0}")]
     Unsupported(&'static str),
@@ -388,7 +393,7 @@ pub fn inventory_from_incidents(
             bdf: key,
             sid: d.sid.map(|s| s.0),
             vendor,
-            device,
+            device_id: device,
             vendor_device: vendor
                 .zip(device)
                 .map(|(v, dv)| format!("{v:04x}:{dv:04x}")),
@@ -644,7 +649,7 @@ pub fn from_analysis(a: Analysis, path: Option<&str>) -> ReportDocument {
                 bdf: Some(d.bdf.to_string()),
                 sid: Some(d.bdf.sid().0),
                 vendor: d.vendor,
-                device: d.device,
+                device_id: d.device,
                 vendor_device: d
                     .vendor
                     .zip(d.device)
@@ -755,7 +760,7 @@ pub fn parse(json: &str) -> Result<ReportDocument, DocumentError> {
         .unwrap_or("")
         .to_string();
     let major = ver.split('.').next().and_then(|m| m.parse::<u32>().ok());
-    if major != Some(SCHEMA_MAJOR) {
+    if major != Some(SCHEMA_MAJOR) && major != Some(SCHEMA_MAJOR_READ) {
         return Err(DocumentError::Version(ver));
     }
     Ok(serde_json::from_value(v)?)
@@ -1236,7 +1241,7 @@ pub fn render_markdown(doc: &ReportDocument) -> String {
             md_escape(&device_line(i)),
             i.id,
             i.severity,
-            i.case
+            i.case()
                 .map(|c| format!(", case {c} of the ITE thread"))
                 .unwrap_or_default(),
             md_escape(&device_line(i)),

@@ -126,15 +126,10 @@ impl Sid {
 }
 
 impl fmt::Display for Sid {
-    /// `bb:dd.f`, the form the kernel's own messages use.
+    /// Hexadecimal, as the kernel prints a source-id (`SID %llx`: `200` for 02:00.0); a
+    /// device's `bus:dev.fn` is its [`Bdf`].
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:02x}:{:02x}.{}",
-            self.bus(),
-            self.devfn() >> 3,
-            self.devfn() & 7
-        )
+        write!(f, "{:x}", self.0)
     }
 }
 
@@ -1035,7 +1030,9 @@ mod tests {
             qw1: 0,
         });
         assert_eq!(d.dev_tlb_sid(), Some(Sid(0x0100)));
-        assert_eq!(Sid(0x0100).to_string(), "01:00.0");
+        // Shown as the kernel prints a SID (`SID %llx`); the device is 01:00.0.
+        assert_eq!(Sid(0x0100).to_string(), "100");
+        assert_eq!(Bdf::from_sid(None, Sid(0x0100)).sid(), Sid(0x0100));
     }
 
     #[test]

@@ -24,7 +24,7 @@ fn summary(a: &Analysis) -> String {
             "{} {:?} case={:?} sev={} removal={:?} dev={:?}/{:?} slot={:?} cert={:?}\n  {}\n  basis={:?}\n  unknowns={:?}\n  fixes={:?}\n  partial={:?}\n",
             i.kind,
             i.id.0,
-            i.case,
+            i.case(),
             i.severity,
             i.removal,
             i.device.bdf.map(|b| b.to_string()),
@@ -96,8 +96,8 @@ fn every_corpus_log_gives_its_expected_incidents() {
             .find(|i| i.kind.to_string() != "ite-reported")
             .or(a.incidents.first());
         if let Some(c) = want.get("case").and_then(|c| c.as_u64()) {
-            if main.and_then(|i| i.case) != Some(c as u8) {
-                problems.push(format!("case {:?}, want {c}", main.and_then(|i| i.case)));
+            if main.and_then(|i| i.case()) != Some(c as u8) {
+                problems.push(format!("case {:?}, want {c}", main.and_then(|i| i.case())));
             }
         }
         if let Some(r) = want.get("removal").and_then(|c| c.as_str()) {

@@ -208,11 +208,48 @@ fn readers_accept_older_minor_versions_and_refuse_other_majors() {
     );
     let doc = document::from_analysis(a, None);
     let mut v = serde_json::to_value(&doc).unwrap();
-    v["schema_version"] = "1.0".into();
-    v["a_field_from_1_7"] = 5.into();
-    assert!(document::parse(&v.to_string()).is_ok());
     v["schema_version"] = "2.0".into();
+    v["a_field_from_2_7"] = 5.into();
+    assert!(document::parse(&v.to_string()).is_ok());
+    v["schema_version"] = "3.0".into();
     assert!(document::parse(&v.to_string()).is_err());
+}
+
+#[test]
+fn a_1x_document_with_the_old_field_names_still_reads() {
+    // Schema 2.0 renamed the raw times (`start` → `start_ns`, `ts` → `ts_ns`, ..), dropped
+    // `case` (the window says it) and `device.device` (→ `device_id`); 1.x documents read.
+    let t = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vm/6.12/trace.itw");
+    let doc = document::from_trace_file(&t, Config::default()).unwrap();
+    let mut v = serde_json::to_value(&doc).unwrap();
+    let new = v.to_string();
+    assert!(new.contains("\"start_ns\"") && !new.contains("\"case\""));
+    v["schema_version"] = "1.3".into();
+    for i in v["incidents"].as_array_mut().unwrap() {
+        let o = i.as_object_mut().unwrap();
+        for (new, old) in [("start_ns", "start"), ("end_ns", "end")] {
+            let x = o.remove(new).unwrap();
+            o.insert(old.into(), x);
+        }
+        o.insert("case".into(), 2.into());
+        let d = o["device"].as_object_mut().unwrap();
+        let x = d.remove("device_id").unwrap();
+        d.insert("device".into(), x);
+        for e in o["timeline"].as_array_mut().unwrap() {
+            let e = e.as_object_mut().unwrap();
+            let x = e.remove("ts_ns").unwrap();
+            e.insert("ts".into(), x);
+        }
+    }
+    let old = document::parse(&v.to_string()).expect("a 1.3 document reads");
+    assert_eq!(old.incidents.len(), doc.incidents.len());
+    for (a, b) in old.incidents.iter().zip(&doc.incidents) {
+        assert_eq!(a.start, b.start);
+        assert_eq!(a.end, b.end);
+        assert_eq!(a.device.device_id, b.device.device_id);
+        assert_eq!(a.timeline, b.timeline);
+        assert_eq!(a.case(), Some(2));
+    }
 }
 
 #[test]

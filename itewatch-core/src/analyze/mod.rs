@@ -2264,7 +2264,6 @@ fn build_incident(
         kind,
         severity,
         window,
-        case: window.map(|w| w.case()),
         device,
         removal,
         start: KTime(start),
@@ -2436,7 +2435,7 @@ mod tests {
         assert_eq!(a.incidents.len(), 1, "{:#?}", a.incidents);
         let i = &a.incidents[0];
         assert_eq!(i.kind, IncidentKind::FlushToGoneDevice);
-        assert_eq!(i.case, Some(2));
+        assert_eq!(i.case(), Some(2));
         assert_eq!(i.severity, Severity::Critical);
         assert_eq!(i.removal, Some(RemovalKind::Surprise));
         assert_eq!(i.device.slot.as_deref(), Some("108"));

@@ -268,7 +268,8 @@ pub struct IncidentDevice {
     /// The hot-plug port above the device.
     pub port: Option<Bdf>,
     pub vendor: Option<u16>,
-    #[serde(rename = "device")]
+    /// PCI device id (`device.device` before schema 2.0).
+    #[serde(alias = "device")]
     pub device_id: Option<u16>,
     /// IOMMU unit (`dmarN`).
     pub iommu: Option<String>,
@@ -298,6 +299,8 @@ fn is_false(b: &bool) -> bool {
 /// One event of an incident's timeline, decoded for people.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TimelineEntry {
+    /// Kernel time (CLOCK_MONOTONIC ns). Schema 2.0; `ts` before.
+    #[serde(rename = "ts_ns", alias = "ts")]
     pub ts: KTime,
     pub cpu: u32,
     pub tid: u32,
@@ -409,7 +412,11 @@ pub struct SubmissionView {
     pub cpu: u32,
     pub task: String,
     pub iommu: String,
+    /// Kernel time (ns) of the submit. Schema 2.0; `start` before.
+    #[serde(rename = "start_ns", alias = "start")]
     pub start: KTime,
+    /// Kernel time (ns) of the return, if seen. Schema 2.0; `end` before.
+    #[serde(rename = "end_ns", alias = "end")]
     pub end: Option<KTime>,
     pub ret: Option<i64>,
     pub outcome: Outcome,
@@ -459,12 +466,14 @@ pub struct Incident {
     /// W1/W2/W3, or null (hung and ITE incidents not explained by a window).
     pub window: Option<Window>,
     /// Case number of the ITE thread (1, 2, 3) this matches, or null.
-    pub case: Option<u8>,
     pub device: IncidentDevice,
     /// Removal of the device's slot involved, if any.
     pub removal: Option<RemovalKind>,
     /// First and last event time of the incident.
+    /// Schema 2.0; `start` and `end` before.
+    #[serde(rename = "start_ns", alias = "start")]
     pub start: KTime,
+    #[serde(rename = "end_ns", alias = "end")]
     pub end: KTime,
     /// The worst outcome among `submissions` (null for an ITE with nothing attributed).
     pub outcome: Option<Outcome>,
@@ -498,6 +507,14 @@ pub struct Incident {
     /// on, and how firmly; absent from traced incidents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evidence: Option<Evidence>,
+}
+
+impl Incident {
+    /// The thread's case number (1, 2, 3) of `window`: the same fact, so the JSON carries
+    /// only `window` since schema 2.0 (1.x documents' `case` is ignored on reading).
+    pub fn case(&self) -> Option<u8> {
+        self.window.map(Window::case)
+    }
 }
 
 /// How firmly a log-reconstructed incident is established.

@@ -382,7 +382,6 @@ impl Correlator {
             kind: o.kind,
             severity,
             window,
-            case: window.map(Window::case),
             device: IncidentDevice {
                 inferred: o.inferred,
                 candidates: if o.inferred || o.dev.is_none() {

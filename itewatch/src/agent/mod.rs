@@ -222,8 +222,8 @@ impl State {
                     "severity": i.severity,
                     "window": i.window,
                     "bdf": i.device.bdf.map(|b| b.to_string()),
-                    "start": i.start,
-                    "end": i.end,
+                    "start_ns": i.start,
+                    "end_ns": i.end,
                     "closed": i.closed,
                 })
             })

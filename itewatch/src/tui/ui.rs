@@ -871,7 +871,7 @@ pub fn draw_detail(f: &mut Frame<'_>, inc: &Incident, scroll: u16, area: Rect) {
         Span::raw(format!(
             " · {}{} ",
             inc.kind,
-            match (inc.window, inc.case) {
+            match (inc.window, inc.case()) {
                 (Some(w), Some(c)) => format!(" ({w:?}, case {c} of the ITE thread)"),
                 (Some(w), None) => format!(" ({w:?})"),
                 _ => String::new(),

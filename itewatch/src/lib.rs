@@ -13,6 +13,7 @@ pub mod btf;
 pub mod doctor;
 pub mod host;
 pub mod kallsyms;
+pub mod kcode;
 pub mod live;
 pub mod perfetto;
 pub mod probe;

@@ -16,6 +16,7 @@ pub mod kallsyms;
 pub mod kcode;
 pub mod live;
 pub mod perfetto;
+pub mod preflight;
 pub mod probe;
 pub mod record;
 pub mod render;

@@ -117,6 +117,48 @@ fn debian_6_12_code_matches_its_source() {
 }
 
 #[test]
+fn debian_6_18_code_matches_its_source() {
+    check_kernel("6.18");
+}
+
+/// 6.18.15's `devtlb_invalidation_with_pasid` has 4fc82cd907ac's inline
+/// `pci_dev_is_disconnected()` (`mov ecx, [rax+error_state]; cmp ecx, 3`), not the presence
+/// call; without BTF that test cannot be recognised, so 4fc82cd907ac becomes unknown.
+#[test]
+fn the_6_18_disconnected_test_needs_the_btf_layout() {
+    let mut code = load_fixture(&fixture_dir("6.18"));
+    assert_eq!(statuses(&code)[0].1, Present);
+    code.pci_dev = None;
+    let f = assess(&code);
+    assert_eq!(f[0].status, Unknown, "{:?}", f[0]);
+    // 10e60d878139 is a call, seen without BTF: still absent.
+    assert_eq!(f[1].status, Absent, "{:?}", f[1]);
+}
+
+#[test]
+fn the_6_18_abort_walk_is_the_unfixed_one_where_its_cpu_spun() {
+    // The ite-surprise run on 6.18 saw CPU 0 spin at qi_submit_sync.cold+0x2ce
+    // (docs/vm-tests.md): the head of this loop.
+    let code = load_fixture(&fixture_dir("6.18"));
+    let Some(Copies::Read(v)) = code.functions.get("qi_submit_sync") else {
+        panic!("no qi_submit_sync");
+    };
+    let walks: Vec<AbortWalk> = v
+        .iter()
+        .flat_map(|f| x86::decode(f).unwrap().abort_walks())
+        .collect();
+    assert_eq!(
+        walks,
+        vec![AbortWalk {
+            function: "qi_submit_sync.cold".into(),
+            offset: 0x2ce,
+            step: -2,
+            or_one_before: true,
+        }]
+    );
+}
+
+#[test]
 fn debian_7_3_code_matches_its_source() {
     check_kernel("7.3");
 }

@@ -142,6 +142,22 @@ pub struct TraceHeader {
     /// CLOCK_MONOTONIC when recording started, pairs with `started_unix_s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_mono_ns: Option<u64>,
+    /// Upstream fixes as the recording kernel's own code showed them (itewatch's `kcode`
+    /// checks); empty when not read and in traces written before it existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_fixes: Vec<KernelFixStatus>,
+}
+
+/// One upstream fix as read from the recording kernel's code.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelFixStatus {
+    /// Abbreviated upstream commit id.
+    pub commit: String,
+    /// `present`, `absent` or `unknown` (the code could not tell).
+    pub status: String,
+    /// What the verdict rests on.
+    #[serde(default)]
+    pub evidence: String,
 }
 
 impl TraceHeader {
@@ -157,6 +173,7 @@ impl TraceHeader {
             probes: Vec::new(),
             started_unix_s: None,
             started_mono_ns: None,
+            kernel_fixes: Vec::new(),
         }
     }
 }

@@ -23,11 +23,12 @@ use serde::Serialize;
 use crate::btf;
 use crate::event::DeviceInfo;
 use crate::kallsyms::{self, Kallsyms, TraceableFunctions, Tracefs};
+use crate::kcode::{self, CodeReport, CodeStatus};
 use crate::sysfs::{AtsState, IommuUnit, Slot, Sysfs};
 
 /// Version of the JSON report layout. 2.0: `schema_version` itself became a string (it was
-/// the number 1), the type the report document's has.
-pub const SCHEMA_VERSION: &str = "2.0";
+/// the number 1), the type the report document's has. 2.1: `kernel_code`, `fixes[].basis`.
+pub const SCHEMA_VERSION: &str = "2.1";
 
 /// Capability bit numbers (include/uapi/linux/capability.h).
 pub const CAP_SYS_ADMIN: u32 = 21;
@@ -197,6 +198,9 @@ pub struct FixCheck {
     pub title: &'static str,
     /// `Ok` = appears present, `Missing` = appears absent, `Unknown` = cannot be seen.
     pub status: Status,
+    /// Where the verdict comes from: `code` (the running kernel's machine code, `kcode`),
+    /// `btf/kallsyms` (types and symbols the change added), or `none` (nothing could tell).
+    pub basis: &'static str,
     /// What the verdict rests on.
     pub evidence: String,
 }
@@ -229,6 +233,8 @@ pub struct DoctorReport {
     pub slots: Vec<Slot>,
     pub probes: Vec<ProbeCheck>,
     pub fixes: Vec<FixCheck>,
+    /// The fixes as the running kernel's code shows them (`/proc/kcore`, root only).
+    pub kernel_code: CodeReport,
 }
 
 /// Function targets of the probe plan, in display order.
@@ -379,7 +385,29 @@ pub fn diagnose(view: &HostView) -> DoctorReport {
         .collect();
     probes.extend(TRACEPOINT_TARGETS.iter().map(|t| tracepoint_check(t, &src)));
 
-    let fixes = fix_checks(&src);
+    let kernel_code = kcode::read_live(&view.root, src.btf.as_ref().ok());
+    host.push(match &kernel_code.error {
+        None => check(
+            "kernel code",
+            Status::Ok,
+            format!(
+                "{}: {} of {} fixes decided from the code",
+                kernel_code.source,
+                kernel_code
+                    .findings
+                    .iter()
+                    .filter(|f| f.status != CodeStatus::Unknown)
+                    .count(),
+                kernel_code.findings.len()
+            ),
+        ),
+        Some(why) => check(
+            "kernel code",
+            Status::Unknown,
+            format!("inline fixes stay unknown: {why}"),
+        ),
+    });
+    let fixes = fix_checks(&src, &kernel_code);
 
     let verdict = verdict(&privileges, &probes, &host, &offsets);
     DoctorReport {
@@ -394,10 +422,11 @@ pub fn diagnose(view: &HostView) -> DoctorReport {
         slots,
         probes,
         fixes,
+        kernel_code,
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -895,7 +924,15 @@ fn tracepoint_check(target: &str, src: &Sources) -> ProbeCheck {
     }
 }
 
-fn fix_checks(src: &Sources) -> Vec<FixCheck> {
+fn code_status(s: CodeStatus) -> Status {
+    match s {
+        CodeStatus::Present => Status::Ok,
+        CodeStatus::Absent => Status::Missing,
+        CodeStatus::Unknown => Status::Unknown,
+    }
+}
+
+fn fix_checks(src: &Sources, code: &CodeReport) -> Vec<FixCheck> {
     let btf = src.btf.as_ref().ok();
     let ks = src.kallsyms.as_ref().ok();
     let vtd_in_btf = btf.map(|b| btf::has_type(b, "intel_iommu", Some("struct")));
@@ -928,53 +965,89 @@ fn fix_checks(src: &Sources) -> Vec<FixCheck> {
         ev.push("VT-d code not visible in BTF/kallsyms".into());
         Status::Unknown
     };
+    let symbols_evidence = if status == Status::Ok {
+        format!(
+            "{}; the rbtree was added for this fix, so it is likely present \
+                 (still retries forever when the hardware reports ITE SID 0)",
+            ev.join("; ")
+        )
+    } else {
+        ev.join("; ")
+    };
+    let ite_code = code.get("80a9b50c0b9e");
+    let (status, basis, evidence) = match ite_code {
+        Some(f) if f.status != CodeStatus::Unknown => (
+            code_status(f.status),
+            "code",
+            format!("code: {}; BTF/kallsyms: {symbols_evidence}", f.evidence),
+        ),
+        Some(f) if status != Status::Unknown => (
+            status,
+            "btf/kallsyms",
+            format!("{symbols_evidence}; code: {}", f.evidence),
+        ),
+        _ if status != Status::Unknown => (status, "btf/kallsyms", symbols_evidence),
+        _ => (status, "none", symbols_evidence),
+    };
     out.push(FixCheck {
         commit: "80a9b50c0b9e",
         title: "iommu/vt-d: Improve ITE fault handling if target device isn't present \
                 (with 1a75cc710b95 rbtree of probed devices)",
         status,
-        evidence: if status == Status::Ok {
-            format!(
-                "{}; the rbtree was added for this fix, so it is likely present \
-                 (still retries forever when the hardware reports ITE SID 0)",
-                ev.join("; ")
-            )
-        } else {
-            ev.join("; ")
-        },
+        basis,
+        evidence,
     });
 
-    let inline = |commit, title, what: &str| FixCheck {
-        commit,
-        title,
-        status: Status::Unknown,
-        evidence: format!("{what}: no symbol or type changes, invisible to BTF/kallsyms"),
+    // Inline checks: no symbol or type changes, only the code shows them.
+    let inline = |commit: &'static str, title: &'static str| {
+        let (status, evidence) = match code.get(commit) {
+            Some(f) => (code_status(f.status), f.evidence.clone()),
+            None => (Status::Unknown, "not assessed".to_string()),
+        };
+        FixCheck {
+            commit,
+            title,
+            status,
+            basis: if status == Status::Unknown {
+                "none"
+            } else {
+                "code"
+            },
+            evidence,
+        }
     };
     out.push(inline(
         "4fc82cd907ac",
         "iommu/vt-d: Don't issue ATS Invalidation request when device is disconnected",
-        "an inline pci_dev_is_disconnected() check in devtlb_invalidation_with_pasid()",
+    ));
+    out.push(inline(
+        "10e60d878139",
+        "iommu/vt-d: Flush dev-IOTLB only when PCIe device is accessible in scalable mode",
     ));
     out.push(inline(
         "42662d19839f",
         "iommu/vt-d: Skip dev-iotlb flush for inaccessible PCIe device without scalable mode",
-        "a pci_device_is_present() check in __context_flush_dev_iotlb()",
     ));
     out.push(inline(
         "fe89277c9ceb",
         "iommu/vt-d: Fix intel iommu iotlb sync hardlockup and retry",
-        "a changed abort loop inside qi_check_fault()",
     ));
 
     // Not fixes, but they change what the probes see.
     let batch = btf.map(|b| btf::has_type(b, "qi_batch", Some("struct")));
+    let status = match batch {
+        Some(true) => Status::Ok,
+        Some(false) if vtd_in_btf == Some(true) => Status::Missing,
+        _ => Status::Unknown,
+    };
     out.push(FixCheck {
         commit: "705c1cdf1e73",
         title: "iommu/vt-d: Introduce batched cache invalidation (behaviour, not a fix)",
-        status: match batch {
-            Some(true) => Status::Ok,
-            Some(false) if vtd_in_btf == Some(true) => Status::Missing,
-            _ => Status::Unknown,
+        status,
+        basis: if status == Status::Unknown {
+            "none"
+        } else {
+            "btf/kallsyms"
         },
         evidence: match batch {
             Some(true) => "struct qi_batch in BTF: device-TLB invalidations arrive batched \
@@ -1082,14 +1155,14 @@ impl DoctorReport {
         );
         section(
             &mut s,
-            "Upstream changes (from BTF/kallsyms evidence, never from the version string)",
+            "Upstream changes (from the kernel's code and BTF/kallsyms, never from the version string)",
             self.fixes
                 .iter()
                 .map(|f| {
                     (
                         f.status,
                         f.commit.to_string(),
-                        format!("{}\n{}{}", f.title, " ".repeat(18), f.evidence),
+                        format!("{}\n{}[{}] {}", f.title, " ".repeat(18), f.basis, f.evidence),
                     )
                 })
                 .collect(),

@@ -78,6 +78,10 @@ pub use itewatch_core::knowledge::iommu::scalable_mode;
 pub fn live_header(probes: &[ProbeStatus], started_mono_ns: u64) -> TraceHeader {
     let mut header = TraceHeader::new(Source::Live);
     collect_host(Path::new("/")).apply(&mut header);
+    // The fixes as the kernel's own code shows them (root reads /proc/kcore; otherwise each
+    // is recorded as unknown, with the reason).
+    let btf = crate::btf::load(None).ok();
+    header.kernel_fixes = crate::kcode::read_live(Path::new("/"), btf.as_ref()).header_fixes();
     header.probes = probes.to_vec();
     header.started_mono_ns = Some(started_mono_ns);
     header

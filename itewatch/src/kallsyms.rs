@@ -272,6 +272,15 @@ impl Kallsyms {
         out
     }
 
+    /// The address of the first text symbol after `addr`: where the code of a function that
+    /// starts at `addr` ends at the latest (`kcode` reads functions up to it).
+    pub fn next_text_after(&self, addr: u64) -> Option<u64> {
+        let pos = self
+            .text_by_addr
+            .partition_point(|&i| self.symbols[i].addr <= addr);
+        self.text_by_addr.get(pos).map(|&i| self.symbols[i].addr)
+    }
+
     /// Symbols named exactly `name` (no clones).
     pub fn exact(&self, name: &str) -> Vec<&Symbol> {
         self.addresses_of(name)

@@ -81,6 +81,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Before a planned removal: does pulling this device (or the card in slot N) now risk
+    /// the device-TLB invalidation race, and what to do first. Exit 0 go, 1 risk, 2 cannot
+    /// tell (docs/preflight.md).
+    Preflight {
+        /// The device, `ssss:bb:dd.f` or `bb:dd.f`; the other functions in its slot come with it.
+        #[arg(required_unless_present = "slot", conflicts_with = "slot")]
+        bdf: Option<String>,
+        /// The slot's name in /sys/bus/pci/slots instead of a device.
+        #[arg(long)]
+        slot: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Headless agent: Prometheus /metrics, incident spool, JSON lines and Alertmanager
     /// alerts, from the live probes (default), a replayed trace or a simulated scenario.
     Agent(itewatch::agent::AgentArgs),
@@ -94,6 +108,23 @@ enum Cmd {
         /// A subcommand's own page (`itewatch-report(1)`) instead of the main one.
         subcommand: Option<String>,
     },
+}
+
+/// `itewatch preflight`: its own exit statuses (0 go, 1 risk, 2 cannot tell, also for errors).
+fn preflight(bdf: Option<String>, slot: Option<String>, json: bool) -> ExitCode {
+    use itewatch::preflight::{run, Target};
+    let target = match (bdf, slot) {
+        (_, Some(n)) => Target::Slot(n),
+        (Some(b), None) => match b.parse() {
+            Ok(b) => Target::Device(b),
+            Err(e) => {
+                eprintln!("itewatch preflight: {b:?} is not a BDF ({e}); cannot tell (exit 2)");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => return ExitCode::from(2),
+    };
+    ExitCode::from(run(&target, json, &mut std::io::stdout().lock()))
 }
 
 /// `itewatch completions SHELL`: generated from the clap definitions, so it knows every
@@ -254,6 +285,7 @@ fn main() -> ExitCode {
         Cmd::Man { subcommand } => man(subcommand),
         Cmd::Live(a) => itewatch::tui::run(a).map_err(anyhow::Error::from),
         Cmd::Agent(a) => itewatch::agent::run(a).map_err(anyhow::Error::from),
+        Cmd::Preflight { bdf, slot, json } => Ok(preflight(bdf, slot, json)),
         Cmd::Doctor { json } => itewatch::doctor::run(json, &mut std::io::stdout().lock())
             .map(|ready| {
                 if ready {

@@ -458,6 +458,81 @@ impl Sysfs {
     }
 }
 
+/// A hot-plug port's Slot Capabilities and Slot Control (PCIe capability + 0x14 / + 0x18;
+/// PCIe base spec 7.5.3.9–10, include/uapi/linux/pci_regs.h `PCI_EXP_SLTCAP_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct SlotCaps {
+    /// Attention Button Present (SLTCAP bit 0): a button press starts an orderly removal.
+    pub attention_button: bool,
+    /// Power Controller Present (bit 1): software can power the slot off (`slots/N/power`).
+    pub power_controller: bool,
+    /// Hot-Plug Surprise (bit 5): the card may be pulled without notice.
+    pub surprise: bool,
+    /// Hot-Plug Capable (bit 6).
+    pub hotplug_capable: bool,
+    /// Slot Control's Power Controller Control (bit 10) reads "on" (0); `None` without a
+    /// power controller.
+    pub powered: Option<bool>,
+    pub slot_capabilities: u32,
+    pub slot_control: u16,
+}
+
+impl SlotCaps {
+    /// Decodes SLTCAP and SLTCTL.
+    pub fn decode(sltcap: u32, sltctl: u16) -> SlotCaps {
+        let power_controller = sltcap & (1 << 1) != 0;
+        SlotCaps {
+            attention_button: sltcap & 1 != 0,
+            power_controller,
+            surprise: sltcap & (1 << 5) != 0,
+            hotplug_capable: sltcap & (1 << 6) != 0,
+            powered: power_controller.then_some(sltctl & (1 << 10) == 0),
+            slot_capabilities: sltcap,
+            slot_control: sltctl,
+        }
+    }
+}
+
+/// Slot Capabilities and Control from a port's config space bytes.
+pub fn slot_caps_from_config(config: &[u8]) -> Result<SlotCaps, String> {
+    if config.len() < 256 {
+        return Err(
+            "the port's PCIe capability is beyond the 64 bytes readable without root".into(),
+        );
+    }
+    if config[0..2] == [0xff, 0xff] {
+        return Err("the port does not answer config reads".into());
+    }
+    let mut ptr = config[0x34] & 0xfc;
+    for _ in 0..48 {
+        if ptr < 0x40 {
+            break;
+        }
+        let p = ptr as usize;
+        if config[p] == PCI_CAP_ID_EXP {
+            let (Some(cap), Some(ctl)) = (u32_at(config, p + 0x14), u16_at(config, p + 0x18))
+            else {
+                break;
+            };
+            return Ok(SlotCaps::decode(cap, ctl));
+        }
+        ptr = config[p + 1] & 0xfc;
+    }
+    Err("the port has no PCI Express capability".into())
+}
+
+impl Sysfs {
+    /// The Slot Capabilities and Control of hot-plug port `port` (root: config space beyond
+    /// 64 bytes).
+    pub fn slot_caps(&self, port: Bdf) -> Result<SlotCaps, String> {
+        let path = self.p(&format!("sys/bus/pci/devices/{port}/config"));
+        match fs::read(&path) {
+            Ok(c) => slot_caps_from_config(&c),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+}
+
 fn secondary_bus(dev_dir: &Path) -> Option<u8> {
     list(&dev_dir.join("pci_bus"))
         .ok()?

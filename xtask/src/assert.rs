@@ -201,6 +201,26 @@ pub fn check_run(kernel: &Kernel, out: &Path, facts: &RunFacts, recorded: bool) 
     ));
     if recorded {
         checks.push(doctor_check(kernel, out, &disks));
+        let header_fixes = read_trace(&trace_path(out)).ok().map(|t| {
+            t.header
+                .kernel_fixes
+                .iter()
+                .map(|f| (f.commit.clone(), f.status.clone()))
+                .collect()
+        });
+        checks.push(crate::kcode_check::kernel_code_check(
+            kernel.pinned.name,
+            out,
+            header_fixes,
+        ));
+        checks.push(crate::kcode_check::preflight_check(
+            kernel.pinned.name,
+            out,
+            disks
+                .iter()
+                .find(|d| d.role == "surprise")
+                .map(|d| d.dev.as_str()),
+        ));
         checks.extend(trace_checks(kernel, out, &disks));
         checks.extend(sink_checks(out, &disks));
     }

@@ -279,6 +279,12 @@ fi
 if [ $RECORD = 1 ]; then
     /bin/itewatch doctor --json > /out/doctor.json 2> /out/doctor.err
     echo $? > /out/doctor.rc
+    # The kernel's text symbols (KASLR applied), kept for symbolizing and for cutting kcode
+    # fixtures of kernels whose -dbg package is gone (itewatch/tests/data/kcode/README.md).
+    grep ' [tT] ' /proc/kallsyms | grep -v ']$' | gzip -c > /out/kallsyms.gz
+    # Before any removal: both disks have ATS on, so preflight must say risk (exit 1).
+    /bin/itewatch preflight --slot $SURPRISE_SLOT --json > /out/preflight-surprise.json 2> /out/preflight-surprise.err
+    echo $? > /out/preflight-surprise.rc
     $RUN /bin/itewatch record -o /out/trace.itw --ready-file /out/ready --stack-map-entries 128 2> /out/record.err &
     REC_PID=$!
     wait_for '[ -s /out/ready ] || ! kill -0 $REC_PID 2>/dev/null' 180 || fail "recorder not ready after 180 s"
@@ -374,6 +380,8 @@ if [ $ITE = 0 ]; then
     # Safe removal: the host presses the attention button (QMP device_del); pciehp waits 5 s.
     wait_for '[ ! -e /sys/bus/pci/devices/$SAFE_DEV ]' 60 || fail "safe removal of $SAFE_DEV did not happen within 60 s"
     stage safe-removed $SAFE_DEV
+    # The safe slot is empty now: nothing left to race, preflight must say go (exit 0).
+    [ $RECORD = 1 ] && { /bin/itewatch preflight --slot $SAFE_SLOT --json > /out/preflight-empty.json 2> /out/preflight-empty.err; echo $? > /out/preflight-empty.rc; }
 fi
 sleep 1
 

@@ -11,6 +11,7 @@ mod assert;
 mod guest;
 mod initramfs;
 mod ite;
+mod kcode_check;
 mod kernels;
 mod qemu;
 mod qmp;

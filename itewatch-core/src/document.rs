@@ -437,6 +437,11 @@ pub fn from_trace_observed<R: BufRead>(
     mut on_final: impl FnMut(&Incident),
 ) -> ReportDocument {
     let header = reader.header().clone();
+    let mut cfg = cfg;
+    if cfg.kernel_fixes.is_empty() {
+        // What the recording kernel's own code showed (live traces that carry it).
+        cfg.kernel_fixes = header.kernel_fixes.clone();
+    }
     let mut c = Correlator::new(cfg);
     let mut latest: BTreeMap<IncidentId, Incident> = BTreeMap::new();
     let mut snapshots: BTreeMap<(u16, u16), DeviceInfo> = BTreeMap::new();

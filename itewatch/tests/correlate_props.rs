@@ -1011,3 +1011,66 @@ fn a_vfs_invalidation_is_matched_through_its_pf_and_says_so() {
     assert_eq!(w2[0].device.sid, Some(Sid(0x210)));
     assert_eq!(w2[0].device.via_pf, Some(Sid(0x200)));
 }
+
+#[test]
+fn the_kernels_own_code_decides_fix_status_and_what_a_time_out_does() {
+    use itewatch::correlate::incident::FixStatus;
+    use itewatch::trace::KernelFixStatus;
+    let status = |commit: &str, s: &str| KernelFixStatus {
+        commit: commit.into(),
+        status: s.into(),
+        evidence: "test".into(),
+    };
+    // A W2 whose path names a fix as missing: with the kernel's code showing that fix, the
+    // report never calls it missing.
+    let (missing, seed) = (0..40)
+        .find_map(|seed| {
+            let sim = generate("w2-notifier-after-disconnect", seed).ok()?;
+            let (inc, _) = correlate_all(Config::default(), &sim.records);
+            inc.iter()
+                .flat_map(|i| i.fixes.iter())
+                .find(|f| f.status == FixStatus::Missing)
+                .map(|f| (f.commit.clone(), seed))
+        })
+        .expect("some seed names a missing fix");
+    let sim = generate("w2-notifier-after-disconnect", seed).unwrap();
+    let cfg = Config {
+        kernel_fixes: vec![status(&missing, "present")],
+        ..Config::default()
+    };
+    let (inc, _) = correlate_all(cfg, &sim.records);
+    assert!(
+        inc.iter()
+            .flat_map(|i| i.fixes.iter())
+            .filter(|f| f.commit == missing)
+            .all(|f| f.status != FixStatus::Missing),
+        "{missing} called missing although the kernel's code has it"
+    );
+
+    // The recorded 6.12 VM trace (a latent W2): what a time-out would do follows the code.
+    let t = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vm/6.12/trace.itw");
+    let explain = |fixes: Vec<KernelFixStatus>| {
+        let cfg = Config {
+            kernel_fixes: fixes,
+            ..Config::default()
+        };
+        let doc = itewatch::document::from_trace_file(&t, cfg).unwrap();
+        doc.incidents
+            .iter()
+            .find(|i| i.kind == IncidentKind::FlushToGoneDevice)
+            .map(|i| i.explanation.clone())
+            .unwrap()
+    };
+    assert!(explain(vec![
+        status("80a9b50c0b9e", "present"),
+        status("fe89277c9ceb", "present")
+    ])
+    .contains("gives up with -ETIMEDOUT"));
+    assert!(explain(vec![
+        status("80a9b50c0b9e", "present"),
+        status("fe89277c9ceb", "absent")
+    ])
+    .contains("abort walk"));
+    assert!(explain(vec![status("80a9b50c0b9e", "absent")]).contains("lacks 80a9b50c0b9e"));
+    assert!(explain(Vec::new()).contains("unless the kernel has 80a9b50c0b9e"));
+}

@@ -1948,6 +1948,7 @@ fn diagnose_group(
         sid_zero: sid.is_none() || sid_inferred,
         inferred: sid_inferred,
         candidates: &device.candidates,
+        kernel: &[],
         attributed_to: None,
         lockup_seen: spinning,
     };
@@ -2102,6 +2103,7 @@ fn diagnose_burst(
         sid_zero: b.sid.is_none() || b.sid_inferred,
         inferred: b.sid_inferred,
         candidates: &device.candidates,
+        kernel: &[],
         attributed_to: attribution.as_ref().map(|a| a.kind),
         lockup_seen: severity == Severity::Critical,
     };

@@ -21,6 +21,37 @@ fn fix(f: UpstreamFix, status: FixStatus) -> Fix {
     }
 }
 
+/// Whether the recording kernel's code carries `commit` (None: not known).
+fn kernel_has(f: &Facts<'_>, commit: &str) -> Option<bool> {
+    f.kernel
+        .iter()
+        .find(|k| k.commit == commit)
+        .and_then(|k| match k.status.as_str() {
+            "present" => Some(true),
+            "absent" => Some(false),
+            _ => None,
+        })
+}
+
+/// What a device-TLB invalidation that times out then does on this kernel, from its code.
+fn timeout_consequence(f: &Facts<'_>) -> &'static str {
+    match (
+        kernel_has(f, crate::knowledge::fixes::IMPROVE_ITE.commit),
+        kernel_has(f, crate::knowledge::fixes::HARDLOCKUP_RETRY.commit),
+    ) {
+        (Some(true), Some(false)) => {
+            "this kernel's ITE abort walk can then spin for ever with interrupts off (its code \
+             has 80a9b50c0b9e but not fe89277c9ceb)"
+        }
+        (Some(true), _) => {
+            "this kernel gives up with -ETIMEDOUT (its code has 80a9b50c0b9e; it still retries \
+             for ever when the hardware reports SID 0)"
+        }
+        (Some(false), _) => "the retry loop hangs the CPU (its code lacks 80a9b50c0b9e)",
+        (None, _) => "the retry loop hangs the CPU unless the kernel has 80a9b50c0b9e",
+    }
+}
+
 /// What the describer needs to know about an incident.
 pub struct Facts<'a> {
     pub kind: IncidentKind,
@@ -36,6 +67,8 @@ pub struct Facts<'a> {
     pub inferred: bool,
     /// Every SID an inferred device may be, most likely first.
     pub candidates: &'a [Sid],
+    /// The fixes as the recording kernel's own code showed them (empty: unknown).
+    pub kernel: &'a [crate::trace::KernelFixStatus],
     pub attributed_to: Option<IncidentKind>,
     pub lockup_seen: bool,
 }
@@ -96,6 +129,13 @@ pub fn fixes_for(f: &Facts<'_>) -> Vec<Fix> {
             let status = if f.sid_zero { Related } else { ite_fix };
             v.push(fix(IMPROVE_ITE, status));
             v.push(fix(HARDLOCKUP_RETRY, Related));
+        }
+    }
+    // The kernel's own code outranks what a path suggests: a fix its code carries is never
+    // called missing (it was there and did not prevent this).
+    for x in &mut v {
+        if x.status == Missing && kernel_has(f, &x.commit) == Some(true) {
+            x.status = Present;
         }
     }
     v
@@ -201,14 +241,20 @@ pub fn explain(f: &Facts<'_>) -> String {
             },
             if matches!(f.outcome, Some(Outcome::Completed { .. })) {
                 if many {
-                    "They completed here (a device or QEMU still answered), but on real hardware \
-                     with the device gone they time out and the retry loop hangs the CPU: latent."
+                    format!(
+                        "They completed here (a device or QEMU still answered), but on real \
+                         hardware with the device gone they time out and {}: latent.",
+                        timeout_consequence(f)
+                    )
                 } else {
-                    "It completed here (a device or QEMU still answered), but on real hardware \
-                     with the device gone it times out and the retry loop hangs the CPU: latent."
+                    format!(
+                        "It completed here (a device or QEMU still answered), but on real \
+                         hardware with the device gone it times out and {}: latent.",
+                        timeout_consequence(f)
+                    )
                 }
             } else {
-                "With the device gone nothing answers the ATS request."
+                "With the device gone nothing answers the ATS request.".to_string()
             }
         ),
         IncidentKind::SafeRemovalFlushTimeout => format!(
@@ -463,6 +509,7 @@ mod tests {
             sid_zero: false,
             inferred: false,
             candidates: &[],
+            kernel: &[],
             attributed_to: None,
             lockup_seen: false,
         }

@@ -373,6 +373,7 @@ impl Correlator {
             sid_zero: o.sid_zero,
             inferred: o.inferred,
             candidates: &o.candidates,
+            kernel: &self.cfg.kernel_fixes,
             attributed_to: o.attribution.as_ref().map(|a| a.kind),
             lockup_seen: o.lockup_seen,
         };

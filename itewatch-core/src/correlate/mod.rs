@@ -82,6 +82,10 @@ pub struct Config {
     /// window, attribution, device, removal, partial, related, closed) waits until this much
     /// stream time has passed since the last one; the final revision always goes out.
     pub coalesce_ns: u64,
+    /// The upstream fixes as the recording kernel's own code showed them (the trace header's
+    /// `kernel_fixes`, from `itewatch`'s kcode checks). Empty: unknown. A fix the code shows
+    /// present is never reported missing, and the explanations say what this kernel does.
+    pub kernel_fixes: Vec<crate::trace::KernelFixStatus>,
 }
 
 impl Default for Config {
@@ -104,6 +108,7 @@ impl Default for Config {
             max_history: 16,
             max_lost_markers: 1024,
             max_walks: 64,
+            kernel_fixes: Vec::new(),
             max_members: 256,
             coalesce_ns: 1000 * MS,
         }

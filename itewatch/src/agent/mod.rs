@@ -528,6 +528,15 @@ struct Worker {
 }
 
 impl Worker {
+    /// The correlator's config: defaults, with the fixes the source's kernel code showed
+    /// (the live header's, or the replayed trace's).
+    fn correlator_config(&self) -> CorrelatorConfig {
+        CorrelatorConfig {
+            kernel_fixes: self.doc.header.kernel_fixes.clone(),
+            ..CorrelatorConfig::default()
+        }
+    }
+
     async fn emit(
         &mut self,
         inc: Incident,
@@ -636,7 +645,7 @@ impl Worker {
         mut stop: watch::Receiver<bool>,
         mut reload: mpsc::Receiver<()>,
     ) {
-        let mut corr = Some(Correlator::new(CorrelatorConfig::default()));
+        let mut corr = Some(Correlator::new(self.correlator_config()));
         let paced_since = std::time::Instant::now();
         let mut fed: u64 = 0;
         let mut last_ts = KTime(0);
@@ -727,7 +736,7 @@ impl Worker {
     ) {
         let registered = RingFd::register(&reader);
         let shared = Shared::new(
-            Pipe::new(reader, Correlator::new(CorrelatorConfig::default())),
+            Pipe::new(reader, Correlator::new(self.correlator_config())),
             self.state.oldest_inflight_ns.clone(),
         );
         let mut readable = match registered {

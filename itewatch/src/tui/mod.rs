@@ -193,6 +193,9 @@ struct Opened {
     header: HeaderInfo,
     trace_source: TraceSource,
     recorded: Option<BpfCost>,
+    /// The fixes the source kernel's code carries (trace header / this host), for the
+    /// correlator's verdicts.
+    kernel_fixes: Vec<crate::trace::KernelFixStatus>,
 }
 
 fn open_replay(input: &TraceInput, speed: f64, label: String) -> Result<Opened, LiveError> {
@@ -237,6 +240,7 @@ fn open_replay(input: &TraceInput, speed: f64, label: String) -> Result<Opened, 
         header,
         trace_source: th.source,
         recorded,
+        kernel_fixes: th.kernel_fixes,
     })
 }
 
@@ -259,6 +263,7 @@ fn open_simulated(name: &str, seed: u64, speed: f64) -> Result<Opened, LiveError
             seed,
         },
         recorded: None,
+        kernel_fixes: Vec::new(),
     })
 }
 
@@ -372,6 +377,7 @@ fn open_live(args: &LiveArgs) -> Result<(Opened, Option<Unavailable>), LiveError
             header,
             trace_source: TraceSource::Live,
             recorded: None,
+            kernel_fixes: th.kernel_fixes.clone(),
         },
         None,
     ))
@@ -390,6 +396,10 @@ struct Engine {
 
 impl Engine {
     fn new(opened: Opened, cfg: Config) -> Engine {
+        let cfg = Config {
+            kernel_fixes: opened.kernel_fixes,
+            ..cfg
+        };
         let mut app = App::new(cfg.clone(), opened.header);
         app.meters.recorded_bpf = opened.recorded;
         Engine {
@@ -828,6 +838,7 @@ pub fn play(header: HeaderInfo, records: Vec<Record>, stop_at: Option<KTime>) ->
         header,
         trace_source: TraceSource::Live,
         recorded: None,
+        kernel_fixes: Vec::new(),
     };
     let mut e = Engine::new(opened, Config::default());
     e.feed(recs);
@@ -881,6 +892,7 @@ mod tests {
             header: HeaderInfo::default(),
             trace_source: TraceSource::Live,
             recorded: None,
+            kernel_fixes: Vec::new(),
         };
         let mut e = Engine::new(opened, Config::default());
         let mut steps = 0;

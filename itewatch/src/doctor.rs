@@ -25,6 +25,7 @@ use crate::event::DeviceInfo;
 use crate::kallsyms::{self, Kallsyms, TraceableFunctions, Tracefs};
 use crate::kcode::{self, CodeReport, CodeStatus};
 use crate::sysfs::{AtsState, IommuUnit, Slot, Sysfs};
+use itewatch_core::knowledge::fixes;
 
 /// Version of the JSON report layout. 2.0: `schema_version` itself became a string (it was
 /// the number 1), the type the report document's has. 2.1: `kernel_code`, `fixes[].basis`.
@@ -990,16 +991,16 @@ fn fix_checks(src: &Sources, code: &CodeReport) -> Vec<FixCheck> {
         _ => (status, "none", symbols_evidence),
     };
     out.push(FixCheck {
-        commit: "80a9b50c0b9e",
-        title: "iommu/vt-d: Improve ITE fault handling if target device isn't present \
-                (with 1a75cc710b95 rbtree of probed devices)",
+        commit: fixes::IMPROVE_ITE.commit,
+        title: fixes::IMPROVE_ITE.subject,
         status,
         basis,
         evidence,
     });
 
     // Inline checks: no symbol or type changes, only the code shows them.
-    let inline = |commit: &'static str, title: &'static str| {
+    let inline = |fix: fixes::UpstreamFix| {
+        let (commit, title) = (fix.commit, fix.subject);
         let (status, evidence) = match code.get(commit) {
             Some(f) => (code_status(f.status), f.evidence.clone()),
             None => (Status::Unknown, "not assessed".to_string()),
@@ -1016,22 +1017,15 @@ fn fix_checks(src: &Sources, code: &CodeReport) -> Vec<FixCheck> {
             evidence,
         }
     };
-    out.push(inline(
-        "4fc82cd907ac",
-        "iommu/vt-d: Don't issue ATS Invalidation request when device is disconnected",
-    ));
-    out.push(inline(
-        "10e60d878139",
-        "iommu/vt-d: Flush dev-IOTLB only when PCIe device is accessible in scalable mode",
-    ));
-    out.push(inline(
-        "42662d19839f",
-        "iommu/vt-d: Skip dev-iotlb flush for inaccessible PCIe device without scalable mode",
-    ));
-    out.push(inline(
-        "fe89277c9ceb",
-        "iommu/vt-d: Fix intel iommu iotlb sync hardlockup and retry",
-    ));
+    // The subjects come from the one catalog (itewatch_core::knowledge::fixes).
+    for fix in [
+        fixes::DONT_ISSUE_DISCONNECTED,
+        fixes::FLUSH_ONLY_ACCESSIBLE_SM,
+        fixes::SKIP_INACCESSIBLE_LEGACY,
+        fixes::HARDLOCKUP_RETRY,
+    ] {
+        out.push(inline(fix));
+    }
 
     // Not fixes, but they change what the probes see.
     let batch = btf.map(|b| btf::has_type(b, "qi_batch", Some("struct")));

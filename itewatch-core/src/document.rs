@@ -286,6 +286,22 @@ pub struct FixSummary {
     /// The strongest status any incident gives it (`missing` > `present` > `related`).
     pub status: FixStatus,
     pub incidents: Vec<IncidentId>,
+    /// `present`, `absent` or `unknown`: what the recording kernel's own code showed (the
+    /// trace header's `kernel_fixes`); absent when it was not read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_code: Option<String>,
+}
+
+/// Puts the recording kernel's code verdicts (`header.kernel_fixes`) beside the fixes the
+/// incidents suggest.
+pub fn apply_kernel_fixes(fixes: &mut [FixSummary], header: &TraceHeader) {
+    for f in fixes {
+        f.kernel_code = header
+            .kernel_fixes
+            .iter()
+            .find(|k| k.commit == f.commit)
+            .map(|k| k.status.clone());
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -346,6 +362,7 @@ pub fn summarize_fixes(incidents: &[Incident]) -> Vec<FixSummary> {
                 landed: f.landed.clone(),
                 status: f.status,
                 incidents: Vec::new(),
+                kernel_code: None,
             });
             if rank(f.status) > rank(e.status) {
                 e.status = f.status;
@@ -519,6 +536,7 @@ pub fn from_trace_observed<R: BufRead>(
     };
     doc.inventory = inventory_from_incidents(&incidents, &snapshots);
     doc.fixes = summarize_fixes(&incidents);
+    apply_kernel_fixes(&mut doc.fixes, &header);
     doc.incidents = incidents;
     doc
 }
@@ -547,6 +565,7 @@ pub fn for_incident(
     doc.loss.dev_tlb_without_stack = stats.dev_tlb_without_stack;
     doc.inventory = inventory_from_incidents(&incidents, &BTreeMap::new());
     doc.fixes = summarize_fixes(&incidents);
+    apply_kernel_fixes(&mut doc.fixes, header);
     doc.incidents = incidents;
     doc
 }
@@ -1152,11 +1171,15 @@ pub fn render_text(doc: &ReportDocument) -> String {
         s.push_str("\nsuggested fixes:\n");
         for f in &doc.fixes {
             s.push_str(&format!(
-                "  {} [{}] {} ({})\n",
+                "  {} [{}] {} ({}){}\n",
                 f.commit,
                 status_word(f.status),
                 f.subject,
-                f.landed
+                f.landed,
+                f.kernel_code
+                    .as_deref()
+                    .map(|k| format!("; this kernel's code: {k}"))
+                    .unwrap_or_default()
             ));
         }
     }

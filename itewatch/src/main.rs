@@ -94,6 +94,10 @@ enum Cmd {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Attach the probes for this many seconds (at most 60; root) and count the device-TLB
+        /// invalidations to the card; 0: not measured.
+        #[arg(long, default_value_t = 0.0)]
+        watch: f64,
     },
     /// Headless agent: Prometheus /metrics, incident spool, JSON lines and Alertmanager
     /// alerts, from the live probes (default), a replayed trace or a simulated scenario.
@@ -111,7 +115,7 @@ enum Cmd {
 }
 
 /// `itewatch preflight`: its own exit statuses (0 go, 1 risk, 2 cannot tell, also for errors).
-fn preflight(bdf: Option<String>, slot: Option<String>, json: bool) -> ExitCode {
+fn preflight(bdf: Option<String>, slot: Option<String>, json: bool, watch: f64) -> ExitCode {
     use itewatch::preflight::{run, Target};
     let target = match (bdf, slot) {
         (_, Some(n)) => Target::Slot(n),
@@ -124,7 +128,7 @@ fn preflight(bdf: Option<String>, slot: Option<String>, json: bool) -> ExitCode 
         },
         (None, None) => return ExitCode::from(2),
     };
-    ExitCode::from(run(&target, json, &mut std::io::stdout().lock()))
+    ExitCode::from(run(&target, json, watch, &mut std::io::stdout().lock()))
 }
 
 /// `itewatch completions SHELL`: generated from the clap definitions, so it knows every
@@ -285,7 +289,12 @@ fn main() -> ExitCode {
         Cmd::Man { subcommand } => man(subcommand),
         Cmd::Live(a) => itewatch::tui::run(a).map_err(anyhow::Error::from),
         Cmd::Agent(a) => itewatch::agent::run(a).map_err(anyhow::Error::from),
-        Cmd::Preflight { bdf, slot, json } => Ok(preflight(bdf, slot, json)),
+        Cmd::Preflight {
+            bdf,
+            slot,
+            json,
+            watch,
+        } => Ok(preflight(bdf, slot, json, watch)),
         Cmd::Doctor { json } => itewatch::doctor::run(json, &mut std::io::stdout().lock())
             .map(|ready| {
                 if ready {

@@ -8,8 +8,11 @@
 //! verdict's: 0 go, 1 risk, 2 cannot tell (also for any error: a preflight that cannot look
 //! must not read as an all-clear).
 //!
-//! Device-TLB invalidations in flight to the device's SIDs are **not measured** by this
-//! version: the output says so (`invalidations.measured: false`); `itewatch live` shows them.
+//! Device-TLB invalidations to the card's SIDs are measured only when asked (`--watch SECONDS`,
+//! root): the probes attach for that bounded window and [`count_window`] (pure) counts the
+//! submissions carrying a device-TLB descriptor for one of the card's SIDs, and those still
+//! without a return at the window's end. Otherwise the output says they were not measured
+//! (`invalidations.measured: false`).
 //!
 //! JSON (`--json`): the serialized [`Report`], `schema_version` `MAJOR.MINOR` as in doctor;
 //! docs/preflight.md documents every field.
@@ -20,7 +23,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::event::{Bdf, KTime};
+use crate::event::{Bdf, KTime, Payload, Record, Sid};
 use crate::kcode::{self, CodeFinding, CodeStatus};
 use crate::knowledge::fixes;
 use crate::sysfs::{AtsState, SlotCaps, Sysfs};
@@ -56,16 +59,77 @@ pub struct SlotFacts {
     pub caps: Result<SlotCaps, String>,
 }
 
-/// Whether device-TLB invalidations to the card were watched.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// Whether device-TLB invalidations to the card were watched, and what the window saw.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Invalidations {
     pub measured: bool,
     /// Why not, when not.
     pub why: Option<String>,
+    /// Length of the probe window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_ms: Option<u64>,
+    /// `qi_submit_sync` calls in the window carrying a device-TLB descriptor for the card.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub submissions: Option<u64>,
+    /// Of those, the ones with no return seen by the window's end (in flight).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_flight_at_end: Option<u64>,
+    /// `submissions` per second of window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_second: Option<f64>,
+}
+
+impl Invalidations {
+    /// Not measured, and why.
+    pub fn not_measured(why: impl Into<String>) -> Invalidations {
+        Invalidations {
+            measured: false,
+            why: Some(why.into()),
+            window_ms: None,
+            submissions: None,
+            in_flight_at_end: None,
+            per_second: None,
+        }
+    }
+}
+
+/// Counts, in the records of one probe window of `window_ns`, the submissions carrying a
+/// device-TLB descriptor for one of `sids`, and those whose return was not seen (per thread:
+/// `qi_submit_sync` does not nest). Pure.
+pub fn count_window(records: &[Record], sids: &[Sid], window_ns: u64) -> Invalidations {
+    let mut submissions = 0u64;
+    // tid -> whether its pending submission is to the card.
+    let mut pending: BTreeMap<u32, bool> = BTreeMap::new();
+    for r in records {
+        let Record::Event(e) = r else { continue };
+        match &e.payload {
+            Payload::Submit(s) => {
+                let to_card = s.dev_tlb_sids().any(|x| sids.contains(&x));
+                if to_card {
+                    submissions += 1;
+                }
+                pending.insert(e.meta.tid, to_card);
+            }
+            Payload::SubmitReturn(_) => {
+                pending.remove(&e.meta.tid);
+            }
+            _ => {}
+        }
+    }
+    let in_flight = pending.values().filter(|&&c| c).count() as u64;
+    let secs = window_ns as f64 / 1e9;
+    Invalidations {
+        measured: true,
+        why: None,
+        window_ms: Some(window_ns / 1_000_000),
+        submissions: Some(submissions),
+        in_flight_at_end: Some(in_flight),
+        per_second: (secs > 0.0).then(|| (submissions as f64 / secs * 10.0).round() / 10.0),
+    }
 }
 
 /// Everything [`decide`] looks at.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Facts {
     /// How the target was named (`0000:01:00.0`, `slot 1`).
     pub target: String,
@@ -237,11 +301,27 @@ fn sequence(f: &Facts) -> Vec<Step> {
 /// The decision. Pure.
 pub fn decide(f: &Facts) -> Decision {
     let mut reasons = Vec::new();
-    if !f.invalidations.measured {
+    let inv = &f.invalidations;
+    if !inv.measured {
         reasons.push(format!(
-            "device-TLB invalidations in flight to the card were not measured ({})",
-            f.invalidations.why.as_deref().unwrap_or("no probe window")
+            "device-TLB invalidations to the card were not measured ({})",
+            inv.why.as_deref().unwrap_or("no probe window")
         ));
+    } else {
+        let (n, inflight, ms) = (
+            inv.submissions.unwrap_or(0),
+            inv.in_flight_at_end.unwrap_or(0),
+            inv.window_ms.unwrap_or(0),
+        );
+        reasons.push(if n == 0 {
+            format!("no device-TLB invalidation went to the card in a {ms} ms probe window (idle)")
+        } else {
+            format!(
+                "{n} submission(s) with a device-TLB invalidation to the card in a {ms} ms probe \
+                 window ({}/s), {inflight} in flight at its end: DMA is running — stop it first",
+                inv.per_second.unwrap_or(0.0)
+            )
+        });
     }
     let decision = |verdict, mut reasons: Vec<String>, r: &str| {
         reasons.insert(0, r.to_string());
@@ -481,15 +561,43 @@ pub fn gather(root: &Path, target: &Target) -> Result<(Facts, kcode::CodeReport)
             functions,
             vtd,
             fixes,
-            invalidations: Invalidations {
-                measured: false,
-                why: Some(
-                    "this version attaches no probes; `itewatch live` shows them".to_string(),
-                ),
-            },
+            invalidations: Invalidations::not_measured(
+                "no probe window asked for: `--watch SECONDS` (root) attaches the probes",
+            ),
         },
         code,
     ))
+}
+
+/// Attaches the probes for `secs` seconds and counts the device-TLB invalidations to the
+/// functions in `facts` (I/O; the counting is [`count_window`]).
+pub fn watch(facts: &Facts, secs: f64) -> Invalidations {
+    let sids: Vec<Sid> = facts.functions.iter().map(|f| f.bdf.sid()).collect();
+    let mut reader = match crate::live::LiveReader::attach(&crate::probe::LoadOptions::default()) {
+        Ok(r) => r,
+        Err(e) => {
+            return Invalidations::not_measured(format!(
+                "the probes could not attach: {}",
+                crate::doctor::error_chain(&e)
+            ))
+        }
+    };
+    let missing = reader.missing_required();
+    if !missing.is_empty() {
+        return Invalidations::not_measured(format!(
+            "required probes missing: {}",
+            missing.join(", ")
+        ));
+    }
+    let window = std::time::Duration::from_secs_f64(secs.clamp(0.1, 60.0));
+    let start = std::time::Instant::now();
+    let mut records = Vec::new();
+    while start.elapsed() < window {
+        reader.drain(4096, &mut records);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    reader.drain(usize::MAX, &mut records);
+    count_window(&records, &sids, start.elapsed().as_nanos() as u64)
 }
 
 /// Facts + decision → the output.
@@ -575,10 +683,13 @@ impl Report {
 }
 
 /// `itewatch preflight`: prints the report, returns the exit status (2 on any error, with the
-/// error on stderr).
-pub fn run(target: &Target, json: bool, out: &mut impl std::io::Write) -> u8 {
+/// error on stderr). `watch_s > 0` attaches the probes for that long first.
+pub fn run(target: &Target, json: bool, watch_s: f64, out: &mut impl std::io::Write) -> u8 {
     match gather(Path::new("/"), target) {
-        Ok((facts, code)) => {
+        Ok((mut facts, code)) => {
+            if watch_s > 0.0 && !facts.functions.is_empty() {
+                facts.invalidations = watch(&facts, watch_s);
+            }
             let r = report(facts, code);
             let written = if json {
                 serde_json::to_writer_pretty(&mut *out, &r)
@@ -655,10 +766,7 @@ mod tests {
             }],
             vtd: Some(true),
             fixes: fixes(CodeStatus::Absent, CodeStatus::Present),
-            invalidations: Invalidations {
-                measured: false,
-                why: Some("not attached".into()),
-            },
+            invalidations: Invalidations::not_measured("not attached"),
         }
     }
 
@@ -688,6 +796,74 @@ mod tests {
             .avoid
             .iter()
             .any(|s| s.action.contains("surprise-capable")));
+    }
+
+    fn ev(tid: u32, payload: Payload) -> Record {
+        use crate::event::{Event, FixedStr, Meta};
+        Record::Event(Event {
+            meta: Meta {
+                ts: KTime(1),
+                cpu: 0,
+                pid: tid,
+                tid,
+                comm: FixedStr::new("t"),
+            },
+            payload,
+        })
+    }
+
+    fn submit(sid: u16) -> Payload {
+        use crate::event::{Descriptor, FixedStr, Iommu, Submit};
+        Payload::Submit(Submit {
+            iommu: Iommu {
+                ptr: 1,
+                name: FixedStr::new("dmar0"),
+                segment: Some(0),
+            },
+            options: 0,
+            count: 1,
+            raw: [Descriptor::dev_tlb_raw(Sid(sid), Sid(sid), 0, 0, 0)]
+                .into_iter()
+                .collect(),
+            stack: None,
+        })
+    }
+
+    fn ret() -> Payload {
+        Payload::SubmitReturn(crate::event::SubmitReturn {
+            ret: 0,
+            start: None,
+        })
+    }
+
+    #[test]
+    fn a_probe_window_counts_the_cards_invalidations_and_those_in_flight() {
+        let card = [Sid(0x0200)];
+        let recs = vec![
+            ev(1, submit(0x0200)),
+            ev(1, ret()),
+            ev(2, submit(0x0100)), // another device's
+            ev(2, ret()),
+            ev(3, submit(0x0200)), // no return by the end: in flight
+            ev(4, ret()),          // a return whose entry came before the window
+        ];
+        let w = count_window(&recs, &card, 2_000_000_000);
+        assert!(w.measured);
+        assert_eq!(w.submissions, Some(2));
+        assert_eq!(w.in_flight_at_end, Some(1));
+        assert_eq!(w.window_ms, Some(2000));
+        assert_eq!(w.per_second, Some(1.0));
+        let mut f = vm_disk();
+        f.invalidations = w;
+        let d = decide(&f);
+        assert!(
+            d.reasons.iter().any(|r| r.contains("1 in flight")),
+            "{d:#?}"
+        );
+        f.invalidations = count_window(&[], &card, 2_000_000_000);
+        let d = decide(&f);
+        assert!(d.reasons.iter().any(|r| r.contains("(idle)")), "{d:#?}");
+        assert_eq!(d.verdict, Verdict::Risk);
     }
 
     #[test]

@@ -116,6 +116,45 @@ fn trace_reports_validate_and_carry_host_probes_and_fixes() {
 }
 
 #[test]
+fn the_fixes_carry_what_the_recording_kernels_code_showed() {
+    use itewatch::trace::{KernelFixStatus, TraceReader, TraceWriter};
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("w2.itw");
+    let sim = itewatch::simulate::generate("w2-notifier-after-disconnect", 2).unwrap();
+    itewatch::simulate::write_trace(&sim, &plain).unwrap();
+    // Without `kernel_fixes` (every trace before it): no kernel_code on any fix.
+    let doc = document::from_trace_file(&plain, Config::default()).unwrap();
+    assert!(!doc.fixes.is_empty());
+    assert!(doc.fixes.iter().all(|f| f.kernel_code.is_none()));
+    let mut r = TraceReader::open(&plain).unwrap();
+    let mut header = r.header().clone();
+    header.kernel_fixes = doc
+        .fixes
+        .iter()
+        .enumerate()
+        .map(|(i, f)| KernelFixStatus {
+            commit: f.commit.clone(),
+            status: if i == 0 { "absent" } else { "unknown" }.into(),
+            evidence: "test".into(),
+        })
+        .collect();
+    let with = dir.path().join("w2-code.itw");
+    let mut w = TraceWriter::create(&with, &header).unwrap();
+    while let Some(rec) = r.next_record().unwrap() {
+        w.write_record(&rec).unwrap();
+    }
+    w.finish().unwrap();
+    let doc = document::from_trace_file(&with, Config::default()).unwrap();
+    check(&validator(), &doc, "w2 with kernel_fixes");
+    assert_eq!(doc.fixes[0].kernel_code.as_deref(), Some("absent"));
+    assert!(doc.fixes[1..]
+        .iter()
+        .all(|f| f.kernel_code.as_deref() == Some("unknown")));
+    let text = document::render_text(&doc);
+    assert!(text.contains("this kernel's code: absent"), "{text}");
+}
+
+#[test]
 fn a_trace_with_recorded_hardware_fills_the_host_section() {
     use itewatch::trace::{HostHardware, HostIommu, TraceReader, TraceWriter};
     let dir = tempfile::tempdir().unwrap();

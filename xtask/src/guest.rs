@@ -285,6 +285,15 @@ if [ $RECORD = 1 ]; then
     # Before any removal: both disks have ATS on, so preflight must say risk (exit 1).
     /bin/itewatch preflight --slot $SURPRISE_SLOT --json > /out/preflight-surprise.json 2> /out/preflight-surprise.err
     echo $? > /out/preflight-surprise.rc
+    if [ $ITE = 0 ]; then
+        # Reads on the surprise disk through a 2 s probe window: preflight must count device-TLB
+        # invalidations to it (strict mode: every unmap invalidates).
+        ( while :; do dd if=/dev/$SUR_BLK of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null; sleep 0.1; done ) &
+        PF_DMA=$!
+        /bin/itewatch preflight --slot $SURPRISE_SLOT --watch 2 --json > /out/preflight-dma.json 2> /out/preflight-dma.err
+        echo $? > /out/preflight-dma.rc
+        kill $PF_DMA 2>/dev/null; wait $PF_DMA 2>/dev/null
+    fi
     $RUN /bin/itewatch record -o /out/trace.itw --ready-file /out/ready --stack-map-entries 128 2> /out/record.err &
     REC_PID=$!
     wait_for '[ -s /out/ready ] || ! kill -0 $REC_PID 2>/dev/null' 180 || fail "recorder not ready after 180 s"

@@ -98,7 +98,8 @@ pub fn kernel_code_check(
 }
 
 /// `itewatch preflight --slot N --json` in the guest: before any removal the surprise disk's
-/// slot (ATS on) is a risk, exit 1, with the kernel's fixes as in the table; after the safe
+/// slot (ATS on) is a risk, exit 1, with the kernel's fixes as in the table; with reads on that
+/// disk a 2 s probe window (`--watch 2`) counts device-TLB invalidations to it; after the safe
 /// removal the safe slot is empty: go, exit 0.
 pub fn preflight_check(kernel: &str, out: &Path, surprise_dev: Option<&str>) -> Check {
     let name = "preflight risk / go";
@@ -160,6 +161,21 @@ pub fn preflight_check(kernel: &str, out: &Path, surprise_dev: Option<&str>) -> 
                 );
             }
             detail.push(format!("surprise slot: exit {rc} {verdict}"));
+        }
+    }
+    match read("preflight-dma") {
+        Err(e) => problems.push(e),
+        Ok((rc, v)) => {
+            let verdict = v["verdict"].as_str().unwrap_or("?");
+            let inv = &v["invalidations"];
+            let n = inv["submissions"].as_u64().unwrap_or(0);
+            if rc != "1" || verdict != "risk" || inv["measured"].as_bool() != Some(true) || n == 0 {
+                problems.push(format!("surprise slot with reads, 2 s window: exit {rc}, verdict {verdict}, invalidations {inv}"));
+            }
+            detail.push(format!(
+                "with reads: exit {rc} {verdict}, {n} device-TLB submissions in {} ms, {} in flight at its end",
+                inv["window_ms"], inv["in_flight_at_end"]
+            ));
         }
     }
     match read("preflight-empty") {

@@ -275,3 +275,20 @@ fn a_walk_stepping_by_two_after_or_one_is_the_unfixed_form() {
         }]
     );
 }
+
+#[test]
+fn a_call_into_the_callee_padding_still_counts() {
+    // call rel32 from 0x1000 to 0x2000 - 16 (a call-depth thunk in the padding), then ret.
+    let rel = (0x2000u64 - 16).wrapping_sub(0x1005) as u32;
+    let mut bytes = vec![0xe8];
+    bytes.extend_from_slice(&rel.to_le_bytes());
+    bytes.push(0xc3);
+    let f = Function {
+        name: "f".into(),
+        addr: 0x1000,
+        bytes,
+    };
+    let d = x86::decode(&f).unwrap();
+    assert_eq!(d.calls_to(&[0x2000]), 1);
+    assert_eq!(d.calls_to(&[0x2000 + 64]), 0);
+}

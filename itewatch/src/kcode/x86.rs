@@ -15,6 +15,10 @@ pub const MINUS_ETIMEDOUT: u32 = (-110i32) as u32;
 /// walk (the walks seen are 7–10 instructions long).
 const MAX_WALK_INSNS: usize = 40;
 
+/// Bytes around a callee's start that a patched call may target (the 16-byte function padding
+/// of CONFIG_CALL_PADDING kernels before it, an entry sequence after it).
+const ENTRY_SLACK: u64 = 16;
+
 /// How far before the walk's head `head |= 1` is looked for.
 const OR_ONE_WINDOW: usize = 60;
 
@@ -141,14 +145,18 @@ impl Decoded<'_> {
     }
 
     /// Direct calls and jumps (tail calls, conditional ones included) to any of `targets`.
-    /// A target may also be reached 4 bytes in, past an `endbr64` (IBT kernels).
+    /// Also counted: a branch up to [`ENTRY_SLACK`] bytes before or after a target's start —
+    /// the kernel may patch a call site to a thunk in the function's padding (call-depth
+    /// tracking) or past its entry sequence (`endbr64`, FineIBT); no other code lives there.
     pub fn calls_to(&self, targets: &[u64]) -> usize {
         self.insns
             .iter()
             .filter(|i| is_branch(i))
             .filter(|i| {
                 let t = i.near_branch_target();
-                targets.iter().any(|&a| t == a || t == a.wrapping_add(4))
+                targets
+                    .iter()
+                    .any(|&a| t >= a.saturating_sub(ENTRY_SLACK) && t <= a + ENTRY_SLACK)
             })
             .count()
     }

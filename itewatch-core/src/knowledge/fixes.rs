@@ -33,7 +33,7 @@ pub const IMPROVE_ITE: UpstreamFix = UpstreamFix {
 pub const FLUSH_ONLY_ACCESSIBLE_SM: UpstreamFix = UpstreamFix {
     commit: "10e60d878139",
     subject: "iommu/vt-d: Flush dev-IOTLB only when PCIe device is accessible in scalable mode",
-    landed: "6.18-stable (Feb 2026)",
+    landed: "6.18-stable (Feb 2026; not in Debian 6.18.15); in Debian 6.1.170 and 6.12.117",
     guards: "scalable-mode teardown skips the device-TLB flush to a device that is not present",
 };
 

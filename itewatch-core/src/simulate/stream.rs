@@ -9,6 +9,35 @@ use crate::event::Record;
 use super::world::{World, MS, US};
 use super::{generate_at, Rng, SCENARIOS};
 
+/// `--simulate soak`: an endless stream of benign traffic with an incident scenario mixed in
+/// now and then, for soak tests and the footprint benchmarks.
+pub const SOAK: &str = "soak";
+/// `--simulate storm`: the same endless stream with an incident scenario in every chunk (an
+/// incident storm, for crash tests).
+pub const STORM: &str = "storm";
+
+/// Whether `name` is one of the endless streams ([`SOAK`], [`STORM`]).
+pub fn is_endless(name: &str) -> bool {
+    name == SOAK || name == STORM
+}
+
+/// The records of a simulated source by name — a scenario of [`SCENARIOS`], or an endless
+/// stream — for `live --simulate` and `agent --simulate` alike (one selector, one list of
+/// names).
+pub fn named(
+    name: &str,
+    seed: u64,
+) -> Result<Box<dyn Iterator<Item = Record> + Send>, super::SimError> {
+    if is_endless(name) {
+        let mut s = LongStream::new(seed, u64::MAX);
+        if name == STORM {
+            s.incident_every = 1;
+        }
+        return Ok(Box::new(s));
+    }
+    Ok(Box::new(super::generate(name, seed)?.records.into_iter()))
+}
+
 /// Iterator over an endless (or `limit`-event) simulated stream.
 pub struct LongStream {
     rng: Rng,

@@ -13,12 +13,7 @@ pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 64 << 20;
 /// Default bound on the Alertmanager deliveries waiting in the spool (a delivery's file is
 /// about 1 KiB: ~10 MiB at the bound).
 pub const DEFAULT_MAX_PENDING: u64 = 10_000;
-/// `--simulate soak`: an endless stream of benign traffic with an incident scenario mixed in
-/// now and then (the simulator's long stream), for soak tests and the footprint benchmark.
-pub const SOAK: &str = "soak";
-/// `--simulate storm`: the same endless stream with an incident scenario in every chunk (an
-/// incident storm, for crash tests).
-pub const STORM: &str = "storm";
+pub use itewatch_core::simulate::stream::{SOAK, STORM};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -145,7 +140,7 @@ impl FileConfig {
             }
             (Some(p), None) => SourceConfig::Replay(p),
             (None, Some(s)) => {
-                if s != SOAK && s != STORM {
+                if !crate::simulate::stream::is_endless(&s) {
                     crate::simulate::generate(&s, 0)
                         .map_err(|e| ConfigError::Invalid(e.to_string()))?;
                 }

@@ -324,22 +324,10 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<(Source, DocCont
         path: None,
     };
     match src {
-        SourceConfig::Simulate { scenario, seed }
-            if scenario == config::SOAK || scenario == config::STORM =>
-        {
-            let mut s = crate::simulate::LongStream::new(*seed, u64::MAX);
-            if scenario == config::STORM {
-                s.incident_every = 1;
-            }
-            Ok((Source::Finite(Box::new(s)), simulated(scenario, *seed)))
-        }
         SourceConfig::Simulate { scenario, seed } => {
-            let sim = crate::simulate::generate(scenario, *seed)
+            let records = crate::simulate::stream::named(scenario, *seed)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-            Ok((
-                Source::Finite(Box::new(sim.records.into_iter())),
-                simulated(scenario, *seed),
-            ))
+            Ok((Source::Finite(records), simulated(scenario, *seed)))
         }
         SourceConfig::Replay(p) => {
             let rerr = |source| AgentError::Replay {

@@ -51,7 +51,8 @@ pub struct LiveArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "simulate")]
     pub replay: Option<PathBuf>,
     /// Drive the view from a simulated race scenario (`itewatch simulate --list`); `soak` is an
-    /// endless mix of benign traffic (~100 k events/s) and every incident scenario.
+    /// endless mix of benign traffic (~100 k events/s) and every incident scenario, `storm`
+    /// the same with an incident in every chunk (as for `agent --simulate`).
     #[arg(long, value_name = "SCENARIO")]
     pub simulate: Option<String>,
     /// Seed of the simulated scenario.
@@ -245,11 +246,7 @@ fn open_replay(input: &TraceInput, speed: f64, label: String) -> Result<Opened, 
 }
 
 fn open_simulated(name: &str, seed: u64, speed: f64) -> Result<Opened, LiveError> {
-    let recs: Box<dyn Iterator<Item = Record>> = if name == "soak" {
-        Box::new(crate::simulate::LongStream::new(seed, u64::MAX))
-    } else {
-        Box::new(crate::simulate::generate(name, seed)?.records.into_iter())
-    };
+    let recs: Box<dyn Iterator<Item = Record>> = crate::simulate::stream::named(name, seed)?;
     Ok(Opened {
         source: Source::Playback(Box::new(Playback::new(recs, speed))),
         header: HeaderInfo {
@@ -605,7 +602,10 @@ fn run_headless(
         // As fast as possible: the pacing only matters on a screen.
         p.unpace();
     }
-    let endless = args.simulate.as_deref() == Some("soak");
+    let endless = args
+        .simulate
+        .as_deref()
+        .is_some_and(crate::simulate::stream::is_endless);
     let limit = args
         .exit_after
         .map(Duration::from_secs_f64)

@@ -67,11 +67,14 @@ impl Rng {
 }
 
 /// An incident a scenario must produce: its kind and the SID of its device (`None` when the
-/// scenario's device has no SID to give, e.g. an IOTLB-only submission).
+/// scenario's device has no SID to give, e.g. an IOTLB-only submission), and its PCI segment
+/// where the story turns on it (two devices with one SID on two segments).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Expected {
     pub kind: IncidentKind,
     pub sid: Option<Sid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segment: Option<u16>,
 }
 
 /// A generated stream.
@@ -113,6 +116,13 @@ pub fn generate_at(name: &str, seed: u64, t0: u64, preamble: bool) -> Result<Sim
         "hang-then-hotplug" => scenarios::hang_then_hotplug,
         "ite-sid-zero" => scenarios::ite_sid_zero,
         "benign" => scenarios::benign,
+        "thread-zero-two-cpus" => scenarios::thread_zero_two_cpus,
+        "nested-interrupt" => scenarios::nested_interrupt,
+        "bystander-etimedout" => scenarios::bystander_etimedout,
+        "mixed-health-batch" => scenarios::mixed_health_batch,
+        "multi-segment" => scenarios::multi_segment,
+        "vf-behind-pf" => scenarios::vf_behind_pf,
+        "late-records" => scenarios::late_records,
         other => return Err(SimError::UnknownScenario(other.to_string())),
     };
     let mut w = world::World::new(seed, t0);
@@ -235,6 +245,58 @@ mod tests {
         ));
     }
 
+    /// What would tell a simulated trace from a recorded one: a thread id no kernel hands out,
+    /// a per-CPU kernel thread on another CPU, an irq thread hopping CPUs, one id with two
+    /// names.
+    #[test]
+    fn no_tells() {
+        use std::collections::BTreeMap;
+        let cpu_of = |comm: &str| -> Option<u32> {
+            let rest = comm
+                .strip_prefix("swapper/")
+                .or_else(|| comm.strip_prefix("ksoftirqd/"))
+                .or_else(|| {
+                    comm.strip_prefix("kworker/")
+                        .and_then(|r| r.split(':').next())
+                })?;
+            rest.parse().ok()
+        };
+        for (name, _) in SCENARIOS {
+            for seed in 0..40 {
+                let s = generate(name, seed).unwrap();
+                let mut comm_of: BTreeMap<u32, String> = BTreeMap::new();
+                let mut irq_cpu: BTreeMap<u32, u32> = BTreeMap::new();
+                for r in &s.records {
+                    let Record::Event(e) = r else { continue };
+                    let (tid, cpu) = (e.meta.tid, e.meta.cpu);
+                    let comm = e.meta.comm.as_str().into_owned();
+                    let comm = comm.as_str();
+                    assert!(tid < world::PID_MAX, "{name}/{seed}: tid {tid}");
+                    assert_eq!(
+                        e.meta.pid, tid,
+                        "{name}/{seed}: kernel threads are their own pid"
+                    );
+                    if let Some(n) = cpu_of(comm) {
+                        assert_eq!(n, cpu, "{name}/{seed}: {comm} (tid {tid}) on CPU {cpu}");
+                    }
+                    assert_eq!(
+                        tid == 0,
+                        comm.starts_with("swapper/"),
+                        "{name}/{seed}: {comm} tid {tid}"
+                    );
+                    if comm.starts_with("irq/") {
+                        let c = *irq_cpu.entry(tid).or_insert(cpu);
+                        assert_eq!(c, cpu, "{name}/{seed}: {comm} moved from CPU {c} to {cpu}");
+                    }
+                    if tid != 0 {
+                        let c = comm_of.entry(tid).or_insert_with(|| comm.to_string());
+                        assert_eq!(c.as_str(), comm, "{name}/{seed}: tid {tid} has two names");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn stacks_precede_events_and_threads_stay_in_order() {
         for (name, _) in SCENARIOS {
@@ -248,10 +310,12 @@ mod tests {
                 assert!(s.records[..first_event]
                     .iter()
                     .any(|r| matches!(r, Record::Stack(_))));
-                let mut last: std::collections::BTreeMap<u32, u64> = Default::default();
+                // Thread 0 is each CPU's idle task: one thread per CPU.
+                let mut last: std::collections::BTreeMap<(u32, u32), u64> = Default::default();
                 for r in &s.records {
                     if let Record::Event(e) = r {
-                        let prev = last.insert(e.meta.tid, e.meta.ts.0).unwrap_or(0);
+                        let key = (e.meta.tid, if e.meta.tid == 0 { e.meta.cpu } else { 0 });
+                        let prev = last.insert(key, e.meta.ts.0).unwrap_or(0);
                         assert!(prev <= e.meta.ts.0, "{name}/{seed}: thread order");
                     }
                 }

@@ -33,6 +33,40 @@ impl Kernel {
 pub const US: u64 = 1_000;
 pub const MS: u64 = 1_000_000;
 
+/// Linux's largest `pid_max` (64-bit, `PID_MAX_LIMIT`): no simulated thread id reaches it.
+pub const PID_MAX: u32 = 4_194_304;
+
+/// Thread id of `ksoftirqd/N` (booted kernels give the per-CPU threads small ids in CPU order).
+pub fn ksoftirqd_tid(cpu: u32) -> u32 {
+    15 + 8 * cpu
+}
+
+/// Thread id of the per-CPU worker `kworker/N:<k>H` (`k` < 8).
+pub fn kworker_tid(cpu: u32, k: u32) -> u32 {
+    200 + 8 * cpu + k.min(7)
+}
+
+/// A per-CPU kernel thread runs only on its CPU: the thread that ran on `cpu` under the name
+/// `comm` is that CPU's instance (`swapper/N` is thread 0, the idle task; `ksoftirqd/N`,
+/// `kworker/N:kH` have one id per CPU). Other threads are returned unchanged.
+pub fn on_cpu(tid: u32, comm: &str, cpu: u32) -> (u32, String) {
+    if comm.starts_with("swapper/") {
+        return (0, format!("swapper/{cpu}"));
+    }
+    if comm.starts_with("ksoftirqd/") {
+        return (ksoftirqd_tid(cpu), format!("ksoftirqd/{cpu}"));
+    }
+    if let Some(rest) = comm.strip_prefix("kworker/") {
+        if let Some((n, pool)) = rest.split_once(':') {
+            if n.bytes().all(|b| b.is_ascii_digit()) {
+                let k = pool.trim_end_matches('H').parse::<u32>().unwrap_or(0);
+                return (kworker_tid(cpu, k), format!("kworker/{cpu}:{pool}"));
+            }
+        }
+    }
+    (tid, comm.to_string())
+}
+
 /// Stack ids of the simulated kernel paths.
 pub mod stacks {
     pub const DRIVER_612: u32 = 1;
@@ -267,11 +301,24 @@ pub struct SimDevice {
     pub tid: u32,
     pub comm: &'static str,
     pub dev_ptr: u64,
+    /// A VF's PF (its SID goes in the device-TLB descriptors' `pfsid`).
+    pub pf: Option<Sid>,
 }
 
 impl SimDevice {
     pub fn sid(&self) -> Sid {
         self.bdf.sid()
+    }
+
+    /// The SID a device-TLB descriptor for this device carries as `pfsid`: its PF's for a VF,
+    /// else its own.
+    pub fn pfsid(&self) -> Sid {
+        self.pf.unwrap_or_else(|| self.sid())
+    }
+
+    /// A device-TLB invalidation descriptor for this device.
+    pub fn devtlb(&self, addr: u64, mask: u32) -> RawDesc {
+        Descriptor::dev_tlb_raw(self.sid(), self.pfsid(), 0, addr, mask)
     }
 }
 
@@ -288,6 +335,12 @@ pub struct World {
     pub t0: u64,
     recs: Vec<(u64, u64, Record)>,
     order: u64,
+    /// Submissions issued: (tid, cpu, submit, return or `u64::MAX`), so that noise never
+    /// starts a second one on a thread that is in one.
+    running: Vec<(u32, u32, u64, u64)>,
+    /// Records delivered late: (thread, from, to, after) moves the thread's records of
+    /// `[from, to]` behind the first record newer than `after` (a ring buffer drained late).
+    late: Vec<(u32, u64, u64, u64)>,
 }
 
 impl World {
@@ -334,6 +387,7 @@ impl World {
                 tid,
                 comm,
                 dev_ptr: 0xffff_8881_0480_0000 + n * 0x1000,
+                pf: None,
             };
         let devices = vec![
             dev(
@@ -409,6 +463,8 @@ impl World {
             t0,
             recs: Vec::new(),
             order: 0,
+            running: Vec::new(),
+            late: Vec::new(),
         }
     }
 
@@ -420,6 +476,35 @@ impl World {
         for i in 0..self.devices.len() {
             self.device_snapshot(i, self.t0);
         }
+    }
+
+    /// Adds an IOMMU unit; returns its index.
+    pub fn add_iommu(&mut self, name: &str, ptr: u64, segment: Option<u16>) -> usize {
+        self.iommus.push(Iommu {
+            ptr,
+            name: FixedStr::new(name),
+            segment,
+        });
+        self.iommus.len() - 1
+    }
+
+    /// Adds a device (noise may target it from the start); `snapshot` says whether the trace
+    /// has its sysfs snapshot. Returns its index.
+    pub fn add_device(&mut self, mut d: SimDevice, snapshot: bool) -> usize {
+        d.dev_ptr = 0xffff_8881_0480_0000 + self.devices.len() as u64 * 0x1000;
+        self.devices.push(d);
+        self.alive.push(vec![(0, u64::MAX)]);
+        let i = self.devices.len() - 1;
+        if snapshot {
+            self.device_snapshot(i, self.t0);
+        }
+        i
+    }
+
+    /// Thread `tid`'s records of `[from, to]` reach the reader only after the first record
+    /// newer than `after` (its CPU's ring buffer drained late).
+    pub fn deliver_late(&mut self, tid: u32, from: u64, to: u64, after: u64) {
+        self.late.push((tid, from, to, after));
     }
 
     /// A sysfs snapshot of device `i` taken at `t`.
@@ -444,14 +529,17 @@ impl World {
         self.order += 1;
     }
 
+    /// An event of thread `tid` (`comm`) on `cpu`; a per-CPU kernel thread's name and id are
+    /// those of `cpu`'s instance ([`on_cpu`]).
     pub fn ev(&mut self, ts: u64, cpu: u32, tid: u32, comm: &str, payload: Payload) {
+        let (tid, comm) = on_cpu(tid, comm, cpu);
         let e = Event {
             meta: Meta {
                 ts: KTime(ts),
                 cpu,
                 pid: tid,
                 tid,
-                comm: FixedStr::new(comm),
+                comm: FixedStr::new(&comm),
             },
             payload,
         };
@@ -460,6 +548,27 @@ impl World {
 
     pub fn cpu(&mut self) -> u32 {
         self.rng.below(self.ncpu as u64) as u32
+    }
+
+    /// The CPU slot `s`'s pciehp interrupt (and so its irq thread) is affine to.
+    pub fn ist_cpu(&self, s: usize) -> u32 {
+        self.slots[s].irq as u32 % self.ncpu
+    }
+
+    /// A CPU not in `busy` (all CPUs if every one is).
+    pub fn cpu_not_in(&mut self, busy: &[u32]) -> u32 {
+        let free: Vec<u32> = (0..self.ncpu).filter(|c| !busy.contains(c)).collect();
+        if free.is_empty() {
+            return self.cpu();
+        }
+        free[self.rng.below(free.len() as u64) as usize]
+    }
+
+    /// Whether thread `tid` (thread 0: on `cpu`) has a submission open during `[from, to]`.
+    fn thread_busy(&self, tid: u32, cpu: u32, from: u64, to: u64) -> bool {
+        self.running
+            .iter()
+            .any(|r| r.0 == tid && (tid != 0 || r.1 == cpu) && r.2 <= to && from <= r.3)
     }
 
     /// A CPU other than `busy`.
@@ -483,7 +592,7 @@ impl World {
         })
     }
 
-    fn iotlb_desc(did: u16) -> RawDesc {
+    pub fn iotlb_desc(did: u16) -> RawDesc {
         // QI_IOTLB_TYPE | DID | DR | DW, page-selective (granularity bits left 0).
         RawDesc {
             qw0: 0x2 | ((did as u64) << 16) | (1 << 7) | (1 << 6),
@@ -509,6 +618,9 @@ impl World {
         ret: Option<(u64, i64)>,
     ) {
         let p = self.submit_payload(iommu, descs, stack);
+        let (rtid, _) = on_cpu(tid, comm, cpu);
+        let until = ret.map_or(u64::MAX, |(lat, _)| ts + lat);
+        self.running.push((rtid, cpu, ts, until));
         self.ev(ts, cpu, tid, comm, p);
         if let Some((lat, ret)) = ret {
             self.ev(
@@ -539,7 +651,7 @@ impl World {
         let f = Flush {
             iommu: self.iommus[d.iommu],
             sid: d.sid(),
-            pfsid: d.sid(),
+            pfsid: d.pfsid(),
             qdep: 0,
             pasid: None,
             addr: 0,
@@ -600,7 +712,7 @@ impl World {
                     tid,
                     comm,
                     d.iommu,
-                    &[Self::devtlb_desc(d.sid(), addr, 0)],
+                    &[d.devtlb(addr, 0)],
                     stacks::DRIVER_61_SUBMIT,
                     ret,
                 );
@@ -618,7 +730,7 @@ impl World {
                     tid,
                     comm,
                     d.iommu,
-                    &[Self::iotlb_desc(did), Self::devtlb_desc(d.sid(), addr, 0)],
+                    &[Self::iotlb_desc(did), d.devtlb(addr, 0)],
                     stack,
                     ret,
                 );
@@ -646,6 +758,12 @@ impl World {
     /// Benign traffic: `n` driver unmaps completing in microseconds, spread over `[from, to)`,
     /// on devices in `devs` that are alive then, never on CPU `avoid`.
     pub fn noise(&mut self, from: u64, to: u64, n: usize, devs: &[usize], avoid: Option<u32>) {
+        let avoid: Vec<u32> = avoid.into_iter().collect();
+        self.noise_avoiding(from, to, n, devs, &avoid);
+    }
+
+    /// [`World::noise`], never on the CPUs in `avoid` (e.g. spinning with interrupts off).
+    pub fn noise_avoiding(&mut self, from: u64, to: u64, n: usize, devs: &[usize], avoid: &[u32]) {
         if to <= from || devs.is_empty() {
             return;
         }
@@ -658,27 +776,29 @@ impl World {
             if !self.is_alive(i, t, 100 * US) {
                 continue;
             }
-            let cpu = match avoid {
-                Some(b) => self.cpu_except(b),
-                None => self.cpu(),
-            };
+            let cpu = self.cpu_not_in(avoid);
             let d = self.devices[i].clone();
-            // Several threads per device so that submissions never overlap on one thread.
-            let tid = d.tid * 10 + self.rng.below(100_000) as u32 * 10_000;
+            // Many threads per device (its user's, each well below pid_max); a per-CPU kernel
+            // thread is the one of `cpu`.
+            let tid = 100_000 + i as u32 * 100_000 + self.rng.below(100_000) as u32;
             let lat = self.rng.range(2 * US, 30 * US);
-            if self.rng.chance(8) && self.kernel == Kernel::V6_12 {
+            let fq = self.rng.chance(8) && self.kernel == Kernel::V6_12;
+            let comm = if fq { "ksoftirqd/0" } else { d.comm };
+            let (rtid, _) = on_cpu(tid, comm, cpu);
+            // A 6.1 unmap is three records over a few microseconds: leave room for it, inside
+            // the span (what follows it may be a scenario's submission on the same thread).
+            if t + lat + 10 * US >= to || self.thread_busy(rtid, cpu, t, t + lat + 10 * US) {
+                continue;
+            }
+            if fq {
                 // Lazy-mode flush queue: a whole-range invalidation from the timer.
-                let sid = d.sid();
-                let descs = [
-                    Self::iotlb_desc(1 + i as u16),
-                    Self::devtlb_desc(sid, 0, 52),
-                ];
+                let descs = [Self::iotlb_desc(1 + i as u16), d.devtlb(0, 52)];
                 let descs: &[RawDesc] = if d.ats { &descs } else { &descs[..1] };
                 self.submission(
                     t,
                     cpu,
                     tid,
-                    "ksoftirqd/0",
+                    comm,
                     d.iommu,
                     descs,
                     stacks::FLUSH_QUEUE,
@@ -887,7 +1007,7 @@ impl World {
                         tid,
                         &comm,
                         d.iommu,
-                        &[Self::devtlb_desc(d.sid(), 0, 52)],
+                        &[d.devtlb(0, 52)],
                         stack,
                         r,
                     );
@@ -900,10 +1020,7 @@ impl World {
                         tid,
                         &comm,
                         d.iommu,
-                        &[
-                            Self::iotlb_desc(1 + dev as u16),
-                            Self::devtlb_desc(d.sid(), 0, 52),
-                        ],
+                        &[Self::iotlb_desc(1 + dev as u16), d.devtlb(0, 52)],
                         stacks::REMOVAL_612_BATCH,
                         r,
                     );
@@ -917,7 +1034,7 @@ impl World {
                         tid,
                         &comm,
                         d.iommu,
-                        &[Self::devtlb_desc(d.sid(), 0, 52)],
+                        &[d.devtlb(0, 52)],
                         stacks::REMOVAL_612_LEGACY,
                         r,
                     );
@@ -970,6 +1087,22 @@ impl World {
             keys.iter()
                 .filter_map(|&(_, _, i)| slots.get_mut(i).and_then(Option::take)),
         );
+        for &(tid, from, to, after) in &self.late {
+            let is_late = |r: &Record| match r {
+                Record::Event(e) => e.meta.tid == tid && (from..=to).contains(&e.meta.ts.0),
+                _ => false,
+            };
+            let (late, rest): (Vec<Record>, Vec<Record>) = out.into_iter().partition(is_late);
+            let at = rest
+                .iter()
+                .position(|r| r.ts().is_some_and(|t| t.0 > after))
+                .map_or(rest.len(), |p| p + 1);
+            let mut rest = rest;
+            let tail = rest.split_off(at);
+            rest.extend(late);
+            rest.extend(tail);
+            out = rest;
+        }
         out
     }
 }

@@ -166,28 +166,19 @@ impl Correlator {
             Some(sid) => {
                 // The submissions carrying the SID, and every other one stalled behind the
                 // time-out on the same IOMMU queue (fetching stops until ITE is cleared).
+                let seg = self.ite_segment(sid);
+                // Only the carriers on that segment's queues: a device at the same bus:devfn
+                // on another segment is another device.
+                let on_seg = |i: &Inflight| seg == SEG_UNKNOWN || i.segment == seg;
                 let queues: BTreeSet<u64> = self
                     .inflight
                     .values()
-                    .filter(|i| i.sids.contains(&sid))
+                    .filter(|i| i.sids.contains(&sid) && on_seg(i))
                     .map(|i| i.submit.iommu.ptr)
                     .collect();
-                // The log line has no segment: that of the submissions carrying the SID when
-                // they agree, else the trace's only segment, else unknown (never 0).
-                let segs: BTreeSet<u16> = self
-                    .inflight
-                    .values()
-                    .filter(|i| i.sids.contains(&sid))
-                    .map(|i| i.segment)
-                    .collect();
-                let seg = match segs.len() {
-                    0 => self.resolve_segment(None, None, None),
-                    1 => segs.into_iter().next().unwrap_or(SEG_UNKNOWN),
-                    _ => SEG_UNKNOWN,
-                };
-                members = self
-                    .inflight
-                    .keys_where(|i| i.sids.contains(&sid) || queues.contains(&i.submit.iommu.ptr));
+                members = self.inflight.keys_where(|i| {
+                    (i.sids.contains(&sid) && on_seg(i)) || queues.contains(&i.submit.iommu.ptr)
+                });
                 key = Some((seg, sid));
                 self.confirm_inferred_ite(ts, seg, sid);
             }
@@ -227,6 +218,47 @@ impl Correlator {
             None,
             members,
         );
+    }
+
+    /// The segment of an ITE report's SID (the log line has none): that of the in-flight
+    /// submissions carrying it when they agree; when they do not (the same bus:devfn on two
+    /// segments), the one whose device is gone — a present device answers, a gone one times
+    /// out; else the only known device with that SID, else the trace's only segment, else
+    /// unknown (never 0).
+    pub(super) fn ite_segment(&self, sid: Sid) -> u16 {
+        let carriers: BTreeSet<u16> = self
+            .inflight
+            .values()
+            .filter(|i| i.sids.contains(&sid))
+            .map(|i| i.segment)
+            .collect();
+        if carriers.len() == 1 {
+            return carriers.into_iter().next().unwrap_or(SEG_UNKNOWN);
+        }
+        let candidates: BTreeSet<u16> = if carriers.is_empty() {
+            self.devices
+                .keys()
+                .filter(|k| k.1 == sid)
+                .map(|k| k.0)
+                .collect()
+        } else {
+            carriers
+        };
+        let gone: Vec<u16> = candidates
+            .iter()
+            .copied()
+            .filter(|seg| self.devices.get(&(*seg, sid)).is_some_and(|d| d.is_gone()))
+            .collect();
+        if gone.len() == 1 {
+            return gone[0];
+        }
+        if candidates.len() == 1 {
+            return candidates.into_iter().next().unwrap_or(SEG_UNKNOWN);
+        }
+        if candidates.is_empty() {
+            return self.resolve_segment(None, None, None);
+        }
+        SEG_UNKNOWN
     }
 
     /// The kernel named `sid` in an ITE report: an open ITE incident that had inferred its

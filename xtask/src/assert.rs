@@ -38,6 +38,10 @@ impl Check {
 pub struct RunFacts {
     /// Host-side seconds since QEMU started at which each stage was seen.
     pub stage_s: Vec<(&'static str, f64)>,
+    /// The guest said the surprise removal never completed (`ITEWATCH-VM hung: ...`): the
+    /// same fact as the `removal-hung` stage, whose own line can drown in an ITE flood on the
+    /// console (seen once on 6.1: verdict present, stage line absent).
+    pub verdict_hung: bool,
     pub safe_deleted: bool,
     pub surprise_deleted: bool,
     /// QEMU start to exit.

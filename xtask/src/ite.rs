@@ -121,7 +121,8 @@ pub fn drive(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    if verdict.is_some() {
+    if let Some(v) = &verdict {
+        facts.verdict_hung = v.contains("hung: removal of");
         facts.stage_s.push(("verdict", host_s(g)));
         let grace = Instant::now() + EXIT_GRACE;
         while g.exited()?.is_none() && Instant::now() < grace {
@@ -423,7 +424,8 @@ fn retries_forever(
 ) -> Vec<Check> {
     let mut c = Vec::new();
     let stage = |s: &str| facts.stage_s.iter().find(|(n, _)| *n == s).map(|(_, t)| *t);
-    let hung = stage("removal-hung").is_some() && stage("surprise-removed").is_none();
+    let hung = (stage("removal-hung").is_some() || facts.verdict_hung)
+        && stage("surprise-removed").is_none();
     c.push(if retries {
         Check::new(
             "kernel: removal never completes, ITE retried (no 80a9b50c0b9e)",

@@ -179,13 +179,6 @@ impl<T> Pairing<T> {
         v.into_iter().map(|(_, k)| k).collect()
     }
 
-    /// The keys of the open submissions, oldest first.
-    pub fn keys_by_start(&self) -> Vec<PairKey> {
-        let mut v: Vec<(KTime, PairKey)> = self.open.iter().map(|(k, o)| (o.start, *k)).collect();
-        v.sort_unstable();
-        v.into_iter().map(|(_, k)| k).collect()
-    }
-
     pub fn values(&self) -> impl Iterator<Item = &T> {
         self.open.values().map(|o| &o.value)
     }

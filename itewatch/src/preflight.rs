@@ -203,26 +203,31 @@ fn status(f: &Facts, fix: &fixes::UpstreamFix) -> CodeStatus {
 fn ite_outcome(f: &Facts) -> String {
     let improve = status(f, &fixes::IMPROVE_ITE);
     let walk = status(f, &fixes::HARDLOCKUP_RETRY);
-    match (improve, walk) {
-        (CodeStatus::Absent, _) => format!(
+    let known = |s: CodeStatus| match s {
+        CodeStatus::Present => Some(true),
+        CodeStatus::Absent => Some(false),
+        _ => None,
+    };
+    match fixes::ite_response(known(improve), known(walk)) {
+        fixes::IteResponse::RetriesForever => format!(
             "this kernel lacks {} (read from its code): an invalidation time-out (ITE) for a \
              gone device is retried for ever with interrupts off — a hard lockup",
             fixes::IMPROVE_ITE.commit
         ),
-        (CodeStatus::Present, CodeStatus::Absent) => format!(
+        fixes::IteResponse::AbortWalkSpins => format!(
             "this kernel has {} but not {} (read from its code): its ITE abort walk can loop for \
              ever with interrupts off — a hard lockup",
             fixes::IMPROVE_ITE.commit,
             fixes::HARDLOCKUP_RETRY.commit
         ),
-        (CodeStatus::Present, CodeStatus::Present) => format!(
+        fixes::IteResponse::GivesUp => format!(
             "this kernel has {} and {} (read from its code): it gives up on an ITE for a gone \
              device (-ETIMEDOUT), unless the hardware reports ITE SID 0; each invalidation to \
              the gone device still waits for the hardware's time-out",
             fixes::IMPROVE_ITE.commit,
             fixes::HARDLOCKUP_RETRY.commit
         ),
-        _ => format!(
+        fixes::IteResponse::GivesUpUnlessWalkSpins | fixes::IteResponse::Unknown => format!(
             "whether this kernel survives an ITE is unknown ({} {}, {} {}, read from its code)",
             fixes::IMPROVE_ITE.commit,
             improve.as_str(),

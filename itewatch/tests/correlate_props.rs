@@ -1242,5 +1242,8 @@ fn the_kernels_own_code_decides_fix_status_and_what_a_time_out_does() {
     ])
     .contains("abort walk"));
     assert!(explain(vec![status("80a9b50c0b9e", "absent")]).contains("lacks 80a9b50c0b9e"));
+    // fe89277c9ceb not told: no claim that the kernel gives up.
+    assert!(explain(vec![status("80a9b50c0b9e", "present")])
+        .contains("unless its ITE abort walk spins first"));
     assert!(explain(Vec::new()).contains("unless the kernel has 80a9b50c0b9e"));
 }

@@ -35,20 +35,25 @@ fn kernel_has(f: &Facts<'_>, commit: &str) -> Option<bool> {
 
 /// What a device-TLB invalidation that times out then does on this kernel, from its code.
 fn timeout_consequence(f: &Facts<'_>) -> &'static str {
-    match (
-        kernel_has(f, crate::knowledge::fixes::IMPROVE_ITE.commit),
-        kernel_has(f, crate::knowledge::fixes::HARDLOCKUP_RETRY.commit),
+    use crate::knowledge::fixes::{ite_response, IteResponse, HARDLOCKUP_RETRY, IMPROVE_ITE};
+    match ite_response(
+        kernel_has(f, IMPROVE_ITE.commit),
+        kernel_has(f, HARDLOCKUP_RETRY.commit),
     ) {
-        (Some(true), Some(false)) => {
+        IteResponse::AbortWalkSpins => {
             "this kernel's ITE abort walk can then spin for ever with interrupts off (its code \
              has 80a9b50c0b9e but not fe89277c9ceb)"
         }
-        (Some(true), _) => {
+        IteResponse::GivesUp => {
             "this kernel gives up with -ETIMEDOUT (its code has 80a9b50c0b9e; it still retries \
              for ever when the hardware reports SID 0)"
         }
-        (Some(false), _) => "the retry loop hangs the CPU (its code lacks 80a9b50c0b9e)",
-        (None, _) => "the retry loop hangs the CPU unless the kernel has 80a9b50c0b9e",
+        IteResponse::GivesUpUnlessWalkSpins => {
+            "this kernel gives up with -ETIMEDOUT unless its ITE abort walk spins first (its code \
+             has 80a9b50c0b9e; fe89277c9ceb could not be told)"
+        }
+        IteResponse::RetriesForever => "the retry loop hangs the CPU (its code lacks 80a9b50c0b9e)",
+        IteResponse::Unknown => "the retry loop hangs the CPU unless the kernel has 80a9b50c0b9e",
     }
 }
 

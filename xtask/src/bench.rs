@@ -190,9 +190,32 @@ pub fn parse_bpftool(json: &str) -> Result<Vec<ProgSample>> {
         .collect()
 }
 
-/// Run time and runs of each program between two snapshots, by `type:name` (programs that
-/// did not run are left out).
-pub fn prog_deltas(before: &[ProgSample], after: &[ProgSample]) -> BTreeMap<String, (u64, u64)> {
+/// Program id -> `kprobe:FUNC` / `kretprobe:FUNC`, from `bpftool -j perf show` (kprobes
+/// attached through perf events; trampolines are not listed there).
+pub fn parse_perf(json: &str) -> Result<BTreeMap<u64, String>> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).context("bpftool perf output is not JSON")?;
+    let arr = v
+        .as_array()
+        .context("bpftool perf output is not a JSON array")?;
+    Ok(arr
+        .iter()
+        .filter_map(|p| {
+            let id = p["prog_id"].as_u64()?;
+            let kind = p["fd_type"].as_str()?;
+            let func = p["func"].as_str()?;
+            Some((id, format!("{kind}:{func}")))
+        })
+        .collect())
+}
+
+/// Run time and runs of each program between two snapshots, by its attachment (`labels`,
+/// from [`parse_perf`]) or else `type:name`; programs that did not run are left out.
+pub fn prog_deltas(
+    before: &[ProgSample],
+    after: &[ProgSample],
+    labels: &BTreeMap<u64, String>,
+) -> BTreeMap<String, (u64, u64)> {
     let mut out = BTreeMap::new();
     for a in after {
         let (t0, c0) = before
@@ -204,9 +227,11 @@ pub fn prog_deltas(before: &[ProgSample], after: &[ProgSample]) -> BTreeMap<Stri
         if cnt == 0 {
             continue;
         }
-        let e: &mut (u64, u64) = out
-            .entry(format!("{}:{}", a.prog_type, a.name))
-            .or_default();
+        let label = labels
+            .get(&a.id)
+            .cloned()
+            .unwrap_or_else(|| format!("{}:{}", a.prog_type, a.name));
+        let e: &mut (u64, u64) = out.entry(label).or_default();
         e.0 += a.run_time_ns.saturating_sub(t0);
         e.1 += cnt;
     }
@@ -246,6 +271,14 @@ pub fn metric_sum(text: &str, name: &str) -> Option<u64> {
         }
     }
     found.then_some(sum)
+}
+
+/// Events the agent lost, from its /metrics page: `itewatch_lost_events_total` gets a sample
+/// only once a loss record arrived (agent/metrics.rs), so a page that is the agent's (it
+/// counts submissions) without one means none lost; anything else is unknown.
+pub fn agent_lost(metrics: &str) -> Option<u64> {
+    metric_sum(metrics, "itewatch_submissions_total")?;
+    Some(metric_sum(metrics, "itewatch_lost_events_total").unwrap_or(0))
 }
 
 /// One condition's figures on one kernel.
@@ -729,7 +762,12 @@ fn collect(kernel: &Kernel, out: &Path, args: &VmBenchArgs) -> Result<KernelFigu
                     fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
                 parse_bpftool(&s).with_context(|| format!("parsing {}", p.display()))
             };
-            let d = prog_deltas(&read("before")?, &read("after")?);
+            let perf = out.join(format!("perf-{}-r{r}.json", c.name()));
+            let labels = match fs::read_to_string(&perf) {
+                Ok(s) => parse_perf(&s).with_context(|| format!("parsing {}", perf.display()))?,
+                Err(_) => BTreeMap::new(),
+            };
+            let d = prog_deltas(&read("before")?, &read("after")?, &labels);
             let e = bpf.entry(c).or_default();
             for (name, (ns, cnt)) in d {
                 let x = e.entry(name).or_default();
@@ -747,9 +785,7 @@ fn collect(kernel: &Kernel, out: &Path, args: &VmBenchArgs) -> Result<KernelFigu
             .and_then(|s| report_lost(&s).ok());
         lost_record = lost_record.zip(rep).map(|(a, b)| a + b);
         let m = fs::read_to_string(out.join(format!("metrics-r{r}.txt"))).ok();
-        let l = m
-            .as_deref()
-            .and_then(|m| metric_sum(m, "itewatch_lost_events_total"));
+        let l = m.as_deref().and_then(agent_lost);
         let s = m
             .as_deref()
             .and_then(|m| metric_sum(m, "itewatch_submissions_total"));
@@ -819,12 +855,18 @@ mod tests {
         let after = r#"[{"id":7,"type":"kprobe","name":"qi_submit_sync","run_time_ns":1100,"run_cnt":12},
                         {"id":8,"type":"tracing","name":"idle"},
                         {"id":9,"type":"tracing","name":"qi_submit_sync_fexit","run_time_ns":50,"run_cnt":5}]"#;
+        let perf = r#"[{"pid":229,"fd":12,"prog_id":7,"fd_type":"kretprobe","func":"qi_submit_sync","offset":0},
+                       {"pid":229,"fd":13,"prog_id":3,"fd_type":"uprobe","filename":"/usr/bin/bpftrace","offset":5}]"#;
+        let labels = parse_perf(perf).unwrap();
+        assert_eq!(labels[&7], "kretprobe:qi_submit_sync");
+        assert!(!labels.contains_key(&3));
         let d = prog_deltas(
             &parse_bpftool(before).unwrap(),
             &parse_bpftool(after).unwrap(),
+            &labels,
         );
         assert_eq!(d.len(), 2);
-        assert_eq!(d["kprobe:qi_submit_sync"], (1000, 10));
+        assert_eq!(d["kretprobe:qi_submit_sync"], (1000, 10));
         assert_eq!(d["tracing:qi_submit_sync_fexit"], (50, 5));
         assert!(parse_bpftool("{}").is_err());
     }
@@ -842,6 +884,12 @@ mod tests {
         assert_eq!(metric_sum(m, "itewatch_lost_events_total"), Some(4));
         assert_eq!(metric_sum(m, "itewatch_submissions_total"), Some(42));
         assert_eq!(metric_sum(m, "itewatch_nothing_total"), None);
+        assert_eq!(agent_lost(m), Some(4));
+        assert_eq!(
+            agent_lost("itewatch_submissions_total{iommu=\"dmar0\"} 8192\n"),
+            Some(0)
+        );
+        assert_eq!(agent_lost("<html>not the agent</html>"), None);
     }
 
     #[test]

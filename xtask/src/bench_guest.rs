@@ -253,9 +253,15 @@ t0=$(now_ns)
 tar xf /dev/$OUT_BLK -C /bt || fail "cannot unpack the bpftrace rootfs from /dev/$OUT_BLK"
 log "bpftrace rootfs unpacked in $((($(now_ns) - t0) / 1000000)) ms: $(du -sm /bt | cut -f1) MiB"
 mount -t proc proc /bt/proc
-mount -o rbind /sys /bt/sys
+mount -t sysfs sysfs /bt/sys
+mount -t debugfs debugfs /bt/sys/kernel/debug
+mount -t tracefs tracefs /bt/sys/kernel/tracing 2>/dev/null
 mount -o bind /dev /bt/dev
 mount -t tmpfs tmpfs /bt/tmp
+# bpftrace 0.17 needs a /bin/sh (without one, a script that uses a kernel struct segfaulted in
+# libc after attaching, seen on 6.12): the guest's busybox.
+mkdir -p /bt/bin
+cp /bin/busybox /bt/bin/busybox && ln -s busybox /bt/bin/sh
 BT="chroot /bt"
 $BT /usr/bin/bpftrace --version > /out/bpftrace-version.txt 2>&1 ||
     fail "bpftrace does not run in the guest: $(cat /out/bpftrace-version.txt)"
@@ -286,8 +292,26 @@ printf '%s\n{\n}\n\n%s\n{\n}\n' "$E" "$R" > /bt/tmp/empty.bt
 "#;
 
 const SCRIPT_RUN: &str = r#"
-# kprobes of bpftrace attached: lines `ADDR  k|r  FUNC+0x0 ...` of debugfs kprobes/list.
-kprobes_up() { grep -cE "[[:space:]][kr][[:space:]]+($1)\+0x0" $KPROBES; }
+# kprobes of bpftrace attached: lines `ADDR  k|r  FUNC+0xOFF ...` of debugfs kprobes/list
+# that are not `[DISABLED]` (the offset is 0x4 past an `endbr64` on 6.12).
+kprobes_up() { grep -E "[[:space:]][kr][[:space:]]+($1)\+0x[0-9a-f]+[[:space:]]" $KPROBES | grep -vc DISABLED; }
+# Loaded kprobe programs (bpftool's plain listing: `ID: kprobe  name ...`).
+kprobe_progs() { $BT /usr/sbin/bpftool prog show 2>/dev/null | grep -c '^[0-9]*: kprobe '; }
+# alive PID: running, not a zombie.
+alive() {
+    st=$(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' /proc/$1/status 2>/dev/null)
+    [ -n "$st" ] && [ "$st" != Z ]
+}
+# What the current tracer is doing (into the log), when it does not do what it should.
+tracer_diag() {
+    [ -n "$TRACER_PID" ] || return 0
+    log "diag: pid $TRACER_PID $(grep -E '^(State|VmRSS)' /proc/$TRACER_PID/status 2>/dev/null | tr -s ' \t\n' ' ')"
+    for t in /proc/$TRACER_PID/task/*; do
+        log "diag: task ${t##*/} $(cat $t/comm 2>/dev/null) wchan=$(cat $t/wchan 2>/dev/null) $(tr '\n' ' ' < $t/stack 2>/dev/null)"
+    done
+    log "diag: kprobes: $(tr '\n' ';' < $KPROBES)"
+    log "diag: programs: $($BT /usr/sbin/bpftool prog show 2>&1 | grep -c '^[0-9]*:')"
+}
 
 # start_tracer COND ROUND: starts the condition's tracer, returns once it is attached.
 start_tracer() {
@@ -295,26 +319,30 @@ start_tracer() {
     case $1 in
     none) return 0 ;;
     empty|full)
-        if [ $1 = empty ]; then n=$EMPTY_N; re=$EMPTY_RE; else n=2; re=qi_submit_sync; fi
+        # (not `n`: wait_for counts in it)
+        if [ $1 = empty ]; then want=$EMPTY_N; re=$EMPTY_RE; else want=2; re=qi_submit_sync; fi
         $BT /usr/bin/bpftrace /tmp/$1.bt > /out/bpftrace-$1-r$2.txt 2>&1 &
         TRACER_PID=$!
-        wait_for '[ "$(kprobes_up "$re")" -ge $n ] || ! kill -0 $TRACER_PID 2>/dev/null' 600 ||
-            fail "bpftrace $1 not attached after 600 s: $(tail -n 5 /out/bpftrace-$1-r$2.txt)"
-        kill -0 $TRACER_PID 2>/dev/null || { TRACER_PID=; fail "bpftrace $1 exited: $(tail -n 20 /out/bpftrace-$1-r$2.txt)"; }
+        # Attached: its kprobes are listed and enabled, and as many kprobe programs loaded.
+        wait_for '{ [ "$(kprobes_up "$re")" -ge $want ] && [ "$(kprobe_progs)" -ge $want ]; } || ! alive $TRACER_PID' 600 ||
+            { tracer_diag; fail "bpftrace $1 not attached after 600 s: $(tail -n 5 /out/bpftrace-$1-r$2.txt)"; }
+        alive $TRACER_PID || { TRACER_PID=; fail "bpftrace $1 exited: $(tail -n 20 /out/bpftrace-$1-r$2.txt)"; }
         ;;
     itewatch)
         rm -f /tmp/rec.ready
         /bin/itewatch record -o /tmp/trace.itw --ready-file /tmp/rec.ready 2> /out/record-r$2.err &
         TRACER_PID=$!
-        wait_for '[ -s /tmp/rec.ready ] || ! kill -0 $TRACER_PID 2>/dev/null' 600 || fail "recorder not ready after 600 s"
+        wait_for '[ -s /tmp/rec.ready ] || ! alive $TRACER_PID' 600 || fail "recorder not ready after 600 s"
         [ -s /tmp/rec.ready ] || { TRACER_PID=; fail "recorder exited before it was ready: $(tail -n 20 /out/record-r$2.err)"; }
         ;;
     agent)
         mkdir -p /tmp/spool
-        /bin/itewatch agent --listen 127.0.0.1:9464 --spool /tmp/spool --no-stdout > /out/agent-r$2.out 2> /out/agent-r$2.err &
+        # (a variable: in wait_for's condition, $2 is wait_for's own)
+        aerr=/out/agent-r$2.err
+        /bin/itewatch agent --listen 127.0.0.1:9464 --spool /tmp/spool --no-stdout > /out/agent-r$2.out 2> $aerr &
         TRACER_PID=$!
-        wait_for 'grep -q serving /out/agent-r$2.err || ! kill -0 $TRACER_PID 2>/dev/null' 600 || fail "agent not serving after 600 s"
-        grep -q serving /out/agent-r$2.err || { TRACER_PID=; fail "agent exited before serving: $(tail -n 20 /out/agent-r$2.err)"; }
+        wait_for 'grep -q serving $aerr || ! alive $TRACER_PID' 600 || fail "agent not serving after 600 s"
+        grep -q serving $aerr || { TRACER_PID=; fail "agent exited before serving: $(tail -n 20 $aerr)"; }
         ;;
     *) fail "unknown condition $1" ;;
     esac
@@ -324,13 +352,16 @@ start_tracer() {
 stop_tracer() {
     [ -n "$TRACER_PID" ] || return 0
     case $1 in
-    empty|full|itewatch) kill -INT $TRACER_PID ;;
+    # bpftrace: SIGTERM, as a command started with `&` by a non-interactive shell has SIGINT
+    # ignored (POSIX), and bpftrace 0.17 leaves it so (seen: still running 300 s after it).
+    empty|full) kill -TERM $TRACER_PID ;;
+    itewatch) kill -INT $TRACER_PID ;;
     agent)
         timeout 60 wget -q -O /out/metrics-r$2.txt http://127.0.0.1:9464/metrics || log "agent: GET /metrics failed"
         kill -TERM $TRACER_PID
         ;;
     esac
-    wait_pid_gone $TRACER_PID 300 || { kill -KILL $TRACER_PID; TRACER_PID=; fail "$1 did not exit within 300 s of its stop signal"; }
+    wait_pid_gone $TRACER_PID 300 || { tracer_diag; kill -KILL $TRACER_PID; TRACER_PID=; fail "$1 did not exit within 300 s of its stop signal"; }
     TRACER_PID=
     if [ $1 = itewatch ]; then
         [ -s /tmp/trace.itw ] || fail "itewatch record left no trace: $(tail -n 20 /out/record-r$2.err)"
@@ -357,6 +388,7 @@ for item in $SCHEDULE; do
     t0=$(now_ns)
     start_tracer $c $r
     res "ready cond=$c round=$r ns=$(($(now_ns) - t0))"
+    [ $c = none ] || log "$c round $r attached: $(grep -c . $KPROBES) kprobes listed, $($BT /usr/sbin/bpftool prog show 2>/dev/null | grep -c '^[0-9]*:') BPF programs"
     sleep 1
     $BT /usr/sbin/bpftool -j prog show > /out/bpf-$c-r$r-before.json 2>> /out/bpftool.err
     i=0
@@ -368,6 +400,8 @@ for item in $SCHEDULE; do
         i=$((i+1))
     done
     $BT /usr/sbin/bpftool -j prog show > /out/bpf-$c-r$r-after.json 2>> /out/bpftool.err
+    # Which kprobe each program is on (bpftrace names programs ambiguously).
+    $BT /usr/sbin/bpftool -j perf show > /out/perf-$c-r$r.json 2>> /out/bpftool.err
     stop_tracer $c $r
     left=$(grep -cE "qi_" $KPROBES)
     [ "$left" -eq 0 ] || log "after $c round $r: $left kprobes on qi_* still listed"

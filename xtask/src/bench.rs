@@ -305,6 +305,8 @@ pub struct KernelFigures {
     pub agent_submissions: Option<u64>,
     pub reps_per_round: u32,
     pub rounds: u32,
+    /// The host's 1-minute load average sampled during the guest run: (mean, max).
+    pub host_load: Option<(f64, f64)>,
 }
 
 impl KernelFigures {
@@ -466,6 +468,7 @@ pub fn figures(
         agent_submissions: sinks.agent_submissions,
         reps_per_round: reps,
         rounds,
+        host_load: None,
     }
 }
 
@@ -517,6 +520,11 @@ pub fn run(args: &VmBenchArgs) -> Result<bool> {
                     t0.elapsed().as_secs_f64(),
                     dir.display()
                 );
+                if let Some((mean, max)) = f.host_load {
+                    println!(
+                        "host load average (1 min) during the run: mean {mean:.1}, max {max:.1}"
+                    );
+                }
                 print!("{}", f.table());
                 println!(
                     "itewatch record: {} bytes in traces holding {} submissions ({} per rep); lost: record {}, agent {} (agent saw {} submissions)",
@@ -651,7 +659,8 @@ fn run_kernel(
     );
     let mut g = Guest::spawn(&files, &qopts)?;
     let deadline = g.started + Duration::from_secs(args.timeout);
-    let verdict = watch(&mut g, deadline);
+    let mut loads = Vec::new();
+    let verdict = watch(&mut g, deadline, &mut loads);
     let _ = g.wait_exit(Instant::now() + Duration::from_secs(30));
     let verdict = verdict?;
     let out = dir.join("out");
@@ -685,11 +694,25 @@ fn run_kernel(
             qemu::tail(&g.serial_text(), 30)
         );
     }
-    collect(kernel, &out, args)
+    let mut f = collect(kernel, &out, args)?;
+    f.host_load = median(&loads).and_then(|_| {
+        let mean = loads.iter().sum::<f64>() / loads.len() as f64;
+        loads
+            .iter()
+            .copied()
+            .reduce(f64::max)
+            .map(|max| (mean, max))
+    });
+    Ok(f)
+}
+
+/// The 1-minute load average of `/proc/loadavg` text.
+pub fn loadavg_1min(text: &str) -> Option<f64> {
+    text.split_whitespace().next()?.parse().ok()
 }
 
 /// Follows the console until the verdict line; shows progress. Returns the verdict line.
-fn watch(g: &mut Guest, deadline: Instant) -> Result<String> {
+fn watch(g: &mut Guest, deadline: Instant, loads: &mut Vec<f64>) -> Result<String> {
     let marker = format!("{VERDICT} ");
     let mut shown = 0usize;
     let mut last_note = Instant::now();
@@ -741,8 +764,16 @@ fn watch(g: &mut Guest, deadline: Instant) -> Result<String> {
                 qemu::tail(g.console(), 40)
             );
         }
-        if last_note.elapsed() > Duration::from_secs(60) {
+        // The host is shared: how loaded it was says how far to trust the figures.
+        if last_note.elapsed() > Duration::from_secs(10) {
             last_note = Instant::now();
+            if let Some(l) = fs::read_to_string("/proc/loadavg")
+                .ok()
+                .as_deref()
+                .and_then(loadavg_1min)
+            {
+                loads.push(l);
+            }
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -940,6 +971,12 @@ mod tests {
             g.p1_line(),
             "P1 6.1 none=? empty=? full=? itewatch=? agent=? ratio_empty=? bytes_per_submission=? lost=?"
         );
+    }
+
+    #[test]
+    fn loadavg_first_field() {
+        assert_eq!(loadavg_1min("5.78 3.95 2.15 3/412 32563\n"), Some(5.78));
+        assert_eq!(loadavg_1min(""), None);
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! surprise removal (scenario `ite-surprise`). docs/vm-tests.md describes both.
 
 mod assert;
+mod bench;
+mod bench_guest;
+mod bench_rootfs;
 mod guest;
 mod initramfs;
 mod ite;
@@ -101,12 +104,16 @@ pub struct VmTestArgs {
 enum Cmd {
     /// Boot the pinned kernels under QEMU and check what itewatch records there.
     VmTest(VmTestArgs),
+    /// Measure what tracing costs the workload, itewatch beside bpftrace, in one boot per
+    /// kernel (docs/benchmarks.md).
+    VmBench(bench::VmBenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::VmTest(args) => vmtest::run(&args),
+        Cmd::VmBench(args) => bench::run(&args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

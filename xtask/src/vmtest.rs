@@ -66,7 +66,7 @@ fn target_dir(root: &Path) -> PathBuf {
 }
 
 /// Builds the static guest binary (musl) and returns its path.
-fn build_itewatch(root: &Path) -> Result<PathBuf> {
+pub(crate) fn build_itewatch(root: &Path) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("vm-test: building itewatch for x86_64-unknown-linux-musl (release)");
     let st = Command::new(cargo)

@@ -11,7 +11,12 @@
 #![no_std]
 
 /// Version of the structs below. Bump on any layout or meaning change.
-pub const ABI_VERSION: u32 = 1;
+///
+/// 2: adds [`EventKind::HotplugTrace`]; every struct of version 1 is unchanged, so a reader of
+/// version 2 reads version-1 traces as they are ([`ABI_VERSIONS_READ`]).
+pub const ABI_VERSION: u32 = 2;
+/// The ABI versions this build decodes.
+pub const ABI_VERSIONS_READ: core::ops::RangeInclusive<u32> = 1..=ABI_VERSION;
 
 /// Descriptors of one `qi_submit_sync` batch captured per submission event. 6.12 batches up to
 /// 16 (`QI_MAX_BATCHED_DESC_COUNT`, drivers/iommu/intel/iommu.h); 6.1 submits 1 at a time.
@@ -22,6 +27,9 @@ pub const COMM_LEN: usize = 16;
 pub const IOMMU_NAME_LEN: usize = 16;
 /// Bytes of a kernel log record captured by the printk probe.
 pub const LOG_TEXT_LEN: usize = 192;
+/// Bytes of a PCI device name (`pci_name()`, "0000:00:1c.0") or hot-plug slot name captured
+/// from the `pci:pci_hp_event` tracepoint.
+pub const HP_NAME_LEN: usize = 16;
 /// Callbacks recognised as a copy of `pci_dev_set_disconnected` (6.1 has 3, 6.12 has 4).
 pub const MAX_DISCONNECT_CALLBACKS: usize = 8;
 /// An offset that the running kernel's BTF did not provide: the field is not read.
@@ -60,10 +68,13 @@ pub enum EventKind {
     IommuRelease = 10,
     /// A kernel log record of interest (DMAR, pciehp, watchdog): [`LogEvent`].
     KernelLog = 11,
+    /// `pci:pci_hp_event` tracepoint (7.x): link up/down, card present/not present on a
+    /// hot-plug port. [`HpTraceEvent`].
+    HotplugTrace = 12,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 11] = [
+    pub const ALL: [EventKind; 12] = [
         EventKind::Submit,
         EventKind::SubmitReturn,
         EventKind::DevTlbFlush,
@@ -75,6 +86,7 @@ impl EventKind {
         EventKind::DeviceRemove,
         EventKind::IommuRelease,
         EventKind::KernelLog,
+        EventKind::HotplugTrace,
     ];
 
     /// Size in bytes of the struct that carries this kind.
@@ -90,6 +102,7 @@ impl EventKind {
                 core::mem::size_of::<DeviceEvent>()
             }
             EventKind::KernelLog => core::mem::size_of::<LogEvent>(),
+            EventKind::HotplugTrace => core::mem::size_of::<HpTraceEvent>(),
         }
     }
 }
@@ -293,6 +306,21 @@ pub struct LogEvent {
     pub text: [u8; LOG_TEXT_LEN],
 }
 
+/// `pci:pci_hp_event(port_name, slot, event)`: what the hot-plug driver saw on a port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HpTraceEvent {
+    pub hdr: Header,
+    /// `enum pci_hotplug_event` (include/trace/events/pci.h): 0 LINK_UP, 1 LINK_DOWN,
+    /// 2 CARD_PRESENT, 3 CARD_NOT_PRESENT.
+    pub event: u32,
+    pub _pad: u32,
+    /// `pci_name()` of the hot-plug port, NUL terminated (bytes after the NUL are not data).
+    pub port: [u8; HP_NAME_LEN],
+    /// The slot's name, NUL terminated (bytes after the NUL are not data).
+    pub slot: [u8; HP_NAME_LEN],
+}
+
 /// Per-CPU counters of what the BPF programs could not do (`COUNTERS` map, index = variant).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -377,6 +405,12 @@ pub struct Config {
     /// Offset of the `__data_loc char[] msg` field in the `printk:console` tracepoint record,
     /// from tracefs `events/printk/console/format`; `OFFSET_NONE` if unknown.
     pub console_msg_loc: u32,
+    /// Offsets of `pci:pci_hp_event`'s `__data_loc char[] port_name`, `__data_loc char[] slot`
+    /// and `int event` (tracefs `events/pci/pci_hp_event/format`); `OFFSET_NONE` if unknown.
+    pub hp_port_loc: u32,
+    pub hp_slot_loc: u32,
+    pub hp_event_off: u32,
+    pub _pad: u32,
 }
 
 impl Config {
@@ -386,6 +420,10 @@ impl Config {
         disconnect_callbacks: [0; MAX_DISCONNECT_CALLBACKS],
         qi_desc_size: 32,
         console_msg_loc: OFFSET_NONE,
+        hp_port_loc: OFFSET_NONE,
+        hp_slot_loc: OFFSET_NONE,
+        hp_event_off: OFFSET_NONE,
+        _pad: 0,
     };
 }
 
@@ -407,7 +445,8 @@ const _: () = {
     assert!(size_of::<DeviceEvent>() == 40 + 8 + 8 + 4 + 4);
     assert!(size_of::<LogEvent>() == 40 + 8 + LOG_TEXT_LEN);
     assert!(size_of::<Offsets>() == 18 * 4);
-    assert!(size_of::<Config>() == 72 + 8 + 64 + 8);
+    assert!(size_of::<HpTraceEvent>() == 40 + 8 + 2 * HP_NAME_LEN);
+    assert!(size_of::<Config>() == 72 + 8 + 64 + 8 + 16);
     assert!(align_of::<SubmitEvent>() == 8);
 };
 

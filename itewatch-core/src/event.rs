@@ -503,6 +503,62 @@ pub struct LogLine {
     pub truncated: bool,
 }
 
+/// What `pci:pci_hp_event` reports (`enum pci_hotplug_event`, include/trace/events/pci.h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HpWhat {
+    LinkUp,
+    LinkDown,
+    CardPresent,
+    CardNotPresent,
+    /// A value this build does not know (a newer kernel's).
+    Unknown(u32),
+}
+
+impl HpWhat {
+    pub fn from_abi(v: u32) -> HpWhat {
+        match v {
+            0 => HpWhat::LinkUp,
+            1 => HpWhat::LinkDown,
+            2 => HpWhat::CardPresent,
+            3 => HpWhat::CardNotPresent,
+            n => HpWhat::Unknown(n),
+        }
+    }
+
+    pub fn to_abi(self) -> u32 {
+        match self {
+            HpWhat::LinkUp => 0,
+            HpWhat::LinkDown => 1,
+            HpWhat::CardPresent => 2,
+            HpWhat::CardNotPresent => 3,
+            HpWhat::Unknown(n) => n,
+        }
+    }
+
+    /// The kernel's own name for it, as the tracepoint prints it.
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            HpWhat::LinkUp => "LINK_UP",
+            HpWhat::LinkDown => "LINK_DOWN",
+            HpWhat::CardPresent => "CARD_PRESENT",
+            HpWhat::CardNotPresent => "CARD_NOT_PRESENT",
+            HpWhat::Unknown(_) => "UNKNOWN",
+        }
+    }
+}
+
+/// A `pci:pci_hp_event` tracepoint hit: the structured form of pciehp's `Slot(%s): Link Down`
+/// (and friends) log lines, from kernels that have the tracepoint (7.x).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HpTrace {
+    /// The hot-plug port, parsed from its `pci_name()`; `None` if that did not parse.
+    pub port: Option<Bdf>,
+    /// `pci_name()` of the port as the kernel gave it.
+    pub port_name: String,
+    pub slot: String,
+    pub what: HpWhat,
+}
+
 /// What happened, by kind.
 // `Submit` carries its 16-descriptor batch inline (~300 bytes): boxing it would allocate once
 // per submission on the decode → correlate hot path, which the benchmark measures.
@@ -520,6 +576,7 @@ pub enum Payload {
     DeviceRemove(DeviceRef),
     IommuRelease(DeviceRef),
     KernelLog(LogLine),
+    HotplugTrace(HpTrace),
 }
 
 impl Payload {
@@ -537,6 +594,7 @@ impl Payload {
             Payload::DeviceRemove(_) => K::DeviceRemove,
             Payload::IommuRelease(_) => K::IommuRelease,
             Payload::KernelLog(_) => K::KernelLog,
+            Payload::HotplugTrace(_) => K::HotplugTrace,
         }
     }
 
@@ -550,7 +608,10 @@ impl Payload {
             Payload::DeviceDisconnected(d)
             | Payload::DeviceRemove(d)
             | Payload::IommuRelease(d) => d.stack,
-            Payload::SubmitReturn(_) | Payload::HotplugIstReturn(_) | Payload::KernelLog(_) => None,
+            Payload::SubmitReturn(_)
+            | Payload::HotplugIstReturn(_)
+            | Payload::KernelLog(_)
+            | Payload::HotplugTrace(_) => None,
         }
     }
 }
@@ -570,6 +631,7 @@ pub fn kind_name(k: abi::EventKind) -> &'static str {
         K::DeviceRemove => "device-remove",
         K::IommuRelease => "iommu-release",
         K::KernelLog => "kernel-log",
+        K::HotplugTrace => "hotplug-trace",
     }
 }
 
@@ -747,6 +809,16 @@ impl Event {
                     truncated: e.len as usize > abi::LOG_TEXT_LEN,
                 })
             }
+            K::HotplugTrace => {
+                let e: abi::HpTraceEvent = read(bytes).ok_or_else(short)?;
+                let port_name = nul_terminated(&e.port);
+                Payload::HotplugTrace(HpTrace {
+                    port: port_name.parse().ok(),
+                    port_name,
+                    slot: nul_terminated(&e.slot),
+                    what: HpWhat::from_abi(e.event),
+                })
+            }
         };
         Ok(Event { meta, payload })
     }
@@ -859,8 +931,32 @@ impl Event {
                 })
                 .to_vec()
             }
+            Payload::HotplugTrace(h) => {
+                let name = |s: &str| {
+                    // NUL terminated, as the BPF program's string read leaves it.
+                    let mut b = [0u8; abi::HP_NAME_LEN];
+                    let n = s.len().min(abi::HP_NAME_LEN - 1);
+                    b[..n].copy_from_slice(&s.as_bytes()[..n]);
+                    b
+                };
+                as_bytes(&abi::HpTraceEvent {
+                    hdr,
+                    event: h.what.to_abi(),
+                    _pad: 0,
+                    port: name(&h.port_name),
+                    slot: name(&h.slot),
+                })
+                .to_vec()
+            }
         }
     }
+}
+
+/// The bytes of `b` up to its first NUL, as text (the BPF string reads leave stale bytes after
+/// the NUL).
+fn nul_terminated(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
 /// Which way a kernel call path reached an invalidation (from its stack).

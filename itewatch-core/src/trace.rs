@@ -231,7 +231,7 @@ pub enum TraceError {
     BadMagic,
     #[error("trace format version {0} is not supported (this build reads {FORMAT_VERSION})")]
     Version(u32),
-    #[error("kernel ABI version {0} is not supported (this build reads {abi})", abi = itewatch_common::ABI_VERSION)]
+    #[error("kernel ABI version {0} is not supported (this build reads 1 to {abi})", abi = itewatch_common::ABI_VERSION)]
     Abi(u32),
     #[error("bad header at byte {offset}: {reason}")]
     Header { offset: u64, reason: String },
@@ -415,7 +415,7 @@ impl<R: BufRead> TraceReader<R> {
                 offset: 16,
                 reason: e.to_string(),
             })?;
-        if header.abi_version != itewatch_common::ABI_VERSION {
+        if !itewatch_common::ABI_VERSIONS_READ.contains(&header.abi_version) {
             return Err(TraceError::Abi(header.abi_version));
         }
         Ok(TraceReader {

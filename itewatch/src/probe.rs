@@ -158,10 +158,20 @@ fn build_config(
         }
     }
     match Tracefs::find(&opts.host_root) {
-        Ok(t) => match t.event_format("printk", "console") {
-            Ok(f) => config.console_msg_loc = format_field_offset(&f, "msg").unwrap_or(OFFSET_NONE),
-            Err(e) => notes.push(format!("printk:console format: {e}")),
-        },
+        Ok(t) => {
+            match t.event_format("printk", "console") {
+                Ok(f) => {
+                    config.console_msg_loc = format_field_offset(&f, "msg").unwrap_or(OFFSET_NONE)
+                }
+                Err(e) => notes.push(format!("printk:console format: {e}")),
+            }
+            // Only 7.x kernels have it; elsewhere its probe says "not found" on its own.
+            if let Ok(f) = t.event_format("pci", "pci_hp_event") {
+                config.hp_port_loc = format_field_offset(&f, "port_name").unwrap_or(OFFSET_NONE);
+                config.hp_slot_loc = format_field_offset(&f, "slot").unwrap_or(OFFSET_NONE);
+                config.hp_event_off = format_field_offset(&f, "event").unwrap_or(OFFSET_NONE);
+            }
+        }
         Err(e) => notes.push(format!("tracefs: {e}")),
     }
     Ok((config, kallsyms))

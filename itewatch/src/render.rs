@@ -73,6 +73,13 @@ pub fn payload_json(p: &Payload) -> Value {
             })
         }
         Payload::KernelLog(l) => json!({ "text": l.text, "truncated": l.truncated }),
+        Payload::HotplugTrace(h) => json!({
+            "port": opt_bdf(h.port),
+            "port_name": h.port_name,
+            "slot": h.slot,
+            "event": h.what.kernel_name(),
+            "event_code": h.what.to_abi(),
+        }),
     }
 }
 
@@ -214,6 +221,12 @@ pub fn record_line(r: &Record) -> String {
                     d.device
                 ),
                 Payload::KernelLog(l) => format!("log: {}", l.text),
+                Payload::HotplugTrace(h) => format!(
+                    "pci_hp_event {} slot {} {}",
+                    h.port_name,
+                    h.slot,
+                    h.what.kernel_name()
+                ),
             };
             format!("{who} {what}")
         }

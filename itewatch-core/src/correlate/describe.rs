@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::event::{kind_name, CallerPath, Descriptor, Event, LostRecord, Payload, Sid};
+use crate::event::{kind_name, CallerPath, Descriptor, Event, HpWhat, LostRecord, Payload, Sid};
 
 use super::detect::FixHint;
 use super::incident::{
@@ -454,6 +454,18 @@ pub fn detail(e: &Event) -> String {
             let _ = write!(s, " id={:04x}:{:04x}", d.vendor, d.device);
         }
         Payload::KernelLog(l) => s.push_str(&l.text),
+        Payload::HotplugTrace(h) => {
+            let _ = write!(
+                s,
+                "port={} slot={} event={}",
+                h.port_name,
+                h.slot,
+                h.what.kernel_name()
+            );
+            if let HpWhat::Unknown(n) = h.what {
+                let _ = write!(s, "({n})");
+            }
+        }
     }
     s
 }

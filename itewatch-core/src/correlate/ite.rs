@@ -18,29 +18,7 @@ impl Correlator {
             LogFact::IteCleared | LogFact::QiDescriptor { .. } | LogFact::IteFaultStatus => {
                 self.ite_detail(seq, e)
             }
-            LogFact::Pciehp { port, slot, what } => {
-                let max = self.cfg.max_history;
-                let entry = describe::entry(e, None);
-                let down = matches!(what, SlotWhat::LinkDown | SlotWhat::CardNotPresent);
-                for s in self.slots.values_mut() {
-                    let same = match (s.port, port) {
-                        (Some(a), Some(b)) => {
-                            a.sid() == b.sid()
-                                && (a.segment == b.segment
-                                    || a.segment.is_none()
-                                    || b.segment.is_none())
-                        }
-                        _ => false,
-                    };
-                    if same {
-                        s.name = Some(slot.clone());
-                        if down {
-                            s.link_down = Some(ts);
-                        }
-                        push_bounded(&mut s.history, (ts, seq, entry.clone()), max);
-                    }
-                }
-            }
+            LogFact::Pciehp { port, slot, what } => self.slot_fact(seq, e, port, &slot, what),
             LogFact::HardLockup => {
                 let max = self.cfg.max_timeline;
                 let entry = describe::entry(e, None);
@@ -60,6 +38,52 @@ impl Correlator {
             }
             LogFact::Other => {}
         }
+    }
+
+    /// What a hot-plug port's driver saw (pciehp's `Slot(%s): ...` line, or the
+    /// `pci:pci_hp_event` tracepoint that 7.x fires next to it): kept in the slot's history;
+    /// a link down or a card gone marks the slot's surprise time.
+    pub(super) fn slot_fact(
+        &mut self,
+        seq: u64,
+        e: &Event,
+        port: Option<Bdf>,
+        slot: &str,
+        what: SlotWhat,
+    ) {
+        let ts = e.meta.ts;
+        let max = self.cfg.max_history;
+        let entry = describe::entry(e, None);
+        let down = matches!(what, SlotWhat::LinkDown | SlotWhat::CardNotPresent);
+        for s in self.slots.values_mut() {
+            let same = match (s.port, port) {
+                (Some(a), Some(b)) => {
+                    a.sid() == b.sid()
+                        && (a.segment == b.segment || a.segment.is_none() || b.segment.is_none())
+                }
+                _ => false,
+            };
+            if same {
+                s.name = Some(slot.to_string());
+                if down {
+                    s.link_down = Some(ts);
+                }
+                push_bounded(&mut s.history, (ts, seq, entry.clone()), max);
+            }
+        }
+    }
+
+    /// The `pci:pci_hp_event` tracepoint: the same fact as pciehp's log line, from a field
+    /// rather than from text (no log level, console or rate limit between it and itewatch).
+    pub(super) fn on_hp_trace(&mut self, seq: u64, e: &Event, h: &HpTrace) {
+        let what = match h.what {
+            HpWhat::LinkUp => SlotWhat::LinkUp,
+            HpWhat::LinkDown => SlotWhat::LinkDown,
+            HpWhat::CardPresent => SlotWhat::CardPresent,
+            HpWhat::CardNotPresent => SlotWhat::CardNotPresent,
+            HpWhat::Unknown(_) => SlotWhat::Other,
+        };
+        self.slot_fact(seq, e, h.port, &h.slot, what);
     }
 
     /// A detail line of the last ITE report (descriptor dump, "cleared", fault status).

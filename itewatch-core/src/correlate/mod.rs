@@ -26,8 +26,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::event::{
-    Bdf, CallerPath, Descriptor, DeviceInfo, DeviceRef, Event, Flush, IstReturn, KTime, LogLine,
-    LostRecord, Payload, Record, Sid, Slot, StackId, StackRecord, Submit, SubmitReturn, Walk,
+    Bdf, CallerPath, Descriptor, DeviceInfo, DeviceRef, Event, Flush, HpTrace, HpWhat, IstReturn,
+    KTime, LogLine, LostRecord, Payload, Record, Sid, Slot, StackId, StackRecord, Submit,
+    SubmitReturn, Walk,
 };
 
 use crate::analyze::facts::SlotWhat;
@@ -592,6 +593,7 @@ impl Correlator {
             Payload::DeviceRemove(d) => self.on_device_event(seq, e, d, DevEv::Remove),
             Payload::IommuRelease(d) => self.on_device_event(seq, e, d, DevEv::Release),
             Payload::KernelLog(l) => self.on_log(seq, e, l),
+            Payload::HotplugTrace(h) => self.on_hp_trace(seq, e, h),
         }
     }
 

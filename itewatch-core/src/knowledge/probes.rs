@@ -190,6 +190,14 @@ pub const SPECS: &[Spec] = &[
         attempts: &[tracepoint("printk_console", "printk:console")],
         required: false,
     },
+    // 7.x (Debian 7.3.4 has it; Debian 6.18.15 does not): pciehp's link and presence changes
+    // as fields, fired next to its `Slot(%s): Link Down` lines. Older kernels: the printk
+    // tracepoint's copy of those lines and the pciehp kprobes carry the same facts.
+    Spec {
+        name: "pci:pci_hp_event",
+        attempts: &[tracepoint("pci_hp_event", "pci:pci_hp_event")],
+        required: false,
+    },
 ];
 
 /// Names of all probes in the plan, in order.

@@ -12,8 +12,10 @@
 
 /// Version of the structs below. Bump on any layout or meaning change.
 ///
-/// 2: adds [`EventKind::HotplugTrace`]; every struct of version 1 is unchanged, so a reader of
-/// version 2 reads version-1 traces as they are ([`ABI_VERSIONS_READ`]).
+/// 2: adds [`EventKind::HotplugTrace`], and a [`SubmitEvent`] record may end after the
+/// descriptors it carries (`SUBMIT_FIXED_LEN + 16 * min(count, MAX_BATCH)` bytes); every
+/// struct of version 1 is unchanged, so a reader of version 2 reads version-1 traces as they
+/// are ([`ABI_VERSIONS_READ`]).
 pub const ABI_VERSION: u32 = 2;
 /// The ABI versions this build decodes.
 pub const ABI_VERSIONS_READ: core::ops::RangeInclusive<u32> = 1..=ABI_VERSION;
@@ -180,7 +182,11 @@ pub struct Desc {
     pub qw1: u64,
 }
 
-/// `qi_submit_sync(iommu, desc, count, options)` entry.
+/// Bytes of a [`SubmitEvent`] before its descriptors: the shortest record of that kind.
+pub const SUBMIT_FIXED_LEN: usize = core::mem::size_of::<SubmitEvent>() - MAX_BATCH * 16;
+
+/// `qi_submit_sync(iommu, desc, count, options)` entry. From ABI 2 the probe sends only the
+/// first `min(count, MAX_BATCH)` descriptors: the record is that much shorter.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SubmitEvent {
@@ -448,6 +454,8 @@ const _: () = {
     assert!(size_of::<HpTraceEvent>() == 40 + 8 + 2 * HP_NAME_LEN);
     assert!(size_of::<Config>() == 72 + 8 + 64 + 8 + 16);
     assert!(align_of::<SubmitEvent>() == 8);
+    assert!(SUBMIT_FIXED_LEN == 96);
+    assert!(size_of::<Desc>() == 16);
 };
 
 #[cfg(feature = "user")]

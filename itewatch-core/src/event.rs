@@ -717,7 +717,26 @@ impl Event {
         };
         let payload = match kind {
             K::Submit => {
-                let e: abi::SubmitEvent = read(bytes).ok_or_else(short)?;
+                let e: abi::SubmitEvent = if bytes.len() >= kind.wire_size() {
+                    read(bytes).ok_or_else(short)?
+                } else {
+                    // ABI 2: the record ends after the descriptors the batch had.
+                    if bytes.len() < abi::SUBMIT_FIXED_LEN {
+                        return Err(short());
+                    }
+                    let mut full = [0u8; std::mem::size_of::<abi::SubmitEvent>()];
+                    full[..bytes.len()].copy_from_slice(bytes);
+                    let e: abi::SubmitEvent = read(&full).ok_or_else(short)?;
+                    let sent = (e.count as usize).min(abi::MAX_BATCH);
+                    if bytes.len() < abi::SUBMIT_FIXED_LEN + sent * std::mem::size_of::<RawDesc>() {
+                        return Err(DecodeError::Short {
+                            kind: kind_name(kind),
+                            len: bytes.len(),
+                            need: abi::SUBMIT_FIXED_LEN + sent * std::mem::size_of::<RawDesc>(),
+                        });
+                    }
+                    e
+                };
                 let captured = e.captured.min(abi::MAX_BATCH as u32);
                 Payload::Submit(Submit {
                     iommu: iommu_from_abi(e.iommu),
@@ -1247,6 +1266,42 @@ mod tests {
         assert_eq!(Event::decode(&b), Err(DecodeError::UnknownKind(99)));
         b[0] = abi::EventKind::Submit as u8;
         assert!(matches!(Event::decode(&b), Err(DecodeError::Short { .. })));
+    }
+
+    /// ABI 2: the probe sends a submission record only as long as its batch.
+    #[test]
+    fn a_submission_record_may_end_after_its_descriptors() {
+        let mut raw = [RawDesc::default(); abi::MAX_BATCH];
+        raw[0] = Descriptor::dev_tlb_raw(Sid(0x0200), Sid(0x0200), 0, 0x2000, 0);
+        raw[1] = RawDesc { qw0: 0x2, qw1: 0 };
+        let full = Event {
+            meta: meta(),
+            payload: Payload::Submit(Submit {
+                iommu: Iommu {
+                    ptr: 1,
+                    name: FixedStr::new("dmar0"),
+                    segment: Some(0),
+                },
+                options: 0,
+                count: 2,
+                raw: raw[..2].into(),
+                stack: None,
+            }),
+        };
+        let bytes = full.encode();
+        assert_eq!(bytes.len(), abi::EventKind::Submit.wire_size());
+        let short = &bytes[..abi::SUBMIT_FIXED_LEN + 2 * 16];
+        assert_eq!(short.len(), 128);
+        assert_eq!(Event::decode(short), Ok(full.clone()));
+        // One descriptor missing of the two the batch had: refused, not zero-filled.
+        assert!(matches!(
+            Event::decode(&bytes[..abi::SUBMIT_FIXED_LEN + 16]),
+            Err(DecodeError::Short { need: 128, .. })
+        ));
+        assert!(matches!(
+            Event::decode(&bytes[..abi::SUBMIT_FIXED_LEN - 1]),
+            Err(DecodeError::Short { .. })
+        ));
     }
 
     #[test]

@@ -31,6 +31,7 @@ use itewatch_common::{
     Bdf, Config, Counter, Desc, DeviceEvent, EventKind, FlushEvent, Header, HpTraceEvent, IommuId,
     IstReturnEvent, LogEvent, SlotEvent, SubmitEvent, SubmitReturnEvent, WalkEvent, COUNTER_SLOTS,
     LOG_TEXT_LEN, MAX_BATCH, MAX_DISCONNECT_CALLBACKS, OFFSET_NONE, SEGMENT_UNKNOWN, STACK_NONE,
+    SUBMIT_FIXED_LEN,
 };
 
 /// Set by the loader before load (`EbpfLoader::set_global`).
@@ -51,6 +52,10 @@ static STACKS: StackTrace = StackTrace::with_max_entries(2048, 0);
 /// What the programs could not do, per CPU (index = `Counter`).
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Per CPU: the submission record being built (see `on_submit`).
+#[map]
+static SCRATCH: PerCpuArray<SubmitEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// When a stack is worth its cost (see `want_stack`). Slot 0: `bpf_ktime_get_ns()` of the
 /// last hot-plug or removal event any probe saw.
@@ -350,11 +355,14 @@ pub fn qi_submit_sync(ctx: ProbeContext) -> u32 {
 fn on_submit<C: StackIdContext>(ctx: &C, iommu: u64, desc: u64, count: u32, options: u64) -> u32 {
     let hdr = header(EventKind::Submit);
     let now = hdr.ts_ns;
-    let Some(mut entry) = EVENTS.reserve::<SubmitEvent>(0) else {
-        bump(Counter::RingbufFull);
+    // Built in this CPU's scratch slot, then copied out with only the descriptors the batch
+    // has: a one-descriptor submission is 112 bytes on the wire instead of 352, and the stack
+    // is taken before the copy, not while a ring-buffer slot is held (which makes other CPUs'
+    // records wait). Safe per CPU: a trampoline program does not re-enter on the same CPU
+    // (the kernel skips and counts a nested run), nor does a kprobe.
+    let Some(e) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
-    let e = entry.as_mut_ptr();
     let want = if count as usize > MAX_BATCH {
         MAX_BATCH as u32
     } else {
@@ -364,8 +372,8 @@ fn on_submit<C: StackIdContext>(ctx: &C, iommu: u64, desc: u64, count: u32, opti
     let mut captured = 0u32;
     let mut dev_tlb = false;
     let mut gone = false;
-    // SAFETY: `e` points to a reserved, exclusively owned SubmitEvent in the ring buffer;
-    // every field is written before submit.
+    // SAFETY: `e` is this CPU's scratch slot (see above); the fields sent are all written
+    // before the copy.
     unsafe {
         addr_of_mut!((*e).hdr).write(hdr);
         addr_of_mut!((*e).iommu).write(iommu_id(iommu));
@@ -374,8 +382,8 @@ fn on_submit<C: StackIdContext>(ctx: &C, iommu: u64, desc: u64, count: u32, opti
         addr_of_mut!((*e)._pad).write(0);
         // Bounded loop: MAX_BATCH iterations at most (verifier: constant trip count).
         for i in 0..MAX_BATCH {
-            let slot = addr_of_mut!((*e).descs[i]);
             if (i as u32) < want {
+                let slot = addr_of_mut!((*e).descs[i]);
                 match bpf_probe_read_kernel((desc + i as u64 * stride) as *const Desc) {
                     Ok(d) => {
                         if is_dev_tlb(d.qw0) {
@@ -392,8 +400,6 @@ fn on_submit<C: StackIdContext>(ctx: &C, iommu: u64, desc: u64, count: u32, opti
                         slot.write_volatile(Desc { qw0: 0, qw1: 0 });
                     }
                 }
-            } else {
-                slot.write_volatile(Desc { qw0: 0, qw1: 0 });
             }
         }
         addr_of_mut!((*e).captured).write(captured);
@@ -408,7 +414,17 @@ fn on_submit<C: StackIdContext>(ctx: &C, iommu: u64, desc: u64, count: u32, opti
         };
         addr_of_mut!((*e).stack_id).write(stack);
     }
-    entry.submit(quiet_flags());
+    // `want` <= MAX_BATCH, so `len` <= size_of::<SubmitEvent>() (the mask restates it for the
+    // verifier).
+    let len = (SUBMIT_FIXED_LEN + want as usize * core::mem::size_of::<Desc>()) & 0x1ff;
+    if len > core::mem::size_of::<SubmitEvent>() {
+        return 0;
+    }
+    // SAFETY: `e` is a map value of size_of::<SubmitEvent>() bytes, `len` is within it.
+    let bytes = unsafe { core::slice::from_raw_parts(e as *const u8, len) };
+    if EVENTS.output::<[u8]>(bytes, quiet_flags()).is_err() {
+        bump(Counter::RingbufFull);
+    }
     0
 }
 

@@ -23,46 +23,20 @@ pub fn cache_root() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache/itewatch"))
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
-}
+use crate::kernels::run;
 
-/// apt options of the private bookworm configuration under `cache/apt-bench` (made once, its
-/// lists fetched once; remove `.updated` there to fetch them again).
+/// apt options of the private bookworm configuration under `cache/apt-bench`.
 fn apt_opts(cache: &Path) -> Result<Vec<String>> {
-    let dir = cache.join("apt-bench");
-    fs::create_dir_all(dir.join("lists/partial"))?;
-    fs::create_dir_all(dir.join("cache/archives/partial"))?;
-    let list = dir.join("sources.list");
     let keyring = "signed-by=/usr/share/keyrings/debian-archive-keyring.gpg";
-    fs::write(
-        &list,
-        format!(
+    crate::kernels::private_apt(
+        cache,
+        "apt-bench",
+        &format!(
             "deb [{keyring}] http://deb.debian.org/debian bookworm main\n\
              deb [{keyring}] http://deb.debian.org/debian bookworm-updates main\n\
              deb [{keyring}] http://deb.debian.org/debian-security bookworm-security main\n"
         ),
-    )?;
-    let opts: Vec<String> = vec![
-        format!("-oDir::Etc::SourceList={}", list.display()),
-        "-oDir::Etc::SourceParts=/dev/null".into(),
-        format!("-oDir::State::Lists={}", dir.join("lists").display()),
-        format!("-oDir::Cache={}", dir.join("cache").display()),
-        "-oAPT::Architecture=amd64".into(),
-        "-oDebug::NoLocking=1".into(),
-        "-oAPT::Sandbox::User=root".into(),
-    ];
-    let stamp = dir.join(".updated");
-    if !stamp.exists() {
-        eprintln!("vm-bench: fetching the bookworm package lists (private apt configuration)");
-        run(Command::new("apt-get").args(&opts).args(["-qq", "update"]))?;
-        fs::write(&stamp, "")?;
-    }
-    Ok(opts)
+    )
 }
 
 /// Package names of `apt-cache depends --recurse` output: the unindented lines, without

@@ -131,7 +131,7 @@ pub struct Kernel {
     pub modules: Vec<(String, PathBuf)>,
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
@@ -139,35 +139,41 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// apt-get options of the private trixie configuration under `cache` (made once, its lists
-/// fetched once).
-fn trixie_apt(cache: &Path) -> Result<Vec<String>> {
-    let dir = cache.join("apt-trixie");
+/// apt-get options of a private configuration under `cache/<name>` with `sources` as its
+/// sources.list (made once, its lists fetched once; remove `.updated` there to fetch them
+/// again). The system's sources are neither read nor changed.
+pub(crate) fn private_apt(cache: &Path, name: &str, sources: &str) -> Result<Vec<String>> {
+    let dir = cache.join(name);
     fs::create_dir_all(dir.join("lists/partial"))?;
     fs::create_dir_all(dir.join("cache/archives/partial"))?;
     let list = dir.join("sources.list");
-    fs::write(
-        &list,
-        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-backports main\n\
-         deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security trixie-security main\n",
-    )?;
+    fs::write(&list, sources)?;
     let opts: Vec<String> = vec![
         format!("-oDir::Etc::SourceList={}", list.display()),
         "-oDir::Etc::SourceParts=/dev/null".into(),
         format!("-oDir::State::Lists={}", dir.join("lists").display()),
         format!("-oDir::Cache={}", dir.join("cache").display()),
+        "-oAPT::Architecture=amd64".into(),
         "-oDebug::NoLocking=1".into(),
         "-oAPT::Sandbox::User=root".into(),
     ];
     let stamp = dir.join(".updated");
     if !stamp.exists() {
-        eprintln!(
-            "vm-test: fetching the trixie-backports package lists (private apt configuration)"
-        );
+        eprintln!("xtask: fetching the package lists of {name} (private apt configuration)");
         run(Command::new("apt-get").args(&opts).args(["-qq", "update"]))?;
         fs::write(&stamp, "")?;
     }
     Ok(opts)
+}
+
+/// apt-get options of the private trixie configuration under `cache`.
+fn trixie_apt(cache: &Path) -> Result<Vec<String>> {
+    private_apt(
+        cache,
+        "apt-trixie",
+        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-backports main\n\
+         deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security trixie-security main\n",
+    )
 }
 
 /// Downloads (once) and extracts (once) a pinned kernel under `cache`.

@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod host;
 pub mod kallsyms;
 pub mod kcode;
+pub mod kmsg;
 pub mod live;
 pub mod perfetto;
 pub mod preflight;

@@ -14,6 +14,11 @@
 //! without a return at the window's end. Otherwise the output says they were not measured
 //! (`invalidations.measured: false`).
 //!
+//! Whether the IOMMU already timed out an invalidation in this boot comes from the kernel's
+//! log (`/dev/kmsg`, read whole without waiting): its ITE reports, recognised by
+//! `analyze::facts` (the one parser of kernel messages), are counted per SID by
+//! [`KernelLogScan`] (pure). They change the reasons, not the verdict.
+//!
 //! JSON (`--json`): the serialized [`Report`], `schema_version` `MAJOR.MINOR` as in doctor;
 //! docs/preflight.md documents every field.
 
@@ -23,13 +28,14 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::analyze::facts::{self as log_facts, Fact};
 use crate::event::{Bdf, KTime, Payload, Record, Sid};
 use crate::kcode::{self, CodeFinding, CodeStatus};
 use crate::knowledge::fixes;
 use crate::sysfs::{AtsState, SlotCaps, Sysfs};
 
-/// Version of the JSON layout.
-pub const SCHEMA_VERSION: &str = "1.0";
+/// Version of the JSON layout. 1.1: `kernel_log`.
+pub const SCHEMA_VERSION: &str = "1.1";
 
 /// What to look at.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,6 +134,93 @@ pub fn count_window(records: &[Record], sids: &[Sid], window_ns: u64) -> Invalid
     }
 }
 
+/// One SID the kernel's ITE reports named.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct IteSid {
+    /// `null`: the report named SID 0 or ffff (the hardware latched none).
+    pub sid: Option<Sid>,
+    pub reports: u64,
+    /// Seconds since boot of the first report.
+    pub first_s: f64,
+    /// The devices present now whose bus/devfn is that SID (on any segment: the report does
+    /// not name one); empty when the device has left.
+    pub present: Vec<Bdf>,
+}
+
+/// What the kernel's log says about invalidation time-outs (ITE) in this boot.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct KernelLog {
+    /// The log was read.
+    pub read: bool,
+    /// Why not; or what the reading may have missed.
+    pub why: Option<String>,
+    /// Messages the ring buffer had already overwritten when it was read (the first record's
+    /// sequence number); 0: the log still begins at the boot. `null` when not read.
+    pub overwritten: Option<u64>,
+    /// `VT-d detected Invalidation Time-out Error` reports.
+    pub ite_reports: u64,
+    /// Per SID, in the order first reported.
+    pub ite_sids: Vec<IteSid>,
+}
+
+impl KernelLog {
+    /// Not read, and why.
+    pub fn unread(why: impl Into<String>) -> KernelLog {
+        KernelLog {
+            read: false,
+            why: Some(why.into()),
+            overwritten: None,
+            ite_reports: 0,
+            ite_sids: Vec::new(),
+        }
+    }
+}
+
+/// Counts the ITE reports among kernel log messages fed in order. Pure: the messages come
+/// from the caller, what one says from `analyze::facts::classify`.
+#[derive(Clone, Debug, Default)]
+pub struct KernelLogScan {
+    first_seq: Option<u64>,
+    reports: u64,
+    /// (sid, reports, first µs since boot), in order of first report.
+    sids: Vec<(Option<Sid>, u64, u64)>,
+}
+
+impl KernelLogScan {
+    /// One message: its sequence number, its time (µs since boot) and its text.
+    pub fn feed(&mut self, seq: u64, ts_us: u64, text: &str) {
+        self.first_seq.get_or_insert(seq);
+        if let Some(Fact::IteDetected { sid, .. }) = log_facts::classify(text) {
+            self.reports += 1;
+            match self.sids.iter_mut().find(|(s, _, _)| *s == sid) {
+                Some(e) => e.1 += 1,
+                None => self.sids.push((sid, 1, ts_us)),
+            }
+        }
+    }
+
+    /// The summary; `present` gives the devices now at a SID, `note` what the reading may
+    /// have missed.
+    pub fn finish(self, present: impl Fn(Sid) -> Vec<Bdf>, note: Option<String>) -> KernelLog {
+        KernelLog {
+            read: true,
+            why: note,
+            overwritten: Some(self.first_seq.unwrap_or(0)),
+            ite_reports: self.reports,
+            ite_sids: self
+                .sids
+                .into_iter()
+                .map(|(sid, reports, us)| IteSid {
+                    sid,
+                    reports,
+                    first_s: (us / 1000) as f64 / 1000.0,
+                    present: sid.map(&present).unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Everything [`decide`] looks at.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Facts {
@@ -141,6 +234,8 @@ pub struct Facts {
     /// Commit → status, from the kernel's code (`kcode`).
     pub fixes: BTreeMap<String, CodeStatus>,
     pub invalidations: Invalidations,
+    /// ITE reports in this boot's kernel log.
+    pub kernel_log: KernelLog,
 }
 
 /// The answer.
@@ -237,6 +332,79 @@ fn ite_outcome(f: &Facts) -> String {
     }
 }
 
+/// What the kernel log says about ITEs in this boot, as a reason.
+fn kernel_log_reason(f: &Facts) -> String {
+    let log = &f.kernel_log;
+    if !log.read {
+        return format!(
+            "whether an invalidation time-out (ITE) was already reported in this boot is \
+             unknown: {}",
+            log.why.as_deref().unwrap_or("the kernel log was not read")
+        );
+    }
+    let lost = log.overwritten.unwrap_or(0);
+    if log.ite_reports == 0 {
+        return if lost == 0 {
+            "the kernel log shows no invalidation time-out (ITE) in this boot".into()
+        } else {
+            format!(
+                "no invalidation time-out (ITE) in the kernel log, but its oldest {lost} \
+                 message(s) of this boot were overwritten: an earlier ITE report may be gone"
+            )
+        };
+    }
+    let sids: Vec<String> = log
+        .ite_sids
+        .iter()
+        .map(|s| {
+            let sid = s
+                .sid
+                .map_or("0/ffff (none latched)".to_string(), |x| x.to_string());
+            let now = match (&s.sid, s.present.as_slice()) {
+                (None, _) => String::new(),
+                (Some(_), []) => "; no device has that SID now".into(),
+                (Some(_), p) => format!(
+                    "; now {}",
+                    p.iter()
+                        .map(|b| b.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            format!(
+                "SID {sid} ×{} (first at {:.1} s{now})",
+                s.reports, s.first_s
+            )
+        })
+        .collect();
+    let mut r = format!(
+        "the kernel log shows {} invalidation time-out (ITE) report(s) in this boot: {}: the \
+         IOMMU has already timed out a device-TLB invalidation on this host, so a removal \
+         raced before (`dmesg | itewatch analyze` tells which)",
+        log.ite_reports,
+        sids.join(", ")
+    );
+    let on_card: Vec<String> = f
+        .functions
+        .iter()
+        .filter(|func| {
+            log.ite_sids
+                .iter()
+                .any(|s| s.present.iter().any(|b| same(*b, func.bdf)))
+        })
+        .map(|func| func.bdf.to_string())
+        .collect();
+    if !on_card.is_empty() {
+        let _ = write!(
+            r,
+            "; {} on this card has that SID: it (or the device before it at that address) \
+             already failed to answer one",
+            on_card.join(", ")
+        );
+    }
+    r
+}
+
 /// The orderly sequence for the card in `f`.
 fn sequence(f: &Facts) -> Vec<Step> {
     let mut v = vec![step(
@@ -263,27 +431,57 @@ fn sequence(f: &Facts) -> Vec<Step> {
              paths, not a driver's unmaps)",
         ));
     }
-    let caps = f.slot.as_ref().and_then(|s| s.caps.as_ref().ok());
-    let slot_name = f.slot.as_ref().map(|s| s.name.as_str());
-    match (slot_name, caps) {
-        (Some(n), Some(c)) if c.power_controller => v.push(step(
-            format!("power slot {n} off"),
-            Some(format!("echo 0 > /sys/bus/pci/slots/{n}/power")),
-            "pciehp removes the functions and their IOMMU state while the card still answers, \
-             so the release path's device-TLB flush completes",
-        )),
-        (Some(n), Some(c)) if c.attention_button => v.push(step(
-            format!("press slot {n}'s attention button and wait for its power indicator to go off"),
-            None,
-            "pciehp waits 5 s, then removes the functions while the card still answers",
-        )),
+    // Through the slot's hot-plug driver where one registered it (its `power` file): writing
+    // 0 removes the functions whether or not the slot has a power controller (6.18:
+    // pciehp_sysfs_disable_slot -> remove_board, which cuts power only `if (POWER_CTRL(ctrl))`).
+    match &f.slot {
+        Some(s) if s.hotplug => {
+            let n = &s.name;
+            let caps = s.caps.as_ref().ok();
+            let button = if caps.is_some_and(|c| c.attention_button) {
+                "; pressing its attention button does the same after 5 s"
+            } else {
+                ""
+            };
+            let release = "the hot-plug driver removes the functions and their IOMMU state \
+                           while the card still answers, so the release path's device-TLB flush \
+                           completes";
+            let (action, why) = match caps.map(|c| c.power_controller) {
+                Some(true) => (
+                    format!("power slot {n} off"),
+                    format!("{release}, then cuts the slot's power{button}"),
+                ),
+                Some(false) => (
+                    format!(
+                        "release slot {n} through its hot-plug driver (no power controller: the \
+                         card stays powered)"
+                    ),
+                    format!(
+                        "{release}; the slot has no power controller, so the card keeps power \
+                         until it is pulled{button}"
+                    ),
+                ),
+                None => (
+                    format!("release slot {n} through its hot-plug driver"),
+                    format!(
+                        "{release} (whether the slot also cuts power is unknown: its \
+                         capabilities could not be read)"
+                    ),
+                ),
+            };
+            v.push(step(
+                action,
+                Some(format!("echo 0 > /sys/bus/pci/slots/{n}/power")),
+                why,
+            ));
+        }
         _ => {
             for func in &f.functions {
                 v.push(step(
                     format!("remove {} from the kernel", func.bdf),
                     Some(format!("echo 1 > /sys/bus/pci/devices/{}/remove", func.bdf)),
-                    "the kernel releases the device while it still answers (no power \
-                     controller or attention button to do it through the slot)",
+                    "the kernel releases the device while it still answers (no hot-plug driver \
+                     registered a slot for it to do so through the slot)",
                 ));
             }
         }
@@ -328,6 +526,7 @@ pub fn decide(f: &Facts) -> Decision {
             )
         });
     }
+    reasons.push(kernel_log_reason(f));
     let decision = |verdict, mut reasons: Vec<String>, r: &str| {
         reasons.insert(0, r.to_string());
         Decision {
@@ -477,6 +676,8 @@ pub struct Report {
     /// Why the kernel's code could not be read, if so.
     pub kernel_code_error: Option<String>,
     pub invalidations: Invalidations,
+    /// ITE reports in this boot's kernel log (schema 1.1).
+    pub kernel_log: KernelLog,
     pub verdict: Verdict,
     pub exit_code: u8,
     pub reasons: Vec<String>,
@@ -521,10 +722,9 @@ pub fn gather(root: &Path, target: &Target) -> Result<(Facts, kcode::CodeReport)
         }
     };
     let members: Vec<&crate::sysfs::PciDevice> = match (&slot_name, target) {
-        (Some(n), _) => devices
-            .iter()
-            .filter(|d| d.info.slot.as_deref() == Some(n.as_str()))
-            .collect(),
+        // Every device with the slot on its path: a switch card takes the devices in its own
+        // downstream slots along.
+        (Some(n), _) => devices.iter().filter(|d| d.slots.contains(n)).collect(),
         (None, Target::Device(b)) => devices.iter().filter(|d| same(d.info.bdf, *b)).collect(),
         (None, Target::Slot(_)) => Vec::new(),
     };
@@ -559,6 +759,14 @@ pub fn gather(root: &Path, target: &Target) -> Result<(Facts, kcode::CodeReport)
         .iter()
         .map(|f| (f.commit.clone(), f.status))
         .collect();
+    let present = |sid: Sid| {
+        devices
+            .iter()
+            .map(|d| d.info.bdf)
+            .filter(|b| b.sid() == sid)
+            .collect()
+    };
+    let kernel_log = read_kernel_log(&root.join("dev/kmsg"), present);
     Ok((
         Facts {
             target: label,
@@ -569,9 +777,44 @@ pub fn gather(root: &Path, target: &Target) -> Result<(Facts, kcode::CodeReport)
             invalidations: Invalidations::not_measured(
                 "no probe window asked for: `--watch SECONDS` (root) attaches the probes",
             ),
+            kernel_log,
         },
         code,
     ))
+}
+
+/// Most kernel log records read (a log buffer of 32 MiB holds fewer).
+const MAX_LOG_RECORDS: u64 = 1 << 20;
+
+/// The ITE reports in the kernel log at `path` (`/dev/kmsg`).
+fn read_kernel_log(path: &Path, present: impl Fn(Sid) -> Vec<Bdf>) -> KernelLog {
+    let mut scan = KernelLogScan::default();
+    match crate::kmsg::read_all(path, MAX_LOG_RECORDS, |r| scan.feed(r.seq, r.ts_us, r.text)) {
+        Ok(stats) => {
+            let mut notes = Vec::new();
+            if stats.overwritten_while_reading > 0 {
+                notes.push("messages were overwritten while it was read".to_string());
+            }
+            if stats.capped {
+                notes.push(format!(
+                    "only its first {MAX_LOG_RECORDS} messages were read"
+                ));
+            }
+            if stats.malformed > 0 {
+                notes.push(format!("{} record(s) were not understood", stats.malformed));
+            }
+            scan.finish(present, (!notes.is_empty()).then(|| notes.join("; ")))
+        }
+        Err(e) => KernelLog::unread(format!(
+            "cannot read {}: {e}{}",
+            path.display(),
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                " (needs root: CAP_SYSLOG)"
+            } else {
+                ""
+            }
+        )),
+    }
 }
 
 /// Attaches the probes for `secs` seconds and counts the device-TLB invalidations to the
@@ -617,6 +860,7 @@ pub fn report(facts: Facts, code: kcode::CodeReport) -> Report {
         kernel_fixes: code.findings,
         kernel_code_error: code.error,
         invalidations: facts.invalidations,
+        kernel_log: facts.kernel_log,
         verdict: d.verdict,
         exit_code: d.verdict.exit_code(),
         reasons: d.reasons,
@@ -772,6 +1016,13 @@ mod tests {
             vtd: Some(true),
             fixes: fixes(CodeStatus::Absent, CodeStatus::Present),
             invalidations: Invalidations::not_measured("not attached"),
+            kernel_log: KernelLog {
+                read: true,
+                why: None,
+                overwritten: Some(0),
+                ite_reports: 0,
+                ite_sids: Vec::new(),
+            },
         }
     }
 
@@ -941,22 +1192,223 @@ mod tests {
             .any(|s| s.action.contains("unbind 0000:03:00.0")));
     }
 
+    fn slot_step(d: &Decision) -> &Step {
+        // Stop I/O, unbind (one function), the slot's step, check.
+        &d.sequence[2]
+    }
+
     #[test]
-    fn without_power_controller_or_button_the_sequence_removes_each_function() {
+    fn a_hotplug_slot_is_released_through_its_power_file_with_or_without_power_controller() {
         let mut f = vm_disk();
+        let d = decide(&f);
+        assert_eq!(slot_step(&d).action, "power slot 2 off");
+        assert!(
+            slot_step(&d).why.contains("cuts the slot's power"),
+            "{d:#?}"
+        );
+        // QEMU's xio3130-downstream / pcie-root-port with power_controller_present=off:
+        // attention button, no power controller. pciehp still removes the functions on a
+        // write of 0 to `power` (the VM runs it).
+        f.slot.as_mut().unwrap().caps = Ok(caps(true, false, true));
+        let d = decide(&f);
+        let st = slot_step(&d);
+        assert_eq!(
+            st.command.as_deref(),
+            Some("echo 0 > /sys/bus/pci/slots/2/power")
+        );
+        assert!(st.action.contains("no power controller"), "{st:#?}");
+        assert!(st.why.contains("keeps power"), "{st:#?}");
+        assert!(st.why.contains("attention button"), "{st:#?}");
+        assert!(
+            d.reasons.iter().any(|r| r.contains("power controller no")),
+            "{d:#?}"
+        );
         f.slot.as_mut().unwrap().caps = Ok(caps(false, false, false));
+        let st = slot_step(&decide(&f)).clone();
+        assert!(!st.why.contains("attention button"), "{st:#?}");
+        assert_eq!(
+            st.command.as_deref(),
+            Some("echo 0 > /sys/bus/pci/slots/2/power")
+        );
+        f.slot.as_mut().unwrap().caps = Err("not root".into());
+        let st = slot_step(&decide(&f)).clone();
+        assert!(st.why.contains("unknown"), "{st:#?}");
+    }
+
+    #[test]
+    fn without_a_hotplug_driver_the_sequence_removes_each_function() {
+        let mut f = vm_disk();
+        // A slot some firmware table named, with a button nobody handles.
+        f.slot.as_mut().unwrap().hotplug = false;
         let d = decide(&f);
-        assert!(d
-            .sequence
-            .iter()
-            .any(|s| s.command.as_deref()
-                == Some("echo 1 > /sys/bus/pci/devices/0000:02:00.0/remove")));
-        f.slot.as_mut().unwrap().caps = Ok(caps(true, false, false));
+        assert_eq!(
+            slot_step(&d).command.as_deref(),
+            Some("echo 1 > /sys/bus/pci/devices/0000:02:00.0/remove")
+        );
+        assert!(!d.sequence.iter().any(|s| s.action.contains("button")));
+        f.slot = None;
         let d = decide(&f);
-        assert!(d
-            .sequence
+        assert_eq!(
+            slot_step(&d).command.as_deref(),
+            Some("echo 1 > /sys/bus/pci/devices/0000:02:00.0/remove")
+        );
+    }
+
+    /// The kernel log of a VM `ite-surprise` run on 6.12 around the ITE (its dmesg, with
+    /// made-up sequence numbers).
+    const ITE_LOG: &[(u64, u64, &str)] = &[
+        (0, 0, "Linux version 6.12.117+deb12-amd64"),
+        (
+            436,
+            50_202_446,
+            "pcieport 0000:00:05.0: pciehp: Slot(2): Card not present",
+        ),
+        (
+            437,
+            50_254_938,
+            "DMAR: VT-d detected Invalidation Time-out Error: SID 200",
+        ),
+        (
+            438,
+            50_255_280,
+            "DMAR: QI HEAD: Invalidation Wait qw0 = 0x200000025, qw1 = 0x1042ce4",
+        ),
+        (
+            439,
+            50_255_891,
+            "DMAR: QI PRIOR: Invalidation Wait qw0 = 0x200000025, qw1 = 0x1042ce0",
+        ),
+        (
+            440,
+            50_256_541,
+            "DMAR: Invalidation Time-out Error (ITE) cleared",
+        ),
+        (
+            441,
+            50_278_125,
+            "DMAR: VT-d detected Invalidation Time-out Error: SID 200",
+        ),
+        (
+            442,
+            50_278_299,
+            "DMAR: QI HEAD: Interrupt Entry Cache Invalidation qw0 = 0x1600000014, qw1 = 0x0",
+        ),
+        (
+            443,
+            50_278_850,
+            "DMAR: QI PRIOR: Invalidation Wait qw0 = 0x200000025, qw1 = 0x1042cf4",
+        ),
+        (
+            444,
+            50_279_124,
+            "DMAR: Invalidation Time-out Error (ITE) cleared",
+        ),
+    ];
+
+    fn scan(log: &[(u64, u64, &str)], present: &[&str]) -> KernelLog {
+        let mut sc = KernelLogScan::default();
+        for (seq, us, text) in log {
+            sc.feed(*seq, *us, text);
+        }
+        let present: Vec<Bdf> = present.iter().map(|b| bdf(b)).collect();
+        sc.finish(
+            |sid| present.iter().copied().filter(|b| b.sid() == sid).collect(),
+            None,
+        )
+    }
+
+    #[test]
+    fn the_kernel_logs_ite_reports_are_counted_per_sid() {
+        let log = scan(ITE_LOG, &["0000:01:00.0"]);
+        assert!(log.read);
+        assert_eq!(log.overwritten, Some(0));
+        assert_eq!(log.ite_reports, 2);
+        assert_eq!(log.ite_sids.len(), 1);
+        let s = &log.ite_sids[0];
+        assert_eq!(s.sid, Some(Sid(0x200)));
+        assert_eq!(s.reports, 2);
+        assert_eq!(s.first_s, 50.254);
+        assert!(s.present.is_empty());
+        // Nothing else in the log is an ITE: not the QI dump, not "cleared".
+        let log = scan(&ITE_LOG[..2], &[]);
+        assert_eq!(log.ite_reports, 0);
+    }
+
+    #[test]
+    fn an_ite_in_this_boot_is_a_reason_for_the_other_disk_and_the_emptied_slot() {
+        // After the surprise disk's ITE and its completed removal: the other ATS disk is still
+        // a risk, and the reasons say the IOMMU already timed out once.
+        let mut f = vm_disk();
+        f.target = "slot 1".into();
+        f.functions[0].bdf = bdf("0000:01:00.0");
+        f.fixes = fixes(CodeStatus::Present, CodeStatus::Present);
+        f.kernel_log = scan(ITE_LOG, &["0000:01:00.0"]);
+        let d = decide(&f);
+        assert_eq!(d.verdict, Verdict::Risk);
+        let r = d
+            .reasons
             .iter()
-            .any(|s| s.action.contains("attention button")));
+            .find(|r| r.contains("ITE) report"))
+            .unwrap_or_else(|| panic!("{d:#?}"));
+        assert!(
+            r.contains("SID 200 ×2 (first at 50.3 s; no device has that SID now)"),
+            "{r}"
+        );
+        assert!(r.contains("already timed out"), "{r}");
+        assert!(!r.contains("on this card"), "{r}");
+        // The emptied slot: still go (nothing left to race), with the same reason.
+        f.functions.clear();
+        let d = decide(&f);
+        assert_eq!(d.verdict, Verdict::Go);
+        assert!(
+            d.reasons.iter().any(|r| r.contains("already timed out")),
+            "{d:#?}"
+        );
+        // Before any ITE: said so.
+        let d = decide(&vm_disk());
+        assert!(
+            d.reasons
+                .iter()
+                .any(|r| r.contains("shows no invalidation time-out")),
+            "{d:#?}"
+        );
+    }
+
+    #[test]
+    fn an_ite_for_a_function_on_the_card_is_named() {
+        let mut f = vm_disk();
+        f.kernel_log = scan(ITE_LOG, &["0000:02:00.0"]);
+        let d = decide(&f);
+        assert_eq!(d.verdict, Verdict::Risk);
+        assert!(
+            d.reasons
+                .iter()
+                .any(|r| r.contains("now 0000:02:00.0") && r.contains("0000:02:00.0 on this card")),
+            "{d:#?}"
+        );
+    }
+
+    #[test]
+    fn an_overwritten_or_unreadable_log_is_said_never_read_as_no_ite() {
+        let mut f = vm_disk();
+        f.kernel_log = scan(&[(5000, 1, "x"), (5001, 2, "y")], &[]);
+        assert_eq!(f.kernel_log.overwritten, Some(5000));
+        let d = decide(&f);
+        assert!(
+            d.reasons
+                .iter()
+                .any(|r| r.contains("oldest 5000 message(s)") && r.contains("may be gone")),
+            "{d:#?}"
+        );
+        f.kernel_log = KernelLog::unread("cannot read /dev/kmsg: Operation not permitted");
+        let d = decide(&f);
+        assert!(
+            d.reasons
+                .iter()
+                .any(|r| r.contains("is unknown") && r.contains("Operation not permitted")),
+            "{d:#?}"
+        );
+        assert_eq!(d.verdict, Verdict::Risk);
     }
 
     #[test]
@@ -979,6 +1431,86 @@ mod tests {
         assert!(c.attention_button && c.power_controller && c.surprise && c.hotplug_capable);
         assert_eq!(c.powered, Some(true));
         assert_eq!(SlotCaps::decode(0x7b, 0x07d1).powered, Some(false));
+    }
+
+    /// The q35 fixture plus the VM's switch card: root port 00:07.0 (slot 3) holding an
+    /// x3130 upstream port 03:00.0, its downstream port 04:00.0 (slot 4, no power controller)
+    /// and behind it an ATS virtio disk 05:00.0 (config spaces copied from the fixture's root
+    /// port and disk).
+    fn switch_tree() -> tempfile::TempDir {
+        use crate::sysfs::tests_support::{copy_tree, fixture};
+        use std::fs;
+        let tmp = tempfile::tempdir().unwrap();
+        copy_tree(&fixture("sysfs-qemu-q35"), tmp.path());
+        let base = tmp.path().join("sys/devices/pci0000:00");
+        let port_cfg = fs::read(base.join("0000:00:04.0/config")).unwrap();
+        let disk_cfg = fs::read(base.join("0000:00:04.0/0000:01:00.0/config")).unwrap();
+        let mut no_pcp = port_cfg.clone();
+        let mut p = (no_pcp[0x34] & 0xfc) as usize;
+        while no_pcp[p] != 0x10 {
+            p = (no_pcp[p + 1] & 0xfc) as usize;
+        }
+        no_pcp[p + 0x14] &= !0x02; // Slot Capabilities: Power Controller Present off
+        let mut dir = base.clone();
+        for (bdf, cfg, sec) in [
+            ("0000:00:07.0", &port_cfg, Some("0000:03")),
+            ("0000:03:00.0", &port_cfg, Some("0000:04")),
+            ("0000:04:00.0", &no_pcp, Some("0000:05")),
+            ("0000:05:00.0", &disk_cfg, None),
+        ] {
+            dir = dir.join(bdf);
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join("config"), cfg).unwrap();
+            fs::write(dir.join("vendor"), "0x1af4\n").unwrap();
+            fs::write(dir.join("device"), "0x1042\n").unwrap();
+            if let Some(bus) = sec {
+                fs::create_dir_all(dir.join("pci_bus").join(bus)).unwrap();
+            }
+            std::os::unix::fs::symlink(&dir, tmp.path().join("sys/bus/pci/devices").join(bdf))
+                .unwrap();
+        }
+        for (n, addr) in [("3", "0000:03:00"), ("4", "0000:05:00")] {
+            let sd = tmp.path().join("sys/bus/pci/slots").join(n);
+            fs::create_dir_all(&sd).unwrap();
+            fs::write(sd.join("address"), format!("{addr}\n")).unwrap();
+            fs::write(sd.join("power"), "1\n").unwrap();
+        }
+        tmp
+    }
+
+    #[test]
+    fn a_switch_card_takes_the_ats_disk_of_its_downstream_slot_along() {
+        let tmp = switch_tree();
+        let (f, _) = gather(tmp.path(), &Target::Slot("3".into())).unwrap();
+        let bdfs: Vec<String> = f.functions.iter().map(|x| x.bdf.to_string()).collect();
+        assert_eq!(bdfs, ["0000:03:00.0", "0000:04:00.0", "0000:05:00.0"]);
+        assert_eq!(f.functions[2].ats, AtsState::Enabled);
+        let d = decide(&f);
+        assert_eq!(d.verdict, Verdict::Risk);
+        assert!(
+            d.reasons[0].contains("ATS is enabled on 0000:05:00.0"),
+            "{d:#?}"
+        );
+        // The disk alone: its own slot (the downstream port's, without power controller).
+        let (f, _) = gather(tmp.path(), &Target::Device(bdf("0000:05:00.0"))).unwrap();
+        assert_eq!(f.functions.len(), 1);
+        let slot = f.slot.as_ref().unwrap();
+        assert_eq!(
+            (slot.name.as_str(), slot.port),
+            ("4", Some(bdf("0000:04:00.0")))
+        );
+        assert!(!slot.caps.as_ref().unwrap().power_controller);
+        let d = decide(&f);
+        assert_eq!(d.verdict, Verdict::Risk);
+        assert!(
+            d.sequence
+                .iter()
+                .any(|s| s.action.contains("no power controller")
+                    && s.command.as_deref() == Some("echo 0 > /sys/bus/pci/slots/4/power")),
+            "{d:#?}"
+        );
+        // No /dev/kmsg in the tree: said, not taken for "no ITE".
+        assert!(!f.kernel_log.read, "{:?}", f.kernel_log);
     }
 
     #[test]

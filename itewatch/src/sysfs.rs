@@ -159,6 +159,10 @@ pub struct PciDevice {
     pub ats: AtsState,
     /// Bus number behind it, for a bridge (`pci_bus/ssss:bb`).
     pub secondary_bus: Option<u8>,
+    /// Every slot on its path to the root complex, nearest first (`info.slot` is the first):
+    /// pulling the card in any of them takes this device along (a switch card in a root
+    /// port's slot carries the devices in its own downstream slots).
+    pub slots: Vec<String>,
 }
 
 /// A slot under `/sys/bus/pci/slots`.
@@ -387,9 +391,11 @@ impl Sysfs {
                         .filter_map(|a| a.file_name()?.to_str()?.parse::<Bdf>().ok()),
                 );
             }
-            let in_slot = chain
+            let enclosing: Vec<&Slot> = chain
                 .iter()
-                .find_map(|b| slots.iter().find(|s| s.covers(*b)));
+                .filter_map(|b| slots.iter().find(|s| s.covers(*b)))
+                .collect();
+            let in_slot = enclosing.first().copied();
             let port = in_slot.and_then(|s| s.port.or_else(|| chain.get(1).copied()));
             out.push(PciDevice {
                 info: DeviceInfo {
@@ -406,6 +412,7 @@ impl Sysfs {
                 class,
                 ats,
                 secondary_bus: secondary_bus(&d),
+                slots: enclosing.iter().map(|s| s.name.clone()).collect(),
             });
         }
         Ok(out)

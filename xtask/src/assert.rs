@@ -225,6 +225,13 @@ pub fn check_run(kernel: &Kernel, out: &Path, facts: &RunFacts, recorded: bool) 
                 .find(|d| d.role == "surprise")
                 .map(|d| d.dev.as_str()),
         ));
+        let surprise_dev = disks
+            .iter()
+            .find(|d| d.role == "surprise")
+            .map(|d| d.dev.as_str());
+        checks.push(crate::preflight_vm::switch_check(out));
+        checks.push(crate::preflight_vm::no_power_controller_check(out, &dmesg));
+        checks.push(crate::preflight_vm::cannot_tell_check(out, surprise_dev));
         checks.extend(trace_checks(kernel, out, &disks));
         checks.extend(sink_checks(out, &disks));
     }

@@ -10,6 +10,13 @@
 //! and the verdict line `ITEWATCH-VM success` or `ITEWATCH-VM failure: <why>` is printed
 //! before power-off. Every wait is bounded.
 //!
+//! `itewatch preflight` runs at fixed points (`pf`: JSON, stderr, exit status and its duration
+//! in guest.log): before recording on the surprise slot; in `removals` also on the switch
+//! card's slot, on the disk behind the switch (a slot without power controller, whose
+//! recommended `power` write is carried out after the recorder stopped) and as `nobody`
+//! (cannot tell); in `ite-surprise` again after the completed removal, on the other disk's slot
+//! and the emptied one.
+//!
 //! Scenario `ite-surprise` (`GuestPlan::ite`): the IOMMU times out device-TLB invalidations to
 //! absent devices. The script pins itself (and so its helpers) to CPU 1 and the surprise
 //! port's pciehp interrupt to CPU 0, so the CPU a retrying kernel hangs is known and the shell
@@ -30,6 +37,9 @@ pub struct GuestPlan<'a> {
     /// Hot-plug slot names (`/sys/bus/pci/slots/<name>`) of the safe and surprise disks.
     pub safe_slot: &'a str,
     pub surprise_slot: &'a str,
+    /// Scenario `removals`: the switch card's root-port slot and the downstream slot (no
+    /// power controller) of the ATS disk behind the switch, for preflight.
+    pub switch_slots: Option<(&'a str, &'a str)>,
     /// Cut the surprise slot from the main shell while reads keep running (a request may be
     /// in flight): reproduces virtio-blk's hung surprise removal; the run is expected to fail.
     pub surprise_inflight: bool,
@@ -54,12 +64,16 @@ RECORD={record}
 OUT_DEV={out_dev}
 SAFE_SLOT={safe_slot}
 SURPRISE_SLOT={surprise_slot}
+SWITCH_SLOT={switch_slot}
+SUB_SLOT={sub_slot}
 INFLIGHT={inflight}
 ITE={ite}
 "#,
         out_dev = p.out_dev,
         safe_slot = p.safe_slot,
         surprise_slot = p.surprise_slot,
+        switch_slot = p.switch_slots.map_or("", |s| s.0),
+        sub_slot = p.switch_slots.map_or("", |s| s.1),
         inflight = u8::from(p.surprise_inflight),
         ite = u8::from(p.ite),
     ));
@@ -184,6 +198,17 @@ wait_for() {
     return 0
 }
 
+# pf NAME CMD...: runs a preflight, its JSON to /out/NAME.json, stderr to NAME.err, exit
+# status to NAME.rc, and logs how long it took.
+pf() {
+    name=$1; shift
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    "$@" > /out/$name.json 2> /out/$name.err
+    echo $? > /out/$name.rc
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    log "$name: exit $(cat /out/$name.rc) in $(awk "BEGIN { printf \"%.2f\", $t1 - $t0 }") s"
+}
+
 # Config-space access through sysfs.
 rd8() { od -An -tu1 -j $(($2)) -N 1 "$1" | tr -d ' '; }
 rd16() { od -An -tu2 -j $(($2)) -N 2 "$1" | tr -d ' '; }
@@ -244,11 +269,30 @@ topo() {
     sltctl=$(hex16 $(rd16 $pcfg $((pcie+0x18))))
     drv=$(basename $(readlink /sys/bus/pci/devices/$3/driver) 2>/dev/null)
     group=$(basename $(readlink /sys/bus/pci/devices/$3/iommu_group) 2>/dev/null)
-    echo "role=$1 slot=$2 dev=$3 port=$4 block=$5 driver=$drv iommu_group=$group ats_cap=${ats:-none} ats_ctl=$atsctl port_sltcap=$sltcap port_sltctl=$sltctl" >> /out/topology.txt
+    echo "role=$1 slot=$2 dev=$3 port=$4 block=$5 driver=$drv iommu_group=$group ats_cap=${ats:-none} ats_ctl=$atsctl port_sltcap=$sltcap port_sltctl=$sltctl" >> ${6:-/out/topology.txt}
 }
 topo safe $SAFE_SLOT $SAFE_DEV $SAFE_PORT $SAFE_BLK
 topo surprise $SURPRISE_SLOT $SUR_DEV $SUR_PORT $SUR_BLK
 cat /out/topology.txt
+# The switch card (removals): the disk behind its downstream port (slot $SUB_SLOT, no power
+# controller), and every device the card in slot $SWITCH_SLOT carries, with its ATS Control as
+# this script reads it (switch.txt: what preflight must find).
+if [ -n "$SWITCH_SLOT" ]; then
+    wait_for 'slot_info $SUB_SLOT >/dev/null' 30 || fail "disk behind the switch (slot $SUB_SLOT) did not appear"
+    set -- $(slot_info $SUB_SLOT); SUB_DEV=$1; SUB_PORT=$2; SUB_BLK=$3
+    topo behind-switch $SUB_SLOT $SUB_DEV $SUB_PORT $SUB_BLK /out/switch.txt
+    SW_UP=$(cat /sys/bus/pci/slots/$SWITCH_SLOT/address).0
+    SW_PORT=$(basename $(dirname $(readlink -f /sys/bus/pci/devices/$SW_UP)))
+    for d in /sys/bus/pci/devices/*; do
+        case "$(readlink -f $d)" in
+            */$SW_PORT/*)
+                ats=$(find_ext_cap $d/config 15)
+                if [ -n "$ats" ]; then atsctl=$(hex16 $(rd16 $d/config $((ats+6)))); else atsctl=none; fi
+                echo "role=card slot=$SWITCH_SLOT dev=$(basename $d) port=$SW_PORT ats_ctl=$atsctl" >> /out/switch.txt ;;
+        esac
+    done
+    cat /out/switch.txt
+fi
 ls /sys/class/iommu > /out/iommu.txt 2>&1
 grep -h . /sys/class/iommu/*/intel-iommu/* >> /out/iommu.txt 2>/dev/null
 
@@ -283,8 +327,22 @@ if [ $RECORD = 1 ]; then
     # fixtures of kernels whose -dbg package is gone (itewatch/tests/data/kcode/README.md).
     grep ' [tT] ' /proc/kallsyms | grep -v ']$' | gzip -c > /out/kallsyms.gz
     # Before any removal: both disks have ATS on, so preflight must say risk (exit 1).
-    /bin/itewatch preflight --slot $SURPRISE_SLOT --json > /out/preflight-surprise.json 2> /out/preflight-surprise.err
-    echo $? > /out/preflight-surprise.rc
+    pf preflight-surprise /bin/itewatch preflight --slot $SURPRISE_SLOT --json
+    if [ -n "$SWITCH_SLOT" ]; then
+        # The switch card: risk through the ATS disk behind its downstream port.
+        pf preflight-switch /bin/itewatch preflight --slot $SWITCH_SLOT --json
+        # That disk alone: its slot has no power controller.
+        pf preflight-behind-switch /bin/itewatch preflight $SUB_DEV --json
+    fi
+    if [ $ITE = 0 ]; then
+        # Not root: config space beyond 64 bytes (ATS) is unreadable, so preflight cannot tell.
+        mkdir -p /etc
+        echo 'root:x:0:0:root:/:/bin/sh' > /etc/passwd
+        echo 'nobody:x:65534:65534:nobody:/:/bin/sh' >> /etc/passwd
+        echo 'root:x:0:' > /etc/group
+        echo 'nogroup:x:65534:' >> /etc/group
+        pf preflight-nonroot su -s /bin/sh nobody -c "id >&2; exec /bin/itewatch preflight --slot $SURPRISE_SLOT --json"
+    fi
     if [ $ITE = 0 ]; then
         # Reads on the surprise disk through a 2 s probe window: preflight must count device-TLB
         # invalidations to it (strict mode: every unmap invalidates).
@@ -411,6 +469,12 @@ stage surprise-removed $SUR_DEV
 log "surprise: port Slot Control now $(hex16 $(rd16 $pcfg $sc)) status $(hex16 $(rd16 $pcfg $((pcie+0x1a))))"
 # Let late invalidations (the removal path) land before stopping.
 sleep 2
+if [ $ITE = 1 ] && [ $RECORD = 1 ]; then
+    # After the ITE and the completed removal: the other ATS disk is still a risk, the emptied
+    # slot is go, and both must say the IOMMU already timed out once in this boot.
+    pf preflight-after-ite-other $RUN /bin/itewatch preflight --slot $SAFE_SLOT --json
+    pf preflight-after-ite-empty $RUN /bin/itewatch preflight --slot $SURPRISE_SLOT --json
+fi
 
 if [ -n "$AGENT_PID" ]; then
     # Bounded by `timeout`: Debian's busybox-static wget segfaults on its own -T option.
@@ -442,5 +506,19 @@ if [ -n "$REC_PID" ]; then
     [ "$REC_RC" = 0 ] || fail "recorder exited with $REC_RC"
 fi
 stage recorder-stopped
+if [ -n "$SWITCH_SLOT" ] && [ $RECORD = 1 ]; then
+    # Do what preflight recommended for the slot without power controller, and see the disk go.
+    cmd=$(grep -o '"echo 0 > /sys/bus/pci/slots/[^"]*/power"' /out/preflight-behind-switch.json | tr -d '"' | head -n 1)
+    if [ -n "$cmd" ]; then
+        t0=$(cut -d' ' -f1 /proc/uptime)
+        timeout 30 sh -c "$cmd"; rc=$?
+        wait_for '[ ! -e /sys/bus/pci/devices/$SUB_DEV ]' 20 && gone=1 || gone=0
+        t1=$(cut -d' ' -f1 /proc/uptime)
+        echo "command=$cmd rc=$rc dev=$SUB_DEV gone=$gone seconds=$(awk "BEGIN { printf \"%.2f\", $t1 - $t0 }") port_sltctl=$(hex16 $(rd16 /sys/bus/pci/devices/$SUB_PORT/config $(($(find_cap /sys/bus/pci/devices/$SUB_PORT/config 16)+0x18))))" > /out/release-behind-switch.txt
+    else
+        echo "command= rc= dev=$SUB_DEV gone=0 (no slot power command in preflight's sequence)" > /out/release-behind-switch.txt
+    fi
+    cat /out/release-behind-switch.txt
+fi
 finish success
 "#;

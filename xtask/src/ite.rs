@@ -346,6 +346,15 @@ pub fn check(
             ));
             if recorded {
                 c.extend(aborts(out, facts, &disk, sid));
+                match disks.iter().find(|d| d.role == "safe") {
+                    Some(other) => c.push(crate::preflight_vm::after_ite_check(
+                        out, sid, ite_lines, other,
+                    )),
+                    None => c.push(Check::fail(
+                        "preflight after the ITE",
+                        "no other disk in topology.txt",
+                    )),
+                }
             }
         }
     }

@@ -100,7 +100,8 @@ pub fn kernel_code_check(
 /// `itewatch preflight --slot N --json` in the guest: before any removal the surprise disk's
 /// slot (ATS on) is a risk, exit 1, with the kernel's fixes as in the table; with reads on that
 /// disk a 2 s probe window (`--watch 2`) counts device-TLB invalidations to it; after the safe
-/// removal the safe slot is empty: go, exit 0.
+/// removal the safe slot is empty: go, exit 0. The kernel log read before any removal holds
+/// no ITE report.
 pub fn preflight_check(kernel: &str, out: &Path, surprise_dev: Option<&str>) -> Check {
     let name = "preflight risk / go";
     let read = |f: &str| -> Result<(String, serde_json::Value), String> {
@@ -142,6 +143,10 @@ pub fn preflight_check(kernel: &str, out: &Path, surprise_dev: Option<&str>) -> 
             if v["invalidations"]["measured"].as_bool() != Some(false) {
                 problems.push("invalidations not said to be unmeasured".into());
             }
+            if v["schema_version"].as_str() != Some("1.1") {
+                problems.push(format!("schema_version {}", v["schema_version"]));
+            }
+            problems.extend(crate::preflight_vm::no_ite_yet(&v));
             let got: Vec<(String, String)> = v["kernel_fixes"]
                 .as_array()
                 .into_iter()

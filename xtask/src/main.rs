@@ -16,6 +16,7 @@ mod initramfs;
 mod ite;
 mod kcode_check;
 mod kernels;
+mod preflight_vm;
 mod qemu;
 mod qmp;
 mod vmtest;

@@ -1,6 +1,8 @@
 //! The QEMU command line (q35, intel-iommu with device-IOTLB and interrupt remapping, two
 //! PCIe root ports with native hot-plug holding ATS-capable virtio disks, one output disk on
-//! the root bus) and a running guest: serial log watching with deadlines, kill on drop.
+//! the root bus; in `removals` also a third root port holding a PCIe switch with an ATS disk
+//! behind a downstream port without power controller, for preflight) and a running guest:
+//! serial log watching with deadlines, kill on drop.
 
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
@@ -18,6 +20,14 @@ pub const SURPRISE_SLOT: &str = "2";
 /// The output disk: on pcie.0 without iommu_platform (DMA not translated, no invalidations).
 pub const OUT_ADDR: &str = "0x6";
 pub const OUT_BDF: &str = "0000:00:06.0";
+/// The switch card (scenario `removals`): root port `rp3` (slot 3, after the output disk, so
+/// the other devices keep their bus numbers) holds an x3130 upstream port; its downstream port
+/// (slot 4, `power_controller_present=off`: QEMU 7.2 hw/pci-bridge/xio3130_downstream.c, the
+/// same property as pcie-root-port's) holds an ATS virtio disk.
+pub const SWITCH_ADDR: &str = "0x7";
+pub const SWITCH_SLOT: &str = "3";
+pub const BEHIND_SWITCH_SLOT: &str = "4";
+pub const BEHIND_SWITCH_ID: &str = "vd3";
 
 /// `no_timer_check`: under TCG on a loaded host the boot-time check that the timer interrupt
 /// arrives through the remapped IO-APIC can miss its window and panic the guest ("timer doesn't
@@ -45,6 +55,8 @@ pub struct QemuOpts {
     /// `x-ite-on-absent-device=on`: device-TLB invalidations to absent devices time out,
     /// after this many microseconds.
     pub ite: Option<u32>,
+    /// Add the switch card (root port slot 3, downstream slot 4 without power controller).
+    pub switch: bool,
 }
 
 impl QemuOpts {
@@ -54,6 +66,7 @@ impl QemuOpts {
             firmware_dirs: false,
             serial_cap_bytes: 48 << 20,
             ite: None,
+            switch: false,
         }
     }
 }
@@ -137,6 +150,28 @@ pub fn command(f: &Files, q: &QemuOpts) -> Command {
         .args(["-serial", &format!("file:{}", d(f.serial()))])
         .args(["-serial", &format!("file:{}", d(f.tui_screen()))])
         .args(["-qmp", &format!("unix:{},server=on,wait=off", d(f.qmp()))]);
+    if q.switch {
+        c.args([
+            "-device",
+            &format!(
+                "pcie-root-port,id=rp3,bus=pcie.0,addr={SWITCH_ADDR},chassis=3,slot={SWITCH_SLOT}"
+            ),
+        ])
+        .args(["-device", "x3130-upstream,id=up3,bus=rp3"])
+        .args([
+            "-device",
+            &format!(
+                "xio3130-downstream,id=dn4,bus=up3,chassis=4,slot={BEHIND_SWITCH_SLOT},power_controller_present=off"
+            ),
+        ])
+        .args(["-drive", &format!("if=none,id=d3,file={},format=raw", d(f.disk(3)))])
+        .args([
+            "-device",
+            &format!(
+                "virtio-blk-pci,id={BEHIND_SWITCH_ID},bus=dn4,drive=d3,disable-legacy=on,iommu_platform=on,ats=on"
+            ),
+        ]);
+    }
     c
 }
 

@@ -144,7 +144,10 @@ pub fn run(args: &VmTestArgs) -> Result<bool> {
                 ite: Some(args.ite_timeout_us),
                 ..QemuOpts::stock()
             },
-            _ => QemuOpts::stock(),
+            _ => QemuOpts {
+                switch: true,
+                ..QemuOpts::stock()
+            },
         };
         qemu.serial_cap_bytes = args.serial_cap_mib << 20;
         let run = || match run_kernel(&kernel, scenario, &qemu, &dir, itewatch.as_deref(), args) {
@@ -197,7 +200,13 @@ pub fn run(args: &VmTestArgs) -> Result<bool> {
         }
         if ok && !args.keep {
             // Keep the guest's outputs and logs, drop the big files.
-            for f in ["initramfs.cpio", "disk1.raw", "disk2.raw", "out.raw"] {
+            for f in [
+                "initramfs.cpio",
+                "disk1.raw",
+                "disk2.raw",
+                "disk3.raw",
+                "out.raw",
+            ] {
                 let _ = fs::remove_file(dir.join(f));
             }
         }
@@ -217,6 +226,7 @@ pub fn run(args: &VmTestArgs) -> Result<bool> {
 fn build_initramfs(
     kernel: &Kernel,
     ite: bool,
+    switch: bool,
     itewatch: Option<&Path>,
     args: &VmTestArgs,
     path: &Path,
@@ -264,6 +274,7 @@ fn build_initramfs(
         out_dev: qemu::OUT_BDF,
         safe_slot: qemu::SAFE_SLOT,
         surprise_slot: qemu::SURPRISE_SLOT,
+        switch_slots: switch.then_some((qemu::SWITCH_SLOT, qemu::BEHIND_SWITCH_SLOT)),
         surprise_inflight: args.surprise_inflight,
         ite,
     });
@@ -315,9 +326,12 @@ fn run_kernel(
         initrd: dir.join("initramfs.cpio"),
     };
     let ite = scenario == Scenario::IteSurprise;
-    build_initramfs(kernel, ite, itewatch, args, &files.initrd)?;
+    build_initramfs(kernel, ite, qemu.switch, itewatch, args, &files.initrd)?;
     qemu::make_disk(&files.disk(1), 8 << 20)?;
     qemu::make_disk(&files.disk(2), 8 << 20)?;
+    if qemu.switch {
+        qemu::make_disk(&files.disk(3), 8 << 20)?;
+    }
     qemu::make_disk(&files.out_disk(), 64 << 20)?;
 
     eprintln!(

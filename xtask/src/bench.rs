@@ -20,7 +20,6 @@ use itewatch::knowledge::probes::{Mechanism, SPECS};
 
 use crate::bench_guest::{self, BenchPlan, Condition};
 use crate::guest::VERDICT;
-use crate::initramfs::Cpio;
 use crate::kernels::{self, Kernel, PINNED};
 use crate::qemu::{self, Files, Guest, QemuOpts};
 use crate::KernelChoice;
@@ -568,41 +567,7 @@ fn build_initramfs(
     args: &VmBenchArgs,
     path: &Path,
 ) -> Result<()> {
-    let mut c = Cpio::new();
-    for d in [
-        "bin",
-        "dev",
-        "proc",
-        "sys",
-        "tmp",
-        "out",
-        "lib",
-        "lib/modules",
-    ] {
-        c.dir(d);
-    }
-    c.chardev("dev/console", 5, 1);
-    c.chardev("dev/null", 1, 3);
-    c.file_from("bin/busybox", 0o755, Path::new("/bin/busybox"))?;
-    c.symlink("bin/sh", "busybox");
-    // The release profile keeps debug info (tens of MB); the guest needs none of it.
-    let stripped = path.with_file_name("itewatch.stripped");
-    let st = Command::new("strip")
-        .arg("-o")
-        .arg(&stripped)
-        .arg(itewatch)
-        .status();
-    let src = if st.is_ok_and(|s| s.success()) {
-        stripped.as_path()
-    } else {
-        itewatch
-    };
-    c.file_from("bin/itewatch", 0o755, src)?;
-    let mut names = Vec::new();
-    for (name, file) in &kernel.modules {
-        c.file_from(&format!("lib/modules/{name}.ko"), 0o644, file)?;
-        names.push(name.clone());
-    }
+    let (mut c, names) = crate::vmtest::guest_base(kernel, Some(itewatch), path)?;
     let (entry, ret) = hot_path_functions();
     let sched = bench_guest::schedule(&Condition::ALL, args.rounds);
     let script = bench_guest::init_script(&BenchPlan {

@@ -223,14 +223,14 @@ pub fn run(args: &VmTestArgs) -> Result<bool> {
     Ok(all_ok)
 }
 
-fn build_initramfs(
+/// The part of a guest's initramfs every VM command shares: the directories, console and null
+/// devices, busybox as `/bin/sh`, the kernel's modules (their names returned in load order),
+/// and `itewatch` stripped of its debug info when given. The caller adds its `/init`.
+pub(crate) fn guest_base(
     kernel: &Kernel,
-    ite: bool,
-    switch: bool,
     itewatch: Option<&Path>,
-    args: &VmTestArgs,
     path: &Path,
-) -> Result<()> {
+) -> Result<(Cpio, Vec<String>)> {
     let mut c = Cpio::new();
     for d in [
         "bin",
@@ -268,6 +268,18 @@ fn build_initramfs(
         c.file_from(&format!("lib/modules/{name}.ko"), 0o644, file)?;
         names.push(name.clone());
     }
+    Ok((c, names))
+}
+
+fn build_initramfs(
+    kernel: &Kernel,
+    ite: bool,
+    switch: bool,
+    itewatch: Option<&Path>,
+    args: &VmTestArgs,
+    path: &Path,
+) -> Result<()> {
+    let (mut c, names) = guest_base(kernel, itewatch, path)?;
     let script = guest::init_script(&GuestPlan {
         modules: &names,
         record: itewatch.is_some(),

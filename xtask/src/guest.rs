@@ -23,8 +23,9 @@
 //! keeps running on the other; itewatch's processes may run on both CPUs. The agent writes its
 //! last-gasp lines to ttyS1 (interrupt on CPU 1) and critical ones to /dev/kmsg. There is no
 //! safe removal and no interactive view. After the cut: `surprise-removed` as usual when the
-//! removal completes; otherwise `removal-hung`, then `rcu-stall` once the kernel reports the
-//! stalled CPU, and the verdict `ITEWATCH-VM hung: ...` after /out was written.
+//! removal completes; otherwise `removal-hung` 10 s after the cut, and the verdict `ITEWATCH-VM
+//! hung: ...` once /out was written, before the kernel's RCU stall report (the host waits for
+//! that on the console).
 
 /// What the script needs to know about the VM layout.
 pub struct GuestPlan<'a> {
@@ -135,8 +136,12 @@ fail() {
 }
 
 # ite-surprise on a kernel that retries for ever: the removal never completes and CPU 0 spins
-# with interrupts off. Wait (bounded) for the kernel's RCU stall report, let the agent's
-# sentinels write, then save /out from CPU 1 and restart.
+# with interrupts off. From here on this CPU does as little as it can, all of it before the
+# kernel's RCU stall report (about 21 s after CPU 0 stopped): every new process and every
+# kernel path that waits for all CPUs (a cross-CPU call, text patching, khugepaged's collapse)
+# can stop this CPU too, and then nothing more leaves the guest (docs/vm-tests.md). So: ask the
+# agent to stop (it must refuse), save /out once, print the verdict and idle. The host waits for
+# the stall report on the console itself, then stops QEMU.
 save_out() {
     dmesg > /out/dmesg.txt
     od_dev=$(ls /sys/bus/pci/devices/$OUT_DEV/virtio*/block 2>/dev/null | head -n 1)
@@ -150,15 +155,6 @@ save_out() {
 
 finish_hung() {
     stage removal-hung $SUR_DEV
-    # Once now: this CPU may stop too when it prints the kernel's stall report into a
-    # flooded console (seen with the time-out raised at once).
-    save_out
-    if wait_for 'dmesg | grep -q "rcu: INFO: rcu_.*detected stall"' 90; then
-        stage rcu-stall
-    else
-        log "no RCU stall report within 90 s"
-    fi
-    sleep 5
     # itewatch is left running: a process that detaches fentry/fexit or kprobes patches kernel
     # text, which waits for every CPU to answer an IPI; the spinning CPU never does, and the
     # detaching CPU would spin too (seen: the guest's last CPU stopped after SIGTERM/SIGINT).
@@ -170,8 +166,11 @@ finish_hung() {
     log "hung: saving /out"
     save_out
     echo "ITEWATCH-VM hung: removal of $SUR_DEV did not complete"
-    echo b > /proc/sysrq-trigger
-    exec /bin/busybox poweroff -f
+    # init must never exit, and no restart (the host still reads the console). Spin in the
+    # shell, without system calls: the kernel's stall detector runs from the scheduler tick of
+    # a CPU that is not idle; with this CPU idle (tick stopped) it stayed silent for 140 s in
+    # one run, although CPU 0 had spun for all of it.
+    while :; do :; done
 }
 
 # wait_pid_gone PID SECONDS: waits for a child to exit (polls every 0.1 s); sets REC_RC.
@@ -461,7 +460,9 @@ else
     touch /tmp/cut-request
 fi
 wait_for '[ -e /tmp/cut-done ]' 20 || fail "surprise cut did not happen"
-if ! wait_for '[ ! -e /sys/bus/pci/devices/$SUR_DEV ]' 20; then
+# With the emulated time-out a removal that has not completed in 10 s never will (6.12 and 7.3
+# finish in about a second); the hung path must be done before the kernel's stall report.
+if ! wait_for '[ ! -e /sys/bus/pci/devices/$SUR_DEV ]' $([ $ITE = 1 ] && echo 10 || echo 20); then
     [ $ITE = 1 ] || fail "surprise removal of $SUR_DEV did not complete within 20 s"
     finish_hung
 fi

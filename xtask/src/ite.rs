@@ -25,6 +25,9 @@ use crate::qemu::{Files, Guest};
 const AFTER_CUT: Duration = Duration::from_secs(150);
 /// A guest that printed its verdict gets this long to power off before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(20);
+/// A hung guest: how long the console is still read after the kernel's RCU stall line, for
+/// the rest of the report (the stalled CPU's backtrace) to arrive.
+const STALL_TAIL: Duration = Duration::from_secs(5);
 
 /// The kernel's ITE report (qi_dump_fault, KERN_ERR).
 const ITE_LINE: &str = "VT-d detected Invalidation Time-out Error: SID";
@@ -93,21 +96,20 @@ pub fn drive(
             }
             if line.contains(STALL_LINE) && facts.stall_s.is_none() {
                 facts.stall_s = Some(now);
+                facts.stage_s.push(("rcu-stall (console)", now));
             }
             if line.contains("itewatch: {") && facts.kmsg_s.is_none() {
                 facts.kmsg_s = Some(now);
             }
-            for s in [
-                "removal-hung",
-                "rcu-stall",
-                "surprise-removed",
-                "recorder-stopped",
-            ] {
+            for s in ["removal-hung", "surprise-removed", "recorder-stopped"] {
                 if line.starts_with(&stage(s)) {
                     facts.stage_s.push((s, now));
                 }
             }
             if let Some(i) = line.find(&format!("{VERDICT} ")) {
+                if verdict.is_none() {
+                    facts.stage_s.push(("verdict", now));
+                }
                 verdict = Some(line[i..].to_string());
             }
         }
@@ -116,22 +118,35 @@ pub fn drive(
             facts.serial_capped = true;
             break;
         }
-        if verdict.is_some() || g.exited()?.is_some() || Instant::now() >= until {
+        if g.exited()?.is_some() || Instant::now() >= until {
+            break;
+        }
+        // A hung guest prints its verdict before the kernel's stall report and then spins:
+        // keep reading the console until the report and its backtrace are in.
+        let hung = verdict
+            .as_ref()
+            .is_some_and(|v| v.contains("hung: removal of"));
+        let tail_in = facts
+            .stall_s
+            .is_some_and(|t| now - t >= STALL_TAIL.as_secs_f64());
+        if verdict.is_some() && (!hung || tail_in) {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     if let Some(v) = &verdict {
         facts.verdict_hung = v.contains("hung: removal of");
-        facts.stage_s.push(("verdict", host_s(g)));
         let grace = Instant::now() + EXIT_GRACE;
-        while g.exited()?.is_none() && Instant::now() < grace {
+        while !facts.verdict_hung && g.exited()?.is_none() && Instant::now() < grace {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    // No verdict: where is every vCPU? Three samples of the registers, 0.5 s apart, from
-    // QEMU's monitor (symbolize RIP with the kernel's System.map; docs/vm-tests.md).
-    if verdict.is_none() && !facts.serial_capped {
+    // No verdict, or a hung guest whose kernel never reported the stall: where is every
+    // vCPU? Three samples of the registers, 0.5 s apart, from QEMU's monitor (symbolize RIP
+    // with the kernel's System.map; docs/vm-tests.md).
+    if (verdict.is_none() || (facts.verdict_hung && facts.stall_s.is_none()))
+        && !facts.serial_capped
+    {
         let _ = dump_cpus(files);
         let until = Instant::now() + Duration::from_secs(5);
         while Instant::now() < until {

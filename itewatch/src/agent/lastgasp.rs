@@ -21,8 +21,11 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
+
+use super::metrics::Metrics;
 
 use crate::correlate::incident::{Incident, IncidentId, IncidentKind, Outcome, Severity, Window};
 use crate::event::{CallerPath, KTime, Sid};
@@ -118,6 +121,8 @@ pub struct LastGasp {
     pub dropped: u64,
     /// Critical lines kept off the kernel log because it was flooding.
     pub kmsg_skipped: u64,
+    /// Where lines that were not written are counted (`itewatch_last_gasp_unwritten_total`).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl LastGasp {
@@ -153,9 +158,27 @@ impl LastGasp {
                 kmsg_window: (0, 0),
                 dropped: 0,
                 kmsg_skipped: 0,
+                metrics: None,
             },
             errors,
         )
+    }
+
+    /// Counts what is not written in the agent's metrics too (an atomic add: never blocks).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> LastGasp {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn unwritten(&mut self, channel: &'static str, reason: &'static str) {
+        if reason == "flooding" {
+            self.kmsg_skipped += 1;
+        } else {
+            self.dropped += 1;
+        }
+        if let Some(m) = &self.metrics {
+            m.last_gasp_unwritten(channel, reason);
+        }
     }
 
     /// Whether there is anywhere to write.
@@ -173,22 +196,28 @@ impl LastGasp {
         let mut bytes = Vec::with_capacity(text.len() + 1);
         bytes.extend_from_slice(text.as_bytes());
         bytes.push(b'\n');
+        let mut failed = 0;
         for (_, f) in &mut self.files {
             if f.write_all(&bytes).is_err() {
-                self.dropped += 1;
+                failed += 1;
             }
+        }
+        for _ in 0..failed {
+            self.unwritten("file", "write_error");
         }
         if inc.severity == Severity::Critical && self.kmsg.is_some() {
             match kmsg_decision(&mut self.kmsg_window, now_ns, log_rate) {
                 Kmsg::Write => {
-                    if let Some(k) = &mut self.kmsg {
-                        if k.write_all(&kmsg_record(&text)).is_err() {
-                            self.dropped += 1;
-                        }
+                    let ok = self
+                        .kmsg
+                        .as_mut()
+                        .is_some_and(|k| k.write_all(&kmsg_record(&text)).is_ok());
+                    if !ok {
+                        self.unwritten("kmsg", "write_error");
                     }
                 }
-                Kmsg::Flooding => self.kmsg_skipped += 1,
-                Kmsg::OverBudget => self.dropped += 1,
+                Kmsg::Flooding => self.unwritten("kmsg", "flooding"),
+                Kmsg::OverBudget => self.unwritten("kmsg", "over_budget"),
             }
         }
     }
@@ -308,6 +337,37 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert!(lines[1].contains("\"t_ns\":2"));
         assert_eq!(lg.dropped, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_critical_line_withheld_from_a_flooding_kmsg_is_counted() {
+        let dir = std::env::temp_dir().join(format!("itewatch-lastgasp-k-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (file, kmsg) = (dir.join("lines"), dir.join("kmsg"));
+        let (lg, errors) = LastGasp::open("main", std::slice::from_ref(&file), false);
+        assert!(errors.is_empty(), "{errors:?}");
+        let metrics = Arc::new(Metrics::new());
+        let mut lg = lg.with_metrics(metrics.clone());
+        // A stand-in for /dev/kmsg: a file, so what would have been printed can be read.
+        lg.kmsg = Some(open_append(&kmsg).unwrap());
+        let inc = hung();
+        assert_eq!(inc.severity, Severity::Critical);
+        lg.write(&inc, 1, KMSG_MAX_LOG_RATE + 1);
+        assert_eq!(std::fs::read_to_string(&kmsg).unwrap(), "");
+        assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 1);
+        assert_eq!((lg.kmsg_skipped, lg.dropped), (1, 0));
+        lg.write(&inc, 2, 0);
+        assert!(std::fs::read_to_string(&kmsg)
+            .unwrap()
+            .starts_with("<2>itewatch: {"));
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                "itewatch_last_gasp_unwritten_total{channel=\"kmsg\",reason=\"flooding\"} 1\n"
+            ),
+            "{text}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

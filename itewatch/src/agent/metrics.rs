@@ -55,6 +55,7 @@ pub struct Metrics {
     pushes: Family<Labels, Counter>,
     pending_pushes: Gauge,
     dropped_pushes: Counter,
+    last_gasp_unwritten: Family<Labels, Counter>,
     /// tid → IOMMU name of the submission in flight on it.
     pairing: Mutex<Pairing<String>>,
     bpf_prev: Mutex<HashMap<String, u64>>,
@@ -94,6 +95,7 @@ impl Metrics {
             pushes: Family::default(),
             pending_pushes: Gauge::default(),
             dropped_pushes: Counter::default(),
+            last_gasp_unwritten: Family::default(),
             pairing: Mutex::new(Pairing::new(MAX_PAIRING_THREADS)),
             bpf_prev: Mutex::new(HashMap::new()),
         };
@@ -190,6 +192,11 @@ impl Metrics {
             "alertmanager_dropped",
             "Deliveries given up because more than max_pending were waiting (oldest first)",
             m.dropped_pushes.clone(),
+        );
+        r.register(
+            "last_gasp_unwritten",
+            "Last-gasp lines not written, by channel (file, kmsg) and reason (write_error; for kmsg also flooding: withheld while the kernel log floods, and over_budget)",
+            m.last_gasp_unwritten.clone(),
         );
         let build: Family<Labels, Gauge> = Family::default();
         build
@@ -359,6 +366,15 @@ impl Metrics {
 
     pub fn delivery_dropped(&self) {
         self.dropped_pushes.inc();
+    }
+
+    pub fn last_gasp_unwritten(&self, channel: &'static str, reason: &'static str) {
+        self.last_gasp_unwritten
+            .get_or_create(&vec![
+                ("channel", channel.to_string()),
+                ("reason", reason.to_string()),
+            ])
+            .inc();
     }
 }
 

@@ -735,12 +735,13 @@ impl Worker {
             }
         };
         let (paths, kmsg) = (self.cfg.last_gasp.clone(), self.cfg.kmsg);
+        let metrics = self.metrics.clone();
         let open = |writer: &str| {
             let (lg, errors) = LastGasp::open(writer, &paths, kmsg);
             for e in errors {
                 eprintln!("itewatch agent: {e}");
             }
-            lg
+            lg.with_metrics(metrics.clone())
         };
         let mut lastgasp = open("main");
         let (rescued_tx, rescued) = std::sync::mpsc::channel();
@@ -765,8 +766,18 @@ impl Worker {
                 }
                 let now = monotonic_ns();
                 let rate = pipe.log_rate();
+                let withheld = lastgasp.kmsg_skipped;
                 for inc in &step.incidents {
                     lastgasp.write(inc, now, rate);
+                }
+                if withheld == 0 && lastgasp.kmsg_skipped > 0 {
+                    eprintln!(
+                        "itewatch agent: a critical line was kept off /dev/kmsg: the kernel log \
+                         floods ({rate} lines/s, above {}); a printk now could keep this CPU \
+                         printing the flood. It went to the other last-gasp channels and the \
+                         spool; counted in itewatch_last_gasp_unwritten_total.",
+                        lastgasp::KMSG_MAX_LOG_RATE
+                    );
                 }
                 if !step.incidents.is_empty() {
                     stats.clone_from(pipe.corr.stats());

@@ -433,6 +433,11 @@ impl LiveReader {
             .collect()
     }
 
+    /// Required probes that did not attach, each with why.
+    pub fn missing_required_why(&self) -> Vec<String> {
+        self.probes.missing_required_why()
+    }
+
     /// Whether the kernel's BPF run-time statistics are on (they need CAP_SYS_ADMIN).
     pub fn stats_enabled(&self) -> bool {
         self.stats_fd.is_some()

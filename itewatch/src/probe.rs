@@ -310,6 +310,23 @@ impl Probes {
             .collect()
     }
 
+    /// The required probes that did not attach, each with why (`qi_submit_sync (fentry: ...
+    /// Verifier output: ...)`): what a refusal or a blind screen must say.
+    pub fn missing_required_why(&self) -> Vec<String> {
+        self.missing_required()
+            .into_iter()
+            .map(|n| {
+                let detail = self
+                    .plan
+                    .iter()
+                    .find(|p| p.name == n)
+                    .and_then(|p| p.detail.as_deref())
+                    .unwrap_or("not attached");
+                format!("{n} ({detail})")
+            })
+            .collect()
+    }
+
     /// Takes the event ring buffer (once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
         let map = self

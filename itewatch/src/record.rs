@@ -114,7 +114,7 @@ async fn run_async(
         anyhow::bail!(
             "required probes missing: {}; a recording without them cannot show the race (see \
              `itewatch doctor`). `--degraded` records anyway, and every report of it says it is blind",
-            missing.join(", ")
+            reader.missing_required_why().join("; ")
         );
     }
     for p in reader.plan() {

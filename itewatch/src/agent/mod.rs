@@ -364,7 +364,7 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<(Source, DocCont
             if !missing.is_empty() {
                 eprintln!(
                     "itewatch agent: required probes missing: {} (see `itewatch doctor`)",
-                    missing.join(", ")
+                    live.missing_required_why().join("; ")
                 );
             }
             // Before the capabilities are dropped: a device's ATS state needs them.

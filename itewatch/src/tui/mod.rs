@@ -347,7 +347,10 @@ fn open_live(args: &LiveArgs) -> Result<(Opened, Option<Unavailable>), LiveError
     // an AMD host where pci_walk_bus attaches): a green running screen would be blind.
     let missing = probes.missing_required();
     if !missing.is_empty() {
-        let why = format!("required probes missing: {}", missing.join(", "));
+        let why = format!(
+            "required probes missing: {}",
+            probes.missing_required_why().join("; ")
+        );
         drop(probes);
         let (o, u) = open_fallback(&why, args.speed)?;
         return Ok((o, Some(u)));

@@ -183,6 +183,51 @@ pub fn check_stimuli(dmesg: &str, disks: &[Disk], facts: &RunFacts) -> Vec<Check
     out
 }
 
+/// The memory of `record`, `agent` and `live` once attached and ready, as the guest read it
+/// from /proc (guest.log `memory: <who> VmHWM: .. kB VmRSS: .. kB RssAnon: .. kB RssFile: .. kB`).
+/// Fails when a process was not reported (it had exited, or the guest did not look).
+pub fn memory_check(out: &Path) -> Check {
+    let log = fs::read_to_string(out.join("guest.log")).unwrap_or_default();
+    let mut seen = Vec::new();
+    let mut parts = Vec::new();
+    for l in log.lines() {
+        let Some(rest) = l.strip_prefix("memory: ") else {
+            continue;
+        };
+        let mut w = rest.split_whitespace();
+        let who = w.next().unwrap_or("?").to_string();
+        let words: Vec<&str> = w.collect();
+        let mb = |key: &str| {
+            words
+                .iter()
+                .position(|x| *x == key)
+                .and_then(|i| words.get(i + 1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|kb| kb / 1024.0)
+        };
+        if let (Some(hwm), Some(rss)) = (mb("VmHWM:"), mb("VmRSS:")) {
+            parts.push(format!(
+                "{who} {rss:.1} MiB (peak {hwm:.1}; anon {:.1}, file {:.1})",
+                mb("RssAnon:").unwrap_or(-1.0),
+                mb("RssFile:").unwrap_or(-1.0)
+            ));
+            seen.push(who);
+        }
+    }
+    let all = ["record", "agent", "live"]
+        .iter()
+        .all(|w| seen.iter().any(|s| s == w));
+    Check::new(
+        "itewatch memory once ready (resident, peak)",
+        all,
+        if parts.is_empty() {
+            "no `memory:` lines in guest.log".to_string()
+        } else {
+            parts.join("; ")
+        },
+    )
+}
+
 pub fn check_run(kernel: &Kernel, out: &Path, facts: &RunFacts, recorded: bool) -> Vec<Check> {
     let mut checks = Vec::new();
     let dmesg = fs::read_to_string(out.join("dmesg.txt")).unwrap_or_default();
@@ -204,6 +249,7 @@ pub fn check_run(kernel: &Kernel, out: &Path, facts: &RunFacts, recorded: bool) 
         format!("{}; exit {:.1}", stages.join(", "), facts.guest_s),
     ));
     if recorded {
+        checks.push(memory_check(out));
         checks.push(doctor_check(kernel, out, &disks));
         let header_fixes = read_trace(&trace_path(out)).ok().map(|t| {
             t.header
@@ -1288,6 +1334,34 @@ mod tests {
     use super::*;
     use itewatch::output::{AtomicFile, OnDrop};
     use std::io::Write;
+
+    #[test]
+    fn memory_is_reported_for_each_process_or_the_check_fails() {
+        let out = std::env::temp_dir().join(format!("xtask-memory-{}", std::process::id()));
+        fs::create_dir_all(&out).unwrap();
+        let line = |who: &str| {
+            format!(
+                "memory: {who} VmHWM: 2048 kB VmRSS: 1024 kB RssAnon: 512 kB RssFile: 512 kB \n"
+            )
+        };
+        fs::write(out.join("guest.log"), line("record") + &line("agent")).unwrap();
+        let c = memory_check(&out);
+        assert!(!c.ok, "live is missing: {}", c.detail);
+        fs::write(
+            out.join("guest.log"),
+            line("record") + &line("agent") + &line("live"),
+        )
+        .unwrap();
+        let c = memory_check(&out);
+        assert!(c.ok, "{}", c.detail);
+        assert!(
+            c.detail
+                .contains("agent 1.0 MiB (peak 2.0; anon 0.5, file 0.5)"),
+            "{}",
+            c.detail
+        );
+        fs::remove_dir_all(&out).unwrap();
+    }
 
     // The 6.1 ITE run saves /out while the recorder still writes: the checks must find the
     // trace under the temporary name `record` gives it.

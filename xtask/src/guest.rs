@@ -319,12 +319,18 @@ if [ $ITE = 1 ]; then
     log "ite: init shell on CPUs $(taskset -p $$ 2>/dev/null)"
 fi
 
+# stamp WHAT: the guest's uptime into guest.log (where the time to `recording` goes).
+stamp() { read _up _idle < /proc/uptime; log "timing: $* at $_up s"; }
+
 if [ $RECORD = 1 ]; then
+    stamp doctor start
     /bin/itewatch doctor --json > /out/doctor.json 2> /out/doctor.err
     echo $? > /out/doctor.rc
+    stamp doctor done
     # The kernel's text symbols (KASLR applied), kept for symbolizing and for cutting kcode
     # fixtures of kernels whose -dbg package is gone (itewatch/tests/data/kcode/README.md).
     grep ' [tT] ' /proc/kallsyms | grep -v ']$' | gzip -c > /out/kallsyms.gz
+    stamp kallsyms saved
     # Before any removal: both disks have ATS on, so preflight must say risk (exit 1).
     pf preflight-surprise /bin/itewatch preflight --slot $SURPRISE_SLOT --json
     if [ -n "$SWITCH_SLOT" ]; then
@@ -351,10 +357,12 @@ if [ $RECORD = 1 ]; then
         echo $? > /out/preflight-dma.rc
         kill $PF_DMA 2>/dev/null; wait $PF_DMA 2>/dev/null
     fi
+    stamp preflights done
     $RUN /bin/itewatch record -o /out/trace.itw --ready-file /out/ready --stack-map-entries 128 2> /out/record.err &
     REC_PID=$!
     wait_for '[ -s /out/ready ] || ! kill -0 $REC_PID 2>/dev/null' 180 || fail "recorder not ready after 180 s"
     [ -s /out/ready ] || { cat /out/record.err; REC_PID=; fail "recorder exited before it was ready"; }
+    stamp record ready
     # The other live sinks on the same kernel events: the agent (metrics, spool) and the
     # headless live view (its text summary at exit).
     ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
@@ -371,8 +379,10 @@ if [ $RECORD = 1 ]; then
     LIVE_PID=$!
     wait_for 'grep -q serving /out/agent.err || ! kill -0 $AGENT_PID 2>/dev/null' 180 || fail "agent not serving after 180 s"
     grep -q serving /out/agent.err || { cat /out/agent.err; AGENT_PID=; fail "agent exited before serving"; }
+    stamp agent serving
     wait_for '[ -s /out/live.ready ] || ! kill -0 $LIVE_PID 2>/dev/null' 180 || fail "live view not ready after 180 s"
     [ -s /out/live.ready ] || { cat /out/live.err; LIVE_PID=; fail "live view exited before it was ready"; }
+    stamp live ready
     # The interactive view, on the second serial port: a real tty (raw mode, the alternate
     # screen, 120x40), whose bytes QEMU writes to a file on the host for the checks.
     if [ $ITE = 1 ]; then
@@ -386,6 +396,12 @@ if [ $RECORD = 1 ]; then
     else
         log "no /dev/ttyS1: the interactive view is not run"
     fi
+    # What each itewatch process holds once attached and ready (before any DMA): peak and
+    # resident memory in guest.log, the agent's mappings in /out.
+    for p in record:$REC_PID agent:$AGENT_PID live:$LIVE_PID; do
+        [ -n "${p#*:}" ] && log "memory: ${p%%:*} $(grep -E '^(VmHWM|VmRSS|RssAnon|RssFile)' /proc/${p#*:}/status | tr -s ' \t\n' ' ')"
+    done
+    [ -n "$AGENT_PID" ] && cat /proc/$AGENT_PID/smaps > /out/agent-smaps-ready.txt 2>/dev/null
 fi
 stage recording
 

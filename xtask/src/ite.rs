@@ -373,6 +373,9 @@ pub fn check(
             }
         }
     }
+    if recorded {
+        c.push(crate::assert::memory_check(out));
+    }
     // What the live tool said about the removed device: the agent's last-gasp lines (all a
     // hung guest leaves) or, when the removal completed, the report of the recorded trace.
     let live: Vec<Value> = match kernel.pinned.ite {

@@ -57,6 +57,7 @@ impl<W: Write> Writer<W> {
     fn item(&mut self, item: Item<'_>) -> std::io::Result<()> {
         match item {
             Item::Made(r) => self.record(&r),
+            Item::Announcement { bytes } => self.writer.write_raw_event(bytes),
             Item::Kernel { bytes, event } => {
                 if self.echo {
                     println!("{}", crate::render::record_line(&Record::Event(event)));

@@ -348,9 +348,23 @@ fn iommu_id(iommu: u64) -> IommuId {
 // flight) where the kernel supports them, kprobe/kretprobe otherwise. The loader tries them in
 // that order and records which one attached.
 
+/// Argument `n` of a trampoline program as a plain integer. The verifier types a pointer
+/// argument read by `ctx.arg(n)` as a BTF pointer, on which it allows no arithmetic but adding
+/// and subtracting (the IOMMU slot shifts and masks the address); this helper, which it
+/// inlines on x86-64, gives the value.
+#[inline(always)]
+fn func_arg(ctx: &FEntryContext, n: u32) -> u64 {
+    let mut v = 0u64;
+    // SAFETY: the helper writes one u64 to `v` (0 when `n` is out of range).
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_get_func_arg(ctx.as_ptr(), n, &mut v);
+    }
+    v
+}
+
 #[fentry(function = "qi_submit_sync")]
 pub fn qi_submit_sync_fentry(ctx: FEntryContext) -> u32 {
-    let iommu: u64 = ctx.arg(0);
+    let iommu = func_arg(&ctx, 0);
     let desc: u64 = ctx.arg(1);
     let count = ctx.arg::<u64>(2) as u32;
     let options: u64 = ctx.arg(3);
@@ -649,7 +663,7 @@ fn emit_flush(
 
 #[fentry(function = "qi_flush_dev_iotlb")]
 pub fn qi_flush_dev_iotlb_fentry(ctx: FEntryContext) -> u32 {
-    let iommu: u64 = ctx.arg(0);
+    let iommu = func_arg(&ctx, 0);
     let sid = ctx.arg::<u64>(1) as u16;
     let pfsid = ctx.arg::<u64>(2) as u16;
     let qdep = ctx.arg::<u64>(3) as u16;
@@ -661,7 +675,7 @@ pub fn qi_flush_dev_iotlb_fentry(ctx: FEntryContext) -> u32 {
 
 #[fentry(function = "qi_flush_dev_iotlb_pasid")]
 pub fn qi_flush_dev_iotlb_pasid_fentry(ctx: FEntryContext) -> u32 {
-    let iommu: u64 = ctx.arg(0);
+    let iommu = func_arg(&ctx, 0);
     let sid = ctx.arg::<u64>(1) as u16;
     let pfsid = ctx.arg::<u64>(2) as u16;
     let pasid = ctx.arg::<u64>(3) as u32;

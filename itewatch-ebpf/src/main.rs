@@ -59,6 +59,14 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS,
 pub struct CpuState {
     /// The submission record being built (see `on_submit`).
     submit: SubmitCompactEvent,
+    /// The batch's descriptors as read, by position (see `on_submit`).
+    raw: [Desc; MAX_BATCH],
+    /// Bit `i`: `raw[i]` is a device-TLB descriptor of this submission. Kept in the map, not
+    /// in a register: the verifier does not track what a map holds, while a register's exact
+    /// value would make it walk every combination of bits apart (6.1: over a million
+    /// instructions).
+    devmask: u32,
+    _pad: u32,
     /// The thread the last `Task` announcement of this CPU named, and when it went out.
     task_tid: u32,
     /// Records sent since the ring's fill level was last looked at (see `hot_flags`).
@@ -515,31 +523,28 @@ fn on_submit<C: StackIdContext>(ctx: &C, iommu: u64, desc: u64, count: u32, opti
         count
     };
     let stride = cfg!(qi_desc_size) as u64;
-    let mut sent = 0u32;
     let mut others = 0u32;
     let mut types = 0u16;
     let mut gone = false;
     // SAFETY: `st` is this CPU's state (see above); the fields sent are all written before
     // the copy.
     let e = unsafe { addr_of_mut!((*st).submit) };
-    unsafe {
-        // Bounded loop: MAX_BATCH iterations at most (verifier: constant trip count).
+    let raw = unsafe { addr_of_mut!((*st).raw) };
+    let devmask = unsafe { addr_of_mut!((*st).devmask) };
+    let sent = unsafe {
+        devmask.write_volatile(0);
+        // Bounded loop: MAX_BATCH iterations at most (verifier: constant trip count). Each
+        // descriptor goes to its batch position: a store at a position that depends on the
+        // descriptors before it made 6.1's verifier walk over a million instructions.
         for i in 0..MAX_BATCH {
             if (i as u32) < want {
                 match bpf_probe_read_kernel((desc + i as u64 * stride) as *const Desc) {
                     Ok(d) => {
+                        addr_of_mut!((*raw)[i]).write(d);
                         if is_dev_tlb(d.qw0) {
+                            devmask.write_volatile(devmask.read_volatile() | (1 << i));
                             // SID: bits 31:16 of both device-TLB descriptor types.
                             gone |= is_gone((d.qw0 >> 16) as u16);
-                            // `sent` < want <= MAX_BATCH here; the mask restates it.
-                            let slot = addr_of_mut!((*e).descs[sent as usize & (MAX_BATCH - 1)]);
-                            slot.write([
-                                d.qw0 as u32,
-                                (d.qw0 >> 32) as u32,
-                                d.qw1 as u32,
-                                (d.qw1 >> 32) as u32,
-                            ]);
-                            sent += 1;
                         } else {
                             types |= 1u16 << (d.qw0 & 0xf);
                             others += 1;
@@ -549,6 +554,24 @@ fn on_submit<C: StackIdContext>(ctx: &C, iommu: u64, desc: u64, count: u32, opti
                 }
             }
         }
+        // The device-TLB ones, packed in batch order, without a branch: every position is
+        // copied to the next free slot, which only a device-TLB descriptor takes (stale
+        // positions past the batch have no bit in `devmask`).
+        let dm = devmask.read_volatile();
+        let mut sent = 0u32;
+        for j in 0..MAX_BATCH {
+            let d = *addr_of!((*raw)[j]);
+            addr_of_mut!((*e).descs[sent as usize & (MAX_BATCH - 1)]).write([
+                d.qw0 as u32,
+                (d.qw0 >> 32) as u32,
+                d.qw1 as u32,
+                (d.qw1 >> 32) as u32,
+            ]);
+            sent += (dm >> j) & 1;
+        }
+        sent
+    };
+    unsafe {
         // The caller path matters only where a device-TLB invalidation is sent (it names the
         // code path that sent it to a removed device); every other submission (IOTLB,
         // context, wait-only) goes without a stack: no unwind, no map entry. See `want_stack`

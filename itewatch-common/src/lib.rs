@@ -20,7 +20,7 @@
 /// 3: the submission hot path goes out as compact records ([`CompactKind`]): a 16-byte
 /// [`CompactHeader`] without `pid`/`comm`, the IOMMU as a per-CPU slot announced once by an
 /// [`IommuInfoEvent`], the thread's `pid`/`comm` announced by a [`TaskEvent`] when the thread
-/// on a CPU changes, a [`SubmitCompactEvent`] that carries only its device-TLB descriptors
+/// of a CPU's task slot changes, a [`SubmitCompactEvent`] that carries only its device-TLB descriptors
 /// (the others summarised by type), a 20-byte [`ReturnCompactEvent`] and a 40-byte
 /// [`FlushCompactEvent`]. Decoding them needs the announcements that came before on the same
 /// CPU (a stateful decoder). [`SubmitEvent::others`] (was padding, always 0 before) may
@@ -183,6 +183,10 @@ pub const IOMMU_SLOT_NONE: u8 = 0xff;
 /// one slot take turns, announced again at each change).
 pub const IOMMU_SLOTS: usize = 8;
 
+/// Task slots per CPU: a compact record's thread is the one the last [`TaskEvent`] of its
+/// CPU and slot (`tid % TASK_SLOTS`) named. A power of two.
+pub const TASK_SLOTS: usize = 4;
+
 /// First bytes of every ABI 3 compact record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,8 +212,9 @@ pub struct IommuInfoEvent {
     pub iommu: IommuId,
 }
 
-/// Announces the thread `hdr.tid` on CPU `hdr.cpu`: compact records of that CPU with the same
-/// tid belong to it. Sent when the CPU's thread changes, and at least once a second.
+/// Announces the thread `hdr.tid` on CPU `hdr.cpu`, in task slot `hdr.tid % TASK_SLOTS`:
+/// compact records of that CPU with the same tid belong to it. Sent when the slot's thread
+/// changes, and at least once a second.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct TaskEvent {

@@ -1033,8 +1033,8 @@ pub struct DecoderStats {
 /// Decodes a stream of kernel records, ABI 3's compact ones included.
 ///
 /// Compact records do not carry what stays the same from one submission to the next: the
-/// thread's `pid` and `comm` come from the last `Task` record of the same CPU (when its tid is
-/// the record's), the IOMMU from the last `IommuInfo` record of the same CPU for the record's
+/// thread's `pid` and `comm` come from the last `Task` record of the same CPU and task slot
+/// (`tid % TASK_SLOTS`), when its tid is the record's; the IOMMU from the last `IommuInfo` record of the same CPU for the record's
 /// slot. The probe sends those announcements before the record that needs them, on the same
 /// CPU, so ring-buffer order (which is also trace order) has them first. One decoder per
 /// stream: a live ring buffer or one trace file.
@@ -1046,8 +1046,8 @@ pub struct DecoderStats {
 /// [`DecodeError::NoIommuInfo`].
 #[derive(Clone, Debug, Default)]
 pub struct Decoder {
-    /// Indexed by CPU.
-    tasks: Vec<Option<TaskInfo>>,
+    /// Indexed by CPU, then task slot (`tid % TASK_SLOTS`).
+    tasks: Vec<[Option<TaskInfo>; abi::TASK_SLOTS]>,
     iommus: std::collections::HashMap<(u16, u8), Iommu>,
     pub stats: DecoderStats,
 }
@@ -1132,9 +1132,9 @@ impl Decoder {
                     read(&full).ok_or(DecodeError::ShortHeader { len, need: 40 })?;
                 let i = cpu as usize;
                 if self.tasks.len() <= i {
-                    self.tasks.resize(i + 1, None);
+                    self.tasks.resize(i + 1, [None; abi::TASK_SLOTS]);
                 }
-                self.tasks[i] = Some(TaskInfo {
+                self.tasks[i][hdr.tid as usize % abi::TASK_SLOTS] = Some(TaskInfo {
                     tid: hdr.tid,
                     pid: e.pid,
                     comm: FixedStr(e.comm),
@@ -1157,7 +1157,8 @@ impl Decoder {
             }
             _ => {}
         }
-        let meta = match self.tasks.get(cpu as usize).copied().flatten() {
+        let slot = hdr.tid as usize % abi::TASK_SLOTS;
+        let meta = match self.tasks.get(cpu as usize).and_then(|t| t[slot]) {
             Some(t) if t.tid == hdr.tid => Meta {
                 ts: KTime(hdr.ts_ns),
                 cpu: u32::from(cpu),
@@ -1789,6 +1790,16 @@ mod tests {
         }
         assert_eq!(d.stats.unknown_task, 2);
         assert_eq!(d.stats.announcements, 1);
+        // Threads in other slots of the CPU stay announced; one in the same slot replaces it.
+        d.decode(&w::task(1, 8, 6, "swapper/1", 95)).unwrap();
+        for (tid, comm) in [(7, "dd"), (8, "swapper/1"), (7, "dd")] {
+            let r = d.decode(&w::ret(1, tid, 160, 0)).unwrap().unwrap();
+            assert_eq!(r.meta.comm.as_str(), comm);
+        }
+        d.decode(&w::task(1, 11, 9, "kworker", 96)).unwrap();
+        let r = d.decode(&w::ret(1, 7, 170, 0)).unwrap().unwrap();
+        assert_eq!((r.meta.pid, r.meta.comm.as_str().as_ref()), (0, ""));
+        assert_eq!(d.stats.unknown_task, 3);
     }
 
     #[test]

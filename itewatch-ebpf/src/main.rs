@@ -67,11 +67,13 @@ pub struct CpuState {
     /// instructions).
     devmask: u32,
     _pad: u32,
-    /// The thread the last `Task` announcement of this CPU named, and when it went out.
-    task_tid: u32,
+    /// Per task slot (`tid % TASK_SLOTS`): the thread the slot's last `Task` announcement on
+    /// this CPU named, and when it went out.
+    task_tid: [u32; TASK_SLOTS],
+    task_ns: [u64; TASK_SLOTS],
     /// Records sent since the ring's fill level was last looked at (see `hot_flags`).
     since_check: u32,
-    task_ns: u64,
+    _pad2: u32,
     /// When this CPU last took a stack for an ordinary submission (the sample; `want_stack`).
     sample_ns: u64,
     /// `struct intel_iommu *` each IOMMU slot was last announced for on this CPU (0: none).
@@ -85,6 +87,8 @@ static CPU: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
 /// A thread on a CPU is announced again after this long, so a `comm` that changed (exec,
 /// prctl) or a thread id reused is named right within a second.
 const TASK_NS: u64 = 1_000_000_000;
+/// Task slots per CPU (`itewatch_common::TASK_SLOTS`).
+const TASK_SLOTS: usize = itewatch_common::TASK_SLOTS;
 /// Ring-buffer fill level looked at every this many hot-path records per CPU.
 const CHECK_EVERY: u32 = 64;
 
@@ -421,14 +425,19 @@ fn hot_flags(st: *mut CpuState) -> u64 {
     }
 }
 
-/// Sends a `Task` record for the current thread when this CPU's last one named another
-/// thread, or is older than `TASK_NS`. Marked as sent only when it went out: a lost one is
-/// sent again with the next record (and the decoder names a record without one as unknown).
+/// Sends a `Task` record for the current thread when its slot (`tid % TASK_SLOTS`) on this
+/// CPU last named another thread, or is older than `TASK_NS`. Several slots, because a
+/// submission from an interrupt (a DMA completion unmapping) runs on whatever thread it
+/// interrupted: with one slot, a CPU alternating between the workload and the threads it
+/// interrupts sent a `Task` record every few submissions. Marked as sent only when it went
+/// out: a lost one is sent again with the next record (and the decoder names a record without
+/// one as unknown).
 #[inline(always)]
 fn announce_task(st: *mut CpuState, hdr: &CompactHeader, pid: u32) {
-    // SAFETY: as in `hot_flags`.
+    let slot = hdr.tid as usize & (TASK_SLOTS - 1);
+    // SAFETY: as in `hot_flags`; `slot` < TASK_SLOTS (masked).
     unsafe {
-        let (tid, at) = ((*st).task_tid, (*st).task_ns);
+        let (tid, at) = ((*st).task_tid[slot], (*st).task_ns[slot]);
         if tid == hdr.tid && at != 0 && hdr.ts_ns.wrapping_sub(at) < TASK_NS {
             return;
         }
@@ -445,8 +454,8 @@ fn announce_task(st: *mut CpuState, hdr: &CompactHeader, pid: u32) {
     if EVENTS.output::<TaskEvent>(&ev, BPF_RB_NO_WAKEUP).is_ok() {
         // SAFETY: as above.
         unsafe {
-            (*st).task_tid = hdr.tid;
-            (*st).task_ns = hdr.ts_ns;
+            (*st).task_tid[slot] = hdr.tid;
+            (*st).task_ns[slot] = hdr.ts_ns;
         }
     } else {
         bump(Counter::RingbufFull);

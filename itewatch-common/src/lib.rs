@@ -16,7 +16,16 @@
 /// descriptors it carries (`SUBMIT_FIXED_LEN + 16 * min(count, MAX_BATCH)` bytes); every
 /// struct of version 1 is unchanged, so a reader of version 2 reads version-1 traces as they
 /// are ([`ABI_VERSIONS_READ`]).
-pub const ABI_VERSION: u32 = 2;
+///
+/// 3: the submission hot path goes out as compact records ([`CompactKind`]): a 16-byte
+/// [`CompactHeader`] without `pid`/`comm`, the IOMMU as a per-CPU slot announced once by an
+/// [`IommuInfoEvent`], the thread's `pid`/`comm` announced by a [`TaskEvent`] when the thread
+/// of a CPU's task slot changes, a [`SubmitCompactEvent`] that carries only its device-TLB descriptors
+/// (the others summarised by type), a 20-byte [`ReturnCompactEvent`] and a 40-byte
+/// [`FlushCompactEvent`]. Decoding them needs the announcements that came before on the same
+/// CPU (a stateful decoder). [`SubmitEvent::others`] (was padding, always 0 before) may
+/// summarise descriptors not carried. Every other struct of version 2 is unchanged.
+pub const ABI_VERSION: u32 = 3;
 /// The ABI versions this build decodes.
 pub const ABI_VERSIONS_READ: core::ops::RangeInclusive<u32> = 1..=ABI_VERSION;
 
@@ -124,7 +133,157 @@ impl TryFrom<u32> for EventKind {
     }
 }
 
-/// First bytes of every event.
+/// The record kinds of the ABI 3 hot path. The first byte of every record is its kind: the
+/// [`EventKind`]s are `u32`s below 256, little-endian, so their first byte is the kind too.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CompactKind {
+    /// [`IommuInfoEvent`]: what IOMMU slot `aux` means on this CPU from now on.
+    IommuInfo = 13,
+    /// [`TaskEvent`]: the thread whose compact records on this CPU follow.
+    Task = 14,
+    /// [`SubmitCompactEvent`]: `qi_submit_sync` entry.
+    Submit = 15,
+    /// [`ReturnCompactEvent`]: `qi_submit_sync` return.
+    Return = 16,
+    /// [`FlushCompactEvent`]: `qi_flush_dev_iotlb(_pasid)` entry.
+    Flush = 17,
+}
+
+impl CompactKind {
+    pub const ALL: [CompactKind; 5] = [
+        CompactKind::IommuInfo,
+        CompactKind::Task,
+        CompactKind::Submit,
+        CompactKind::Return,
+        CompactKind::Flush,
+    ];
+
+    pub fn from_u8(v: u8) -> Option<CompactKind> {
+        CompactKind::ALL.iter().copied().find(|k| *k as u8 == v)
+    }
+
+    /// The shortest record of this kind, in bytes (a submission adds 16 per descriptor it
+    /// carries; every other kind is exactly this long).
+    pub const fn min_len(self) -> usize {
+        match self {
+            CompactKind::IommuInfo => core::mem::size_of::<IommuInfoEvent>(),
+            CompactKind::Task => core::mem::size_of::<TaskEvent>(),
+            CompactKind::Submit => SUBMIT_COMPACT_FIXED_LEN,
+            CompactKind::Return => RETURN_COMPACT_LEN,
+            CompactKind::Flush => core::mem::size_of::<FlushCompactEvent>(),
+        }
+    }
+}
+
+/// An IOMMU slot that could not be announced (the ring buffer was full for the announcement):
+/// the submission's IOMMU is unknown.
+pub const IOMMU_SLOT_NONE: u8 = 0xff;
+/// IOMMU slots per CPU (a slot is picked from the `struct intel_iommu` address; two units on
+/// one slot take turns, announced again at each change).
+pub const IOMMU_SLOTS: usize = 8;
+
+/// Task slots per CPU: a compact record's thread is the one the last [`TaskEvent`] of its
+/// CPU and slot (`tid % TASK_SLOTS`) named. A power of two.
+pub const TASK_SLOTS: usize = 4;
+
+/// First bytes of every ABI 3 compact record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompactHeader {
+    /// [`CompactKind`] as `u8`.
+    pub kind: u8,
+    /// Per kind: the IOMMU slot for submissions, flushes and IOMMU announcements; else 0.
+    pub aux: u8,
+    /// CPU the probe ran on.
+    pub cpu: u16,
+    /// Thread id (the thread group id and `comm` come from the CPU's last [`TaskEvent`]).
+    pub tid: u32,
+    /// `bpf_ktime_get_ns()`.
+    pub ts_ns: u64,
+}
+
+/// Announces IOMMU slot `hdr.aux` on CPU `hdr.cpu`: compact records of that CPU that name the
+/// slot mean this unit until the next announcement of the slot there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct IommuInfoEvent {
+    pub hdr: CompactHeader,
+    pub iommu: IommuId,
+}
+
+/// Announces the thread `hdr.tid` on CPU `hdr.cpu`, in task slot `hdr.tid % TASK_SLOTS`:
+/// compact records of that CPU with the same tid belong to it. Sent when the slot's thread
+/// changes, and at least once a second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TaskEvent {
+    pub hdr: CompactHeader,
+    /// Thread group id.
+    pub pid: u32,
+    pub _pad: u32,
+    /// `current->comm`, NUL padded.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Bytes of a [`SubmitCompactEvent`] before its descriptors.
+pub const SUBMIT_COMPACT_FIXED_LEN: usize = 28;
+/// Bytes of a [`ReturnCompactEvent`] on the wire (the struct has 4 bytes of tail padding that
+/// are not sent).
+pub const RETURN_COMPACT_LEN: usize = 20;
+/// `count` or `options` too large for a compact field.
+pub const COMPACT_SATURATED: u16 = u16::MAX;
+
+/// `qi_submit_sync(iommu, desc, count, options)` entry, compact (ABI 3). `hdr.aux` is the
+/// IOMMU slot ([`IOMMU_SLOT_NONE`]: unknown). Only the device-TLB descriptors (types 0x3 and
+/// 0x8) of the first `min(count, MAX_BATCH)` go out, in batch order: the record is
+/// `SUBMIT_COMPACT_FIXED_LEN + 16 * sent` bytes. The others are summarised by type.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SubmitCompactEvent {
+    pub hdr: CompactHeader,
+    /// `count` as the kernel passed it, [`COMPACT_SATURATED`] if it did not fit.
+    pub count: u16,
+    /// `options`, [`COMPACT_SATURATED`] if it did not fit.
+    pub options: u16,
+    /// Kernel stack id in the `STACKS` map, or [`STACK_NONE`].
+    pub stack_id: i32,
+    /// Bit `t` set: a descriptor of type `t` (`qw0 & 0xf`) was read and not sent.
+    pub other_types: u16,
+    /// Device-TLB descriptors in `descs`.
+    pub sent: u8,
+    /// Descriptors read and not sent (summarised in `other_types`).
+    pub others: u8,
+    /// `qw0` low, `qw0` high, `qw1` low, `qw1` high (32-bit words: no padding before them).
+    pub descs: [[u32; 4]; MAX_BATCH],
+}
+
+/// `qi_submit_sync` return, compact (ABI 3): [`RETURN_COMPACT_LEN`] bytes on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ReturnCompactEvent {
+    pub hdr: CompactHeader,
+    /// The `int` return value.
+    pub ret: i32,
+    pub _pad: u32,
+}
+
+/// `qi_flush_dev_iotlb(_pasid)` entry, compact (ABI 3). `hdr.aux` is the IOMMU slot. No
+/// stack: the submission it makes carries one where one is taken.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FlushCompactEvent {
+    pub hdr: CompactHeader,
+    pub addr: u64,
+    pub sid: u16,
+    pub pfsid: u16,
+    pub qdep: u16,
+    pub has_pasid: u16,
+    pub pasid: u32,
+    pub mask: u32,
+}
+
+/// First bytes of every event of an [`EventKind`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -199,7 +358,9 @@ pub struct SubmitEvent {
     pub captured: u32,
     /// Kernel stack id in the `STACKS` map, or [`STACK_NONE`].
     pub stack_id: i32,
-    pub _pad: u32,
+    /// ABI 3: descriptors read and not carried in `descs`, summarised: bits 0..16 a type mask
+    /// (bit `t`: a descriptor of type `t`), bits 16..32 how many. Always 0 before ABI 3.
+    pub others: u32,
     pub descs: [Desc; MAX_BATCH],
 }
 
@@ -456,6 +617,14 @@ const _: () = {
     assert!(align_of::<SubmitEvent>() == 8);
     assert!(SUBMIT_FIXED_LEN == 96);
     assert!(size_of::<Desc>() == 16);
+    assert!(size_of::<CompactHeader>() == 16);
+    assert!(size_of::<IommuInfoEvent>() == 48);
+    assert!(size_of::<TaskEvent>() == 40);
+    assert!(size_of::<SubmitCompactEvent>() == 288);
+    assert!(core::mem::offset_of!(SubmitCompactEvent, descs) == SUBMIT_COMPACT_FIXED_LEN);
+    assert!(size_of::<ReturnCompactEvent>() == 24);
+    assert!(core::mem::offset_of!(ReturnCompactEvent, _pad) == RETURN_COMPACT_LEN);
+    assert!(size_of::<FlushCompactEvent>() == 40);
 };
 
 #[cfg(feature = "user")]

@@ -375,6 +375,21 @@ impl Descriptor {
 /// in-flight table on every event.
 pub type Descs = smallvec::SmallVec<[RawDesc; 2]>;
 
+/// Descriptors of a submission that the probe read but did not send (ABI 3 sends only the
+/// device-TLB ones): how many, and which types (bit `t` set: a descriptor of type `t`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct OtherDescs {
+    pub types: u16,
+    pub count: u16,
+}
+
+impl OtherDescs {
+    /// The type codes present, lowest first.
+    pub fn type_codes(self) -> impl Iterator<Item = u8> {
+        (0..16u8).filter(move |t| self.types & (1 << t) != 0)
+    }
+}
+
 /// `qi_submit_sync` entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Submit {
@@ -382,21 +397,24 @@ pub struct Submit {
     pub options: u64,
     /// `count` as passed by the caller.
     pub count: u32,
-    /// The descriptors captured: the first `count`, at most [`abi::MAX_BATCH`].
+    /// The descriptors carried, in batch order: up to ABI 2 the first `count`, at most
+    /// [`abi::MAX_BATCH`]; from ABI 3 only the device-TLB ones among those.
     pub raw: Descs,
+    /// Descriptors read but not carried (ABI 3), summarised; empty before ABI 3.
+    pub others: OtherDescs,
     pub stack: Option<StackId>,
 }
 
 impl Submit {
-    /// The captured raw descriptors.
+    /// The carried raw descriptors.
     pub fn raw_descs(&self) -> &[RawDesc] {
         &self.raw
     }
-    /// How many descriptors were captured.
+    /// How many descriptors the probe read (carried or summarised).
     pub fn captured(&self) -> u32 {
-        self.raw.len() as u32
+        self.raw.len() as u32 + u32::from(self.others.count)
     }
-    /// The captured descriptors, decoded.
+    /// The carried descriptors, decoded (from ABI 3 the device-TLB ones; see `others`).
     pub fn descriptors(&self) -> impl Iterator<Item = Descriptor> + '_ {
         self.raw_descs().iter().map(|d| Descriptor::decode(*d))
     }
@@ -643,7 +661,7 @@ pub struct Event {
 }
 
 /// Why a kernel record could not be decoded.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("record of {len} bytes is shorter than an event header ({need} bytes)")]
     ShortHeader { len: usize, need: usize },
@@ -654,6 +672,19 @@ pub enum DecodeError {
         kind: &'static str,
         len: usize,
         need: usize,
+    },
+    #[error("compact record of kind {0} needs the stream's earlier announcements (decode it with an `event::Decoder`)")]
+    NeedsDecoder(u8),
+    #[error("{kind} record on CPU {cpu} names IOMMU slot {slot}, which no earlier iommu-info record of that CPU announced (trace cut or spliced?)")]
+    NoIommuInfo {
+        kind: &'static str,
+        cpu: u16,
+        slot: u8,
+    },
+    #[error("{kind} record is invalid: {reason}")]
+    Invalid {
+        kind: &'static str,
+        reason: &'static str,
     },
 }
 
@@ -702,6 +733,9 @@ impl Event {
             len: bytes.len(),
             need: std::mem::size_of::<abi::Header>(),
         })?;
+        if let Some(k) = bytes.first().and_then(|b| abi::CompactKind::from_u8(*b)) {
+            return Err(DecodeError::NeedsDecoder(k as u8));
+        }
         let kind = K::try_from(hdr.kind).map_err(|e| DecodeError::UnknownKind(e.0))?;
         let short = || DecodeError::Short {
             kind: kind_name(kind),
@@ -743,6 +777,10 @@ impl Event {
                     options: e.options,
                     count: e.count,
                     raw: Descs::from_slice(&e.descs[..captured as usize]),
+                    others: OtherDescs {
+                        types: e.others as u16,
+                        count: (e.others >> 16) as u16,
+                    },
                     stack: stack_from_abi(e.stack_id),
                 })
             }
@@ -863,9 +901,9 @@ impl Event {
                     iommu: iommu_to_abi(&s.iommu),
                     options: s.options,
                     count: s.count,
-                    captured: s.captured(),
+                    captured: s.raw.len() as u32,
                     stack_id: stack_to_abi(s.stack),
-                    _pad: 0,
+                    others: u32::from(s.others.types) | (u32::from(s.others.count) << 16),
                     descs,
                 })
                 .to_vec()
@@ -968,6 +1006,238 @@ impl Event {
                 .to_vec()
             }
         }
+    }
+}
+
+/// The thread a CPU's compact records belong to, from its last `Task` announcement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TaskInfo {
+    tid: u32,
+    pid: u32,
+    comm: Comm,
+}
+
+/// Compact records the decoder handed out with a field it could not fill, by cause.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecoderStats {
+    /// Announcements (`Task`, `IommuInfo`) read.
+    pub announcements: u64,
+    /// Events whose thread no `Task` record announced on their CPU: `pid` 0 and an empty
+    /// `comm` (the announcement was lost to a full ring buffer, or the trace was cut before it).
+    pub unknown_task: u64,
+    /// Submissions and flushes whose IOMMU the probe could not announce (slot
+    /// `IOMMU_SLOT_NONE`: the ring buffer was full): IOMMU unknown (`ptr` 0, empty name).
+    pub unknown_iommu: u64,
+}
+
+/// Decodes a stream of kernel records, ABI 3's compact ones included.
+///
+/// Compact records do not carry what stays the same from one submission to the next: the
+/// thread's `pid` and `comm` come from the last `Task` record of the same CPU and task slot
+/// (`tid % TASK_SLOTS`), when its tid is the record's; the IOMMU from the last `IommuInfo` record of the same CPU for the record's
+/// slot. The probe sends those announcements before the record that needs them, on the same
+/// CPU, so ring-buffer order (which is also trace order) has them first. One decoder per
+/// stream: a live ring buffer or one trace file.
+///
+/// What is missing is never guessed: a thread not announced gives `pid` 0 and an empty `comm`
+/// (counted in [`DecoderStats::unknown_task`]); an IOMMU slot the probe could not announce
+/// gives an unknown IOMMU (counted); a slot that was announced by the probe but whose
+/// announcement is not in the stream (a cut or spliced trace) is a
+/// [`DecodeError::NoIommuInfo`].
+#[derive(Clone, Debug, Default)]
+pub struct Decoder {
+    /// Indexed by CPU, then task slot (`tid % TASK_SLOTS`).
+    tasks: Vec<[Option<TaskInfo>; abi::TASK_SLOTS]>,
+    iommus: std::collections::HashMap<(u16, u8), Iommu>,
+    pub stats: DecoderStats,
+}
+
+const UNKNOWN_IOMMU: Iommu = Iommu {
+    ptr: 0,
+    name: FixedStr([0; abi::IOMMU_NAME_LEN]),
+    segment: None,
+};
+
+/// Length of the compact record at the start of `bytes` (`None`: not a compact record), from
+/// its kind and, for a submission, how many descriptors it carries; an error when `bytes` is
+/// shorter than that. Lets a trace store compact
+/// records back to back without a length each.
+pub fn compact_len(bytes: &[u8]) -> Option<Result<usize, DecodeError>> {
+    let kind = abi::CompactKind::from_u8(*bytes.first()?)?;
+    let min = kind.min_len();
+    if bytes.len() < min {
+        return Some(Err(DecodeError::Short {
+            kind: compact_name(kind),
+            len: bytes.len(),
+            need: min,
+        }));
+    }
+    if kind != abi::CompactKind::Submit {
+        return Some(Ok(min));
+    }
+    // `sent` is byte 26 (SubmitCompactEvent: header 16, count 2, options 2, stack 4, types 2).
+    let sent = bytes[26] as usize;
+    if sent > abi::MAX_BATCH {
+        return Some(Err(DecodeError::Invalid {
+            kind: compact_name(kind),
+            reason: "carries more descriptors than a batch can have",
+        }));
+    }
+    let need = min + 16 * sent;
+    if bytes.len() < need {
+        return Some(Err(DecodeError::Short {
+            kind: compact_name(kind),
+            len: bytes.len(),
+            need,
+        }));
+    }
+    Some(Ok(need))
+}
+
+fn compact_name(k: abi::CompactKind) -> &'static str {
+    match k {
+        abi::CompactKind::IommuInfo => "iommu-info",
+        abi::CompactKind::Task => "task",
+        abi::CompactKind::Submit => "submit",
+        abi::CompactKind::Return => "submit-return",
+        abi::CompactKind::Flush => "devtlb-flush",
+    }
+}
+
+impl Decoder {
+    pub fn new() -> Self {
+        Decoder::default()
+    }
+
+    /// Decodes one record: `Ok(None)` for an announcement (it only updates the decoder).
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<Option<Event>, DecodeError> {
+        let Some(len) = compact_len(bytes) else {
+            return Event::decode(bytes).map(Some);
+        };
+        let len = len?;
+        let bytes = &bytes[..len];
+        let kind = abi::CompactKind::from_u8(bytes[0]).ok_or(DecodeError::UnknownKind(0))?;
+        let name = compact_name(kind);
+        // Padded to the struct's size for `read` (only `len` bytes were sent).
+        let mut full = [0u8; std::mem::size_of::<abi::SubmitCompactEvent>()];
+        full[..len].copy_from_slice(bytes);
+        let hdr: abi::CompactHeader = read(&full).ok_or(DecodeError::ShortHeader {
+            len,
+            need: std::mem::size_of::<abi::CompactHeader>(),
+        })?;
+        let cpu = hdr.cpu;
+        match kind {
+            abi::CompactKind::Task => {
+                let e: abi::TaskEvent =
+                    read(&full).ok_or(DecodeError::ShortHeader { len, need: 40 })?;
+                let i = cpu as usize;
+                if self.tasks.len() <= i {
+                    self.tasks.resize(i + 1, [None; abi::TASK_SLOTS]);
+                }
+                self.tasks[i][hdr.tid as usize % abi::TASK_SLOTS] = Some(TaskInfo {
+                    tid: hdr.tid,
+                    pid: e.pid,
+                    comm: FixedStr(e.comm),
+                });
+                self.stats.announcements += 1;
+                return Ok(None);
+            }
+            abi::CompactKind::IommuInfo => {
+                let e: abi::IommuInfoEvent =
+                    read(&full).ok_or(DecodeError::ShortHeader { len, need: 48 })?;
+                if hdr.aux as usize >= abi::IOMMU_SLOTS {
+                    return Err(DecodeError::Invalid {
+                        kind: name,
+                        reason: "IOMMU slot out of range",
+                    });
+                }
+                self.iommus.insert((cpu, hdr.aux), iommu_from_abi(e.iommu));
+                self.stats.announcements += 1;
+                return Ok(None);
+            }
+            _ => {}
+        }
+        let slot = hdr.tid as usize % abi::TASK_SLOTS;
+        let meta = match self.tasks.get(cpu as usize).and_then(|t| t[slot]) {
+            Some(t) if t.tid == hdr.tid => Meta {
+                ts: KTime(hdr.ts_ns),
+                cpu: u32::from(cpu),
+                pid: t.pid,
+                tid: hdr.tid,
+                comm: t.comm,
+            },
+            _ => {
+                self.stats.unknown_task += 1;
+                Meta {
+                    ts: KTime(hdr.ts_ns),
+                    cpu: u32::from(cpu),
+                    pid: 0,
+                    tid: hdr.tid,
+                    comm: FixedStr::default(),
+                }
+            }
+        };
+        let payload = match kind {
+            abi::CompactKind::Return => {
+                let e: abi::ReturnCompactEvent =
+                    read(&full).ok_or(DecodeError::ShortHeader { len, need: 20 })?;
+                Payload::SubmitReturn(SubmitReturn {
+                    ret: i64::from(e.ret),
+                    start: None,
+                })
+            }
+            abi::CompactKind::Submit => {
+                let e: abi::SubmitCompactEvent =
+                    read(&full).ok_or(DecodeError::ShortHeader { len, need: 28 })?;
+                let iommu = self.iommu(name, cpu, hdr.aux)?;
+                let raw = e.descs[..e.sent as usize]
+                    .iter()
+                    .map(|w| RawDesc {
+                        qw0: u64::from(w[0]) | (u64::from(w[1]) << 32),
+                        qw1: u64::from(w[2]) | (u64::from(w[3]) << 32),
+                    })
+                    .collect();
+                Payload::Submit(Submit {
+                    iommu,
+                    options: u64::from(e.options),
+                    count: u32::from(e.count),
+                    raw,
+                    others: OtherDescs {
+                        types: e.other_types,
+                        count: u16::from(e.others),
+                    },
+                    stack: stack_from_abi(e.stack_id),
+                })
+            }
+            abi::CompactKind::Flush => {
+                let e: abi::FlushCompactEvent =
+                    read(&full).ok_or(DecodeError::ShortHeader { len, need: 40 })?;
+                Payload::DevTlbFlush(Flush {
+                    iommu: self.iommu(name, cpu, hdr.aux)?,
+                    sid: Sid(e.sid),
+                    pfsid: Sid(e.pfsid),
+                    qdep: e.qdep,
+                    pasid: (e.has_pasid != 0).then_some(e.pasid),
+                    addr: e.addr,
+                    mask: e.mask,
+                    stack: None,
+                })
+            }
+            // Handled above.
+            abi::CompactKind::Task | abi::CompactKind::IommuInfo => return Ok(None),
+        };
+        Ok(Some(Event { meta, payload }))
+    }
+
+    fn iommu(&mut self, kind: &'static str, cpu: u16, slot: u8) -> Result<Iommu, DecodeError> {
+        if slot == abi::IOMMU_SLOT_NONE {
+            self.stats.unknown_iommu += 1;
+            return Ok(UNKNOWN_IOMMU);
+        }
+        self.iommus
+            .get(&(cpu, slot))
+            .copied()
+            .ok_or(DecodeError::NoIommuInfo { kind, cpu, slot })
     }
 }
 
@@ -1108,6 +1378,99 @@ impl Record {
     }
 }
 
+/// Compact records (ABI 3) as the probes write them, for tests.
+#[cfg(test)]
+pub(crate) mod test_wire {
+    use super::*;
+
+    fn hdr(kind: abi::CompactKind, aux: u8, cpu: u16, tid: u32, ts: u64) -> abi::CompactHeader {
+        abi::CompactHeader {
+            kind: kind as u8,
+            aux,
+            cpu,
+            tid,
+            ts_ns: ts,
+        }
+    }
+
+    pub fn task(cpu: u16, tid: u32, pid: u32, comm: &str, ts: u64) -> Vec<u8> {
+        as_bytes(&abi::TaskEvent {
+            hdr: hdr(abi::CompactKind::Task, 0, cpu, tid, ts),
+            pid,
+            _pad: 0,
+            comm: FixedStr::<16>::new(comm).0,
+        })
+        .to_vec()
+    }
+
+    pub fn iommu(cpu: u16, slot: u8, i: &Iommu, ts: u64) -> Vec<u8> {
+        as_bytes(&abi::IommuInfoEvent {
+            hdr: hdr(abi::CompactKind::IommuInfo, slot, cpu, 0, ts),
+            iommu: iommu_to_abi(i),
+        })
+        .to_vec()
+    }
+
+    /// A submission of `count` carrying `dev` (device-TLB descriptors) and summarising
+    /// `others` descriptors of the types in `types`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit(
+        cpu: u16,
+        tid: u32,
+        ts: u64,
+        slot: u8,
+        count: u16,
+        dev: &[RawDesc],
+        types: u16,
+        others: u8,
+        stack: i32,
+    ) -> Vec<u8> {
+        let mut descs = [[0u32; 4]; abi::MAX_BATCH];
+        for (w, d) in descs.iter_mut().zip(dev) {
+            *w = [
+                d.qw0 as u32,
+                (d.qw0 >> 32) as u32,
+                d.qw1 as u32,
+                (d.qw1 >> 32) as u32,
+            ];
+        }
+        let e = abi::SubmitCompactEvent {
+            hdr: hdr(abi::CompactKind::Submit, slot, cpu, tid, ts),
+            count,
+            options: 0,
+            stack_id: stack,
+            other_types: types,
+            sent: dev.len() as u8,
+            others,
+            descs,
+        };
+        as_bytes(&e)[..abi::SUBMIT_COMPACT_FIXED_LEN + 16 * dev.len()].to_vec()
+    }
+
+    pub fn ret(cpu: u16, tid: u32, ts: u64, ret: i32) -> Vec<u8> {
+        let e = abi::ReturnCompactEvent {
+            hdr: hdr(abi::CompactKind::Return, 0, cpu, tid, ts),
+            ret,
+            _pad: 0,
+        };
+        as_bytes(&e)[..abi::RETURN_COMPACT_LEN].to_vec()
+    }
+
+    pub fn flush(cpu: u16, tid: u32, ts: u64, slot: u8, sid: u16) -> Vec<u8> {
+        as_bytes(&abi::FlushCompactEvent {
+            hdr: hdr(abi::CompactKind::Flush, slot, cpu, tid, ts),
+            addr: 0x1000,
+            sid,
+            pfsid: sid,
+            qdep: 32,
+            has_pasid: 0,
+            pasid: 0,
+            mask: 0,
+        })
+        .to_vec()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1195,6 +1558,10 @@ mod tests {
                 options: 0,
                 count: 2,
                 raw: raw[..2].into(),
+                others: OtherDescs {
+                    types: 1 << 5,
+                    count: 1,
+                },
                 stack: Some(StackId(1)),
             }),
             Payload::SubmitReturn(SubmitReturn {
@@ -1285,6 +1652,7 @@ mod tests {
                 options: 0,
                 count: 2,
                 raw: raw[..2].into(),
+                others: OtherDescs::default(),
                 stack: None,
             }),
         };
@@ -1302,6 +1670,183 @@ mod tests {
             Event::decode(&bytes[..abi::SUBMIT_FIXED_LEN - 1]),
             Err(DecodeError::Short { .. })
         ));
+    }
+
+    fn dmar(ptr: u64, name: &str) -> Iommu {
+        Iommu {
+            ptr,
+            name: FixedStr::new(name),
+            segment: Some(0),
+        }
+    }
+
+    /// ABI 3: the hot path's compact records take their thread and IOMMU from the
+    /// announcements of the same CPU before them, and are as short as issue 14 asks.
+    #[test]
+    fn compact_records_decode_against_their_announcements() {
+        use test_wire as w;
+        let dev = Descriptor::dev_tlb_raw(Sid(0x0100), Sid(0x0100), 0, 0x5000, 0);
+        let sub = w::submit(1, 7, 100, 3, 2, &[dev], 1 << 2, 1, 4);
+        let ret = w::ret(1, 7, 150, -110);
+        // The common path of 6.12 (an IOTLB and a device-TLB descriptor) and its return.
+        assert_eq!(sub.len(), 44);
+        assert_eq!(ret.len(), 20);
+        assert!(sub.len() + ret.len() <= 64);
+        assert_eq!(compact_len(&sub), Some(Ok(44)));
+        assert_eq!(compact_len(&ret), Some(Ok(20)));
+        assert_eq!(w::task(1, 7, 5, "dd", 90).len(), 40);
+        assert_eq!(
+            w::iommu(1, 3, &dmar(0xffff_8880_1000_0000, "dmar1"), 90).len(),
+            48
+        );
+        assert_eq!(w::flush(1, 7, 95, 3, 0x100).len(), 40);
+
+        let mut d = Decoder::new();
+        assert_eq!(d.decode(&w::task(1, 7, 5, "dd", 90)), Ok(None));
+        let unit = dmar(0xffff_8880_1000_0000, "dmar1");
+        assert_eq!(d.decode(&w::iommu(1, 3, &unit, 90)), Ok(None));
+        let e = d.decode(&sub).unwrap().unwrap();
+        assert_eq!(
+            e.meta,
+            Meta {
+                ts: KTime(100),
+                cpu: 1,
+                pid: 5,
+                tid: 7,
+                comm: FixedStr::new("dd"),
+            }
+        );
+        let Payload::Submit(s) = &e.payload else {
+            panic!("{e:?}")
+        };
+        assert_eq!(s.iommu, unit);
+        assert_eq!(s.raw.as_slice(), &[dev]);
+        assert_eq!(s.dev_tlb_sids().collect::<Vec<_>>(), vec![Sid(0x0100)]);
+        assert_eq!(s.others, OtherDescs { types: 4, count: 1 });
+        assert_eq!((s.count, s.captured(), s.truncated()), (2, 2, false));
+        assert_eq!(s.stack, Some(StackId(4)));
+        // Re-encoded as a self-contained kind-1 record, the summary survives.
+        assert_eq!(Event::decode(&e.encode()).unwrap(), e);
+        let r = d.decode(&ret).unwrap().unwrap();
+        assert_eq!((r.meta.pid, r.meta.comm.as_str().as_ref()), (5, "dd"));
+        assert_eq!(
+            r.payload,
+            Payload::SubmitReturn(SubmitReturn {
+                ret: ETIMEDOUT,
+                start: None
+            })
+        );
+        let f = d.decode(&w::flush(1, 7, 95, 3, 0x100)).unwrap().unwrap();
+        assert!(
+            matches!(f.payload, Payload::DevTlbFlush(Flush { iommu, sid: Sid(0x100), .. }) if iommu == unit)
+        );
+        assert_eq!(d.stats.unknown_task, 0);
+        // Without a decoder a compact record is refused, not misread.
+        assert_eq!(Event::decode(&sub), Err(DecodeError::NeedsDecoder(15)));
+    }
+
+    #[test]
+    fn an_iommu_slot_nobody_announced_is_an_error_naming_it() {
+        use test_wire as w;
+        let sub = w::submit(1, 7, 100, 3, 1, &[], 1 << 2, 1, -1);
+        let mut d = Decoder::new();
+        let err = DecodeError::NoIommuInfo {
+            kind: "submit",
+            cpu: 1,
+            slot: 3,
+        };
+        assert_eq!(d.decode(&sub), Err(err.clone()));
+        assert!(err.to_string().contains("IOMMU slot 3"), "{err}");
+        // Another CPU's announcement of the same slot is not this CPU's.
+        d.decode(&w::iommu(0, 3, &dmar(1, "dmar0"), 90)).unwrap();
+        assert_eq!(d.decode(&sub), Err(err));
+        assert!(matches!(
+            d.decode(&w::flush(1, 7, 95, 3, 0x100)),
+            Err(DecodeError::NoIommuInfo {
+                kind: "devtlb-flush",
+                ..
+            })
+        ));
+        // A slot the probe could not announce: the IOMMU is unknown, and counted.
+        let none = w::submit(1, 7, 100, abi::IOMMU_SLOT_NONE, 1, &[], 4, 1, -1);
+        let e = d.decode(&none).unwrap().unwrap();
+        let Payload::Submit(s) = e.payload else {
+            panic!()
+        };
+        assert_eq!((s.iommu.ptr, s.iommu.name.as_str().as_ref()), (0, ""));
+        assert_eq!(d.stats.unknown_iommu, 1);
+    }
+
+    #[test]
+    fn a_thread_not_announced_on_its_cpu_is_unknown_not_another() {
+        use test_wire as w;
+        let mut d = Decoder::new();
+        d.decode(&w::task(1, 7, 5, "dd", 90)).unwrap();
+        // Thread 8 on CPU 1, and thread 7 on CPU 0: neither was announced there.
+        for (cpu, tid) in [(1, 8), (0, 7)] {
+            let r = d.decode(&w::ret(cpu, tid, 150, 0)).unwrap().unwrap();
+            assert_eq!((r.meta.pid, r.meta.tid), (0, tid));
+            assert_eq!(r.meta.comm.as_str(), "");
+        }
+        assert_eq!(d.stats.unknown_task, 2);
+        assert_eq!(d.stats.announcements, 1);
+        // Threads in other slots of the CPU stay announced; one in the same slot replaces it.
+        d.decode(&w::task(1, 8, 6, "swapper/1", 95)).unwrap();
+        for (tid, comm) in [(7, "dd"), (8, "swapper/1"), (7, "dd")] {
+            let r = d.decode(&w::ret(1, tid, 160, 0)).unwrap().unwrap();
+            assert_eq!(r.meta.comm.as_str(), comm);
+        }
+        d.decode(&w::task(1, 11, 9, "kworker", 96)).unwrap();
+        let r = d.decode(&w::ret(1, 7, 170, 0)).unwrap().unwrap();
+        assert_eq!((r.meta.pid, r.meta.comm.as_str().as_ref()), (0, ""));
+        assert_eq!(d.stats.unknown_task, 3);
+    }
+
+    #[test]
+    fn truncated_and_impossible_compact_records_are_errors() {
+        use test_wire as w;
+        let dev = Descriptor::dev_tlb_raw(Sid(1), Sid(1), 0, 0, 0);
+        let recs = [
+            w::task(0, 1, 1, "x", 1),
+            w::iommu(0, 0, &dmar(1, "dmar0"), 1),
+            w::submit(0, 1, 1, 0, 2, &[dev, dev], 0, 0, -1),
+            w::ret(0, 1, 1, 0),
+            w::flush(0, 1, 1, 0, 1),
+        ];
+        for r in &recs {
+            for cut in 0..r.len() {
+                let mut d = Decoder::new();
+                let got = d.decode(&r[..cut]);
+                assert!(
+                    got.is_err(),
+                    "{} of {} bytes decoded: {got:?}",
+                    cut,
+                    r.len()
+                );
+            }
+        }
+        // Two descriptors announced, one sent: the record is cut, not zero-filled.
+        let sub = &recs[2];
+        assert_eq!(compact_len(sub), Some(Ok(60)));
+        assert!(matches!(
+            compact_len(&sub[..44]),
+            Some(Err(DecodeError::Short { need: 60, .. }))
+        ));
+        let mut d = Decoder::new();
+        d.decode(&recs[1]).unwrap();
+        assert!(matches!(
+            d.decode(&sub[..44]),
+            Err(DecodeError::Short { need: 60, .. })
+        ));
+        let mut bad = sub.clone();
+        bad[26] = 17;
+        assert!(matches!(
+            compact_len(&bad),
+            Some(Err(DecodeError::Invalid { .. }))
+        ));
+        let mut bad = recs[1].clone();
+        bad[1] = abi::IOMMU_SLOTS as u8;
+        assert!(matches!(d.decode(&bad), Err(DecodeError::Invalid { .. })));
     }
 
     #[test]

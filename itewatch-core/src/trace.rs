@@ -9,7 +9,14 @@
 //! types  := 1 kernel event (the raw `itewatch_common` record, exactly as the kernel wrote it)
 //!           2 stack (JSON `StackRecord`)   3 lost-events marker (JSON `LostRecord`)
 //!           4 device snapshot (JSON `DeviceInfo`)   5 end of trace (JSON `TraceEnd`)
+//!           6 compact kernel records (ABI 3), back to back, each as the kernel wrote it; the
+//!             length of each follows from its kind (`event::compact_len`)
 //! ```
+//!
+//! ABI 3 traces hold the submission hot path as compact records: several thousand share one
+//! frame (and its 12 bytes), and their thread and IOMMU come from announcements earlier in the
+//! same trace (`event::Decoder`), which the recorder writes as the kernel sent them. A trace
+//! is self-contained: it holds every announcement its records need.
 //!
 //! All integers are little-endian. The header says which ABI version the kernel records use.
 //! A reader stops at the first damaged frame with an error naming its byte offset; every
@@ -22,7 +29,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{DecodeError, Event, Record};
+use crate::event::{compact_len, DecodeError, Decoder, DecoderStats, Record};
 
 pub const MAGIC: [u8; 8] = *b"ITEWTRC\0";
 pub const FORMAT_VERSION: u32 = 1;
@@ -36,6 +43,9 @@ const FRAME_STACK: u16 = 2;
 const FRAME_LOST: u16 = 3;
 const FRAME_DEVICE: u16 = 4;
 const FRAME_END: u16 = 5;
+const FRAME_COMPACT: u16 = 6;
+/// Compact records buffered before they go out as one frame.
+const COMPACT_FRAME_BYTES: usize = 64 << 10;
 
 /// Where a trace came from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +272,8 @@ impl TraceError {
 pub struct TraceWriter<W: Write> {
     out: W,
     end: TraceEnd,
+    /// Compact records not yet written (one frame for many).
+    compact: Vec<u8>,
 }
 
 impl TraceWriter<BufWriter<File>> {
@@ -281,22 +293,50 @@ impl<W: Write> TraceWriter<W> {
         Ok(TraceWriter {
             out,
             end: TraceEnd::default(),
+            compact: Vec::new(),
         })
     }
 
     fn frame(&mut self, kind: u16, payload: &[u8]) -> io::Result<()> {
+        if kind != FRAME_COMPACT {
+            self.flush_compact()?;
+        }
+        Self::frame_to(&mut self.out, kind, payload)
+    }
+
+    fn flush_compact(&mut self) -> io::Result<()> {
+        if self.compact.is_empty() {
+            return Ok(());
+        }
+        Self::frame_to(&mut self.out, FRAME_COMPACT, &self.compact)?;
+        self.compact.clear();
+        Ok(())
+    }
+
+    fn frame_to(out: &mut W, kind: u16, payload: &[u8]) -> io::Result<()> {
         let mut h = [0u8; 12];
         h[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         h[4..6].copy_from_slice(&kind.to_le_bytes());
         h[8..12].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        self.out.write_all(&h)?;
-        self.out.write_all(payload)
+        out.write_all(&h)?;
+        out.write_all(payload)
     }
 
-    /// Writes a raw kernel record (as read from the ring buffer).
+    /// Writes a raw kernel record (as read from the ring buffer). Compact records (ABI 3) are
+    /// gathered into one frame, which goes out before any other frame and on `flush`.
     pub fn write_raw_event(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.end.events += 1;
-        self.frame(FRAME_EVENT, bytes)
+        match compact_len(bytes) {
+            // Exactly its length: the reader finds the next record's start from it.
+            Some(Ok(n)) if n == bytes.len() => {
+                self.compact.extend_from_slice(bytes);
+                if self.compact.len() >= COMPACT_FRAME_BYTES {
+                    self.flush_compact()?;
+                }
+                Ok(())
+            }
+            _ => self.frame(FRAME_EVENT, bytes),
+        }
     }
 
     pub fn write_record(&mut self, rec: &Record) -> io::Result<()> {
@@ -323,6 +363,7 @@ impl<W: Write> TraceWriter<W> {
     }
 
     pub fn flush(&mut self) -> io::Result<()> {
+        self.flush_compact()?;
         self.out.flush()
     }
 
@@ -349,6 +390,11 @@ pub struct TraceReader<R: BufRead> {
     end: Option<TraceEnd>,
     failed: bool,
     buf: Vec<u8>,
+    decoder: Decoder,
+    /// The compact frame being read, where in it, and the frame's byte offset.
+    compact: Vec<u8>,
+    compact_pos: usize,
+    compact_at: u64,
 }
 
 impl TraceReader<BufReader<File>> {
@@ -425,7 +471,16 @@ impl<R: BufRead> TraceReader<R> {
             end: None,
             failed: false,
             buf: Vec::new(),
+            decoder: Decoder::new(),
+            compact: Vec::new(),
+            compact_pos: 0,
+            compact_at: 0,
         })
+    }
+
+    /// What the decoder could not fill in (ABI 3 compact records) so far.
+    pub fn decoder_stats(&self) -> DecoderStats {
+        self.decoder.stats
     }
 
     pub fn header(&self) -> &TraceHeader {
@@ -448,14 +503,53 @@ impl<R: BufRead> TraceReader<R> {
         if self.failed || self.end.is_some() {
             return Ok(None);
         }
-        let r = self.read_frame();
-        if r.is_err() {
-            self.failed = true;
+        loop {
+            let r = if self.compact_pos < self.compact.len() {
+                self.next_compact()
+            } else {
+                self.read_frame()
+            };
+            match r {
+                // An announcement, or an emptied compact frame: read on.
+                Ok(Step::Again) => continue,
+                Ok(Step::Record(r)) => return Ok(r),
+                Err(e) => {
+                    self.failed = true;
+                    return Err(e);
+                }
+            }
         }
-        r
     }
 
-    fn read_frame(&mut self) -> Result<Option<Record>, TraceError> {
+    /// The next record of the compact frame being read.
+    fn next_compact(&mut self) -> Result<Step, TraceError> {
+        let rest = &self.compact[self.compact_pos..];
+        let at = self.compact_at;
+        let len = match compact_len(rest) {
+            Some(Ok(n)) => n,
+            Some(Err(source)) => return Err(TraceError::Decode { offset: at, source }),
+            None => {
+                return Err(TraceError::Corrupt {
+                    offset: at,
+                    reason: format!(
+                        "compact frame holds a record of kind {} at byte {} of its payload",
+                        rest[0], self.compact_pos
+                    ),
+                })
+            }
+        };
+        let ev = self
+            .decoder
+            .decode(&rest[..len])
+            .map_err(|source| TraceError::Decode { offset: at, source })?;
+        self.compact_pos += len;
+        Ok(match ev {
+            Some(e) => Step::Record(Some(Record::Event(e))),
+            None => Step::Again,
+        })
+    }
+
+    fn read_frame(&mut self) -> Result<Step, TraceError> {
         let at = self.offset;
         let io_err = |source| TraceError::Io { offset: at, source };
         // Fast path: the whole frame is already buffered.
@@ -464,17 +558,28 @@ impl<R: BufRead> TraceReader<R> {
             let (len, kind, crc) = frame_header(at, &avail[..12])?;
             let whole = 12 + len as usize;
             if avail.len() >= whole {
-                let rec = parse_frame(at, kind, crc, &avail[12..whole], &mut self.end)?;
+                let rec = parse_frame(
+                    at,
+                    kind,
+                    crc,
+                    &avail[12..whole],
+                    &mut self.end,
+                    &mut self.decoder,
+                )?;
+                if rec == Parsed::Compact {
+                    self.compact.clear();
+                    self.compact.extend_from_slice(&avail[12..whole]);
+                }
                 self.input.consume(whole);
                 self.offset = at + whole as u64;
-                return Ok(rec);
+                return Ok(self.step(at, rec));
             }
         }
         // Slow path: the frame straddles the buffer's end (or the input is at EOF).
         let mut h = [0u8; 12];
         match read_full(&mut self.input, &mut h).map_err(io_err)? {
             Ok(()) => {}
-            Err(0) => return Ok(None),
+            Err(0) => return Ok(Step::Record(None)),
             Err(n) => {
                 return Err(TraceError::Truncated {
                     offset: at,
@@ -490,10 +595,48 @@ impl<R: BufRead> TraceReader<R> {
                 reason: format!("payload cut short ({n} of {len} bytes)"),
             });
         }
-        let rec = parse_frame(at, kind, crc, &self.buf, &mut self.end)?;
+        let rec = parse_frame(at, kind, crc, &self.buf, &mut self.end, &mut self.decoder)?;
+        if rec == Parsed::Compact {
+            std::mem::swap(&mut self.compact, &mut self.buf);
+        }
         self.offset = at + 12 + u64::from(len);
-        Ok(rec)
+        Ok(self.step(at, rec))
     }
+
+    fn step(&mut self, at: u64, p: Parsed) -> Step {
+        match p {
+            Parsed::Record(r) => Step::Record(Some(r)),
+            Parsed::End => Step::Record(None),
+            Parsed::Announcement => Step::Again,
+            Parsed::Compact => {
+                self.compact_pos = 0;
+                self.compact_at = at;
+                Step::Again
+            }
+        }
+    }
+}
+
+/// What one read step gave.
+enum Step {
+    /// A record, or the end (`None`).
+    Record(Option<Record>),
+    /// Nothing to hand out yet (an announcement, or a compact frame now loaded).
+    Again,
+}
+
+/// What a frame held.
+// Not boxed: one allocation per record on the replay hot path (see `Record`).
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, PartialEq)]
+enum Parsed {
+    Record(Record),
+    /// The end frame (`end` filled in).
+    End,
+    /// A kernel record that only updates the decoder (ABI 3 announcement).
+    Announcement,
+    /// A compact frame: its payload is to be read record by record.
+    Compact,
 }
 
 /// Length, type and checksum of the frame at `at`, from its 12-byte header.
@@ -512,7 +655,7 @@ fn frame_header(at: u64, h: &[u8]) -> Result<(u32, u16, u32), TraceError> {
 }
 
 /// Checks a frame's payload against its checksum and decodes it: a record, or for the end
-/// frame `None` with `end` filled in.
+/// frame `End` with `end` filled in.
 #[inline]
 fn parse_frame(
     at: u64,
@@ -520,7 +663,8 @@ fn parse_frame(
     crc: u32,
     payload: &[u8],
     end: &mut Option<TraceEnd>,
-) -> Result<Option<Record>, TraceError> {
+    decoder: &mut Decoder,
+) -> Result<Parsed, TraceError> {
     if crc32fast::hash(payload) != crc {
         return Err(TraceError::Corrupt {
             offset: at,
@@ -531,16 +675,21 @@ fn parse_frame(
         offset: at,
         reason: e.to_string(),
     };
-    Ok(Some(match kind {
-        FRAME_EVENT => Record::Event(
-            Event::decode(payload).map_err(|source| TraceError::Decode { offset: at, source })?,
-        ),
+    Ok(Parsed::Record(match kind {
+        FRAME_EVENT => match decoder
+            .decode(payload)
+            .map_err(|source| TraceError::Decode { offset: at, source })?
+        {
+            Some(e) => Record::Event(e),
+            None => return Ok(Parsed::Announcement),
+        },
+        FRAME_COMPACT => return Ok(Parsed::Compact),
         FRAME_STACK => Record::Stack(serde_json::from_slice(payload).map_err(json_err)?),
         FRAME_LOST => Record::Lost(serde_json::from_slice(payload).map_err(json_err)?),
         FRAME_DEVICE => Record::Device(serde_json::from_slice(payload).map_err(json_err)?),
         FRAME_END => {
             *end = Some(serde_json::from_slice(payload).map_err(json_err)?);
-            return Ok(None);
+            return Ok(Parsed::End);
         }
         other => {
             return Err(TraceError::Corrupt {
@@ -635,6 +784,102 @@ mod tests {
                 assert_eq!(all(cap), whole, "buffer of {cap} bytes");
             }
         }
+    }
+
+    /// ABI 3: compact records share frames; a trace of the 6.12 common path costs at most
+    /// 64 bytes per submission, and reads back in order around the other frames.
+    #[test]
+    fn compact_records_share_frames_and_read_back_in_order() {
+        use crate::event::test_wire as w;
+        let unit = Iommu {
+            ptr: 0xffff_8880_0100_0000,
+            name: FixedStr::new("dmar0"),
+            segment: Some(0),
+        };
+        let dev = Descriptor::dev_tlb_raw(Sid(0x0100), Sid(0x0100), 0, 0x3000, 0);
+        let mut w = TraceWriter::new(Vec::new(), &TraceHeader::new(Source::Live)).unwrap();
+        let empty = w.out.len();
+        w.write_raw_event(&w::task(0, 9, 9, "dd", 1)).unwrap();
+        w.write_raw_event(&w::iommu(0, 2, &unit, 1)).unwrap();
+        let n = 10_000u64;
+        for i in 0..n {
+            let ts = 10 + 2 * i;
+            w.write_raw_event(&w::submit(0, 9, ts, 2, 2, &[dev], 4, 1, -1))
+                .unwrap();
+            if i == 5 {
+                // Any other frame goes out after the compact records before it.
+                w.write_record(&Record::Stack(StackRecord {
+                    id: StackId(1),
+                    frames: vec!["qi_submit_sync".into()],
+                }))
+                .unwrap();
+            }
+            w.write_raw_event(&w::ret(0, 9, ts + 1, 0)).unwrap();
+        }
+        let bytes = w.finish().unwrap();
+        let end_frame = 12 + serde_json::to_vec(&TraceEnd::default()).unwrap().len() + 8;
+        let per_submission = (bytes.len() - empty - end_frame) as f64 / n as f64;
+        assert!(
+            per_submission <= 64.1,
+            "{per_submission} bytes per submission"
+        );
+        for cap in [1, 13, 4096, 1 << 20] {
+            let mut r = TraceReader::new(io::BufReader::with_capacity(cap, &bytes[..])).unwrap();
+            let mut kinds = Vec::new();
+            let mut last = KTime(0);
+            while let Some(rec) = r.next_record().unwrap() {
+                match rec {
+                    Record::Event(e) => {
+                        assert!(e.meta.ts > last);
+                        last = e.meta.ts;
+                        assert_eq!(e.meta.comm.as_str(), "dd");
+                        if let Payload::Submit(s) = &e.payload {
+                            assert_eq!(s.iommu, unit);
+                        }
+                        kinds.push(e.payload.kind() as u32);
+                    }
+                    Record::Stack(_) => kinds.push(0),
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(kinds.len() as u64, 2 * n + 1, "buffer of {cap}");
+            // The stack comes after the 6th submission, before its return.
+            assert_eq!(&kinds[10..14], &[1, 0, 2, 1]);
+            assert_eq!(r.finished().unwrap().events, 2 * n + 2);
+            assert_eq!(r.decoder_stats().announcements, 2);
+        }
+    }
+
+    /// A trace that lost the announcement its records need stops there with an error naming
+    /// what is missing; what came before is read.
+    #[test]
+    fn a_trace_without_the_iommu_announcement_says_so() {
+        use crate::event::test_wire as w;
+        let mut w = TraceWriter::new(Vec::new(), &TraceHeader::new(Source::Live)).unwrap();
+        w.write_raw_event(&w::task(0, 9, 9, "dd", 1)).unwrap();
+        w.write_raw_event(&w::ret(0, 9, 2, 0)).unwrap();
+        w.write_raw_event(&w::submit(0, 9, 3, 5, 1, &[], 4, 1, -1))
+            .unwrap();
+        let bytes = w.finish().unwrap();
+        let mut r = TraceReader::new(&bytes[..]).unwrap();
+        assert!(matches!(r.next_record(), Ok(Some(Record::Event(_)))));
+        let err = r.next_record().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TraceError::Decode {
+                    source: DecodeError::NoIommuInfo {
+                        cpu: 0,
+                        slot: 5,
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("IOMMU slot 5"), "{err}");
+        assert!(r.next_record().unwrap().is_none());
     }
 
     #[test]

@@ -28,10 +28,11 @@ use aya_ebpf::{
     EbpfContext,
 };
 use itewatch_common::{
-    Bdf, Config, Counter, Desc, DeviceEvent, EventKind, FlushEvent, Header, HpTraceEvent, IommuId,
-    IstReturnEvent, LogEvent, SlotEvent, SubmitEvent, SubmitReturnEvent, WalkEvent, COUNTER_SLOTS,
-    LOG_TEXT_LEN, MAX_BATCH, MAX_DISCONNECT_CALLBACKS, OFFSET_NONE, SEGMENT_UNKNOWN, STACK_NONE,
-    SUBMIT_FIXED_LEN,
+    Bdf, CompactHeader, CompactKind, Config, Counter, Desc, DeviceEvent, EventKind,
+    FlushCompactEvent, Header, HpTraceEvent, IommuId, IommuInfoEvent, IstReturnEvent, LogEvent,
+    ReturnCompactEvent, SlotEvent, SubmitCompactEvent, TaskEvent, WalkEvent, COMPACT_SATURATED,
+    COUNTER_SLOTS, IOMMU_SLOTS, IOMMU_SLOT_NONE, LOG_TEXT_LEN, MAX_BATCH, MAX_DISCONNECT_CALLBACKS,
+    OFFSET_NONE, RETURN_COMPACT_LEN, SEGMENT_UNKNOWN, STACK_NONE, SUBMIT_COMPACT_FIXED_LEN,
 };
 
 /// Set by the loader before load (`EbpfLoader::set_global`).
@@ -53,18 +54,48 @@ static STACKS: StackTrace = StackTrace::with_max_entries(2048, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-/// Per CPU: the submission record being built (see `on_submit`).
+/// What one CPU's hot-path programs keep between runs: one map lookup gives all of it.
+#[repr(C)]
+pub struct CpuState {
+    /// The submission record being built (see `on_submit`).
+    submit: SubmitCompactEvent,
+    /// The batch's descriptors as read, by position (see `on_submit`).
+    raw: [Desc; MAX_BATCH],
+    /// Bit `i`: `raw[i]` is a device-TLB descriptor of this submission. Kept in the map, not
+    /// in a register: the verifier does not track what a map holds, while a register's exact
+    /// value would make it walk every combination of bits apart (6.1: over a million
+    /// instructions).
+    devmask: u32,
+    _pad: u32,
+    /// Per task slot (`tid % TASK_SLOTS`): the thread the slot's last `Task` announcement on
+    /// this CPU named, and when it went out.
+    task_tid: [u32; TASK_SLOTS],
+    task_ns: [u64; TASK_SLOTS],
+    /// Records sent since the ring's fill level was last looked at (see `hot_flags`).
+    since_check: u32,
+    _pad2: u32,
+    /// When this CPU last took a stack for an ordinary submission (the sample; `want_stack`).
+    sample_ns: u64,
+    /// `struct intel_iommu *` each IOMMU slot was last announced for on this CPU (0: none).
+    iommu: [u64; IOMMU_SLOTS],
+}
+
+/// Per CPU: see `CpuState`.
 #[map]
-static SCRATCH: PerCpuArray<SubmitEvent> = PerCpuArray::with_max_entries(1, 0);
+static CPU: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
+
+/// A thread on a CPU is announced again after this long, so a `comm` that changed (exec,
+/// prctl) or a thread id reused is named right within a second.
+const TASK_NS: u64 = 1_000_000_000;
+/// Task slots per CPU (`itewatch_common::TASK_SLOTS`).
+const TASK_SLOTS: usize = itewatch_common::TASK_SLOTS;
+/// Ring-buffer fill level looked at every this many hot-path records per CPU.
+const CHECK_EVERY: u32 = 64;
 
 /// When a stack is worth its cost (see `want_stack`). Slot 0: `bpf_ktime_get_ns()` of the
 /// last hot-plug or removal event any probe saw.
 #[map]
 static STATE: Array<u64> = Array::with_max_entries(1, 0);
-
-/// Per CPU: when this CPU last took a stack for an ordinary submission (the sample).
-#[map]
-static LAST_SAMPLE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Source-ids of devices a removal or disconnect probe has seen, one bit per SID (all
 /// segments share it: a collision only costs an extra stack). Set by the BPF programs
@@ -247,7 +278,7 @@ fn is_gone(sid: u16) -> bool {
 /// second keeps the callers classified. Unwinding on every submission was most of the
 /// probe's cost (issue 14: 15 us of 17 us per call under TCG).
 #[inline(always)]
-fn want_stack(now: u64, gone: bool) -> bool {
+fn want_stack(st: *mut CpuState, now: u64, gone: bool) -> bool {
     if gone {
         return true;
     }
@@ -256,19 +287,15 @@ fn want_stack(now: u64, gone: bool) -> bool {
             return true;
         }
     }
-    match LAST_SAMPLE.get_ptr_mut(0) {
-        Some(p) => {
-            // SAFETY: this CPU's slot.
-            unsafe {
-                if *p == 0 || now.wrapping_sub(*p) >= SAMPLE_NS {
-                    *p = now;
-                    true
-                } else {
-                    false
-                }
-            }
+    // SAFETY: `st` is this CPU's state (see `on_submit`).
+    unsafe {
+        let p = addr_of_mut!((*st).sample_ns);
+        if *p == 0 || now.wrapping_sub(*p) >= SAMPLE_NS {
+            *p = now;
+            true
+        } else {
+            false
         }
-        None => true,
     }
 }
 
@@ -333,9 +360,23 @@ fn iommu_id(iommu: u64) -> IommuId {
 // flight) where the kernel supports them, kprobe/kretprobe otherwise. The loader tries them in
 // that order and records which one attached.
 
+/// Argument `n` of a trampoline program as a plain integer. The verifier types a pointer
+/// argument read by `ctx.arg(n)` as a BTF pointer, on which it allows no arithmetic but adding
+/// and subtracting (the IOMMU slot shifts and masks the address); this helper, which it
+/// inlines on x86-64, gives the value.
+#[inline(always)]
+fn func_arg(ctx: &FEntryContext, n: u32) -> u64 {
+    let mut v = 0u64;
+    // SAFETY: the helper writes one u64 to `v` (0 when `n` is out of range).
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_get_func_arg(ctx.as_ptr(), n, &mut v);
+    }
+    v
+}
+
 #[fentry(function = "qi_submit_sync")]
 pub fn qi_submit_sync_fentry(ctx: FEntryContext) -> u32 {
-    let iommu: u64 = ctx.arg(0);
+    let iommu = func_arg(&ctx, 0);
     let desc: u64 = ctx.arg(1);
     let count = ctx.arg::<u64>(2) as u32;
     let options: u64 = ctx.arg(3);
@@ -351,78 +392,221 @@ pub fn qi_submit_sync(ctx: ProbeContext) -> u32 {
     on_submit(&ctx, iommu, desc, count, options)
 }
 
+/// The compact header of a hot-path record (ABI 3) of thread `tid`, taken at `now`.
+#[inline(always)]
+fn compact_header(kind: CompactKind, tid: u32, now: u64) -> CompactHeader {
+    CompactHeader {
+        kind: kind as u8,
+        aux: 0,
+        // SAFETY: no preconditions.
+        cpu: unsafe { bpf_get_smp_processor_id() } as u16,
+        tid,
+        ts_ns: now,
+    }
+}
+
+/// Ring-buffer flags for a hot-path record: no wake-up (every sink also drains on a timer:
+/// `record` 250 ms, `agent` 100 ms, `live` each frame), except that every `CHECK_EVERY`
+/// records of a CPU the fill level is looked at (two helper calls), and a ring a quarter full
+/// wakes the reader before it fills.
+#[inline(always)]
+fn hot_flags(st: *mut CpuState) -> u64 {
+    // SAFETY: `st` is this CPU's state; programs of one CPU do not run at once (see
+    // `on_submit`).
+    unsafe {
+        let n = addr_of_mut!((*st).since_check);
+        *n += 1;
+        if *n >= CHECK_EVERY {
+            *n = 0;
+            quiet_flags()
+        } else {
+            BPF_RB_NO_WAKEUP
+        }
+    }
+}
+
+/// Sends a `Task` record for the current thread when its slot (`tid % TASK_SLOTS`) on this
+/// CPU last named another thread, or is older than `TASK_NS`. Several slots, because a
+/// submission from an interrupt (a DMA completion unmapping) runs on whatever thread it
+/// interrupted: with one slot, a CPU alternating between the workload and the threads it
+/// interrupts sent a `Task` record every few submissions. Marked as sent only when it went
+/// out: a lost one is sent again with the next record (and the decoder names a record without
+/// one as unknown).
+#[inline(always)]
+fn announce_task(st: *mut CpuState, hdr: &CompactHeader, pid: u32) {
+    let slot = hdr.tid as usize & (TASK_SLOTS - 1);
+    // SAFETY: as in `hot_flags`; `slot` < TASK_SLOTS (masked).
+    unsafe {
+        let (tid, at) = ((*st).task_tid[slot], (*st).task_ns[slot]);
+        if tid == hdr.tid && at != 0 && hdr.ts_ns.wrapping_sub(at) < TASK_NS {
+            return;
+        }
+    }
+    let ev = TaskEvent {
+        hdr: CompactHeader {
+            kind: CompactKind::Task as u8,
+            ..*hdr
+        },
+        pid,
+        _pad: 0,
+        comm: comm(),
+    };
+    if EVENTS.output::<TaskEvent>(&ev, BPF_RB_NO_WAKEUP).is_ok() {
+        // SAFETY: as above.
+        unsafe {
+            (*st).task_tid[slot] = hdr.tid;
+            (*st).task_ns[slot] = hdr.ts_ns;
+        }
+    } else {
+        bump(Counter::RingbufFull);
+    }
+}
+
+/// The slot that names `iommu` in this CPU's compact records, announcing it (its name and
+/// segment: two kernel reads, once per unit and CPU) when the slot named another unit or none.
+/// `IOMMU_SLOT_NONE` when the announcement could not go out (ring buffer full) or the pointer
+/// is null: the IOMMU of that record is unknown, never another unit's.
+#[inline(always)]
+fn iommu_slot(st: *mut CpuState, hdr: &CompactHeader, iommu: u64) -> u8 {
+    if iommu == 0 {
+        return IOMMU_SLOT_NONE;
+    }
+    // `struct intel_iommu` is a kmalloc-2k object on 6.1 and 6.12: bits 11 and up differ
+    // between units. Two units on one slot only cost announcements.
+    let slot = ((iommu >> 11) as usize) & (IOMMU_SLOTS - 1);
+    // SAFETY: as in `hot_flags`; `slot` < IOMMU_SLOTS (masked).
+    unsafe {
+        let p = addr_of_mut!((*st).iommu[slot]);
+        if *p == iommu {
+            return slot as u8;
+        }
+        let ev = IommuInfoEvent {
+            hdr: CompactHeader {
+                kind: CompactKind::IommuInfo as u8,
+                aux: slot as u8,
+                ..*hdr
+            },
+            iommu: iommu_id(iommu),
+        };
+        if EVENTS
+            .output::<IommuInfoEvent>(&ev, BPF_RB_NO_WAKEUP)
+            .is_ok()
+        {
+            *p = iommu;
+            slot as u8
+        } else {
+            bump(Counter::RingbufFull);
+            IOMMU_SLOT_NONE
+        }
+    }
+}
+
+#[inline(always)]
+fn saturate16(v: u64) -> u16 {
+    if v >= COMPACT_SATURATED as u64 {
+        COMPACT_SATURATED
+    } else {
+        v as u16
+    }
+}
+
 #[inline(always)]
 fn on_submit<C: StackIdContext>(ctx: &C, iommu: u64, desc: u64, count: u32, options: u64) -> u32 {
-    let hdr = header(EventKind::Submit);
-    let now = hdr.ts_ns;
-    // Built in this CPU's scratch slot, then copied out with only the descriptors the batch
-    // has: a one-descriptor submission is 112 bytes on the wire instead of 352, and the stack
-    // is taken before the copy, not while a ring-buffer slot is held (which makes other CPUs'
-    // records wait). Safe per CPU: a trampoline program does not re-enter on the same CPU
-    // (the kernel skips and counts a nested run), nor does a kprobe.
-    let Some(e) = SCRATCH.get_ptr_mut(0) else {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Built in this CPU's state, then copied out with only the device-TLB descriptors: an
+    // IOTLB + device-TLB pair is 44 bytes on the wire. The stack is taken before the copy, not
+    // while a ring-buffer slot is held (which makes other CPUs' records wait). Safe per CPU: a
+    // trampoline program does not re-enter on the same CPU (the kernel skips and counts a
+    // nested run), nor does a kprobe.
+    let Some(st) = CPU.get_ptr_mut(0) else {
         return 0;
     };
+    let hdr = compact_header(CompactKind::Submit, id as u32, now);
+    announce_task(st, &hdr, (id >> 32) as u32);
+    let slot = iommu_slot(st, &hdr, iommu);
     let want = if count as usize > MAX_BATCH {
         MAX_BATCH as u32
     } else {
         count
     };
     let stride = cfg!(qi_desc_size) as u64;
-    let mut captured = 0u32;
-    let mut dev_tlb = false;
+    let mut others = 0u32;
+    let mut types = 0u16;
     let mut gone = false;
-    // SAFETY: `e` is this CPU's scratch slot (see above); the fields sent are all written
-    // before the copy.
-    unsafe {
-        addr_of_mut!((*e).hdr).write(hdr);
-        addr_of_mut!((*e).iommu).write(iommu_id(iommu));
-        addr_of_mut!((*e).options).write(options);
-        addr_of_mut!((*e).count).write(count);
-        addr_of_mut!((*e)._pad).write(0);
-        // Bounded loop: MAX_BATCH iterations at most (verifier: constant trip count).
+    // SAFETY: `st` is this CPU's state (see above); the fields sent are all written before
+    // the copy.
+    let e = unsafe { addr_of_mut!((*st).submit) };
+    let raw = unsafe { addr_of_mut!((*st).raw) };
+    let devmask = unsafe { addr_of_mut!((*st).devmask) };
+    let sent = unsafe {
+        devmask.write_volatile(0);
+        // Bounded loop: MAX_BATCH iterations at most (verifier: constant trip count). Each
+        // descriptor goes to its batch position: a store at a position that depends on the
+        // descriptors before it made 6.1's verifier walk over a million instructions.
         for i in 0..MAX_BATCH {
             if (i as u32) < want {
-                let slot = addr_of_mut!((*e).descs[i]);
                 match bpf_probe_read_kernel((desc + i as u64 * stride) as *const Desc) {
                     Ok(d) => {
+                        addr_of_mut!((*raw)[i]).write(d);
                         if is_dev_tlb(d.qw0) {
-                            dev_tlb = true;
+                            devmask.write_volatile(devmask.read_volatile() | (1 << i));
                             // SID: bits 31:16 of both device-TLB descriptor types.
                             gone |= is_gone((d.qw0 >> 16) as u16);
+                        } else {
+                            types |= 1u16 << (d.qw0 & 0xf);
+                            others += 1;
                         }
-                        slot.write(d);
-                        captured += 1;
                     }
-                    Err(_) => {
-                        bump(Counter::ReadFailed);
-                        // Volatile: no merged `memset` (see emit_device).
-                        slot.write_volatile(Desc { qw0: 0, qw1: 0 });
-                    }
+                    Err(_) => bump(Counter::ReadFailed),
                 }
             }
         }
-        addr_of_mut!((*e).captured).write(captured);
+        // The device-TLB ones, packed in batch order, without a branch: every position is
+        // copied to the next free slot, which only a device-TLB descriptor takes (stale
+        // positions past the batch have no bit in `devmask`).
+        let dm = devmask.read_volatile();
+        let mut sent = 0u32;
+        for j in 0..MAX_BATCH {
+            let d = *addr_of!((*raw)[j]);
+            addr_of_mut!((*e).descs[sent as usize & (MAX_BATCH - 1)]).write([
+                d.qw0 as u32,
+                (d.qw0 >> 32) as u32,
+                d.qw1 as u32,
+                (d.qw1 >> 32) as u32,
+            ]);
+            sent += (dm >> j) & 1;
+        }
+        sent
+    };
+    unsafe {
         // The caller path matters only where a device-TLB invalidation is sent (it names the
         // code path that sent it to a removed device); every other submission (IOTLB,
         // context, wait-only) goes without a stack: no unwind, no map entry. See `want_stack`
         // for which device-TLB submissions take one.
-        let stack = if dev_tlb && want_stack(now, gone) {
+        let stack = if sent > 0 && want_stack(st, now, gone) {
             stack_id(ctx)
         } else {
             STACK_NONE
         };
+        addr_of_mut!((*e).hdr).write(CompactHeader { aux: slot, ..hdr });
+        addr_of_mut!((*e).count).write(saturate16(count as u64));
+        addr_of_mut!((*e).options).write(saturate16(options));
         addr_of_mut!((*e).stack_id).write(stack);
+        addr_of_mut!((*e).other_types).write(types);
+        addr_of_mut!((*e).sent).write(sent as u8);
+        addr_of_mut!((*e).others).write(others as u8);
     }
-    // `want` <= MAX_BATCH, so `len` <= size_of::<SubmitEvent>() (the mask restates it for the
-    // verifier).
-    let len = (SUBMIT_FIXED_LEN + want as usize * core::mem::size_of::<Desc>()) & 0x1ff;
-    if len > core::mem::size_of::<SubmitEvent>() {
+    // `sent` <= MAX_BATCH, so `len` <= size_of::<SubmitCompactEvent>() (the mask and the
+    // check restate it for the verifier).
+    let len = (SUBMIT_COMPACT_FIXED_LEN + sent as usize * 16) & 0x1ff;
+    if len > core::mem::size_of::<SubmitCompactEvent>() {
         return 0;
     }
-    // SAFETY: `e` is a map value of size_of::<SubmitEvent>() bytes, `len` is within it.
+    // SAFETY: `e` is within a map value and `len` bytes of it are the record.
     let bytes = unsafe { core::slice::from_raw_parts(e as *const u8, len) };
-    if EVENTS.output::<[u8]>(bytes, quiet_flags()).is_err() {
+    if EVENTS.output::<[u8]>(bytes, hot_flags(st)).is_err() {
         bump(Counter::RingbufFull);
     }
     0
@@ -431,27 +615,33 @@ fn on_submit<C: StackIdContext>(ctx: &C, iommu: u64, desc: u64, count: u32, opti
 /// fexit: the arguments, then the return value (an `int`: the low 32 bits).
 #[fexit(function = "qi_submit_sync")]
 pub fn qi_submit_sync_fexit(ctx: FExitContext) -> u32 {
-    on_submit_return(ctx.arg::<u64>(4) as i32 as i64)
+    on_submit_return(ctx.arg::<u64>(4) as i32)
 }
 
 #[kretprobe]
 pub fn qi_submit_sync_ret(ctx: RetProbeContext) -> u32 {
-    on_submit_return(ctx.ret::<i64>() as i32 as i64)
+    on_submit_return(ctx.ret::<i64>() as i32)
 }
 
 #[inline(always)]
-fn on_submit_return(ret: i64) -> u32 {
+fn on_submit_return(ret: i32) -> u32 {
     // No entry time here: userspace pairs a return with its entry by thread (itewatch-core's
-    // `pairing`), which a per-thread hash map in the kernel only duplicated at a cost on
-    // every call. `start_ts_ns` stays 0 ("not seen by the probe").
-    let ev = SubmitReturnEvent {
-        hdr: header(EventKind::SubmitReturn),
+    // `pairing`). No `comm` either: the thread's `Task` record of this CPU came with the entry.
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let ev = ReturnCompactEvent {
+        hdr: compact_header(CompactKind::Return, id as u32, now),
         ret,
-        start_ts_ns: 0,
+        _pad: 0,
     };
-    // A failed submission wakes the reader at once; an ordinary one waits for its timer.
-    let flags = if ret != 0 { 0 } else { quiet_flags() };
-    if EVENTS.output::<SubmitReturnEvent>(&ev, flags).is_err() {
+    // A failed submission wakes the reader at once; an ordinary one waits for its timer (the
+    // entries look at the fill level).
+    let flags = if ret != 0 { 0 } else { BPF_RB_NO_WAKEUP };
+    // SAFETY: `ev` is a local of at least RETURN_COMPACT_LEN bytes, all written.
+    let bytes =
+        unsafe { core::slice::from_raw_parts(addr_of!(ev) as *const u8, RETURN_COMPACT_LEN) };
+    if EVENTS.output::<[u8]>(bytes, flags).is_err() {
         bump(Counter::RingbufFull);
     }
     0
@@ -473,9 +663,19 @@ fn emit_flush(
     addr: u64,
     mask: u32,
 ) {
-    let ev = FlushEvent {
-        hdr: header(EventKind::DevTlbFlush),
-        iommu: iommu_id(iommu),
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(st) = CPU.get_ptr_mut(0) else {
+        return;
+    };
+    let hdr = compact_header(CompactKind::Flush, id as u32, now);
+    announce_task(st, &hdr, (id >> 32) as u32);
+    let slot = iommu_slot(st, &hdr, iommu);
+    // No stack: the submission this flush makes (`qi_submit_sync` inside it, on the same
+    // thread) carries the same one a frame deeper where one is taken.
+    let ev = FlushCompactEvent {
+        hdr: CompactHeader { aux: slot, ..hdr },
         addr,
         sid,
         pfsid,
@@ -483,20 +683,19 @@ fn emit_flush(
         has_pasid: pasid.is_some() as u16,
         pasid: pasid.unwrap_or(0),
         mask,
-        // The submission this flush makes (`qi_submit_sync` inside it, on the same thread)
-        // carries the same stack one frame deeper: a second walk would only fill the map.
-        stack_id: STACK_NONE,
-        _pad: 0,
     };
     // On the submission hot path (6.1 flushes one device-TLB descriptor per call).
-    if EVENTS.output::<FlushEvent>(&ev, quiet_flags()).is_err() {
+    if EVENTS
+        .output::<FlushCompactEvent>(&ev, hot_flags(st))
+        .is_err()
+    {
         bump(Counter::RingbufFull);
     }
 }
 
 #[fentry(function = "qi_flush_dev_iotlb")]
 pub fn qi_flush_dev_iotlb_fentry(ctx: FEntryContext) -> u32 {
-    let iommu: u64 = ctx.arg(0);
+    let iommu = func_arg(&ctx, 0);
     let sid = ctx.arg::<u64>(1) as u16;
     let pfsid = ctx.arg::<u64>(2) as u16;
     let qdep = ctx.arg::<u64>(3) as u16;
@@ -508,7 +707,7 @@ pub fn qi_flush_dev_iotlb_fentry(ctx: FEntryContext) -> u32 {
 
 #[fentry(function = "qi_flush_dev_iotlb_pasid")]
 pub fn qi_flush_dev_iotlb_pasid_fentry(ctx: FEntryContext) -> u32 {
-    let iommu: u64 = ctx.arg(0);
+    let iommu = func_arg(&ctx, 0);
     let sid = ctx.arg::<u64>(1) as u16;
     let pfsid = ctx.arg::<u64>(2) as u16;
     let pasid = ctx.arg::<u64>(3) as u32;

@@ -20,7 +20,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use aya::maps::{MapData, RingBuf, StackTraceMap};
 
 use crate::event::{
-    Bdf, DeviceInfo, Event, KTime, LostRecord, Payload, Record, StackId, StackRecord,
+    Bdf, Decoder, DecoderStats, DeviceInfo, Event, KTime, LostRecord, Payload, Record, StackId,
+    StackRecord,
 };
 use crate::kallsyms::Kallsyms;
 use crate::probe::{CounterTotals, Counters, LoadOptions, ProbeError, Probes};
@@ -30,6 +31,9 @@ use crate::trace::{ProbeStatus, ProgramStats};
 pub enum Item<'a> {
     /// A kernel event, with its bytes exactly as the kernel wrote them (what a trace stores).
     Kernel { bytes: &'a [u8], event: Event },
+    /// A kernel record that is no event: an ABI 3 announcement of the thread or IOMMU that a
+    /// CPU's next compact records belong to. Only a trace writer needs it (as it came).
+    Announcement { bytes: &'a [u8] },
     /// A record made in userspace: a symbolized stack, a device identity or a loss marker.
     Made(Record),
 }
@@ -350,6 +354,8 @@ pub struct LiveReader {
     kallsyms: Option<Kallsyms>,
     probed: Vec<&'static str>,
     stack_table: StackTable,
+    /// The ring buffer's records decode against the announcements before them (ABI 3).
+    decoder: Decoder,
     losses: LossTracker,
     last_ts: KTime,
     devices: DeviceTracker,
@@ -403,6 +409,7 @@ impl LiveReader {
             kallsyms,
             probed: crate::probe::probed_functions(),
             stack_table,
+            decoder: Decoder::new(),
             losses: LossTracker::default(),
             last_ts: KTime(0),
             devices,
@@ -469,6 +476,11 @@ impl LiveReader {
         self.counters.totals()
     }
 
+    /// What the decoder could not fill in (threads or IOMMUs not announced) so far.
+    pub fn decoder_stats(&self) -> DecoderStats {
+        self.decoder.stats
+    }
+
     /// Stack records handed out so far (a stack read again after its id was deleted from the
     /// kernel map counts again only if it changed).
     pub fn stacks_seen(&self) -> u64 {
@@ -495,8 +507,12 @@ impl LiveReader {
             };
             taken += 1;
             let bytes: &[u8] = &item;
-            let event = match Event::decode(bytes) {
-                Ok(e) => e,
+            let event = match self.decoder.decode(bytes) {
+                Ok(Some(e)) => e,
+                Ok(None) => {
+                    f(Item::Announcement { bytes })?;
+                    continue;
+                }
                 Err(_) => {
                     // Not handed out (a trace reader would stop at it): counted, and
                     // reported as lost by the next `periodic`.
@@ -531,6 +547,7 @@ impl LiveReader {
             out.push(match it {
                 Item::Kernel { event, .. } => Record::Event(event),
                 Item::Made(r) => r,
+                Item::Announcement { .. } => return Ok(()),
             });
             Ok(())
         });

@@ -1081,6 +1081,7 @@ mod tests {
             raw: [Descriptor::dev_tlb_raw(Sid(sid), Sid(sid), 0, 0, 0)]
                 .into_iter()
                 .collect(),
+            others: Default::default(),
             stack: None,
         })
     }

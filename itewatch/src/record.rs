@@ -57,6 +57,7 @@ impl<W: Write> Writer<W> {
     fn item(&mut self, item: Item<'_>) -> std::io::Result<()> {
         match item {
             Item::Made(r) => self.record(&r),
+            Item::Announcement { bytes } => self.writer.write_raw_event(bytes),
             Item::Kernel { bytes, event } => {
                 if self.echo {
                     println!("{}", crate::render::record_line(&Record::Event(event)));
@@ -109,14 +110,8 @@ async fn run_async(
     for n in reader.notes() {
         eprintln!("itewatch: note: {n}");
     }
-    let missing = reader.missing_required();
-    if !missing.is_empty() && !opts.allow_degraded {
-        anyhow::bail!(
-            "required probes missing: {}; a recording without them cannot show the race (see \
-             `itewatch doctor`). `--degraded` records anyway, and every report of it says it is blind",
-            reader.missing_required_why().join("; ")
-        );
-    }
+    // Why each probe is unavailable comes first, also when a missing required one ends the
+    // recording here (a verifier refusal is only told here).
     for p in reader.plan() {
         if p.mechanism.is_none() {
             eprintln!(
@@ -125,6 +120,14 @@ async fn run_async(
                 p.detail.as_deref().unwrap_or("?")
             );
         }
+    }
+    let missing = reader.missing_required();
+    if !missing.is_empty() && !opts.allow_degraded {
+        anyhow::bail!(
+            "required probes missing: {}; a recording without them cannot show the race (see \
+             `itewatch doctor`). `--degraded` records anyway, and every report of it says it is blind",
+            missing.join(", ")
+        );
     }
     // Host, CPU model, VT-d units, scalable mode, ATS in use: into the header, so every report
     // of the trace names the machine it came from.

@@ -19,7 +19,8 @@ fn opt_bdf(b: Option<crate::event::Bdf>) -> Value {
 /// The decoded fields of an event, without the common header.
 pub fn payload_json(p: &Payload) -> Value {
     match p {
-        Payload::Submit(s) => json!({
+        Payload::Submit(s) => {
+            let mut v = json!({
             "iommu": s.iommu.name.to_string(),
             "count": s.count,
             "captured": s.captured(),
@@ -34,7 +35,16 @@ pub fn payload_json(p: &Payload) -> Value {
                 v
             }).collect::<Vec<_>>(),
             "stack": s.stack,
-        }),
+            });
+            // ABI 3: descriptors read but not carried (only device-TLB ones are), by type.
+            if s.others.count > 0 {
+                v["other_descriptors"] = json!({
+                    "count": s.others.count,
+                    "types": s.others.type_codes().collect::<Vec<_>>(),
+                });
+            }
+            v
+        }
         Payload::SubmitReturn(r) => json!({ "ret": r.ret, "start_ns": r.start }),
         Payload::DevTlbFlush(f) => json!({
             "iommu": f.iommu.name.to_string(),
@@ -165,7 +175,16 @@ pub fn record_line(r: &Record) -> String {
             );
             let what = match &e.payload {
                 Payload::Submit(s) => {
-                    let d: Vec<String> = s.descriptors().map(desc_short).collect();
+                    let mut d: Vec<String> = s.descriptors().map(desc_short).collect();
+                    if s.others.count > 0 {
+                        let types: Vec<String> =
+                            s.others.type_codes().map(|t| format!("{t:#x}")).collect();
+                        d.push(format!(
+                            "+{} other (type {})",
+                            s.others.count,
+                            types.join("/")
+                        ));
+                    }
                     format!(
                         "submit {} count={} [{}]{}",
                         s.iommu.name,
@@ -280,6 +299,7 @@ mod tests {
                 options: 0,
                 count: 2,
                 raw: raw[..2].into(),
+                others: Default::default(),
                 stack: None,
             }),
         };

@@ -391,6 +391,11 @@ pub fn detail(e: &Event) -> String {
                     }
                 }
             }
+            if sub.others.count > 0 {
+                let types: Vec<String> =
+                    sub.others.type_codes().map(|t| format!("{t:#x}")).collect();
+                let _ = write!(s, " +{} other (type {})", sub.others.count, types.join("/"));
+            }
             if sub.truncated() {
                 let _ = write!(s, " (captured {} of {})", sub.captured(), sub.count);
             }

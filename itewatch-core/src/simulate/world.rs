@@ -588,6 +588,7 @@ impl World {
             options: 0,
             count: descs.len() as u32,
             raw: descs[..captured].into(),
+            others: Default::default(),
             stack: Some(StackId(stack)),
         })
     }

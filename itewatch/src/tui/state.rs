@@ -114,6 +114,28 @@ impl DescKinds {
         *c = c.saturating_add(1);
     }
 
+    /// Descriptors the probe summarised (ABI 3): by type when the summary has one type; with
+    /// several, one of each type and the rest under `other` (the record does not say how
+    /// many of each).
+    pub fn add_others(&mut self, o: crate::event::OtherDescs) {
+        let mut rest = o.count;
+        for t in o.type_codes() {
+            if rest == 0 {
+                break;
+            }
+            let n = if o.types.count_ones() == 1 { rest } else { 1 };
+            let d = Descriptor::decode(crate::event::RawDesc {
+                qw0: u64::from(t),
+                qw1: 0,
+            });
+            for _ in 0..n {
+                self.add(&d);
+            }
+            rest -= n;
+        }
+        self.other = self.other.saturating_add(rest);
+    }
+
     /// `iotlb+dev-tlb×2`.
     pub fn label(&self) -> String {
         let mut parts = Vec::new();
@@ -312,6 +334,7 @@ impl App {
                                 p.sids.push(sid);
                             }
                         }
+                        p.kinds.add_others(s.others);
                         if self.kinds.len() < 4 * MAX_PENDING {
                             self.kinds.insert((e.meta.tid, e.meta.ts), p.kinds);
                         }

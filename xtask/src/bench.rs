@@ -20,7 +20,7 @@ use itewatch::knowledge::probes::{Mechanism, SPECS};
 
 use crate::bench_guest::{self, BenchPlan, Condition};
 use crate::guest::VERDICT;
-use crate::kernels::{self, Kernel, PINNED};
+use crate::kernels::{self, Kernel};
 use crate::qemu::{self, Files, Guest, QemuOpts};
 use crate::KernelChoice;
 
@@ -484,18 +484,7 @@ pub fn run(args: &VmBenchArgs) -> Result<bool> {
     if args.rounds == 0 || args.reps == 0 || args.blocks == 0 {
         bail!("--rounds, --reps and --blocks must be at least 1");
     }
-    let chosen: Vec<_> = PINNED
-        .iter()
-        .chain(kernels::NEWER.iter())
-        .copied()
-        .filter(|p| match args.kernel {
-            KernelChoice::All => true,
-            KernelChoice::V6_1 => p.name == "6.1",
-            KernelChoice::V6_12 => p.name == "6.12",
-            KernelChoice::V6_18 => p.name == "6.18",
-            KernelChoice::V7_3 => p.name == "7.3",
-        })
-        .collect();
+    let chosen = kernels::chosen(args.kernel);
     let rootfs = crate::bench_rootfs::prepare().context("preparing the bpftrace rootfs")?;
     let itewatch = match &args.itewatch {
         Some(p) => p.clone(),

@@ -118,6 +118,23 @@ pub const NEWER: [Pinned; 2] = [
     },
 ];
 
+/// The pinned kernels (the matrix's, then the newer ones) that `--kernel` selects.
+pub fn chosen(choice: crate::KernelChoice) -> Vec<Pinned> {
+    use crate::KernelChoice::*;
+    PINNED
+        .iter()
+        .chain(NEWER.iter())
+        .copied()
+        .filter(|p| match choice {
+            All => true,
+            V6_1 => p.name == "6.1",
+            V6_12 => p.name == "6.12",
+            V6_18 => p.name == "6.18",
+            V7_3 => p.name == "7.3",
+        })
+        .collect()
+}
+
 /// Modules the guest loads (those built in are skipped); dependencies are added.
 pub const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
 

@@ -12,10 +12,10 @@ use serde_json::json;
 use crate::assert::{self, Check, RunFacts};
 use crate::guest::{self, GuestPlan, STAGE, VERDICT};
 use crate::initramfs::Cpio;
-use crate::kernels::{self, Kernel, PINNED};
+use crate::kernels::{self, Kernel};
 use crate::qemu::{self, Files, Guest, QemuOpts};
 use crate::qmp::{self, Qmp};
-use crate::{KernelChoice, ScenarioChoice, VmTestArgs};
+use crate::{ScenarioChoice, VmTestArgs};
 
 /// One guest run's scenario (docs/vm-tests.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,18 +96,7 @@ pub fn run(args: &VmTestArgs) -> Result<bool> {
         .clone()
         .unwrap_or_else(|| root.join(".cache/vm"));
     fs::create_dir_all(&cache)?;
-    let chosen: Vec<_> = PINNED
-        .iter()
-        .chain(kernels::NEWER.iter())
-        .copied()
-        .filter(|p| match args.kernel {
-            KernelChoice::All => true,
-            KernelChoice::V6_1 => p.name == "6.1",
-            KernelChoice::V6_12 => p.name == "6.12",
-            KernelChoice::V6_18 => p.name == "6.18",
-            KernelChoice::V7_3 => p.name == "7.3",
-        })
-        .collect();
+    let chosen = kernels::chosen(args.kernel);
     let scenarios: Vec<Scenario> = match args.scenario {
         ScenarioChoice::Removals => vec![Scenario::Removals],
         ScenarioChoice::IteSurprise => vec![Scenario::IteSurprise],

@@ -188,13 +188,14 @@ impl Kallsyms {
         };
         // Stable on address; among aliases (`_stext`/`_text`) prefer a global name.
         text_by_addr.sort_by_key(|&i| (symbols[i as usize].addr, symbols[i as usize].is_local()));
-        let mut by_base: Vec<u32> = (0..n).collect();
-        by_base.sort_by(|&a, &b| {
-            symbols[a as usize]
-                .base_name()
-                .cmp(symbols[b as usize].base_name())
-                .then(a.cmp(&b))
-        });
+        // Keys computed once, not per comparison: finding each name's suffix inside the
+        // comparator was most of a live process's start-up under TCG. The index breaks ties,
+        // so an unstable sort gives the same order as a stable one.
+        let mut keyed: Vec<(&str, u32)> = (0..n)
+            .map(|i| (symbols[i as usize].base_name(), i))
+            .collect();
+        keyed.sort_unstable();
+        let by_base: Vec<u32> = keyed.into_iter().map(|(_, i)| i).collect();
         Kallsyms {
             symbols,
             text_by_addr,

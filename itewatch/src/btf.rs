@@ -88,10 +88,35 @@ pub fn load(path: Option<&Path>) -> Result<Btf, BtfError> {
             path: path.to_path_buf(),
         });
     }
+    if let Some(btf) = mapped_copy(path) {
+        return Ok(btf);
+    }
     Btf::from_file(path).map_err(|source| BtfError::Read {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// The BTF file copied into an anonymous memory file and mapped, for btf-rs's mmap backend:
+/// it keeps an index of type offsets (about 1 MB) and decodes a type when asked, where the
+/// default backend decodes and keeps every type (about 40 MB for a 5 MB vmlinux BTF, most of
+/// a live process's start-up under TCG). A copy, not the file itself: sysfs's BTF cannot be
+/// mapped before 6.16, and a file someone truncates under a mapping would kill the process
+/// (SIGBUS). `None` when any step fails; the caller then parses the file the default way.
+fn mapped_copy(path: &Path) -> Option<Btf> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut src = std::fs::File::open(path).ok()?;
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; a valid fd or -1 comes back.
+    let fd = unsafe { libc::memfd_create(c"itewatch-btf".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd was just created and is owned by nothing else.
+    let mut copy = unsafe { std::fs::File::from_raw_fd(fd) };
+    std::io::copy(&mut src, &mut copy).ok()?;
+    // The mapping keeps the memory file alive after `copy` is closed.
+    let proc_path = PathBuf::from(format!("/proc/self/fd/{}", copy.as_raw_fd()));
+    Btf::from_file_with_backend(&proc_path, btf_rs::Backend::Mmap).ok()
 }
 
 /// The type of a member, as far as the checks need it.

@@ -386,7 +386,11 @@ pub fn diagnose(view: &HostView) -> DoctorReport {
         .collect();
     probes.extend(TRACEPOINT_TARGETS.iter().map(|t| tracepoint_check(t, &src)));
 
-    let kernel_code = kcode::read_live(&view.root, src.btf.as_ref().ok());
+    let kernel_code = kcode::read_live(
+        &view.root,
+        src.btf.as_ref().ok().and_then(kcode::pci_dev_layout),
+        src.kallsyms.as_ref().ok(),
+    );
     host.push(match &kernel_code.error {
         None => check(
             "kernel code",

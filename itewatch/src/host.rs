@@ -74,14 +74,16 @@ pub use itewatch_core::knowledge::iommu::scalable_mode;
 /// read stays unknown.
 /// The trace header of a live capture on this host, as `record`, `agent` and `live` write or
 /// report it: this host's facts (read now: a device's ATS state needs the privileges that
-/// `agent` drops later), the probes as attached and the capture's monotonic start.
-pub fn live_header(probes: &[ProbeStatus], started_mono_ns: u64) -> TraceHeader {
+/// `agent` drops later), the probes as attached, the fixes as the kernel's own code shows
+/// them ([`crate::live::LiveReader::kernel_fixes`]) and the capture's monotonic start.
+pub fn live_header(
+    probes: &[ProbeStatus],
+    kernel_fixes: Vec<crate::trace::KernelFixStatus>,
+    started_mono_ns: u64,
+) -> TraceHeader {
     let mut header = TraceHeader::new(Source::Live);
     collect_host(Path::new("/")).apply(&mut header);
-    // The fixes as the kernel's own code shows them (root reads /proc/kcore; otherwise each
-    // is recorded as unknown, with the reason).
-    let btf = crate::btf::load(None).ok();
-    header.kernel_fixes = crate::kcode::read_live(Path::new("/"), btf.as_ref()).header_fixes();
+    header.kernel_fixes = kernel_fixes;
     header.probes = probes.to_vec();
     header.started_mono_ns = Some(started_mono_ns);
     header

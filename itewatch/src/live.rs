@@ -390,9 +390,11 @@ impl LiveReader {
         let stats_base = probes.program_stats();
         // Read again now that the programs are loaded: kallsyms then names the BPF programs
         // and trampolines (`[bpf]`), which the first frames of a trampoline's stack are in.
+        // One copy is kept, not both.
+        let before = probes.kallsyms.take();
         let kallsyms = match Kallsyms::load_from(&probes.host_root.join("proc/kallsyms")) {
             Ok(k) if !k.addresses_hidden() => Some(k),
-            _ => probes.kallsyms.take(),
+            _ => before,
         };
         let stack_table = StackTable::new(probes.stack_entries);
         let mut devices = DeviceTracker::default();
@@ -424,6 +426,18 @@ impl LiveReader {
     /// The attach plan.
     pub fn plan(&self) -> &[ProbeStatus] {
         &self.probes.plan
+    }
+
+    /// The fixes as the running kernel's own code shows them, for the trace header: root
+    /// reads `/proc/kcore`; otherwise each is unknown, with the reason. Uses the kallsyms and
+    /// BTF layout already read at attach time instead of reading them again.
+    pub fn kernel_fixes(&self) -> Vec<crate::trace::KernelFixStatus> {
+        crate::kcode::read_live(
+            &self.probes.host_root,
+            self.probes.pci_dev,
+            self.kallsyms.as_ref(),
+        )
+        .header_fixes()
     }
 
     /// Notes of the loader (fallbacks, kernel limits) for the user.

@@ -752,8 +752,10 @@ pub fn gather(root: &Path, target: &Target) -> Result<(Facts, kcode::CodeReport)
         Ok(u) => Some(u.iter().any(|u| u.kind == "intel-iommu")),
         Err(_) => None,
     };
-    let btf = crate::btf::load(Some(&root.join("sys/kernel/btf/vmlinux"))).ok();
-    let code = kcode::read_live(root, btf.as_ref());
+    let pci_dev = crate::btf::load(Some(&root.join("sys/kernel/btf/vmlinux")))
+        .ok()
+        .and_then(|b| kcode::pci_dev_layout(&b));
+    let code = kcode::read_live(root, pci_dev, None);
     let fixes = code
         .findings
         .iter()

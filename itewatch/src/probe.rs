@@ -92,6 +92,8 @@ pub struct Probes {
     /// Notes from load time (offsets that BTF did not give, kallsyms state).
     pub notes: Vec<String>,
     pub kallsyms: Option<Kallsyms>,
+    /// `pci_dev`'s layout from the same BTF read, for reading the kernel's code (kcode).
+    pub pci_dev: Option<crate::kcode::PciDevLayout>,
     /// Root of the host filesystem it was attached on (kallsyms is read again from there).
     pub host_root: PathBuf,
     /// Entries of the kernel stack map.
@@ -120,10 +122,14 @@ fn is_privileged() -> bool {
 fn build_config(
     opts: &LoadOptions,
     notes: &mut Vec<String>,
-) -> Result<(Config, Option<Kallsyms>), ProbeError> {
-    // The parsed BTF is tens of MB (about 40 MB for a 5 MB vmlinux BTF): only the offsets are
-    // kept, and it is gone before kallsyms is read, so the two never peak together.
-    let (offsets, offset_notes) = btf::resolve_offsets(&btf::load(opts.btf.as_deref())?);
+) -> Result<(Config, Option<Kallsyms>, Option<crate::kcode::PciDevLayout>), ProbeError> {
+    // Only the offsets (and pci_dev's layout) are kept: the BTF is gone before kallsyms is
+    // read, so the two never peak together.
+    let (offsets, offset_notes, pci_dev) = {
+        let b = btf::load(opts.btf.as_deref())?;
+        let (offsets, notes) = btf::resolve_offsets(&b);
+        (offsets, notes, crate::kcode::pci_dev_layout(&b))
+    };
     for n in offset_notes.iter().filter(|n| n.unavailable()) {
         notes.push(format!("offset {n}"));
     }
@@ -175,7 +181,7 @@ fn build_config(
         }
         Err(e) => notes.push(format!("tracefs: {e}")),
     }
-    Ok((config, kallsyms))
+    Ok((config, kallsyms, pci_dev))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -220,7 +226,7 @@ impl Probes {
             return Err(ProbeError::NotPrivileged);
         }
         let mut notes = Vec::new();
-        let (config, kallsyms) = build_config(opts, &mut notes)?;
+        let (config, kallsyms, pci_dev) = build_config(opts, &mut notes)?;
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", opts.ringbuf_bytes)
@@ -294,6 +300,7 @@ impl Probes {
             config,
             notes,
             kallsyms,
+            pci_dev,
             host_root: opts.host_root.clone(),
             stack_entries: opts.stack_entries.max(2),
         })

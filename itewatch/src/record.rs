@@ -131,7 +131,7 @@ async fn run_async(
     }
     // Host, CPU model, VT-d units, scalable mode, ATS in use: into the header, so every report
     // of the trace names the machine it came from.
-    let mut header = crate::host::live_header(reader.plan(), monotonic_ns());
+    let mut header = crate::host::live_header(reader.plan(), reader.kernel_fixes(), monotonic_ns());
     header.started_unix_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .ok()

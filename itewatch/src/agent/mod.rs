@@ -368,7 +368,7 @@ fn open_source(src: &SourceConfig, metrics: &Metrics) -> Result<(Source, DocCont
                 );
             }
             // Before the capabilities are dropped: a device's ATS state needs them.
-            let header = crate::host::live_header(live.plan(), monotonic_ns());
+            let header = crate::host::live_header(live.plan(), live.kernel_fixes(), monotonic_ns());
             Ok((
                 Source::Live(Box::new(live)),
                 DocContext { header, path: None },

@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::knowledge::fixes::{self, UpstreamFix};
 
+pub use read::pci_dev_layout;
 pub use x86::AbortWalk;
 
 /// One out-of-line copy of a function (the function itself, a `.part.N`/`.isra.N`/
@@ -200,9 +201,15 @@ impl CodeReport {
 
 /// Reads the running kernel's code below `root` (`/` live: `proc/kcore`, `proc/kallsyms`) and
 /// decides. Never fails: an unreadable kcore makes every finding `unknown`, with the reason.
-pub fn read_live(root: &std::path::Path, btf: Option<&btf_rs::Btf>) -> CodeReport {
+/// `pci_dev` is [`pci_dev_layout`] of the kernel's BTF; `syms` is the caller's kallsyms of
+/// this host, if it has read them already (read here otherwise).
+pub fn read_live(
+    root: &std::path::Path,
+    pci_dev: Option<PciDevLayout>,
+    syms: Option<&crate::kallsyms::Kallsyms>,
+) -> CodeReport {
     let source = "/proc/kcore via /proc/kallsyms";
-    match read::live(root, btf) {
+    match read::live(root, pci_dev, syms) {
         Ok(code) => CodeReport {
             source: source.into(),
             error: None,

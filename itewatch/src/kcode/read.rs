@@ -212,9 +212,20 @@ pub fn pci_dev_layout(btf: &btf_rs::Btf) -> Option<PciDevLayout> {
 }
 
 /// The running kernel's code: `/proc/kcore` through `/proc/kallsyms` (below `root`, `/` live).
-pub fn live(root: &Path, btf: Option<&btf_rs::Btf>) -> Result<KernelCode, ReadError> {
-    let syms = Kallsyms::load_from(&root.join("proc/kallsyms"))?;
+pub fn live(
+    root: &Path,
+    pci_dev: Option<PciDevLayout>,
+    syms: Option<&Kallsyms>,
+) -> Result<KernelCode, ReadError> {
+    let read;
+    let syms = match syms {
+        Some(s) => s,
+        None => {
+            read = Kallsyms::load_from(&root.join("proc/kallsyms"))?;
+            &read
+        }
+    };
     syms.require_addresses()?;
     let image = ElfImage::open(&root.join("proc/kcore"))?;
-    kernel_code(&image, &syms, btf.and_then(pci_dev_layout))
+    kernel_code(&image, syms, pci_dev)
 }

@@ -361,7 +361,7 @@ fn open_live(args: &LiveArgs) -> Result<(Opened, Option<Unavailable>), LiveError
         std::fs::write(path, plan)?;
     }
     // This host as a recorder would write it into a trace header: the export's host section.
-    let th = crate::host::live_header(live.plan(), monotonic_ns());
+    let th = crate::host::live_header(live.plan(), live.kernel_fixes(), monotonic_ns());
     let header = HeaderInfo {
         source: "live".into(),
         host: th.host.hostname.clone(),

@@ -143,6 +143,10 @@ impl Live {
         self.reader.plan()
     }
 
+    pub fn kernel_fixes(&self) -> Vec<crate::trace::KernelFixStatus> {
+        self.reader.kernel_fixes()
+    }
+
     /// Drains the ring buffer (at most `budget` events) into `out`.
     pub fn poll(&mut self, budget: usize, out: &mut Vec<Record>) {
         self.reader.drain(budget, out);

@@ -43,7 +43,7 @@ impl JsonSchema for Bdf {
 }
 
 /// The version this build writes.
-pub const SCHEMA_VERSION: &str = "2.0";
+pub const SCHEMA_VERSION: &str = "2.1";
 /// The major version this build reads.
 pub const SCHEMA_MAJOR: u32 = 2;
 
@@ -251,10 +251,38 @@ pub struct Loss {
     /// Schema 1.2; absent when zero.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub dev_tlb_without_stack: u64,
+    /// Events of a compact (ABI 3) trace whose thread no announcement named (the `Task`
+    /// record was lost to a full ring buffer, or the trace was cut before it): pid 0 and no
+    /// command name. Schema 2.1; absent when zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unknown_task: u64,
+    /// Submissions and flushes of a compact trace whose IOMMU the probe could not announce
+    /// (full ring buffer): unit and segment unknown, so their devices may be unattributed.
+    /// Schema 2.1; absent when zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unknown_iommu: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+/// The text and markdown line for events the compact decoder could not complete, if any.
+fn unannounced(l: &Loss) -> Option<String> {
+    let mut parts = Vec::new();
+    if l.unknown_task > 0 {
+        parts.push(format!(
+            "{} events without their thread's announcement (pid and command unknown)",
+            l.unknown_task
+        ));
+    }
+    if l.unknown_iommu > 0 {
+        parts.push(format!(
+            "{} submissions or flushes without their IOMMU's announcement (unit and segment unknown)",
+            l.unknown_iommu
+        ));
+    }
+    (!parts.is_empty()).then(|| format!("announcements lost: {}", parts.join("; ")))
 }
 
 /// A device an incident is about.
@@ -502,6 +530,7 @@ pub fn from_trace_observed<R: BufRead>(
         }
     }
     let end = reader.finished().cloned();
+    let decoded = reader.decoder_stats();
     let summary = c.finish();
     let stats = summary.stats.clone();
     take(summary.incidents, &mut latest);
@@ -533,6 +562,8 @@ pub fn from_trace_observed<R: BufRead>(
         unparsed_lines: 0,
         required_probes_missing: std::mem::take(&mut doc.loss.required_probes_missing),
         dev_tlb_without_stack: stats.dev_tlb_without_stack,
+        unknown_task: decoded.unknown_task,
+        unknown_iommu: decoded.unknown_iommu,
     };
     doc.inventory = inventory_from_incidents(&incidents, &snapshots);
     doc.fixes = summarize_fixes(&incidents);
@@ -1116,6 +1147,9 @@ pub fn render_text(doc: &ReportDocument) -> String {
             l.dev_tlb_without_stack
         ));
     }
+    if let Some(line) = unannounced(l) {
+        s.push_str(&format!("{line}\n"));
+    }
     if doc.incidents.is_empty() {
         s.push_str("\nno incident\n");
     }
@@ -1241,6 +1275,9 @@ pub fn render_markdown(doc: &ReportDocument) -> String {
             "- stacks: {} device-TLB submissions came without a kernel stack (caller path unknown for them)\n",
             doc.loss.dev_tlb_without_stack
         ));
+    }
+    if let Some(line) = unannounced(&doc.loss) {
+        s.push_str(&format!("- {}\n", md_escape(&line)));
     }
     if !h.iommu_units.is_empty() {
         s.push_str(
@@ -1378,4 +1415,62 @@ pub fn header_document(
 /// Whether a fix list mentions a commit (for callers deciding exit codes or alerts).
 pub fn mentions(fixes: &[Fix], commit: &str) -> bool {
     fixes.iter().any(|f| f.commit == commit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::test_wire as w;
+    use crate::trace::TraceWriter;
+
+    /// Records decoded without the announcement they rely on are counted in the report's
+    /// loss section and said in its text and markdown, never passed over.
+    #[test]
+    fn lost_announcements_are_reported() {
+        let header = TraceHeader::new(Source::Live);
+        let mut t = TraceWriter::new(Vec::new(), &header).unwrap();
+        // No Task record for thread 9 on CPU 0; a submission whose IOMMU the probe could not
+        // announce (slot NONE: the ring was full).
+        t.write_raw_event(&w::submit(
+            0,
+            9,
+            10,
+            itewatch_common::IOMMU_SLOT_NONE,
+            1,
+            &[],
+            1,
+            1,
+            -1,
+        ))
+        .unwrap();
+        t.write_raw_event(&w::ret(0, 9, 11, 0)).unwrap();
+        let bytes = t.finish().unwrap();
+        let reader = TraceReader::new(io::BufReader::new(&bytes[..])).unwrap();
+        let doc = from_trace(reader, None, Config::default(), |_| {});
+        assert_eq!((doc.loss.unknown_task, doc.loss.unknown_iommu), (2, 1));
+        let text = render_text(&doc);
+        assert!(
+            text.contains("announcements lost: 2 events without their thread's announcement"),
+            "{text}"
+        );
+        assert!(text.contains("1 submissions or flushes without their IOMMU's announcement"));
+        let v = serde_json::to_value(&doc).unwrap();
+        assert_eq!(v["loss"]["unknown_task"], 2);
+        assert_eq!(v["schema_version"], SCHEMA_VERSION);
+
+        // A trace that lost nothing carries neither field.
+        let mut t = TraceWriter::new(Vec::new(), &header).unwrap();
+        t.write_raw_event(&w::task(0, 9, 9, "dd", 1)).unwrap();
+        t.write_raw_event(&w::ret(0, 9, 11, 0)).unwrap();
+        let bytes = t.finish().unwrap();
+        let doc = from_trace(
+            TraceReader::new(io::BufReader::new(&bytes[..])).unwrap(),
+            None,
+            Config::default(),
+            |_| {},
+        );
+        let v = serde_json::to_value(&doc).unwrap();
+        assert!(v["loss"].get("unknown_task").is_none());
+        assert!(!render_text(&doc).contains("announcements lost"));
+    }
 }

@@ -219,6 +219,12 @@ fn record(a: RecordArgs) -> anyhow::Result<ExitCode> {
         "itewatch: {} events, {} stacks, {} lost (ring buffer full), {} undecodable, {} returns without entry, {} stacks not taken",
         s.end.events, s.stacks, s.end.lost_ringbuf_full, s.end.undecodable, s.end.return_without_entry, s.end.stack_failed
     );
+    if s.decoder.unknown_task > 0 || s.decoder.unknown_iommu > 0 {
+        eprintln!(
+            "itewatch: announcements lost: {} events without their thread's (pid and command unknown), {} without their IOMMU's (unit unknown)",
+            s.decoder.unknown_task, s.decoder.unknown_iommu
+        );
+    }
     if !s.missing_required.is_empty() {
         eprintln!(
             "itewatch: DEGRADED: required probes missing: {}; every report of this trace says it is blind",

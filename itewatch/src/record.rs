@@ -38,6 +38,9 @@ pub struct RecordSummary {
     pub end: TraceEnd,
     pub stacks: u64,
     pub missing_required: Vec<String>,
+    /// Compact records the decoder could not complete (thread or IOMMU not announced); a
+    /// report of the trace counts the same.
+    pub decoder: crate::event::DecoderStats,
 }
 
 /// Writes what the reader hands out.
@@ -227,10 +230,12 @@ async fn run_async(
     end.programs = reader.program_stats();
     let end = end.clone();
     let stacks = reader.stacks_seen();
+    let decoder = reader.decoder_stats();
     w.writer.finish().context("finishing the trace")?.commit()?;
     Ok(RecordSummary {
         end,
         stacks,
         missing_required: missing,
+        decoder,
     })
 }

@@ -101,6 +101,8 @@ pub fn document(app: &App, origin: &Origin, sel: Selection<'_>) -> ReportDocumen
             unparsed_lines: 0,
             required_probes_missing: document::required_probes_missing(&origin.source, &h.probes),
             dev_tlb_without_stack: stats.dev_tlb_without_stack,
+            unknown_task: h.decoder.unknown_task,
+            unknown_iommu: h.decoder.unknown_iommu,
         },
         inventory: document::inventory_from_incidents(&incidents, &app.device_infos),
         fixes: document::summarize_fixes(&incidents),

@@ -225,6 +225,7 @@ fn open_replay(input: &TraceInput, speed: f64, label: String) -> Result<Opened, 
         probes: th.probes.clone(),
         warning: None,
         doc_host: Some(crate::document::host_from_header(&th, false)),
+        decoder: reader.decoder_stats(),
     };
     if let TraceSource::Simulated { scenario, seed } = &th.source {
         header.host = format!("(simulated {scenario} seed {seed})");
@@ -370,6 +371,7 @@ fn open_live(args: &LiveArgs) -> Result<(Opened, Option<Unavailable>), LiveError
         probes: live.plan().to_vec(),
         warning: None,
         doc_host: Some(crate::document::host_from_header(&th, false)),
+        decoder: live.decoder_stats(),
     };
     Ok((
         Opened {
@@ -470,6 +472,7 @@ impl Engine {
         if let Source::Live(l) = &mut self.src {
             l.periodic(wall, &mut extra);
             self.app.meters.bpf = l.cost;
+            self.app.header.decoder = l.decoder_stats();
         }
         self.feed(extra);
     }

@@ -147,6 +147,10 @@ impl Live {
         self.reader.kernel_fixes()
     }
 
+    pub fn decoder_stats(&self) -> crate::event::DecoderStats {
+        self.reader.decoder_stats()
+    }
+
     /// Drains the ring buffer (at most `budget` events) into `out`.
     pub fn poll(&mut self, budget: usize, out: &mut Vec<Record>) {
         self.reader.drain(budget, out);

@@ -80,6 +80,9 @@ pub struct HeaderInfo {
     /// scalable mode) when the source knows it: a recorded trace's header, or this host when
     /// live. Exports carry it; `None` for a simulation.
     pub doc_host: Option<crate::document::Host>,
+    /// Compact records the decoder could not complete (thread or IOMMU not announced): a
+    /// replayed trace's totals (its first pass reads them all), a live reader's so far.
+    pub decoder: crate::event::DecoderStats,
 }
 
 /// Rates and costs, computed by the loop (wall clock) and passed in.

@@ -16,7 +16,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::correlate::incident::Incident;
 use crate::correlate::Snapshot;
-use crate::event::{KTime, Payload, Record};
+use crate::event::{DecoderStats, KTime, Payload, Record};
 use itewatch_core::pairing::Pairing;
 
 type Labels = Vec<(&'static str, String)>;
@@ -56,6 +56,9 @@ pub struct Metrics {
     pending_pushes: Gauge,
     dropped_pushes: Counter,
     last_gasp_unwritten: Family<Labels, Counter>,
+    unannounced: Family<Labels, Counter>,
+    /// The decoder's totals at the last [`Metrics::decoder`] call.
+    decoder_prev: Mutex<DecoderStats>,
     /// tid → IOMMU name of the submission in flight on it.
     pairing: Mutex<Pairing<String>>,
     bpf_prev: Mutex<HashMap<String, u64>>,
@@ -96,6 +99,8 @@ impl Metrics {
             pending_pushes: Gauge::default(),
             dropped_pushes: Counter::default(),
             last_gasp_unwritten: Family::default(),
+            unannounced: Family::default(),
+            decoder_prev: Mutex::new(DecoderStats::default()),
             pairing: Mutex::new(Pairing::new(MAX_PAIRING_THREADS)),
             bpf_prev: Mutex::new(HashMap::new()),
         };
@@ -197,6 +202,11 @@ impl Metrics {
             "last_gasp_unwritten",
             "Last-gasp lines not written, by channel (file, kmsg) and reason (write_error; for kmsg also flooding: withheld while the kernel log floods, and over_budget)",
             m.last_gasp_unwritten.clone(),
+        );
+        r.register(
+            "events_unannounced",
+            "Compact records decoded without the announcement they rely on, by what is unknown (task: pid and command; iommu: unit and segment); the announcement was lost to a full ring buffer",
+            m.unannounced.clone(),
         );
         let build: Family<Labels, Gauge> = Family::default();
         build
@@ -368,6 +378,22 @@ impl Metrics {
         self.dropped_pushes.inc();
     }
 
+    /// The live decoder's totals so far (monotonic): counted by what went unannounced.
+    pub fn decoder(&self, now: DecoderStats) {
+        let mut prev = self.decoder_prev.lock().unwrap_or_else(|e| e.into_inner());
+        for (what, new, old) in [
+            ("task", now.unknown_task, prev.unknown_task),
+            ("iommu", now.unknown_iommu, prev.unknown_iommu),
+        ] {
+            if new > old {
+                self.unannounced
+                    .get_or_create(&vec![("unknown", what.to_string())])
+                    .inc_by(new - old);
+            }
+        }
+        *prev = now;
+    }
+
     pub fn last_gasp_unwritten(&self, channel: &'static str, reason: &'static str) {
         self.last_gasp_unwritten
             .get_or_create(&vec![
@@ -421,6 +447,28 @@ pub fn to_classic_text(openmetrics: &str) -> String {
 mod tests {
     use super::*;
     use crate::event::LostRecord;
+
+    /// The decoder's totals become counters by what went unannounced; a repeated total adds
+    /// nothing.
+    #[test]
+    fn unannounced_events_are_counted_from_the_decoders_totals() {
+        let m = Metrics::new();
+        assert!(!m.encode().contains("events_unannounced"));
+        let at = |task, iommu| DecoderStats {
+            announcements: 9,
+            unknown_task: task,
+            unknown_iommu: iommu,
+        };
+        m.decoder(at(2, 0));
+        m.decoder(at(2, 0));
+        m.decoder(at(5, 1));
+        let s = m.encode();
+        assert!(
+            s.contains("itewatch_events_unannounced_total{unknown=\"task\"} 5"),
+            "{s}"
+        );
+        assert!(s.contains("itewatch_events_unannounced_total{unknown=\"iommu\"} 1"));
+    }
 
     #[test]
     fn names_units_and_loss_reasons() {

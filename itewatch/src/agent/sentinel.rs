@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::correlate::incident::Incident;
 use crate::correlate::Correlator;
-use crate::event::{KTime, Record};
+use crate::event::{DecoderStats, KTime, Record};
 use crate::live::{monotonic_ns, LiveReader};
 use crate::trace::ProgramStats;
 
@@ -48,6 +48,10 @@ pub trait Ring {
     fn periodic(&mut self, now: KTime, out: &mut Vec<Record>);
     /// BPF run-time statistics read by the last `periodic`.
     fn program_stats(&self) -> &[ProgramStats];
+    /// What the decoder could not complete so far (ABI 3 announcements not seen).
+    fn decoder_stats(&self) -> DecoderStats {
+        DecoderStats::default()
+    }
 }
 
 impl Ring for LiveReader {
@@ -59,6 +63,9 @@ impl Ring for LiveReader {
     }
     fn program_stats(&self) -> &[ProgramStats] {
         self.last_program_stats()
+    }
+    fn decoder_stats(&self) -> DecoderStats {
+        LiveReader::decoder_stats(self)
     }
 }
 
@@ -140,6 +147,7 @@ impl<R: Ring> Pipe<R> {
                 for p in self.reader.program_stats() {
                     m.bpf_run_time(&p.program, p.run_time_ns);
                 }
+                m.decoder(self.reader.decoder_stats());
             }
         }
         if let Some(m) = metrics {

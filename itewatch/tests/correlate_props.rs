@@ -646,7 +646,7 @@ fn an_incidents_severity_never_goes_down() {
 fn coalescing_bounds_revisions_and_keeps_every_final_verdict() {
     use itewatch::correlate::{latest, Material};
     let run = |cfg: Config| {
-        let mut stream = itewatch::simulate::LongStream::new(5, 500_000);
+        let mut stream = itewatch::simulate::LongStream::new(5, 250_000);
         stream.incident_every = 2;
         let mut c = Correlator::new(cfg);
         let mut all = Vec::new();

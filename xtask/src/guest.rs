@@ -496,8 +496,10 @@ sleep 2
 if [ $ITE = 1 ] && [ $RECORD = 1 ]; then
     # After the ITE and the completed removal: the other ATS disk is still a risk, the emptied
     # slot is go, and both must say the IOMMU already timed out once in this boot.
-    pf preflight-after-ite-other $RUN /bin/itewatch preflight --slot $SAFE_SLOT --json
-    pf preflight-after-ite-empty $RUN /bin/itewatch preflight --slot $SURPRISE_SLOT --json
+    pf preflight-after-ite-other $RUN /bin/itewatch preflight --slot $SAFE_SLOT --json &
+    PF_PIDS=$!
+    pf preflight-after-ite-empty $RUN /bin/itewatch preflight --slot $SURPRISE_SLOT --json &
+    wait $PF_PIDS $!
 fi
 
 if [ -n "$AGENT_PID" ]; then

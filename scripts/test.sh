@@ -22,6 +22,24 @@ done
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
+# Compiled crates are kept between runs outside the work tree, like the patched QEMU
+# (scripts/qemu-ite.sh): a fresh clone then compiles only what changed, itewatch's own crates
+# and what depends on them, instead of every dependency three times over (clippy, test, the
+# guest's musl release build). An explicit CARGO_TARGET_DIR wins; ITEWATCH_TARGET_DIR moves
+# the cache. Past 24 GiB it is emptied and starts again (each clone path adds its own copy
+# of the workspace's crates).
+if [ -z "${CARGO_TARGET_DIR:-}" ]; then
+    CARGO_TARGET_DIR=${ITEWATCH_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/itewatch/target}
+    export CARGO_TARGET_DIR
+    if [ -d "$CARGO_TARGET_DIR" ] &&
+        [ "$(du -s --block-size=1G "$CARGO_TARGET_DIR" | cut -f1)" -gt 24 ]; then
+        printf 'test.sh: %s is over 24 GiB: emptying it\n' "$CARGO_TARGET_DIR" >&2
+        rm -rf "$CARGO_TARGET_DIR"
+    fi
+    mkdir -p "$CARGO_TARGET_DIR"
+fi
+printf 'test.sh: build directory %s\n' "$CARGO_TARGET_DIR" >&2
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -3,7 +3,7 @@
 //! `AYA_BUILD_SKIP=1` skips the BPF build (for machines without the nightly toolchain or
 //! bpf-linker): the binary then carries no BPF object, and `record`/`live` say so and offer
 //! replay and simulate.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn main() -> anyhow::Result<()> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?)
@@ -41,25 +41,39 @@ fn main() -> anyhow::Result<()> {
 /// arguments (`--release --target bpfel-unknown-none`, the same flags) do not depend on the
 /// outer build, so one directory serves them all: OUT_DIR's entry becomes a link to
 /// `<target dir>/bpf/itewatch-ebpf`. Cargo's lock on that directory orders builds that run
-/// at once. When the link cannot be made (no target directory found, not a Unix file system,
-/// an existing directory from an older build), aya-build's own directory is used as before.
+/// at once. When the link cannot be made (no target directory found, not a Unix file system),
+/// aya-build's own directory is used as before.
 fn share_bpf_target_dir() {
     let Some(out) = std::env::var_os("OUT_DIR").map(PathBuf::from) else {
         return;
     };
-    // The outermost ancestor cargo tagged as its target directory (`--target` builds tag
-    // `<target dir>/<triple>` too).
-    let Some(target) = out
-        .ancestors()
-        .filter(|a| a.join("CACHEDIR.TAG").is_file())
-        .last()
+    // CARGO_TARGET_DIR when the build was given one (absolute), else the outermost ancestor
+    // cargo tagged as its target directory (it tags the directories it creates, and
+    // `<target dir>/<triple>` of `--target` builds too).
+    let Some(target) = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.is_absolute() && out.starts_with(d))
+        .or_else(|| {
+            out.ancestors()
+                .filter(|a| a.join("CACHEDIR.TAG").is_file())
+                .last()
+                .map(Path::to_path_buf)
+        })
     else {
         return;
     };
     let shared = target.join("bpf").join("itewatch-ebpf");
     let link = out.join("aya-build").join("target").join("itewatch-ebpf");
-    if std::fs::symlink_metadata(&link).is_ok() {
-        return;
+    match std::fs::symlink_metadata(&link) {
+        Ok(m) if m.file_type().is_symlink() => return,
+        // aya-build's own directory from a build before this one: replaced by the link.
+        Ok(m) if m.is_dir() => {
+            if std::fs::remove_dir_all(&link).is_err() {
+                return;
+            }
+        }
+        Ok(_) => return,
+        Err(_) => {}
     }
     let made = link
         .parent()

@@ -36,7 +36,6 @@ if [ -z "${CARGO_TARGET_DIR:-}" ]; then
         printf 'test.sh: %s is over 24 GiB: emptying it\n' "$CARGO_TARGET_DIR" >&2
         rm -rf "$CARGO_TARGET_DIR"
     fi
-    mkdir -p "$CARGO_TARGET_DIR"
 fi
 printf 'test.sh: build directory %s\n' "$CARGO_TARGET_DIR" >&2
 

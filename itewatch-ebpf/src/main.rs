@@ -246,12 +246,22 @@ fn quiet_flags() -> u64 {
     }
 }
 
-/// A hot-plug or removal event: device-TLB submissions carry stacks for `HOT_NS` from now.
+/// A hot-plug or removal event: for `HOT_NS` from now, device-TLB submissions carry stacks and
+/// device-TLB flushes are recorded (`emit_flush`).
 #[inline(always)]
 fn mark_hot(now: u64) {
     if let Some(p) = STATE.get_ptr_mut(0) {
         // SAFETY: slot 0 of an array map; a racing store of another CPU's "now" is as good.
         unsafe { *p = now };
+    }
+}
+
+/// Within `HOT_NS` of a hot-plug or removal event ([`mark_hot`]).
+#[inline(always)]
+fn is_hot(now: u64) -> bool {
+    match STATE.get(0) {
+        Some(last) => *last != 0 && now.wrapping_sub(*last) < HOT_NS,
+        None => false,
     }
 }
 
@@ -279,13 +289,8 @@ fn is_gone(sid: u16) -> bool {
 /// probe's cost (issue 14: 15 us of 17 us per call under TCG).
 #[inline(always)]
 fn want_stack(st: *mut CpuState, now: u64, gone: bool) -> bool {
-    if gone {
+    if gone || is_hot(now) {
         return true;
-    }
-    if let Some(last) = STATE.get(0) {
-        if now.wrapping_sub(*last) < HOT_NS && *last != 0 {
-            return true;
-        }
     }
     // SAFETY: `st` is this CPU's state (see `on_submit`).
     unsafe {
@@ -663,9 +668,17 @@ fn emit_flush(
     addr: u64,
     mask: u32,
 ) {
-    let id = bpf_get_current_pid_tgid();
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    // Only where a verdict's timeline uses it: to a device a removal probe has seen, or within
+    // `HOT_NS` of a hot-plug or removal event. Elsewhere the submission this flush makes
+    // (`qi_submit_sync` inside it, a record of its own) carries the same descriptor: SID, PF
+    // SID, queue depth, address and size. On 6.1, which flushes one device-TLB descriptor per
+    // call, this record was 40 of the 104 bytes of every such submission (issue 14).
+    if !is_gone(sid) && !is_hot(now) {
+        return;
+    }
+    let id = bpf_get_current_pid_tgid();
     let Some(st) = CPU.get_ptr_mut(0) else {
         return;
     };

@@ -189,7 +189,8 @@ pub struct Inflight {
     pub key: crate::pairing::PairKey,
     pub meta: Meta,
     pub submit: Submit,
-    /// The `qi_flush_dev_iotlb` that issued it (6.1, and the removal path on both).
+    /// The `qi_flush_dev_iotlb` that issued it (6.1, and the removal path on both), where the
+    /// probe recorded one: ABI 3 probes record flushes only near a hot-plug or removal.
     pub flush: Option<Box<Event>>,
     pub caller: CallerPath,
     pub hint: FixHint,

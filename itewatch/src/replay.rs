@@ -6,8 +6,13 @@
 use std::io::Write;
 use std::path::Path;
 
+use crate::event::{Payload, Record};
 use crate::render::{record_json, record_line};
 use crate::trace::{TraceError, TraceReader};
+use itewatch_core::pairing::Pairing;
+
+/// Submissions tracked for pairing with their return (per thread, nested ones included).
+const MAX_PAIRING: usize = 4096;
 
 /// Outcome of a replay that read the whole file.
 #[derive(Debug, Default)]
@@ -35,13 +40,32 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> Result<ReplaySummary
         writeln!(out, "# {}", header)?;
     }
     let mut summary = ReplaySummary::default();
+    // Compact (ABI 3) returns carry no start time: they are paired with their submission by
+    // the thread they ran on, as the correlator and the agent pair them, so that a return
+    // prints its latency instead of claiming its entry was not seen.
+    let mut pairing: Pairing<()> = Pairing::new(MAX_PAIRING);
     for rec in reader.by_ref() {
-        let rec = rec.map_err(|e| ReplayError::Trace {
+        let mut rec = rec.map_err(|e| ReplayError::Trace {
             path: name(),
             after: summary.records,
             source: e,
         })?;
         summary.records += 1;
+        match &mut rec {
+            Record::Event(e) => match &mut e.payload {
+                Payload::Submit(_) => {
+                    pairing.open(&e.meta, ());
+                }
+                Payload::SubmitReturn(r) => {
+                    if let Some((start, ())) = pairing.close(&e.meta) {
+                        r.start = r.start.or(Some(start));
+                    }
+                }
+                _ => {}
+            },
+            Record::Lost(_) => pairing.mark_lost(),
+            _ => {}
+        }
         if json {
             writeln!(out, "{}", record_json(&rec))?;
         } else {
@@ -81,4 +105,66 @@ pub enum ReplayError {
     // (`itewatch replay t.itw | head`) is recognised and exits 0.
     #[error("writing the output: {0}")]
     Io(#[from] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{
+        Descriptor, Event, FixedStr, Iommu, KTime, Meta, Sid, Submit, SubmitReturn,
+    };
+    use crate::trace::{Source, TraceHeader, TraceWriter};
+
+    fn ev(ts: u64, tid: u32, payload: Payload) -> Record {
+        Record::Event(Event {
+            meta: Meta {
+                ts: KTime(ts),
+                cpu: 0,
+                pid: tid,
+                tid,
+                comm: FixedStr::new("t"),
+            },
+            payload,
+        })
+    }
+
+    /// A return without a start time (what ABI 3 probes send) is paired with its thread's
+    /// submission and prints its latency; one whose submission is not in the trace says so.
+    #[test]
+    fn returns_are_paired_with_their_submission_by_thread() {
+        let submit = Payload::Submit(Submit {
+            iommu: Iommu {
+                ptr: 1,
+                name: FixedStr::new("dmar0"),
+                segment: Some(0),
+            },
+            options: 0,
+            count: 1,
+            raw: [Descriptor::dev_tlb_raw(Sid(0x200), Sid(0x200), 0, 0, 0)]
+                .into_iter()
+                .collect(),
+            others: Default::default(),
+            stack: None,
+        });
+        let ret = Payload::SubmitReturn(SubmitReturn {
+            ret: 0,
+            start: None,
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.itw");
+        let mut w = TraceWriter::new(
+            std::fs::File::create(&path).unwrap(),
+            &TraceHeader::new(Source::Live),
+        )
+        .unwrap();
+        for r in [ev(100, 5, submit), ev(350, 5, ret.clone()), ev(400, 6, ret)] {
+            w.write_record(&r).unwrap();
+        }
+        w.finish().unwrap();
+        let mut out = Vec::new();
+        run(&path, false, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("submit-return ret=0 latency=250ns"), "{text}");
+        assert_eq!(text.matches("(entry not seen)").count(), 1, "{text}");
+    }
 }

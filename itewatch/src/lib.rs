@@ -24,4 +24,6 @@ pub mod render;
 pub mod replay;
 pub mod report;
 pub mod sysfs;
+#[cfg(test)]
+mod test_records;
 pub mod tui;

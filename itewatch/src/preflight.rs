@@ -971,6 +971,7 @@ pub fn run(target: &Target, json: bool, watch_s: f64, out: &mut impl std::io::Wr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_records::{ret, submit};
 
     fn bdf(s: &str) -> Bdf {
         s.parse().unwrap()
@@ -1056,43 +1057,9 @@ mod tests {
             .any(|s| s.action.contains("surprise-capable")));
     }
 
+    /// An event at 1 ns on thread `tid`.
     fn ev(tid: u32, payload: Payload) -> Record {
-        use crate::event::{Event, FixedStr, Meta};
-        Record::Event(Event {
-            meta: Meta {
-                ts: KTime(1),
-                cpu: 0,
-                pid: tid,
-                tid,
-                comm: FixedStr::new("t"),
-            },
-            payload,
-        })
-    }
-
-    fn submit(sid: u16) -> Payload {
-        use crate::event::{Descriptor, FixedStr, Iommu, Submit};
-        Payload::Submit(Submit {
-            iommu: Iommu {
-                ptr: 1,
-                name: FixedStr::new("dmar0"),
-                segment: Some(0),
-            },
-            options: 0,
-            count: 1,
-            raw: [Descriptor::dev_tlb_raw(Sid(sid), Sid(sid), 0, 0, 0)]
-                .into_iter()
-                .collect(),
-            others: Default::default(),
-            stack: None,
-        })
-    }
-
-    fn ret() -> Payload {
-        Payload::SubmitReturn(crate::event::SubmitReturn {
-            ret: 0,
-            start: None,
-        })
+        crate::test_records::ev(1, tid, payload)
     }
 
     #[test]

@@ -110,46 +110,13 @@ pub enum ReplayError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{
-        Descriptor, Event, FixedStr, Iommu, KTime, Meta, Sid, Submit, SubmitReturn,
-    };
+    use crate::test_records::{ev, ret, submit};
     use crate::trace::{Source, TraceHeader, TraceWriter};
-
-    fn ev(ts: u64, tid: u32, payload: Payload) -> Record {
-        Record::Event(Event {
-            meta: Meta {
-                ts: KTime(ts),
-                cpu: 0,
-                pid: tid,
-                tid,
-                comm: FixedStr::new("t"),
-            },
-            payload,
-        })
-    }
 
     /// A return without a start time (what ABI 3 probes send) is paired with its thread's
     /// submission and prints its latency; one whose submission is not in the trace says so.
     #[test]
     fn returns_are_paired_with_their_submission_by_thread() {
-        let submit = Payload::Submit(Submit {
-            iommu: Iommu {
-                ptr: 1,
-                name: FixedStr::new("dmar0"),
-                segment: Some(0),
-            },
-            options: 0,
-            count: 1,
-            raw: [Descriptor::dev_tlb_raw(Sid(0x200), Sid(0x200), 0, 0, 0)]
-                .into_iter()
-                .collect(),
-            others: Default::default(),
-            stack: None,
-        });
-        let ret = Payload::SubmitReturn(SubmitReturn {
-            ret: 0,
-            start: None,
-        });
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.itw");
         let mut w = TraceWriter::new(
@@ -157,7 +124,11 @@ mod tests {
             &TraceHeader::new(Source::Live),
         )
         .unwrap();
-        for r in [ev(100, 5, submit), ev(350, 5, ret.clone()), ev(400, 6, ret)] {
+        for r in [
+            ev(100, 5, submit(0x200)),
+            ev(350, 5, ret()),
+            ev(400, 6, ret()),
+        ] {
             w.write_record(&r).unwrap();
         }
         w.finish().unwrap();

@@ -38,6 +38,10 @@ pub struct VmBenchArgs {
     /// 4 KiB O_DIRECT reads per repetition (6144: 24 MiB).
     #[arg(long, default_value_t = 6144)]
     pub blocks: u32,
+    /// Conditions to run, comma-separated (none, empty, fentry, full, itewatch, agent); all
+    /// by default. Figures derived from a condition left out print as `?`.
+    #[arg(long, value_delimiter = ',', value_parser = parse_condition)]
+    pub conditions: Vec<Condition>,
     /// Use this static itewatch binary instead of building it (musl target).
     #[arg(long, value_name = "PATH")]
     pub itewatch: Option<PathBuf>,
@@ -53,6 +57,29 @@ pub struct VmBenchArgs {
     /// Cache directory for kernel packages and run directories.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+}
+
+fn parse_condition(s: &str) -> std::result::Result<Condition, String> {
+    Condition::from_name(s.trim()).ok_or_else(|| {
+        let names: Vec<&str> = Condition::ALL.iter().map(|c| c.name()).collect();
+        format!("unknown condition {s:?} (one of {})", names.join(", "))
+    })
+}
+
+impl VmBenchArgs {
+    /// The conditions asked for, in the order given, each once; all of them by default.
+    pub fn chosen_conditions(&self) -> Vec<Condition> {
+        if self.conditions.is_empty() {
+            return Condition::ALL.to_vec();
+        }
+        let mut v: Vec<Condition> = Vec::new();
+        for c in &self.conditions {
+            if !v.contains(c) {
+                v.push(*c);
+            }
+        }
+        v
+    }
 }
 
 /// The kernel functions itewatch probes on the hot path (those whose plan prefers a
@@ -325,16 +352,18 @@ impl KernelFigures {
             .then(|| self.trace_submissions as f64 / reps as f64)
     }
 
-    /// itewatch record's slowdown over bpftrace's empty probes'.
-    pub fn ratio_empty(&self) -> Option<f64> {
+    /// itewatch record's slowdown over that of condition `base` (`ratio_empty`: bpftrace's
+    /// empty kprobes).
+    pub fn ratio(&self, base: Condition) -> Option<f64> {
         let i = self.cond(Condition::Itewatch)?.slowdown_pct?;
-        let e = self.cond(Condition::Empty)?.slowdown_pct?;
+        let e = self.cond(base)?.slowdown_pct?;
         (e != 0.0).then(|| i / e)
     }
 
     /// `P1 <kernel> none=<s/rep> empty=<+pct> full=<+pct> itewatch=<+pct> agent=<+pct>
-    /// ratio_empty=<itewatch/empty> bytes_per_submission=<n> lost=<n>`; a figure that could
-    /// not be measured is `?`.
+    /// ratio_empty=<itewatch/empty> bytes_per_submission=<n> lost=<n> fentry=<+pct>
+    /// ratio_fentry=<itewatch/fentry>`: the line, then the trampoline floor; a figure
+    /// that could not be measured is `?`.
     pub fn p1_line(&self) -> String {
         let pct = |c: Condition| {
             self.cond(c)
@@ -350,21 +379,26 @@ impl KernelFigures {
             (Some(a), Some(b)) => (a + b).to_string(),
             _ => "?".into(),
         };
+        let ratio = |c: Condition| {
+            self.ratio(c)
+                .map(|r| format!("{r:.2}"))
+                .unwrap_or_else(|| "?".into())
+        };
         format!(
-            "P1 {} none={} empty={} full={} itewatch={} agent={} ratio_empty={} bytes_per_submission={} lost={}",
+            "P1 {} none={} empty={} full={} itewatch={} agent={} ratio_empty={} bytes_per_submission={} lost={} fentry={} ratio_fentry={}",
             self.name,
             none,
             pct(Condition::Empty),
             pct(Condition::Full),
             pct(Condition::Itewatch),
             pct(Condition::Agent),
-            self.ratio_empty()
-                .map(|r| format!("{r:.2}"))
-                .unwrap_or_else(|| "?".into()),
+            ratio(Condition::Empty),
             self.bytes_per_submission()
                 .map(|b| format!("{b:.0}"))
                 .unwrap_or_else(|| "?".into()),
-            lost
+            lost,
+            pct(Condition::Fentry),
+            ratio(Condition::Fentry),
         )
     }
 
@@ -558,7 +592,7 @@ fn build_initramfs(
 ) -> Result<()> {
     let (mut c, names) = crate::vmtest::guest_base(kernel, Some(itewatch), path)?;
     let (entry, ret) = hot_path_functions();
-    let sched = bench_guest::schedule(&Condition::ALL, args.rounds);
+    let sched = bench_guest::schedule(&args.chosen_conditions(), args.rounds);
     let script = bench_guest::init_script(&BenchPlan {
         modules: &names,
         out_dev: qemu::OUT_BDF,
@@ -739,7 +773,7 @@ fn collect(kernel: &Kernel, out: &Path, args: &VmBenchArgs) -> Result<KernelFigu
         .with_context(|| format!("reading {}", out.join("results.txt").display()))?;
     let res = parse_results(&text)?;
     let mut bpf: BTreeMap<Condition, BTreeMap<String, (u64, u64)>> = BTreeMap::new();
-    for c in Condition::ALL {
+    for c in args.chosen_conditions() {
         for r in 0..args.rounds {
             let read = |which: &str| -> Result<Vec<ProgSample>> {
                 let p = out.join(format!("bpf-{}-r{r}-{which}.json", c.name()));
@@ -883,6 +917,7 @@ mod tests {
         for (c, ns) in [
             (Condition::None, 1_000_000_000u64),
             (Condition::Empty, 1_100_000_000),
+            (Condition::Fentry, 1_020_000_000),
             (Condition::Full, 1_300_000_000),
             (Condition::Itewatch, 1_050_000_000),
             (Condition::Agent, 1_200_000_000),
@@ -907,7 +942,7 @@ mod tests {
         );
         assert_eq!(
             f.p1_line(),
-            "P1 6.12 none=1.000 empty=+10.0% full=+30.0% itewatch=+5.0% agent=+20.0% ratio_empty=0.50 bytes_per_submission=64 lost=2"
+            "P1 6.12 none=1.000 empty=+10.0% full=+30.0% itewatch=+5.0% agent=+20.0% ratio_empty=0.50 bytes_per_submission=64 lost=2 fentry=+2.0% ratio_fentry=2.50"
         );
         // 1000 submissions over 3 reps; empty costs 0.1 s per rep: 300 µs per submission.
         assert!(f.table().contains("| empty | 1.100 | +10.0 % | 300000 |"));
@@ -923,7 +958,7 @@ mod tests {
         );
         assert_eq!(
             g.p1_line(),
-            "P1 6.1 none=? empty=? full=? itewatch=? agent=? ratio_empty=? bytes_per_submission=? lost=?"
+            "P1 6.1 none=? empty=? full=? itewatch=? agent=? ratio_empty=? bytes_per_submission=? lost=? fentry=? ratio_fentry=?"
         );
     }
 

@@ -23,6 +23,9 @@ pub enum Condition {
     None,
     /// bpftrace, empty kprobe/kretprobe bodies on itewatch's hot-path functions.
     Empty,
+    /// bpftrace, empty kfunc/kretfunc (fentry/fexit) bodies on the same functions: the
+    /// trampoline floor, what itewatch's own attachment costs before its programs do anything.
+    Fentry,
     /// bpftrace decoding the descriptors of every submission plus a latency histogram.
     Full,
     /// `itewatch record -o FILE`.
@@ -32,9 +35,10 @@ pub enum Condition {
 }
 
 impl Condition {
-    pub const ALL: [Condition; 5] = [
+    pub const ALL: [Condition; 6] = [
         Condition::None,
         Condition::Empty,
+        Condition::Fentry,
         Condition::Full,
         Condition::Itewatch,
         Condition::Agent,
@@ -44,6 +48,7 @@ impl Condition {
         match self {
             Condition::None => "none",
             Condition::Empty => "empty",
+            Condition::Fentry => "fentry",
             Condition::Full => "full",
             Condition::Itewatch => "itewatch",
             Condition::Agent => "agent",
@@ -289,6 +294,9 @@ for f in $RETURN_FUNCS; do
 done
 [ -n "$E" ] || fail "none of $ENTRY_FUNCS can be probed"
 printf '%s\n{\n}\n\n%s\n{\n}\n' "$E" "$R" > /bt/tmp/empty.bt
+# The same functions on trampolines (fentry/fexit), as itewatch attaches them.
+FE=$(echo "$E" | sed 's/kprobe:/kfunc:/g'); FR=$(echo "$R" | sed 's/kretprobe:/kretfunc:/g')
+printf '%s\n{\n}\n\n%s\n{\n}\n' "$FE" "$FR" > /bt/tmp/fentry.bt
 "#;
 
 const SCRIPT_RUN: &str = r#"
@@ -297,6 +305,10 @@ const SCRIPT_RUN: &str = r#"
 kprobes_up() { grep -E "[[:space:]][kr][[:space:]]+($1)\+0x[0-9a-f]+[[:space:]]" $KPROBES | grep -vc DISABLED; }
 # Loaded kprobe programs (bpftool's plain listing: `ID: kprobe  name ...`).
 kprobe_progs() { $BT /usr/sbin/bpftool prog show 2>/dev/null | grep -c '^[0-9]*: kprobe '; }
+# Loaded tracing (fentry/fexit) programs, and tracing links (a program attached to its
+# trampoline): `ID: tracing  ...` in either listing.
+tracing_progs() { $BT /usr/sbin/bpftool prog show 2>/dev/null | grep -c '^[0-9]*: tracing '; }
+tracing_links() { $BT /usr/sbin/bpftool link show 2>/dev/null | grep -c '^[0-9]*: tracing '; }
 # alive PID: running, not a zombie.
 alive() {
     st=$(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' /proc/$1/status 2>/dev/null)
@@ -328,6 +340,14 @@ start_tracer() {
             { tracer_diag; fail "bpftrace $1 not attached after 600 s: $(tail -n 5 /out/bpftrace-$1-r$2.txt)"; }
         alive $TRACER_PID || { TRACER_PID=; fail "bpftrace $1 exited: $(tail -n 20 /out/bpftrace-$1-r$2.txt)"; }
         ;;
+    fentry)
+        $BT /usr/bin/bpftrace /tmp/fentry.bt > /out/bpftrace-fentry-r$2.txt 2>&1 &
+        TRACER_PID=$!
+        # Attached: as many tracing programs loaded and linked to their trampolines.
+        wait_for '{ [ "$(tracing_progs)" -ge $EMPTY_N ] && [ "$(tracing_links)" -ge $EMPTY_N ]; } || ! alive $TRACER_PID' 600 ||
+            { tracer_diag; log "diag: links: $($BT /usr/sbin/bpftool link show 2>&1 | tr '\n' ';')"; fail "bpftrace fentry not attached after 600 s: $(tail -n 5 /out/bpftrace-fentry-r$2.txt)"; }
+        alive $TRACER_PID || { TRACER_PID=; fail "bpftrace fentry exited: $(tail -n 20 /out/bpftrace-fentry-r$2.txt)"; }
+        ;;
     itewatch)
         rm -f /tmp/rec.ready
         /bin/itewatch record -o /tmp/trace.itw --ready-file /tmp/rec.ready 2> /out/record-r$2.err &
@@ -354,7 +374,7 @@ stop_tracer() {
     case $1 in
     # bpftrace: SIGTERM, as a command started with `&` by a non-interactive shell has SIGINT
     # ignored (POSIX), and bpftrace 0.17 leaves it so (seen: still running 300 s after it).
-    empty|full) kill -TERM $TRACER_PID ;;
+    empty|fentry|full) kill -TERM $TRACER_PID ;;
     itewatch) kill -INT $TRACER_PID ;;
     agent)
         timeout 60 wget -q -O /out/metrics-r$2.txt http://127.0.0.1:9464/metrics || log "agent: GET /metrics failed"
@@ -419,16 +439,25 @@ mod tests {
     #[test]
     fn schedule_rotates_each_round() {
         let s = schedule(&Condition::ALL, 3);
-        assert_eq!(s.len(), 15);
+        assert_eq!(s.len(), 18);
         let names = |r: u32| -> Vec<&str> {
             s.iter()
                 .filter(|(x, _)| *x == r)
                 .map(|(_, c)| c.name())
                 .collect()
         };
-        assert_eq!(names(0), ["none", "empty", "full", "itewatch", "agent"]);
-        assert_eq!(names(1), ["empty", "full", "itewatch", "agent", "none"]);
-        assert_eq!(names(2), ["full", "itewatch", "agent", "none", "empty"]);
+        assert_eq!(
+            names(0),
+            ["none", "empty", "fentry", "full", "itewatch", "agent"]
+        );
+        assert_eq!(
+            names(1),
+            ["empty", "fentry", "full", "itewatch", "agent", "none"]
+        );
+        assert_eq!(
+            names(2),
+            ["fentry", "full", "itewatch", "agent", "none", "empty"]
+        );
     }
 
     #[test]

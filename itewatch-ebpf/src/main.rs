@@ -61,6 +61,8 @@ pub struct CpuState {
     submit: SubmitCompactEvent,
     /// The batch's descriptors as read, by position (see `on_submit`).
     raw: [Desc; MAX_BATCH],
+    /// The batch as the kernel holds it (`struct qi_desc`: four quadwords), read at once.
+    batch: [u64; 4 * MAX_BATCH],
     /// Bit `i`: `raw[i]` is a device-TLB descriptor of this submission. Kept in the map, not
     /// in a register: the verifier does not track what a map holds, while a register's exact
     /// value would make it walk every combination of bits apart (6.1: over a million
@@ -102,6 +104,10 @@ static STATE: Array<u64> = Array::with_max_entries(1, 0);
 /// themselves, so a flush to a removed device carries its stack however late it comes.
 #[map]
 static GONE_SIDS: Array<u64> = Array::with_max_entries(1024, 0);
+
+/// `sizeof(struct qi_desc)` since 5.0 (four quadwords): the batch is read at once when the
+/// kernel's BTF says so (`Config::qi_desc_size`).
+const QI_DESC_BYTES: u32 = 32;
 
 /// Stacks of ordinary device-TLB submissions: at most one per CPU per this period.
 const SAMPLE_NS: u64 = 1_000_000_000;
@@ -545,35 +551,73 @@ fn on_submit<C: StackIdContext>(ctx: &C, iommu: u64, desc: u64, count: u32, opti
     let e = unsafe { addr_of_mut!((*st).submit) };
     let raw = unsafe { addr_of_mut!((*st).raw) };
     let devmask = unsafe { addr_of_mut!((*st).devmask) };
+    let batch = unsafe { addr_of_mut!((*st).batch) };
+    // The whole batch in one read when the kernel's `struct qi_desc` is the 32 bytes it has
+    // been since 5.0 (one helper call instead of one per descriptor: 6.12 batches an IOTLB and
+    // a device-TLB descriptor); one read per descriptor otherwise.
+    let whole = stride == QI_DESC_BYTES as u64 && {
+        let len = (want as u64 * QI_DESC_BYTES as u64) & 0x3ff;
+        len <= core::mem::size_of::<[u64; 4 * MAX_BATCH]>() as u64
+            // SAFETY: `batch` is this CPU's map value of at least `len` bytes.
+            && unsafe {
+                aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                    batch.cast(),
+                    len as u32,
+                    desc as *const core::ffi::c_void,
+                )
+            } == 0
+    };
+    if stride == QI_DESC_BYTES as u64 && !whole && want > 0 {
+        bump(Counter::ReadFailed);
+    }
     let sent = unsafe {
         devmask.write_volatile(0);
-        // Bounded loop: MAX_BATCH iterations at most (verifier: constant trip count). Each
-        // descriptor goes to its batch position: a store at a position that depends on the
-        // descriptors before it made 6.1's verifier walk over a million instructions.
+        // Bounded loop: MAX_BATCH iterations at most (verifier: constant trip count), left at
+        // the end of the batch. Each descriptor goes to its batch position: a store at a
+        // position that depends on the descriptors before it made 6.1's verifier walk over a
+        // million instructions.
         for i in 0..MAX_BATCH {
-            if (i as u32) < want {
+            if (i as u32) >= want {
+                break;
+            }
+            let d = if whole {
+                Some(Desc {
+                    qw0: *addr_of!((*batch)[4 * i]),
+                    qw1: *addr_of!((*batch)[4 * i + 1]),
+                })
+            } else if stride == QI_DESC_BYTES as u64 {
+                // The whole read failed (counted once above).
+                None
+            } else {
                 match bpf_probe_read_kernel((desc + i as u64 * stride) as *const Desc) {
-                    Ok(d) => {
-                        addr_of_mut!((*raw)[i]).write(d);
-                        if is_dev_tlb(d.qw0) {
-                            devmask.write_volatile(devmask.read_volatile() | (1 << i));
-                            // SID: bits 31:16 of both device-TLB descriptor types.
-                            gone |= is_gone((d.qw0 >> 16) as u16);
-                        } else {
-                            types |= 1u16 << (d.qw0 & 0xf);
-                            others += 1;
-                        }
+                    Ok(d) => Some(d),
+                    Err(_) => {
+                        bump(Counter::ReadFailed);
+                        None
                     }
-                    Err(_) => bump(Counter::ReadFailed),
+                }
+            };
+            if let Some(d) = d {
+                addr_of_mut!((*raw)[i]).write(d);
+                if is_dev_tlb(d.qw0) {
+                    devmask.write_volatile(devmask.read_volatile() | (1 << i));
+                    // SID: bits 31:16 of both device-TLB descriptor types.
+                    gone |= is_gone((d.qw0 >> 16) as u16);
+                } else {
+                    types |= 1u16 << (d.qw0 & 0xf);
+                    others += 1;
                 }
             }
         }
-        // The device-TLB ones, packed in batch order, without a branch: every position is
-        // copied to the next free slot, which only a device-TLB descriptor takes (stale
-        // positions past the batch have no bit in `devmask`).
+        // The device-TLB ones, packed in batch order, without a branch on their type: every
+        // position of the batch is copied to the next free slot, which only a device-TLB
+        // descriptor takes (positions of a failed read have no bit in `devmask`).
         let dm = devmask.read_volatile();
         let mut sent = 0u32;
         for j in 0..MAX_BATCH {
+            if (j as u32) >= want {
+                break;
+            }
             let d = *addr_of!((*raw)[j]);
             addr_of_mut!((*e).descs[sent as usize & (MAX_BATCH - 1)]).write([
                 d.qw0 as u32,

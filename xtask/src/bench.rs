@@ -969,6 +969,29 @@ mod tests {
     }
 
     #[test]
+    fn conditions_chosen_in_order_once_all_by_default() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: VmBenchArgs,
+        }
+        let parse = |v: &[&str]| Cli::try_parse_from([&["vm-bench"], v].concat()).map(|c| c.a);
+        assert_eq!(parse(&[]).unwrap().chosen_conditions(), Condition::ALL);
+        assert_eq!(
+            parse(&["--conditions", "itewatch,none,itewatch,fentry"])
+                .unwrap()
+                .chosen_conditions(),
+            [Condition::Itewatch, Condition::None, Condition::Fentry]
+        );
+        let err = parse(&["--conditions", "none,kprobe"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("unknown condition \"kprobe\""), "{err}");
+    }
+
+    #[test]
     fn hot_path_is_the_trampoline_part_of_the_plan() {
         let (entry, ret) = hot_path_functions();
         assert!(entry.contains(&"qi_submit_sync"));

@@ -42,6 +42,10 @@ pub struct VmBenchArgs {
     /// by default. Figures derived from a condition left out print as `?`.
     #[arg(long, value_delimiter = ',', value_parser = parse_condition)]
     pub conditions: Vec<Condition>,
+    /// Back the workload disk with a file (`disk1.raw`) instead of QEMU's null block driver
+    /// (the default since 2026-12-06; earlier figures in docs/benchmarks.md used a file).
+    #[arg(long)]
+    pub file_disk: bool,
     /// Use this static itewatch binary instead of building it (musl target).
     #[arg(long, value_name = "PATH")]
     pub itewatch: Option<PathBuf>,
@@ -314,6 +318,11 @@ pub struct CondFigures {
     pub reps: usize,
     pub median_s: f64,
     pub slowdown_pct: Option<f64>,
+    /// Per round in which both ran: this condition's median over `none`'s median of the same
+    /// round, as a slowdown in per cent. Each round's pair ran minutes apart at most, so the
+    /// host's drift over the run (a busy host moves a repetition by ±10 % or more) cancels
+    /// out of each pair; their spread shows how far one figure can be trusted.
+    pub round_slowdowns: Vec<f64>,
     /// Run time per run and runs of each BPF program, summed over the rounds.
     pub programs: BTreeMap<String, (u64, u64)>,
 }
@@ -409,9 +418,9 @@ impl KernelFigures {
         let base = self.cond(Condition::None).map(|f| f.median_s);
         let _ = writeln!(
             s,
-            "| condition | median s/rep | slowdown | extra wall ns per submission | BPF run time per run (runs), by program |"
+            "| condition | median s/rep | slowdown | per round | extra wall ns per submission | BPF run time per run (runs), by program |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
         for f in &self.conds {
             let slow = f
                 .slowdown_pct
@@ -420,6 +429,15 @@ impl KernelFigures {
             let extra = match (base, spr, f.cond) {
                 (_, _, Condition::None) | (None, _, _) | (_, None, _) => "—".to_string(),
                 (Some(b), Some(n), _) => format!("{:.0}", (f.median_s - b) * 1e9 / n),
+            };
+            let rounds = if f.round_slowdowns.is_empty() {
+                "—".to_string()
+            } else {
+                f.round_slowdowns
+                    .iter()
+                    .map(|p| format!("{p:+.1}"))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
             };
             let progs = if f.programs.is_empty() {
                 "—".to_string()
@@ -434,10 +452,11 @@ impl KernelFigures {
             };
             let _ = writeln!(
                 s,
-                "| {} | {:.3} | {} | {} | {} |",
+                "| {} | {:.3} | {} | {} | {} | {} |",
                 f.cond.name(),
                 f.median_s,
                 slow,
+                rounds,
                 extra,
                 progs
             );
@@ -474,6 +493,18 @@ pub fn figures(
         median(&v).map(|m| (m, v.len()))
     };
     let none = med(Condition::None).map(|m| m.0);
+    let round_med = |c: Condition, r: u32| {
+        let v: Vec<f64> = res
+            .reps
+            .iter()
+            .filter(|x| x.0 == c && x.1 == r)
+            .map(|x| x.2 as f64 / 1e9)
+            .collect();
+        median(&v)
+    };
+    let mut seen: Vec<u32> = res.reps.iter().map(|x| x.1).collect();
+    seen.sort_unstable();
+    seen.dedup();
     let conds = Condition::ALL
         .into_iter()
         .filter_map(|c| {
@@ -485,6 +516,18 @@ pub fn figures(
                 slowdown_pct: match (c, none) {
                     (Condition::None, _) | (_, None) => None,
                     (_, Some(b)) => Some(slowdown_pct(m, b)),
+                },
+                round_slowdowns: match c {
+                    Condition::None => Vec::new(),
+                    _ => seen
+                        .iter()
+                        .filter_map(|&r| {
+                            Some(slowdown_pct(
+                                round_med(c, r)?,
+                                round_med(Condition::None, r)?,
+                            ))
+                        })
+                        .collect(),
                 },
                 programs: bpf.get(&c).cloned().unwrap_or_default(),
             })
@@ -624,9 +667,14 @@ fn run_kernel(
         initrd: dir.join("initramfs.cpio"),
     };
     build_initramfs(kernel, itewatch, args, &files.initrd)?;
-    // The workload disk (slot 1, ATS) holds the reads; slot 2's disk is idle.
+    // The workload disk (slot 1, ATS) is QEMU's null block driver unless asked otherwise: the
+    // reads are the same DMA (map, device reads zeros, unmap and its invalidations), without
+    // a host file whose I/O scheduling moved each repetition by ±20 % on a busy host. Slot 2's
+    // disk is idle.
     let work_bytes = (u64::from(args.blocks) * 4096).max(8 << 20);
-    qemu::make_disk(&files.disk(1), work_bytes)?;
+    if args.file_disk {
+        qemu::make_disk(&files.disk(1), work_bytes)?;
+    }
     qemu::make_disk(&files.disk(2), 8 << 20)?;
     // The output disk starts as the bpftrace rootfs (a tar stream the guest unpacks), and
     // ends as the guest's /out.
@@ -639,6 +687,7 @@ fn run_kernel(
     }
     let qopts = QemuOpts {
         serial_cap_bytes: args.serial_cap_mib << 20,
+        null_disk1: (!args.file_disk).then_some(work_bytes),
         ..QemuOpts::stock()
     };
     eprintln!(
@@ -912,6 +961,40 @@ mod tests {
     }
 
     #[test]
+    fn round_slowdowns_pair_each_round_with_its_none() {
+        // The host got 50 % slower between the rounds: pooled, `empty` looks like +30 %
+        // (its round-1 reps outnumber none's); paired by round it is +10 % both times.
+        let mut res = GuestResults::default();
+        for (c, r, ns, n) in [
+            (Condition::None, 0, 1_000_000_000u64, 3),
+            (Condition::Empty, 0, 1_100_000_000, 1),
+            (Condition::None, 1, 1_500_000_000, 1),
+            (Condition::Empty, 1, 1_650_000_000, 3),
+        ] {
+            for _ in 0..n {
+                res.reps.push((c, r, ns));
+            }
+        }
+        let f = figures(
+            "6.1",
+            "6.1",
+            &res,
+            &BTreeMap::new(),
+            SinkCounts::default(),
+            2,
+            3,
+        );
+        let e = f.cond(Condition::Empty).unwrap();
+        assert_eq!(e.slowdown_pct.map(|p| p.round()), Some(65.0));
+        let r: Vec<f64> = e.round_slowdowns.iter().map(|p| p.round()).collect();
+        assert_eq!(r, [10.0, 10.0]);
+        assert!(f.cond(Condition::None).unwrap().round_slowdowns.is_empty());
+        assert!(f
+            .table()
+            .contains("| empty | 1.650 | +65.0 % | +10.0 / +10.0 |"));
+    }
+
+    #[test]
     fn p1_line_and_ratio() {
         let mut res = GuestResults::default();
         for (c, ns) in [
@@ -945,7 +1028,9 @@ mod tests {
             "P1 6.12 none=1.000 empty=+10.0% full=+30.0% itewatch=+5.0% agent=+20.0% ratio_empty=0.50 bytes_per_submission=64 lost=2 fentry=+2.0% ratio_fentry=2.50"
         );
         // 1000 submissions over 3 reps; empty costs 0.1 s per rep: 300 µs per submission.
-        assert!(f.table().contains("| empty | 1.100 | +10.0 % | 300000 |"));
+        assert!(f
+            .table()
+            .contains("| empty | 1.100 | +10.0 % | +10.0 | 300000 |"));
         // Nothing measured: the figures say so instead of inventing them.
         let g = figures(
             "6.1",

@@ -57,6 +57,11 @@ pub struct QemuOpts {
     pub ite: Option<u32>,
     /// Add the switch card (root port slot 3, downstream slot 4 without power controller).
     pub switch: bool,
+    /// Slot 1's disk is QEMU's `null-co` block driver of this many bytes (reads give zeros)
+    /// instead of `disk1.raw`: a request completes in the vCPU thread that submitted it, with
+    /// no host I/O and no wake-up of another host thread (vm-bench: the workload's time is
+    /// then the guest's CPU work, not the host's I/O scheduling).
+    pub null_disk1: Option<u64>,
 }
 
 impl QemuOpts {
@@ -67,6 +72,7 @@ impl QemuOpts {
             serial_cap_bytes: 48 << 20,
             ite: None,
             switch: false,
+            null_disk1: None,
         }
     }
 }
@@ -123,7 +129,13 @@ pub fn command(f: &Files, q: &QemuOpts) -> Command {
         .args(["-device", &iommu])
         .args(["-device", "pcie-root-port,id=rp1,bus=pcie.0,addr=0x4,chassis=1,slot=1"])
         .args(["-device", "pcie-root-port,id=rp2,bus=pcie.0,addr=0x5,chassis=2,slot=2"])
-        .args(["-drive", &format!("if=none,id=d1,file={},format=raw", d(f.disk(1)))])
+        .args([
+            "-drive",
+            &match q.null_disk1 {
+                Some(size) => format!("if=none,id=d1,driver=null-co,size={size},read-zeroes=on"),
+                None => format!("if=none,id=d1,file={},format=raw", d(f.disk(1))),
+            },
+        ])
         .args(["-drive", &format!("if=none,id=d2,file={},format=raw", d(f.disk(2)))])
         .args(["-drive", &format!("if=none,id=dout,file={},format=raw", d(f.out_disk()))])
         .args([

@@ -3,6 +3,8 @@
 //! emit (6.1: `qi_flush_dev_iotlb` before every device-TLB submit; 6.12: IOTLB + device-TLB
 //! batched in one submit on the unmap path).
 
+use std::collections::BTreeMap;
+
 use crate::event::{
     Bdf, Descriptor, DeviceInfo, DeviceRef, Event, FixedStr, Flush, Iommu, IstReturn, KTime,
     LogLine, Meta, Payload, RawDesc, Record, Sid, Slot, StackId, StackRecord, Submit, SubmitReturn,
@@ -44,6 +46,11 @@ pub fn ksoftirqd_tid(cpu: u32) -> u32 {
 /// Thread id of the per-CPU worker `kworker/N:<k>H` (`k` < 8).
 pub fn kworker_tid(cpu: u32, k: u32) -> u32 {
     200 + 8 * cpu + k.min(7)
+}
+
+/// Key of `World::running`: the thread, or for thread 0 (several CPUs' idle tasks) the CPU.
+fn running_key(tid: u32, cpu: u32) -> (u32, u32) {
+    (tid, if tid == 0 { cpu } else { 0 })
 }
 
 /// A per-CPU kernel thread runs only on its CPU: the thread that ran on `cpu` under the name
@@ -335,9 +342,11 @@ pub struct World {
     pub t0: u64,
     recs: Vec<(u64, u64, Record)>,
     order: u64,
-    /// Submissions issued: (tid, cpu, submit, return or `u64::MAX`), so that noise never
-    /// starts a second one on a thread that is in one.
-    running: Vec<(u32, u32, u64, u64)>,
+    /// Submissions issued, by thread (thread 0: by CPU): (submit, return or `u64::MAX`), so
+    /// that noise never starts a second one on a thread that is in one. Keyed, not a list:
+    /// a scan of every submission per noise submission made a soak chunk quadratic (half the
+    /// agent's CPU under `--simulate soak`, docs/benchmarks.md).
+    running: BTreeMap<(u32, u32), Vec<(u64, u64)>>,
     /// Records delivered late: (thread, from, to, after) moves the thread's records of
     /// `[from, to]` behind the first record newer than `after` (a ring buffer drained late).
     late: Vec<(u32, u64, u64, u64)>,
@@ -463,7 +472,7 @@ impl World {
             t0,
             recs: Vec::new(),
             order: 0,
-            running: Vec::new(),
+            running: BTreeMap::new(),
             late: Vec::new(),
         }
     }
@@ -567,8 +576,8 @@ impl World {
     /// Whether thread `tid` (thread 0: on `cpu`) has a submission open during `[from, to]`.
     fn thread_busy(&self, tid: u32, cpu: u32, from: u64, to: u64) -> bool {
         self.running
-            .iter()
-            .any(|r| r.0 == tid && (tid != 0 || r.1 == cpu) && r.2 <= to && from <= r.3)
+            .get(&running_key(tid, cpu))
+            .is_some_and(|v| v.iter().any(|r| r.0 <= to && from <= r.1))
     }
 
     /// A CPU other than `busy`.
@@ -621,7 +630,10 @@ impl World {
         let p = self.submit_payload(iommu, descs, stack);
         let (rtid, _) = on_cpu(tid, comm, cpu);
         let until = ret.map_or(u64::MAX, |(lat, _)| ts + lat);
-        self.running.push((rtid, cpu, ts, until));
+        self.running
+            .entry(running_key(rtid, cpu))
+            .or_default()
+            .push((ts, until));
         self.ev(ts, cpu, tid, comm, p);
         if let Some((lat, ret)) = ret {
             self.ev(
@@ -1114,4 +1126,28 @@ pub enum DevWhat {
     Disconnected,
     Remove,
     Release,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulate::T0_NS as T0;
+
+    /// A thread is busy only during its own submissions; thread 0 (the idle tasks) only on
+    /// the CPU it ran on.
+    #[test]
+    fn thread_busy_is_per_thread_and_per_cpu_for_thread_zero() {
+        let mut w = World::new(1, T0);
+        let desc = [World::iotlb_desc(1)];
+        w.submission(T0 + 100, 1, 4242, "fio", 0, &desc, 0, Some((50, 0)));
+        w.submission(T0 + 100, 2, 0, "swapper/2", 0, &desc, 0, None);
+        assert!(w.thread_busy(4242, 1, T0 + 120, T0 + 130));
+        // Another CPU is still the same thread.
+        assert!(w.thread_busy(4242, 3, T0 + 120, T0 + 130));
+        assert!(!w.thread_busy(4242, 1, T0 + 151, T0 + 160));
+        assert!(!w.thread_busy(4243, 1, T0 + 120, T0 + 130));
+        // No return: open for ever, on its CPU only.
+        assert!(w.thread_busy(0, 2, T0 + 1_000_000, T0 + 1_000_001));
+        assert!(!w.thread_busy(0, 1, T0 + 120, T0 + 130));
+    }
 }

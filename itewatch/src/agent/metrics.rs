@@ -92,8 +92,8 @@ impl Metrics {
             spool_errors: Family::default(),
             // Fine around the 10 ms goal (docs/benchmarks.md).
             durable: Histogram::new([
-                0.25e-3, 0.5e-3, 1e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 10e-3, 15e-3, 20e-3, 30e-3, 50e-3,
-                100e-3, 250e-3, 1.0,
+                0.25e-3, 0.5e-3, 1e-3, 2e-3, 2.5e-3, 3e-3, 5e-3, 7.5e-3, 10e-3, 12.5e-3, 15e-3,
+                20e-3, 30e-3, 50e-3, 100e-3, 250e-3, 1.0,
             ]),
             pushes: Family::default(),
             pending_pushes: Gauge::default(),

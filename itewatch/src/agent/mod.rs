@@ -462,6 +462,8 @@ async fn start_prepared(
         spool_max_bytes: cfg.spool_max_bytes,
         metrics: metrics.clone(),
         pusher: tx.clone(),
+        header: doc.header.clone(),
+        path: doc.path.clone(),
     })
     .map_err(|source| AgentError::Writer { source })?;
     let pusher = tokio::spawn(pusher.run(rx));
@@ -525,31 +527,13 @@ impl Worker {
         }
     }
 
-    async fn emit(
-        &mut self,
-        inc: Incident,
-        stats: &crate::correlate::Stats,
-        onset: std::time::Instant,
-    ) {
+    /// Hands one incident revision (from a drain or chunk that began at `onset`) to the
+    /// writer, which spools, prints and alerts it (agent/writer.rs); the metrics, `/incidents`
+    /// and the alert's step are updated here.
+    fn emit(&mut self, inc: Incident, stats: &crate::correlate::Stats, onset: std::time::Instant) {
         let step = alert::step(self.state.severity_of(&inc.id.0), &inc);
         self.metrics.incident(&inc, step == alert::Step::Escalated);
         self.state.remember(&inc);
-        // stdout gets the bare incident as one JSON line; the spool a whole document.
-        let line = self
-            .cfg
-            .stdout
-            .then(|| serde_json::to_vec(&inc).unwrap_or_default());
-        let doc = if self.cfg.spool.is_some() {
-            let d = crate::document::for_incident(
-                &self.doc.header,
-                self.doc.path.as_deref(),
-                &inc,
-                stats,
-            );
-            serde_json::to_vec_pretty(&d).unwrap_or_default()
-        } else {
-            Vec::new()
-        };
         let pending =
             (step != alert::Step::None && !self.cfg.alertmanager_urls.is_empty()).then(|| {
                 Pending {
@@ -558,18 +542,20 @@ impl Worker {
                     delivered_to: Vec::new(),
                 }
             });
-        self.writer.send(writer::Job::Incident {
-            id: inc.id.0.clone(),
-            doc,
-            line,
-            pending,
-            onset: (inc.revision == 0).then_some(onset),
-        });
+        let onset = (inc.revision == 0).then_some(onset);
+        self.writer
+            .send(writer::Job::Incident(Box::new(writer::Queued {
+                inc,
+                stats: stats.clone(),
+                line: self.cfg.stdout,
+                pending,
+                onset,
+            })));
     }
 
-    /// Spools, prints and alerts `out` (from a drain or chunk that began at `onset`), then
-    /// hands free heap pages back once in a while.
-    async fn emit_all(
+    /// Emits `out` (from a drain or chunk that began at `onset`), then hands free heap pages
+    /// back once in a while.
+    fn emit_all(
         &mut self,
         out: Vec<Incident>,
         stats: &crate::correlate::Stats,
@@ -577,7 +563,7 @@ impl Worker {
         onset: std::time::Instant,
     ) {
         for inc in out {
-            self.emit(inc, stats, onset).await;
+            self.emit(inc, stats, onset);
         }
         if last_trim.elapsed() >= TRIM_EVERY {
             *last_trim = std::time::Instant::now();
@@ -650,15 +636,12 @@ impl Worker {
                     Some(rate) => paced_budget(rate, paced_since.elapsed(), fed, CHUNK),
                     None => CHUNK,
                 };
-                let mut n = 0;
-                for r in it.by_ref().take(want) {
-                    self.metrics.observe(&r);
-                    if let Some(t) = r.ts() {
-                        last_ts = last_ts.max(t);
-                    }
-                    out.extend(c.push_owned(r));
-                    n += 1;
-                }
+                // Each incident goes to the writer as the correlator emits it, not after the
+                // rest of the chunk.
+                let metrics = self.metrics.clone();
+                let n = feed_chunk(c, it.as_mut(), want, &metrics, &mut last_ts, |inc, st| {
+                    self.emit(inc, st, onset)
+                });
                 fed += n as u64;
                 snapshot_due = n > 0;
                 if self.cfg.rate.is_some() && n == want {
@@ -683,14 +666,7 @@ impl Worker {
                     tick = Duration::ZERO;
                 }
             }
-            // The counts a spooled document carries; read only when there is one to write (at
-            // the end of the source they came with the summary).
-            if !out.is_empty() {
-                if let Some(c) = &corr {
-                    stats.clone_from(c.stats());
-                }
-            }
-            self.emit_all(out, &stats, &mut last_trim, onset).await;
+            self.emit_all(out, &stats, &mut last_trim, onset);
             // The gauges after the incidents: they are on their way to disk first.
             if let (true, Some(c)) = (snapshot_due, &corr) {
                 self.metrics.snapshot(&c.snapshot(), last_ts);
@@ -787,7 +763,7 @@ impl Worker {
             // What sentinels produced while this loop did not run: already on their last-gasp
             // channels, now spooled, printed and alerted.
             out.extend(rescued.try_iter());
-            self.emit_all(out, &stats, &mut last_trim, onset).await;
+            self.emit_all(out, &stats, &mut last_trim, onset);
             tokio::select! {
                 _ = stop.changed() => break,
                 r = reload.recv() => if r.is_some() { self.reload().await },
@@ -859,6 +835,36 @@ fn release_free_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release_free_memory() {}
 
+/// Feeds up to `want` records of `it` to `c` (counting them in `metrics`, the newest
+/// timestamp in `last_ts`) and hands each incident revision to `emit` with the correlator's
+/// counts as soon as the correlator emits it: an incident found early in a chunk does not
+/// wait for the rest of the chunk to be processed. Returns how many records were fed.
+fn feed_chunk(
+    c: &mut Correlator,
+    it: &mut (dyn Iterator<Item = Record> + Send),
+    want: usize,
+    metrics: &Metrics,
+    last_ts: &mut KTime,
+    mut emit: impl FnMut(Incident, &crate::correlate::Stats),
+) -> usize {
+    let mut n = 0;
+    for r in it.take(want) {
+        metrics.observe(&r);
+        if let Some(t) = r.ts() {
+            *last_ts = (*last_ts).max(t);
+        }
+        let out = c.push_owned(r);
+        if !out.is_empty() {
+            let stats = c.stats();
+            for inc in out {
+                emit(inc, stats);
+            }
+        }
+        n += 1;
+    }
+    n
+}
+
 /// `itewatch agent`: parse the config, run until SIGTERM/SIGINT, reload on SIGHUP.
 pub fn run(args: AgentArgs) -> Result<ExitCode, AgentError> {
     let flags = args.flags();
@@ -928,6 +934,46 @@ pub fn run(args: AgentArgs) -> Result<ExitCode, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 11: an incident the correlator emits early in a chunk goes to the writer then,
+    /// while the rest of the chunk is still unread, not after the whole chunk.
+    #[test]
+    fn an_incident_is_handed_over_before_the_rest_of_its_chunk_is_processed() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let recs = crate::simulate::generate("w1-driver-inflight", 1)
+            .unwrap()
+            .records;
+        let total = recs.len();
+        let taken = Arc::new(AtomicUsize::new(0));
+        let t = taken.clone();
+        let mut it: Box<dyn Iterator<Item = Record> + Send> =
+            Box::new(recs.into_iter().inspect(move |_| {
+                t.fetch_add(1, Ordering::Relaxed);
+            }));
+        let mut c = Correlator::new(CorrelatorConfig::default());
+        let metrics = Metrics::new();
+        let mut last_ts = KTime(0);
+        let mut handed = Vec::new();
+        let n = feed_chunk(
+            &mut c,
+            it.as_mut(),
+            total,
+            &metrics,
+            &mut last_ts,
+            |inc, st| handed.push((inc.revision, st.records, taken.load(Ordering::Relaxed))),
+        );
+        assert_eq!(n, total);
+        let (rev, counted, read) = *handed.first().expect("the scenario raises an incident");
+        assert_eq!(rev, 0);
+        assert!(
+            read < total,
+            "handed over after all {total} records were read"
+        );
+        assert_eq!(
+            counted as usize, read,
+            "the counts are those of the hand-over"
+        );
+    }
 
     #[test]
     fn paced_budget_follows_the_rate_and_the_chunk() {

@@ -16,6 +16,7 @@
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +50,9 @@ pub struct Pending {
 pub struct Spool {
     root: PathBuf,
     max_bytes: u64,
+    /// Directory `fsync`s done through the batch calls ([`Spool::sync_incidents`],
+    /// [`Spool::sync_pending`]).
+    dir_syncs: AtomicU64,
 }
 
 const TMP_PREFIX: &str = ".tmp-";
@@ -60,6 +64,14 @@ fn safe_id(id: &str) -> bool {
 
 /// Writes `bytes` to `dir/name` crash-safely.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SpoolError> {
+    write_renamed(dir, name, bytes)?;
+    sync_dir(dir)
+}
+
+/// The first half of [`write_atomic`]: `bytes` in a temporary file, `fsync`ed, renamed over
+/// `dir/name`. The rename is durable only once `dir` is `fsync`ed ([`sync_dir`]): a batch of
+/// files pays one directory `fsync`.
+pub fn write_renamed(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SpoolError> {
     let tmp = dir.join(format!("{TMP_PREFIX}{name}"));
     let dst = dir.join(name);
     let mut f = File::create(&tmp).map_err(err("create", &tmp))?;
@@ -76,6 +88,11 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SpoolErr
         let _ = fs::remove_file(&tmp);
         return Err(err("rename", &dst)(e));
     }
+    Ok(())
+}
+
+/// `fsync` of a directory: the renames done in it are durable once this returns.
+pub fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(err("fsync", dir))
@@ -96,6 +113,7 @@ impl Spool {
         Ok(Spool {
             root: root.to_path_buf(),
             max_bytes,
+            dir_syncs: AtomicU64::new(0),
         })
     }
 
@@ -109,6 +127,15 @@ impl Spool {
 
     /// Stores an incident's JSON (replacing an earlier revision), then rotates.
     pub fn put_incident(&self, id: &str, json: &[u8]) -> Result<(), SpoolError> {
+        self.write_incident(id, json)?;
+        self.sync_incidents()?;
+        self.rotate()
+    }
+
+    /// Writes an incident's JSON (replacing an earlier revision), durable once
+    /// [`sync_incidents`](Spool::sync_incidents) returned; a batch of incidents is written
+    /// with this, then synced once and rotated once.
+    pub fn write_incident(&self, id: &str, json: &[u8]) -> Result<(), SpoolError> {
         if !safe_id(id) {
             return Err(SpoolError {
                 op: "name",
@@ -116,8 +143,19 @@ impl Spool {
                 source: io::Error::new(io::ErrorKind::InvalidInput, "not an incident id"),
             });
         }
-        write_atomic(&self.root.join("incidents"), &format!("{id}.json"), json)?;
-        self.rotate()
+        write_renamed(&self.root.join("incidents"), &format!("{id}.json"), json)
+    }
+
+    /// Makes the incident files written so far durable (one directory `fsync`).
+    pub fn sync_incidents(&self) -> Result<(), SpoolError> {
+        self.dir_syncs.fetch_add(1, Ordering::Relaxed);
+        sync_dir(&self.root.join("incidents"))
+    }
+
+    /// Directory `fsync`s done by [`sync_incidents`](Spool::sync_incidents) and
+    /// [`sync_pending`](Spool::sync_pending) so far.
+    pub fn dir_syncs(&self) -> u64 {
+        self.dir_syncs.load(Ordering::Relaxed)
     }
 
     /// Deletes the oldest incident files until the total is within `max_bytes`; returns how
@@ -171,12 +209,25 @@ impl Spool {
     }
 
     pub fn put_pending(&self, p: &Pending) -> Result<(), SpoolError> {
+        self.write_pending(p)?;
+        sync_dir(&self.root.join("pending"))
+    }
+
+    /// Writes a pending delivery, durable once [`sync_pending`](Spool::sync_pending)
+    /// returned.
+    pub fn write_pending(&self, p: &Pending) -> Result<(), SpoolError> {
         let json = serde_json::to_vec(p).map_err(|e| SpoolError {
             op: "encode",
             path: p.id.clone(),
             source: io::Error::other(e),
         })?;
-        write_atomic(&self.root.join("pending"), &format!("{}.json", p.id), &json)
+        write_renamed(&self.root.join("pending"), &format!("{}.json", p.id), &json)
+    }
+
+    /// Makes the pending deliveries written so far durable (one directory `fsync`).
+    pub fn sync_pending(&self) -> Result<(), SpoolError> {
+        self.dir_syncs.fetch_add(1, Ordering::Relaxed);
+        sync_dir(&self.root.join("pending"))
     }
 
     /// Marks `id` delivered: the marker first, then the pending file goes (a crash between

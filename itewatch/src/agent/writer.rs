@@ -1,12 +1,18 @@
 //! The agent's durable output on a thread of its own: incident files in the spool (each
 //! `fsync`ed, docs/agent.md), pending Alertmanager deliveries, the JSON line on stdout and the
-//! hand-over to the pusher, in that order for each incident. The loop that drains the ring
-//! buffer only queues the work, so a slow or stalled disk never holds up reading the kernel's
-//! events (issue: fsync and the spool's directory scan ran on the drain task).
+//! hand-over to the pusher. The loop that drains the ring buffer only queues the incident as
+//! the correlator emits it, so a slow or stalled disk never holds up reading the kernel's
+//! events (issue: fsync and the spool's directory scan ran on the drain task), nor does
+//! building the spool's document or the JSON line.
 //!
-//! Order is kept: jobs run one after another as queued, and a JSON line or a delivery goes
-//! out only once its incident is on disk. Dropping the [`Writer`] finishes every queued job
-//! before it returns, so nothing already queued is lost at shutdown.
+//! Jobs are taken in batches (all that are queued, up to [`MAX_BATCH`]): the incidents that
+//! are new in the batch (a first revision) are written first and made durable with one
+//! directory `fsync`, then the other incidents with one more; of several revisions of an
+//! incident in a batch only the last is written (it supersedes the others). Then the pending
+//! deliveries (one directory `fsync`), then the JSON lines and the hand-overs to the pusher in
+//! queue order: a JSON line or a delivery goes out only once its incident is on disk.
+//! Dropping the [`Writer`] finishes every queued job before it returns, so nothing already
+//! queued is lost at shutdown.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -17,26 +23,36 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use crate::correlate::incident::Incident;
+use crate::correlate::Stats;
+use crate::trace::TraceHeader;
+
 use super::alert::Msg;
 use super::metrics::Metrics;
 use super::spool::{Pending, Spool};
 
+/// Most jobs handled as one batch.
+pub const MAX_BATCH: usize = 256;
+
 /// One piece of work, in queue order.
 pub enum Job {
-    Incident {
-        id: String,
-        /// The spool document (a whole report of this incident).
-        doc: Vec<u8>,
-        /// The JSON line for stdout, if printed.
-        line: Option<Vec<u8>>,
-        /// The Alertmanager delivery this revision causes, if any.
-        pending: Option<Pending>,
-        /// Start of the drain that produced the incident's first revision (`None` for later
-        /// revisions): what `itewatch_incident_durable_seconds` measures from.
-        onset: Option<Instant>,
-    },
+    Incident(Box<Queued>),
     /// The spool's size bound changed (config reload).
     MaxBytes(u64),
+}
+
+/// An incident revision as the correlator emitted it, and what to do with it.
+pub struct Queued {
+    pub inc: Incident,
+    /// The correlator's counts when it was emitted (the spooled document carries them).
+    pub stats: Stats,
+    /// Print it as a JSON line on stdout.
+    pub line: bool,
+    /// The Alertmanager delivery this revision causes, if any.
+    pub pending: Option<Pending>,
+    /// Start of the drain that produced the incident's first revision (`None` for later
+    /// revisions): what `itewatch_incident_durable_seconds` measures from.
+    pub onset: Option<Instant>,
 }
 
 /// Where the writer puts things.
@@ -48,6 +64,9 @@ pub struct Sinks {
     pub spool_max_bytes: u64,
     pub metrics: Arc<Metrics>,
     pub pusher: mpsc::Sender<Msg>,
+    /// What a spooled document says about the source: its header and the trace's path.
+    pub header: TraceHeader,
+    pub path: Option<String>,
 }
 
 /// The writer thread and its queue.
@@ -88,67 +107,168 @@ impl Drop for Writer {
 }
 
 fn run(mut sinks: Sinks, rx: std_mpsc::Receiver<Job>) {
-    for job in rx {
-        handle(&mut sinks, job);
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        handle(&mut sinks, batch);
     }
 }
 
-fn handle(s: &mut Sinks, job: Job) {
-    match job {
-        Job::MaxBytes(n) => {
-            s.spool_max_bytes = n;
-            if let Some(sp) = &mut s.spool {
-                sp.set_max_bytes(n);
+/// Which incident revisions of a batch to write, as indices into it: the last revision of
+/// each incident, those with a first revision in the batch (`new`) before the others
+/// (`rest`), each group in the order its incidents first appear (pure).
+pub fn plan(batch: &[&Queued]) -> (Vec<usize>, Vec<usize>) {
+    let mut order: Vec<&str> = Vec::new();
+    let mut last: std::collections::HashMap<&str, (usize, bool)> = Default::default();
+    for (i, q) in batch.iter().enumerate() {
+        let id = q.inc.id.0.as_str();
+        let e = last.entry(id).or_insert_with(|| {
+            order.push(id);
+            (i, false)
+        });
+        e.0 = i;
+        e.1 |= q.onset.is_some();
+    }
+    let (mut new, mut rest) = (Vec::new(), Vec::new());
+    for id in order {
+        let (i, first) = last[id];
+        if first {
+            new.push(i);
+        } else {
+            rest.push(i);
+        }
+    }
+    (new, rest)
+}
+
+fn handle(s: &mut Sinks, batch: Vec<Job>) {
+    let mut queued: Vec<Box<Queued>> = Vec::with_capacity(batch.len());
+    for job in batch {
+        match job {
+            Job::MaxBytes(n) => {
+                s.spool_max_bytes = n;
+                if let Some(sp) = &mut s.spool {
+                    sp.set_max_bytes(n);
+                }
+            }
+            Job::Incident(q) => queued.push(q),
+        }
+    }
+    if queued.is_empty() {
+        return;
+    }
+    if s.spool.is_none() {
+        if let Some(dir) = &s.spool_dir {
+            s.spool = Spool::open(dir, s.spool_max_bytes).ok();
+        }
+    }
+    match &s.spool {
+        Some(sp) => {
+            let refs: Vec<&Queued> = queued.iter().map(|q| &**q).collect();
+            let (new, rest) = plan(&refs);
+            for group in [new, rest] {
+                write_group(s, sp, &refs, &group);
+            }
+            if let Err(e) = sp.rotate() {
+                s.metrics.spool_error(e.op);
+                eprintln!("itewatch agent: {e}");
             }
         }
-        Job::Incident {
-            id,
-            doc,
-            line,
-            pending,
-            onset,
-        } => {
-            if s.spool.is_none() {
-                if let Some(dir) = &s.spool_dir {
-                    s.spool = Spool::open(dir, s.spool_max_bytes).ok();
+        None if s.spool_dir.is_some() => {
+            for _ in &queued {
+                s.metrics.spool_error("open");
+            }
+        }
+        None => {}
+    }
+    // The deliveries are durable before the JSON lines go out, as the incidents are: a crash
+    // after a line was logged cannot lose the alert. One already waiting or sent (a restart
+    // re-deriving it) is left alone.
+    if let Some(sp) = &s.spool {
+        let mut written = false;
+        for p in queued.iter().filter_map(|q| q.pending.as_ref()) {
+            if sp.is_sent(&p.id) || sp.has_pending(&p.id) {
+                continue;
+            }
+            match sp.write_pending(p) {
+                Ok(()) => written = true,
+                Err(e) => {
+                    s.metrics.spool_error("pending");
+                    eprintln!("itewatch agent: {e}; delivery of {} kept in memory", p.id);
                 }
             }
-            match &s.spool {
-                Some(sp) => match sp.put_incident(&id, &doc) {
-                    Ok(()) => {
-                        if let Some(t) = onset {
-                            s.metrics.durable(t.elapsed().as_secs_f64());
-                        }
-                    }
-                    Err(e) => {
-                        s.metrics.spool_error(e.op);
-                        eprintln!("itewatch agent: {e}; incident {id} kept in memory");
-                    }
-                },
-                None if s.spool_dir.is_some() => s.metrics.spool_error("open"),
-                None => {}
+        }
+        if written {
+            if let Err(e) = sp.sync_pending() {
+                s.metrics.spool_error("pending");
+                eprintln!("itewatch agent: {e}; deliveries kept in memory");
             }
-            // The delivery is durable before the JSON line goes out, as the incident is: a
-            // crash after the line was logged cannot lose the alert. One already waiting or
-            // sent (a restart re-deriving it) is left alone.
-            if let (Some(p), Some(sp)) = (&pending, &s.spool) {
-                if !sp.is_sent(&p.id) && !sp.has_pending(&p.id) {
-                    if let Err(e) = sp.put_pending(p) {
-                        s.metrics.spool_error("pending");
-                        eprintln!("itewatch agent: {e}; delivery of {} kept in memory", p.id);
-                    }
+        }
+    }
+    if queued.iter().any(|q| q.line) {
+        let mut out = std::io::stdout().lock();
+        for q in queued.iter().filter(|q| q.line) {
+            let l = serde_json::to_vec(&q.inc).unwrap_or_default();
+            let _ = out.write_all(&l).and_then(|()| out.write_all(b"\n"));
+        }
+        let _ = out.flush();
+    }
+    for q in queued {
+        if let Some(p) = q.pending {
+            // Outside any runtime (this thread): blocking is what it is for. A closed
+            // channel means the agent is stopping; the delivery stays pending on disk.
+            let _ = s.pusher.blocking_send(Msg::New(p));
+        }
+    }
+}
+
+/// Writes the incident files of `group` (indices into `batch`), then one directory `fsync`;
+/// the first revisions among them are then durable (the metric).
+fn write_group(s: &Sinks, sp: &Spool, batch: &[&Queued], group: &[usize]) {
+    if group.is_empty() {
+        return;
+    }
+    let mut durable = Vec::new();
+    for &i in group {
+        let q = batch[i];
+        let d = crate::document::for_incident(&s.header, s.path.as_deref(), &q.inc, &q.stats);
+        let doc = serde_json::to_vec_pretty(&d).unwrap_or_default();
+        match sp.write_incident(&q.inc.id.0, &doc) {
+            Ok(()) => durable.push(i),
+            Err(e) => {
+                s.metrics.spool_error(e.op);
+                eprintln!(
+                    "itewatch agent: {e}; incident {} kept in memory",
+                    q.inc.id.0
+                );
+            }
+        }
+    }
+    if durable.is_empty() {
+        return;
+    }
+    match sp.sync_incidents() {
+        Ok(()) => {
+            for &i in &durable {
+                // The incident's first revision, or a later one queued with it.
+                let id = &batch[i].inc.id;
+                if let Some(t) = batch
+                    .iter()
+                    .filter(|q| &q.inc.id == id)
+                    .find_map(|q| q.onset)
+                {
+                    s.metrics.durable(t.elapsed().as_secs_f64());
                 }
             }
-            if let Some(l) = line {
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(&l).and_then(|()| out.write_all(b"\n"));
-                let _ = out.flush();
-            }
-            if let Some(p) = pending {
-                // Outside any runtime (this thread): blocking is what it is for. A closed
-                // channel means the agent is stopping; the delivery stays pending on disk.
-                let _ = s.pusher.blocking_send(Msg::New(p));
-            }
+        }
+        Err(e) => {
+            s.metrics.spool_error(e.op);
+            eprintln!("itewatch agent: {e}; incidents kept in memory");
         }
     }
 }
@@ -157,36 +277,81 @@ fn handle(s: &mut Sinks, job: Job) {
 mod tests {
     use super::*;
 
+    /// A real incident (the first a simulated scenario raises) under id `id`, revision `rev`.
+    fn incident(id: &str, rev: u32) -> Incident {
+        use crate::correlate::{Config, Correlator};
+        let sim = crate::simulate::generate("w1-driver-inflight", 1).unwrap();
+        let mut c = Correlator::new(Config::default());
+        let mut out = Vec::new();
+        for r in sim.records {
+            out.extend(c.push_owned(r));
+        }
+        out.extend(c.finish().incidents);
+        let mut inc = out.into_iter().next().unwrap();
+        inc.id = crate::correlate::incident::IncidentId(id.to_string());
+        inc.revision = rev;
+        inc
+    }
+
+    fn queued(id: &str, rev: u32, onset: Option<Instant>) -> Box<Queued> {
+        Box::new(Queued {
+            inc: incident(id, rev),
+            stats: Stats::default(),
+            line: false,
+            pending: None,
+            onset,
+        })
+    }
+
+    fn sinks(dir: &std::path::Path, metrics: Arc<Metrics>) -> (Sinks, mpsc::Receiver<Msg>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let header = TraceHeader::new(crate::trace::Source::Simulated {
+            scenario: "w1-driver-inflight".into(),
+            seed: 1,
+        });
+        let s = Sinks {
+            spool: Some(Spool::open(dir, 1 << 30).unwrap()),
+            spool_dir: Some(dir.to_path_buf()),
+            spool_max_bytes: 1 << 30,
+            metrics,
+            pusher: tx,
+            header,
+            path: None,
+        };
+        (s, rx)
+    }
+
+    fn revision_on_disk(dir: &std::path::Path, id: &str) -> u64 {
+        let f = dir.join("incidents").join(format!("{id}.json"));
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+        v["incidents"][0]["revision"].as_u64().unwrap()
+    }
+
     /// Queued work never waits for the disk, and dropping the writer finishes all of it, in
     /// order: every incident file, every pending delivery on disk before its hand-over to the
     /// pusher, the hand-overs in queue order.
     #[test]
     fn queued_incidents_are_all_durable_in_order_after_drop() {
         let d = tempfile::tempdir().unwrap();
-        let spool = Spool::open(d.path(), 1 << 30).unwrap();
-        let (tx, mut rx) = mpsc::channel(1024);
         let metrics = Arc::new(Metrics::new());
-        let w = Writer::spawn(Sinks {
-            spool: Some(spool),
-            spool_dir: Some(d.path().to_path_buf()),
-            spool_max_bytes: 1 << 30,
-            metrics: metrics.clone(),
-            pusher: tx,
-        })
-        .unwrap();
+        let (s, mut rx) = sinks(d.path(), metrics.clone());
+        let w = Writer::spawn(s).unwrap();
         let started = Instant::now();
+        let base = incident("0", 0);
         for i in 0..200u32 {
-            w.send(Job::Incident {
-                id: format!("{i:016x}"),
-                doc: vec![b'x'; 4096],
-                line: None,
+            let mut inc = base.clone();
+            inc.id = crate::correlate::incident::IncidentId(format!("{i:016x}"));
+            w.send(Job::Incident(Box::new(Queued {
+                inc,
+                stats: Stats::default(),
+                line: false,
                 pending: (i % 10 == 0).then(|| Pending {
                     id: format!("d{i}"),
                     alert: serde_json::json!({}),
                     delivered_to: Vec::new(),
                 }),
                 onset: Some(started),
-            });
+            })));
         }
         drop(w);
         let check = Spool::open(d.path(), 1 << 30).unwrap();
@@ -205,6 +370,56 @@ mod tests {
         let m = metrics.encode();
         assert!(
             m.contains("itewatch_incident_durable_seconds_count 200"),
+            "{m}"
+        );
+    }
+
+    /// New incidents go to disk before later revisions of older ones queued ahead of them,
+    /// and of several revisions of an incident only the last is written.
+    #[test]
+    fn plan_puts_first_revisions_first_and_the_last_revision_of_each() {
+        let t = Some(Instant::now());
+        let b = [
+            queued("a", 1, None),
+            queued("a", 2, None),
+            queued("b", 0, t),
+            queued("c", 0, t),
+            queued("b", 1, None),
+            queued("a", 3, None),
+            queued("d", 4, None),
+        ];
+        let refs: Vec<&Queued> = b.iter().map(|q| &**q).collect();
+        assert_eq!(plan(&refs), (vec![4, 3], vec![5, 6]));
+    }
+
+    /// A batch of queued incidents pays one directory fsync for its new incidents and one for
+    /// the rest (issue 11: one per revision put the last of a burst behind all the others),
+    /// and the disk holds each incident's last revision.
+    #[test]
+    fn a_batch_is_written_with_two_directory_fsyncs_and_its_last_revisions() {
+        let d = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let (mut s, _rx) = sinks(d.path(), metrics.clone());
+        let t = Some(Instant::now());
+        let batch: Vec<Job> = [
+            queued("a", 1, None),
+            queued("b", 0, t),
+            queued("c", 0, t),
+            queued("b", 1, None),
+            queued("a", 2, None),
+        ]
+        .into_iter()
+        .map(Job::Incident)
+        .collect();
+        handle(&mut s, batch);
+        let sp = s.spool.as_ref().unwrap();
+        assert_eq!(sp.dir_syncs(), 2);
+        assert_eq!(revision_on_disk(d.path(), "a"), 2);
+        assert_eq!(revision_on_disk(d.path(), "b"), 1);
+        assert_eq!(revision_on_disk(d.path(), "c"), 0);
+        let m = metrics.encode();
+        assert!(
+            m.contains("itewatch_incident_durable_seconds_count 2"),
             "{m}"
         );
     }

@@ -297,6 +297,7 @@ printf '%s\n{\n}\n\n%s\n{\n}\n' "$E" "$R" > /bt/tmp/empty.bt
 # The same functions on trampolines (fentry/fexit), as itewatch attaches them.
 FE=$(echo "$E" | sed 's/kprobe:/kfunc:/g'); FR=$(echo "$R" | sed 's/kretprobe:/kretfunc:/g')
 printf '%s\n{\n}\n\n%s\n{\n}\n' "$FE" "$FR" > /bt/tmp/fentry.bt
+FENTRY_N=$EMPTY_N; FENTRY_KP=0; FENTRY_KP_RE=
 "#;
 
 const SCRIPT_RUN: &str = r#"
@@ -341,12 +342,24 @@ start_tracer() {
         alive $TRACER_PID || { TRACER_PID=; fail "bpftrace $1 exited: $(tail -n 20 /out/bpftrace-$1-r$2.txt)"; }
         ;;
     fentry)
-        $BT /usr/bin/bpftrace /tmp/fentry.bt > /out/bpftrace-fentry-r$2.txt 2>&1 &
-        TRACER_PID=$!
-        # Attached: as many tracing programs loaded and linked to their trampolines.
-        wait_for '{ [ "$(tracing_progs)" -ge $EMPTY_N ] && [ "$(tracing_links)" -ge $EMPTY_N ]; } || ! alive $TRACER_PID' 600 ||
-            { tracer_diag; log "diag: links: $($BT /usr/sbin/bpftool link show 2>&1 | tr '\n' ';')"; fail "bpftrace fentry not attached after 600 s: $(tail -n 5 /out/bpftrace-fentry-r$2.txt)"; }
-        alive $TRACER_PID || { TRACER_PID=; fail "bpftrace fentry exited: $(tail -n 20 /out/bpftrace-fentry-r$2.txt)"; }
+        # A function the kernel cannot build a trampoline for (6.1: more than six arguments,
+        # qi_flush_dev_iotlb_pasid) gets a kprobe instead, as itewatch's own plan falls back;
+        # the script is rewritten once and kept so for the later rounds.
+        while :; do
+            $BT /usr/bin/bpftrace /tmp/fentry.bt > /out/bpftrace-fentry-r$2.txt 2>&1 &
+            TRACER_PID=$!
+            # Attached: as many tracing programs linked to their trampolines (and kprobes
+            # enabled for the functions that fell back).
+            wait_for '{ [ "$(tracing_progs)" -ge $FENTRY_N ] && [ "$(tracing_links)" -ge $FENTRY_N ] && { [ $FENTRY_KP -eq 0 ] || [ "$(kprobes_up "$FENTRY_KP_RE")" -ge $FENTRY_KP ]; }; } || ! alive $TRACER_PID' 600 ||
+                { tracer_diag; log "diag: links: $($BT /usr/sbin/bpftool link show 2>&1 | tr '\n' ';')"; fail "bpftrace fentry not attached after 600 s: $(tail -n 5 /out/bpftrace-fentry-r$2.txt)"; }
+            alive $TRACER_PID && break
+            TRACER_PID=
+            f=$(sed -n 's/.*Error attaching probe: kfunc:\(vmlinux:\)\{0,1\}\([A-Za-z0-9_]*\).*/\2/p' /out/bpftrace-fentry-r$2.txt | head -n 1)
+            { [ -n "$f" ] && [ $FENTRY_N -gt 1 ]; } || fail "bpftrace fentry exited: $(tail -n 20 /out/bpftrace-fentry-r$2.txt)"
+            log "fentry: no trampoline for $f on this kernel: a kprobe instead, as itewatch falls back"
+            sed -i "s/kfunc:$f,/kprobe:$f,/; s/kfunc:$f\$/kprobe:$f/" /bt/tmp/fentry.bt
+            FENTRY_N=$((FENTRY_N-1)); FENTRY_KP=$((FENTRY_KP+1)); FENTRY_KP_RE="$FENTRY_KP_RE${FENTRY_KP_RE:+|}$f"
+        done
         ;;
     itewatch)
         rm -f /tmp/rec.ready

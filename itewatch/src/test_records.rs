@@ -1,4 +1,5 @@
-//! Records for unit tests: an event on a thread, a device-TLB submission, a return.
+//! Records for unit tests: an event on a thread, a device-TLB submission, a return; a real
+//! incident.
 
 use crate::event::{
     Descriptor, Event, FixedStr, Iommu, KTime, Meta, Payload, Record, Sid, Submit, SubmitReturn,
@@ -42,4 +43,17 @@ pub fn ret() -> Payload {
         ret: 0,
         start: None,
     })
+}
+
+/// A real incident: the first one the simulated `w1-driver-inflight` scenario raises.
+pub fn first_incident() -> crate::correlate::incident::Incident {
+    use crate::correlate::{Config, Correlator};
+    let sim = crate::simulate::generate("w1-driver-inflight", 1).unwrap();
+    let mut c = Correlator::new(Config::default());
+    let mut out = Vec::new();
+    for r in sim.records {
+        out.extend(c.push_owned(r));
+    }
+    out.extend(c.finish().incidents);
+    out.into_iter().next().unwrap()
 }

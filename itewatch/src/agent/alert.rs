@@ -349,18 +349,7 @@ mod tests {
         assert_eq!(backoff(40), MAX_BACKOFF);
     }
 
-    /// A real incident: the first one a simulated scenario raises.
-    fn incident() -> Incident {
-        use crate::correlate::{Config, Correlator};
-        let sim = crate::simulate::generate("w1-driver-inflight", 1).unwrap();
-        let mut c = Correlator::new(Config::default());
-        let mut out = Vec::new();
-        for r in sim.records {
-            out.extend(c.push_owned(r));
-        }
-        out.extend(c.finish().incidents);
-        out.into_iter().next().unwrap()
-    }
+    use crate::test_records::first_incident as incident;
 
     #[test]
     fn an_incident_alerts_when_it_opens_and_when_its_severity_rises() {

@@ -279,15 +279,7 @@ mod tests {
 
     /// A real incident (the first a simulated scenario raises) under id `id`, revision `rev`.
     fn incident(id: &str, rev: u32) -> Incident {
-        use crate::correlate::{Config, Correlator};
-        let sim = crate::simulate::generate("w1-driver-inflight", 1).unwrap();
-        let mut c = Correlator::new(Config::default());
-        let mut out = Vec::new();
-        for r in sim.records {
-            out.extend(c.push_owned(r));
-        }
-        out.extend(c.finish().incidents);
-        let mut inc = out.into_iter().next().unwrap();
+        let mut inc = crate::test_records::first_incident();
         inc.id = crate::correlate::incident::IncidentId(id.to_string());
         inc.revision = rev;
         inc

@@ -107,10 +107,27 @@ fn metrics_and_incidents_of_a_simulated_stream() {
     let addr = h.addr;
     assert!(addr.ip().is_loopback());
     let sim = itewatch::simulate::generate(SCENARIO, 1).unwrap();
+    let submits = sim
+        .records
+        .iter()
+        .filter(|r| {
+            matches!(r, itewatch::event::Record::Event(e)
+                if matches!(e.payload, itewatch::event::Payload::Submit(_)))
+        })
+        .count() as f64;
+    let events = sim
+        .records
+        .iter()
+        .filter(|r| matches!(r, itewatch::event::Record::Event(_)))
+        .count() as f64;
     let mut metrics = BTreeMap::new();
-    wait_for(20, "incidents in /metrics", || {
+    // Incidents are counted as the correlator emits them, before the rest of their chunk is
+    // fed: wait for the whole stream too.
+    wait_for(20, "incidents and the whole stream in /metrics", || {
         metrics = parse_exposition(&get(addr, "/metrics").1);
         sum(&metrics, "itewatch_incidents_total") >= sim.expected.len() as f64
+            && sum(&metrics, "itewatch_submissions_total") >= submits
+            && sum(&metrics, "itewatch_events_total") >= events
     });
     let (_, text) = get(addr, "/metrics");
     for name in [
@@ -137,20 +154,7 @@ fn metrics_and_incidents_of_a_simulated_stream() {
         assert!(text.contains(t), "{t} missing");
     }
     // The exposition agrees with the stream: one submission per Submit event.
-    let submits = sim
-        .records
-        .iter()
-        .filter(|r| {
-            matches!(r, itewatch::event::Record::Event(e)
-                if matches!(e.payload, itewatch::event::Payload::Submit(_)))
-        })
-        .count() as f64;
     assert_eq!(sum(&metrics, "itewatch_submissions_total"), submits);
-    let events = sim
-        .records
-        .iter()
-        .filter(|r| matches!(r, itewatch::event::Record::Event(_)))
-        .count() as f64;
     assert_eq!(sum(&metrics, "itewatch_events_total"), events);
     assert!(sum(&metrics, "itewatch_devtlb_invalidations_total") > 0.0);
     // Bounded labels: iommu names only.

@@ -733,36 +733,36 @@ impl Worker {
         loop {
             let mut tick = Duration::from_millis(100);
             let onset = std::time::Instant::now();
-            let mut out = {
+            {
                 let mut pipe = shared.pipe.lock().unwrap_or_else(|e| e.into_inner());
-                let step = pipe.step(Some(&self.metrics));
+                let withheld = lastgasp.kmsg_skipped;
+                let mut said_withheld = false;
+                let metrics = self.metrics.clone();
+                // Each revision goes to the last-gasp channels, then to the writer, as the
+                // correlator emits it, not after the rest of the drain.
+                let step = pipe.step_each(Some(&metrics), |inc, rate, st| {
+                    lastgasp.write(&inc, monotonic_ns(), rate);
+                    if withheld == 0 && lastgasp.kmsg_skipped > 0 && !said_withheld {
+                        said_withheld = true;
+                        eprintln!(
+                            "itewatch agent: a critical line was kept off /dev/kmsg: the kernel \
+                             log floods ({rate} lines/s, above {}); a printk now could keep this \
+                             CPU printing the flood. It went to the other last-gasp channels \
+                             and the spool; counted in itewatch_last_gasp_unwritten_total.",
+                            lastgasp::KMSG_MAX_LOG_RATE
+                        );
+                    }
+                    stats.clone_from(st);
+                    self.emit(inc, st, onset);
+                });
                 shared.beat(&step);
                 if step.more {
                     tick = Duration::ZERO;
                 }
-                let now = monotonic_ns();
-                let rate = pipe.log_rate();
-                let withheld = lastgasp.kmsg_skipped;
-                for inc in &step.incidents {
-                    lastgasp.write(inc, now, rate);
-                }
-                if withheld == 0 && lastgasp.kmsg_skipped > 0 {
-                    eprintln!(
-                        "itewatch agent: a critical line was kept off /dev/kmsg: the kernel log \
-                         floods ({rate} lines/s, above {}); a printk now could keep this CPU \
-                         printing the flood. It went to the other last-gasp channels and the \
-                         spool; counted in itewatch_last_gasp_unwritten_total.",
-                        lastgasp::KMSG_MAX_LOG_RATE
-                    );
-                }
-                if !step.incidents.is_empty() {
-                    stats.clone_from(pipe.corr.stats());
-                }
-                step.incidents
-            };
+            }
             // What sentinels produced while this loop did not run: already on their last-gasp
             // channels, now spooled, printed and alerted.
-            out.extend(rescued.try_iter());
+            let out: Vec<Incident> = rescued.try_iter().collect();
             self.emit_all(out, &stats, &mut last_trim, onset);
             tokio::select! {
                 _ = stop.changed() => break,

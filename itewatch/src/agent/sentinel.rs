@@ -134,6 +134,21 @@ impl<R: Ring> Pipe<R> {
     /// submission whose return is still waiting in the ring, and one that never catches up (a
     /// log storm) still sees time pass. `metrics`: the main loop's; `None` from a sentinel.
     pub fn step(&mut self, metrics: Option<&Metrics>) -> Step {
+        let mut incidents = Vec::new();
+        let mut step = self.step_each(metrics, |inc, _, _| incidents.push(inc));
+        step.incidents = incidents;
+        step
+    }
+
+    /// [`step`](Pipe::step), handing each incident revision to `each` as the correlator emits
+    /// it, with the kernel log's rate and the correlator's counts at that moment: one found
+    /// early in a drain of 8192 records does not wait for the rest to be processed (issue 11:
+    /// onset to durable). The returned step's `incidents` is empty.
+    pub fn step_each(
+        &mut self,
+        metrics: Option<&Metrics>,
+        mut each: impl FnMut(Incident, u32, &crate::correlate::Stats),
+    ) -> Step {
         let mut recs = Vec::new();
         let more = self.reader.drain(CHUNK, &mut recs) == CHUNK;
         let now = KTime(monotonic_ns());
@@ -155,7 +170,6 @@ impl<R: Ring> Pipe<R> {
                 m.observe(&r);
             }
         }
-        let mut incidents = Vec::new();
         for r in recs {
             if let Record::Event(e) = &r {
                 self.delivered = self.delivered.max(e.meta.ts);
@@ -170,16 +184,20 @@ impl<R: Ring> Pipe<R> {
                 }
                 None => self.unobserved_dropped += 1,
             }
-            incidents.extend(self.corr.push_owned(r));
+            for inc in self.corr.push_owned(r) {
+                each(inc, self.log_rate(), self.corr.stats());
+            }
         }
         let advanced_to = if more { self.delivered } else { now };
-        incidents.extend(self.corr.advance(advanced_to));
+        for inc in self.corr.advance(advanced_to) {
+            each(inc, self.log_rate(), self.corr.stats());
+        }
         let snap = self.corr.snapshot();
         if let Some(m) = metrics {
             m.snapshot(&snap, now);
         }
         Step {
-            incidents,
+            incidents: Vec::new(),
             more,
             advanced_to,
             oldest_inflight: snap.inflight.iter().map(|s| s.start).min(),
@@ -538,6 +556,30 @@ mod tests {
         let second = pipe.step(None);
         assert!(!second.more, "{n} records left after one chunk");
         assert!(second.advanced_to >= newest);
+    }
+
+    /// Issue 11: a drain hands an incident over as the correlator emits it, before the rest
+    /// of the records it drained are processed.
+    #[test]
+    fn a_drain_hands_an_incident_over_before_the_rest_of_it() {
+        let recs = crate::simulate::generate("w1-driver-inflight", 1)
+            .unwrap()
+            .records;
+        assert!(recs.len() < CHUNK, "one drain takes the whole scenario");
+        let total = recs.len() as u64;
+        let mut pipe = Pipe::new(
+            FakeRing(recs.into_iter()),
+            Correlator::new(Default::default()),
+        );
+        let mut handed = Vec::new();
+        let step = pipe.step_each(None, |inc, _, st| handed.push((inc.revision, st.records)));
+        let (rev, counted) = *handed.first().expect("the scenario raises an incident");
+        assert_eq!(rev, 0);
+        assert!(
+            counted < total,
+            "handed over after all {total} drained records were processed"
+        );
+        assert!(step.incidents.is_empty());
     }
 
     /// While the main loop beats, sentinels leave the pipeline alone.

@@ -8,9 +8,12 @@
 //! Jobs are taken in batches (all that are queued, up to [`MAX_BATCH`]): the incidents that
 //! are new in the batch (a first revision) are written first and made durable with one
 //! directory `fsync`, then the other incidents with one more; of several revisions of an
-//! incident in a batch only the last is written (it supersedes the others). Then the pending
-//! deliveries (one directory `fsync`), then the JSON lines and the hand-overs to the pusher in
-//! queue order: a JSON line or a delivery goes out only once its incident is on disk.
+//! incident in a batch only the last is written (it supersedes the others). A new incident
+//! that arrives while the other incidents' revisions are being written goes before those not
+//! written yet ([`handle`]). Then the pending deliveries (one directory `fsync`), then the JSON
+//! lines and the hand-overs to the pusher in queue order (for each incident; an incident left
+//! for the next batch sends its own later): a JSON line or a delivery goes out only once its
+//! incident is on disk.
 //! Dropping the [`Writer`] finishes every queued job before it returns, so nothing already
 //! queued is lost at shutdown.
 
@@ -107,15 +110,24 @@ impl Drop for Writer {
 }
 
 fn run(mut sinks: Sinks, rx: std_mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
+    // Jobs a preempted batch left, with those that preempted it (queue order).
+    let mut next: Vec<Job> = Vec::new();
+    loop {
+        if next.is_empty() {
+            match rx.recv() {
+                Ok(j) => next.push(j),
+                // Closed and nothing left: every queued job is done.
                 Err(_) => break,
             }
         }
-        handle(&mut sinks, batch);
+        while next.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => next.push(j),
+                Err(_) => break,
+            }
+        }
+        let batch = std::mem::take(&mut next);
+        next = handle(&mut sinks, batch, &rx);
     }
 }
 
@@ -146,7 +158,13 @@ pub fn plan(batch: &[&Queued]) -> (Vec<usize>, Vec<usize>) {
     (new, rest)
 }
 
-fn handle(s: &mut Sinks, batch: Vec<Job>) {
+/// Handles one batch; returns the jobs to handle next, in queue order: when a new incident
+/// arrived while later revisions of older ones were being written (each a file `fsync`, and
+/// one incident may have dozens of revisions), the revisions not yet written are left, with
+/// everything queued for their incidents, and the new incident goes to disk first (issue 11:
+/// onset to durable; one waited 6 ms behind another incident's revisions). At least one
+/// revision is written per batch, so a stream of new incidents cannot starve the others.
+fn handle(s: &mut Sinks, batch: Vec<Job>, rx: &std_mpsc::Receiver<Job>) -> Vec<Job> {
     let mut queued: Vec<Box<Queued>> = Vec::with_capacity(batch.len());
     for job in batch {
         match job {
@@ -159,8 +177,9 @@ fn handle(s: &mut Sinks, batch: Vec<Job>) {
             Job::Incident(q) => queued.push(q),
         }
     }
+    let mut left: Vec<Job> = Vec::new();
     if queued.is_empty() {
-        return;
+        return left;
     }
     if s.spool.is_none() {
         if let Some(dir) = &s.spool_dir {
@@ -171,12 +190,42 @@ fn handle(s: &mut Sinks, batch: Vec<Job>) {
         Some(sp) => {
             let refs: Vec<&Queued> = queued.iter().map(|q| &**q).collect();
             let (new, rest) = plan(&refs);
-            for group in [new, rest] {
-                write_group(s, sp, &refs, &group);
+            write_group(s, sp, &refs, &new);
+            // The later revisions, one at a time, while no new incident waits.
+            let mut written = 0;
+            while written < rest.len() {
+                if written > 0 {
+                    let waiting = left.len();
+                    left.extend(rx.try_iter());
+                    if left[waiting..]
+                        .iter()
+                        .any(|j| matches!(j, Job::Incident(q) if q.onset.is_some()))
+                    {
+                        break;
+                    }
+                }
+                written += 1;
             }
+            write_group(s, sp, &refs, &rest[..written]);
+            let unwritten: std::collections::HashSet<String> = rest[written..]
+                .iter()
+                .map(|&i| refs[i].inc.id.0.clone())
+                .collect();
             if let Err(e) = sp.rotate() {
                 s.metrics.spool_error(e.op);
                 eprintln!("itewatch agent: {e}");
+            }
+            if !unwritten.is_empty() {
+                // Everything queued for the incidents not written yet waits for them (its
+                // JSON line and delivery go out once its incident is on disk), ahead of
+                // what arrived meanwhile.
+                let (wait, go): (Vec<_>, Vec<_>) = queued
+                    .into_iter()
+                    .partition(|q| unwritten.contains(&q.inc.id.0));
+                queued = go;
+                let arrived = std::mem::take(&mut left);
+                left = wait.into_iter().map(Job::Incident).collect();
+                left.extend(arrived);
             }
         }
         None if s.spool_dir.is_some() => {
@@ -225,6 +274,7 @@ fn handle(s: &mut Sinks, batch: Vec<Job>) {
             let _ = s.pusher.blocking_send(Msg::New(p));
         }
     }
+    left
 }
 
 /// Writes the incident files of `group` (indices into `batch`), then one directory `fsync`;
@@ -403,7 +453,8 @@ mod tests {
         .into_iter()
         .map(Job::Incident)
         .collect();
-        handle(&mut s, batch);
+        let (_tx, idle) = std_mpsc::channel();
+        assert!(handle(&mut s, batch, &idle).is_empty());
         let sp = s.spool.as_ref().unwrap();
         assert_eq!(sp.dir_syncs(), 2);
         assert_eq!(revision_on_disk(d.path(), "a"), 2);
@@ -414,5 +465,73 @@ mod tests {
             m.contains("itewatch_incident_durable_seconds_count 2"),
             "{m}"
         );
+    }
+
+    /// Issue 11: a new incident that arrives while later revisions of others are being
+    /// written goes to disk before the ones not written yet; those wait, with everything
+    /// queued for their incidents, and nothing is lost or reordered within an incident.
+    #[test]
+    fn a_new_incident_goes_before_the_later_revisions_still_to_write() {
+        let d = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let (mut s, mut rx) = sinks(d.path(), metrics.clone());
+        let delivery = |q: Box<Queued>| {
+            let mut q = q;
+            q.pending = Some(Pending {
+                id: format!("d-{}", q.inc.id.0),
+                alert: serde_json::json!({}),
+                delivered_to: Vec::new(),
+            });
+            Job::Incident(q)
+        };
+        // Later revisions of a, b and c (no first revision among them); c's has a delivery.
+        let batch = vec![
+            Job::Incident(queued("a", 3, None)),
+            Job::Incident(queued("b", 5, None)),
+            Job::Incident(queued("c", 1, None)),
+            delivery(queued("c", 2, None)),
+        ];
+        // While they are written, a new incident arrives (queued before the batch is handled,
+        // so it is there at the first check).
+        let (tx, incoming) = std_mpsc::channel();
+        tx.send(Job::Incident(queued("n", 0, Some(Instant::now()))))
+            .unwrap();
+        let left = handle(&mut s, batch, &incoming);
+        // One revision written (progress), then the new incident preempted the rest.
+        let on_disk = |id: &str| {
+            d.path()
+                .join("incidents")
+                .join(format!("{id}.json"))
+                .exists()
+        };
+        assert!(on_disk("a"));
+        assert!(!on_disk("b") && !on_disk("c") && !on_disk("n"));
+        assert!(
+            rx.try_recv().is_err(),
+            "c's delivery went out before c was on disk"
+        );
+        let order: Vec<(String, u32)> = left
+            .iter()
+            .map(|j| match j {
+                Job::Incident(q) => (q.inc.id.0.clone(), q.inc.revision),
+                Job::MaxBytes(_) => unreachable!(),
+            })
+            .collect();
+        let want = [("b", 5), ("c", 1), ("c", 2), ("n", 0)];
+        assert_eq!(
+            order,
+            want.map(|(i, r)| (i.to_string(), r)).to_vec(),
+            "left for the next batch, in queue order"
+        );
+        // The next batch: the new incident first (durable, counted), then the others.
+        let (_tx2, idle) = std_mpsc::channel();
+        assert!(handle(&mut s, left, &idle).is_empty());
+        assert_eq!(revision_on_disk(d.path(), "n"), 0);
+        assert_eq!(revision_on_disk(d.path(), "b"), 5);
+        assert_eq!(revision_on_disk(d.path(), "c"), 2);
+        assert!(matches!(rx.try_recv(), Ok(Msg::New(p)) if p.id == "d-c"));
+        assert!(metrics
+            .encode()
+            .contains("itewatch_incident_durable_seconds_count 1"));
     }
 }

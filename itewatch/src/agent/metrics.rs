@@ -15,7 +15,6 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::correlate::incident::Incident;
-use crate::correlate::Snapshot;
 use crate::event::{DecoderStats, IommuName, KTime, Payload, Record};
 use itewatch_core::pairing::Pairing;
 
@@ -347,10 +346,12 @@ impl Metrics {
         }
     }
 
-    /// In-flight gauges from the correlator's state at `now`.
-    pub fn snapshot(&self, snap: &Snapshot, now: KTime) {
-        self.inflight.set(snap.inflight.len() as i64);
-        let oldest = snap.inflight.iter().map(|s| s.start).min();
+    /// The in-flight gauges from [`Correlator::inflight_summary`]: `n` submissions in flight,
+    /// the oldest started at `oldest`, at `now`.
+    ///
+    /// [`Correlator::inflight_summary`]: crate::correlate::Correlator::inflight_summary
+    pub fn inflight_at(&self, n: usize, oldest: Option<KTime>, now: KTime) {
+        self.inflight.set(n as i64);
         self.oldest_age
             .set(oldest.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1e9));
     }
@@ -542,6 +543,33 @@ mod tests {
         ] {
             assert!(s.contains(want), "{want} missing from\n{s}");
         }
+    }
+
+    /// The in-flight gauges come from the correlator's open submissions (without a full
+    /// snapshot): how many, and the age of the oldest.
+    #[test]
+    fn inflight_gauges_follow_the_open_submissions() {
+        use crate::correlate::{Config, Correlator};
+        use crate::test_records::{ev, ret, submit};
+        let ms = 1_000_000;
+        let mut c = Correlator::new(Config::default());
+        c.push_owned(ev(5 * ms, 1, submit(5)));
+        c.push_owned(ev(7 * ms, 2, submit(6)));
+        // Past the reorder window: both are processed.
+        c.advance(KTime(60 * ms));
+        assert_eq!(c.inflight_summary(), (2, Some(KTime(5 * ms))));
+        c.push_owned(ev(61 * ms, 1, ret()));
+        c.advance(KTime(120 * ms));
+        let (n, oldest) = c.inflight_summary();
+        assert_eq!((n, oldest), (1, Some(KTime(7 * ms))));
+        let m = Metrics::new();
+        m.inflight_at(n, oldest, KTime(2_007 * ms));
+        let s = m.encode();
+        assert!(s.contains("itewatch_inflight_submissions 1\n"), "{s}");
+        assert!(
+            s.contains("itewatch_oldest_inflight_age_seconds 2.0\n"),
+            "{s}"
+        );
     }
 
     #[test]

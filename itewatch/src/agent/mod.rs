@@ -656,10 +656,10 @@ impl Worker {
                     // End of the stream: close what is open, report what is left.
                     finished = true;
                     if let Some(c) = corr.take() {
-                        let snap = c.snapshot();
+                        let (n, oldest) = c.inflight_summary();
                         let sum = c.finish();
                         out.extend(sum.incidents);
-                        self.metrics.snapshot(&snap, sum.end);
+                        self.metrics.inflight_at(n, oldest, sum.end);
                         stats = sum.stats;
                     }
                 } else {
@@ -669,7 +669,8 @@ impl Worker {
             self.emit_all(out, &stats, &mut last_trim, onset);
             // The gauges after the incidents: they are on their way to disk first.
             if let (true, Some(c)) = (snapshot_due, &corr) {
-                self.metrics.snapshot(&c.snapshot(), last_ts);
+                let (n, oldest) = c.inflight_summary();
+                self.metrics.inflight_at(n, oldest, last_ts);
             }
             if finished {
                 eprintln!(

@@ -192,15 +192,16 @@ impl<R: Ring> Pipe<R> {
         for inc in self.corr.advance(advanced_to) {
             each(inc, self.log_rate(), self.corr.stats());
         }
-        let snap = self.corr.snapshot();
+        // Not a full snapshot: it clones every open incident, many times a second.
+        let (n, oldest) = self.corr.inflight_summary();
         if let Some(m) = metrics {
-            m.snapshot(&snap, now);
+            m.inflight_at(n, oldest, now);
         }
         Step {
             incidents: Vec::new(),
             more,
             advanced_to,
-            oldest_inflight: snap.inflight.iter().map(|s| s.start).min(),
+            oldest_inflight: oldest,
         }
     }
 }

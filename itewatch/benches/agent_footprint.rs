@@ -12,10 +12,11 @@
 //! 2. loaded: `--simulate soak --rate N` (benign DMA traffic with an incident scenario every
 //!    40 chunks, paced at N records/s) with a spool, scraped every second; the achieved input
 //!    rate is read back from `itewatch_events_total`;
-//! 3. loaded from a file: the same stream written to a trace file first (not measured), then
-//!    `--replay FILE --rate N`. The simulated source builds its stream in chunks inside the
-//!    agent (~11 MiB of buffers); a replay reads through a 1 MiB buffer, like the live ring
-//!    buffer, so this is the closer figure for a live agent under that load.
+//! 3. loaded from a file: the same stream written to a trace file first (not measured, and
+//!    synced to disk before the run), then `--replay FILE --rate N`. The simulated source
+//!    builds its stream in chunks inside the agent (~11 MiB of buffers); a replay reads
+//!    through a 1 MiB buffer, like the live ring buffer, so this is the closer figure for a
+//!    live agent under that load.
 //!
 //! CPU is per cent of one core over the measured window (after a warm-up); on a shared machine
 //! this is the agent's own CPU time, not wall time. For the loaded runs it also prints the
@@ -308,5 +309,9 @@ fn write_soak_trace(path: &std::path::Path, records: u64) -> std::io::Result<()>
         w.write_record(&r)?;
     }
     w.finish()?;
+    // On disk before the run, not written back during it: a 180 s window's trace is about
+    // 19 M records, and its writeback held up the agent's spool fsyncs (an incident's
+    // onset-to-durable time up to 1 s in the replay of 2026-12-06, docs/benchmarks.md).
+    std::fs::File::open(path)?.sync_all()?;
     Ok(())
 }

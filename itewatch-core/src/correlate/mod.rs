@@ -463,7 +463,6 @@ impl Correlator {
         }
     }
 
-    /// What is in flight and how devices and slots stand now.
     /// How many submissions are in flight, and when the oldest of them started: what the
     /// agent's gauges and its stop guard need, many times a second. A
     /// [`snapshot`](Correlator::snapshot) gives the same from its `inflight`, but builds a view
@@ -477,6 +476,7 @@ impl Correlator {
         )
     }
 
+    /// What is in flight and how devices and slots stand now.
     pub fn snapshot(&self) -> Snapshot {
         let mut inflight: Vec<SubmissionView> = self
             .inflight

@@ -127,7 +127,7 @@ fn run(mut sinks: Sinks, rx: std_mpsc::Receiver<Job>) {
             }
         }
         let batch = std::mem::take(&mut next);
-        next = handle(&mut sinks, batch, &rx);
+        next = handle(&mut sinks, batch, &mut || rx.try_iter().collect());
     }
 }
 
@@ -162,9 +162,11 @@ pub fn plan(batch: &[&Queued]) -> (Vec<usize>, Vec<usize>) {
 /// arrived while later revisions of older ones were being written (each a file `fsync`, and
 /// one incident may have dozens of revisions), the revisions not yet written are left, with
 /// everything queued for their incidents, and the new incident goes to disk first (issue 11:
-/// onset to durable; one waited 6 ms behind another incident's revisions). At least one
-/// revision is written per batch, so a stream of new incidents cannot starve the others.
-fn handle(s: &mut Sinks, batch: Vec<Job>, rx: &std_mpsc::Receiver<Job>) -> Vec<Job> {
+/// onset to durable; one waited 6 ms behind another incident's revisions). `arrived` gives
+/// what was queued since the batch was taken; it is asked between two of those revisions. At
+/// least one revision is written per batch, so a stream of new incidents cannot starve the
+/// others.
+fn handle(s: &mut Sinks, batch: Vec<Job>, arrived: &mut dyn FnMut() -> Vec<Job>) -> Vec<Job> {
     let mut queued: Vec<Box<Queued>> = Vec::with_capacity(batch.len());
     for job in batch {
         match job {
@@ -190,23 +192,15 @@ fn handle(s: &mut Sinks, batch: Vec<Job>, rx: &std_mpsc::Receiver<Job>) -> Vec<J
         Some(sp) => {
             let refs: Vec<&Queued> = queued.iter().map(|q| &**q).collect();
             let (new, rest) = plan(&refs);
-            write_group(s, sp, &refs, &new);
-            // The later revisions, one at a time, while no new incident waits.
-            let mut written = 0;
-            while written < rest.len() {
-                if written > 0 {
-                    let waiting = left.len();
-                    left.extend(rx.try_iter());
-                    if left[waiting..]
-                        .iter()
-                        .any(|j| matches!(j, Job::Incident(q) if q.onset.is_some()))
-                    {
-                        break;
-                    }
-                }
-                written += 1;
-            }
-            write_group(s, sp, &refs, &rest[..written]);
+            write_group(s, sp, &refs, &new, &mut || true);
+            // The later revisions, while no new incident waits.
+            let written = write_group(s, sp, &refs, &rest, &mut || {
+                let waiting = left.len();
+                left.extend(arrived());
+                !left[waiting..]
+                    .iter()
+                    .any(|j| matches!(j, Job::Incident(q) if q.onset.is_some()))
+            });
             let unwritten: std::collections::HashSet<String> = rest[written..]
                 .iter()
                 .map(|&i| refs[i].inc.id.0.clone())
@@ -277,14 +271,24 @@ fn handle(s: &mut Sinks, batch: Vec<Job>, rx: &std_mpsc::Receiver<Job>) -> Vec<J
     left
 }
 
-/// Writes the incident files of `group` (indices into `batch`), then one directory `fsync`;
-/// the first revisions among them are then durable (the metric).
-fn write_group(s: &Sinks, sp: &Spool, batch: &[&Queued], group: &[usize]) {
-    if group.is_empty() {
-        return;
-    }
+/// Writes the incident files of `group` (indices into `batch`), asking `go_on` before each
+/// file after the first and stopping when it says no, then one directory `fsync`; the first
+/// revisions among them are then durable (the metric). Returns how many of `group` it took
+/// (written, or failed and counted).
+fn write_group(
+    s: &Sinks,
+    sp: &Spool,
+    batch: &[&Queued],
+    group: &[usize],
+    go_on: &mut dyn FnMut() -> bool,
+) -> usize {
+    let mut taken = 0;
     let mut durable = Vec::new();
     for &i in group {
+        if taken > 0 && !go_on() {
+            break;
+        }
+        taken += 1;
         let q = batch[i];
         let d = crate::document::for_incident(&s.header, s.path.as_deref(), &q.inc, &q.stats);
         let doc = serde_json::to_vec_pretty(&d).unwrap_or_default();
@@ -300,7 +304,7 @@ fn write_group(s: &Sinks, sp: &Spool, batch: &[&Queued], group: &[usize]) {
         }
     }
     if durable.is_empty() {
-        return;
+        return taken;
     }
     match sp.sync_incidents() {
         Ok(()) => {
@@ -321,6 +325,7 @@ fn write_group(s: &Sinks, sp: &Spool, batch: &[&Queued], group: &[usize]) {
             eprintln!("itewatch agent: {e}; incidents kept in memory");
         }
     }
+    taken
 }
 
 #[cfg(test)]
@@ -453,8 +458,7 @@ mod tests {
         .into_iter()
         .map(Job::Incident)
         .collect();
-        let (_tx, idle) = std_mpsc::channel();
-        assert!(handle(&mut s, batch, &idle).is_empty());
+        assert!(handle(&mut s, batch, &mut Vec::new).is_empty());
         let sp = s.spool.as_ref().unwrap();
         assert_eq!(sp.dir_syncs(), 2);
         assert_eq!(revision_on_disk(d.path(), "a"), 2);
@@ -491,19 +495,23 @@ mod tests {
             Job::Incident(queued("c", 1, None)),
             delivery(queued("c", 2, None)),
         ];
-        // While they are written, a new incident arrives (queued before the batch is handled,
-        // so it is there at the first check).
-        let (tx, incoming) = std_mpsc::channel();
-        tx.send(Job::Incident(queued("n", 0, Some(Instant::now()))))
-            .unwrap();
-        let left = handle(&mut s, batch, &incoming);
-        // One revision written (progress), then the new incident preempted the rest.
         let on_disk = |id: &str| {
             d.path()
                 .join("incidents")
                 .join(format!("{id}.json"))
                 .exists()
         };
+        // While they are written, a new incident arrives: the writer sees it once the first
+        // file is written (the queue is looked at between files, not before any).
+        let mut new = Some(Job::Incident(queued("n", 0, Some(Instant::now()))));
+        let left = handle(&mut s, batch, &mut || {
+            assert!(
+                on_disk("a"),
+                "the queue was looked at before a file was written"
+            );
+            new.take().into_iter().collect()
+        });
+        // One revision written (progress), then the new incident preempted the rest.
         assert!(on_disk("a"));
         assert!(!on_disk("b") && !on_disk("c") && !on_disk("n"));
         assert!(
@@ -524,8 +532,7 @@ mod tests {
             "left for the next batch, in queue order"
         );
         // The next batch: the new incident first (durable, counted), then the others.
-        let (_tx2, idle) = std_mpsc::channel();
-        assert!(handle(&mut s, left, &idle).is_empty());
+        assert!(handle(&mut s, left, &mut Vec::new).is_empty());
         assert_eq!(revision_on_disk(d.path(), "n"), 0);
         assert_eq!(revision_on_disk(d.path(), "b"), 5);
         assert_eq!(revision_on_disk(d.path(), "c"), 2);
